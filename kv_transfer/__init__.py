@@ -1,0 +1,1 @@
+"""meshd.kv_transfer"""

@@ -1,0 +1,241 @@
+"""meshd configuration: one TOML file, one frozen dataclass per component.
+
+Precedence, lowest to highest: defaults < config file < `MESHD_<SECTION>_<FIELD>` environment
+variables < command-line flags. Every value passes through the same coercion and validation, and
+a bad value raises `ConfigError` (a `ValueError`) that names the field, e.g.
+`coordinator.grpc_port: must be in 1..65535, got 70000`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from meshd import env
+
+DEFAULT_STATE_DIR = "~/.local/state/meshd"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _port(value: int, name: str, allow_zero: bool = True) -> None:
+    low = 0 if allow_zero else 1
+    _check(low <= value <= 65535, name, f"must be in {low}..65535, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class RayConfig:
+    """How meshd finds or starts Ray.
+
+    `auth_mode` is always set explicitly in the environment of every Ray process meshd starts:
+    a local `ray.init()` with the mode unset silently writes `~/.ray/auth_token`, after which
+    `ray status` and the dashboard demand it. `token` keeps the token under meshd's state dir.
+    """
+
+    address: str = ""  # "" starts a local head; "auto" or "host:port" joins one
+    namespace: str = "meshd"
+    auth_mode: str = "disabled"  # "disabled" | "token"
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    include_dashboard: bool = True
+    num_cpus: int = 0  # 0: let Ray detect
+
+    def __post_init__(self) -> None:
+        _check(self.auth_mode in ("disabled", "token"), "ray.auth_mode",
+               f"must be 'disabled' or 'token', got {self.auth_mode!r}")
+        _check(bool(self.namespace), "ray.namespace", "must not be empty")
+        _port(self.dashboard_port, "ray.dashboard_port")
+        _check(self.num_cpus >= 0, "ray.num_cpus", f"must be >= 0, got {self.num_cpus}")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    """The control plane: gRPC registry, trust checks, node liveness, durable state."""
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50151
+    metrics_port: int = 9151  # Prometheus /metrics of the registry; 0 picks a free port
+    state_dir: str = DEFAULT_STATE_DIR + "/coordinator"
+    timestamp_window_s: float = 30.0  # max |now - envelope timestamp|
+    heartbeat_interval_s: float = 2.0  # told to agents at registration
+    suspect_after_s: float = 6.0  # no heartbeat for this long: alive -> suspect
+    dead_after_s: float = 20.0  # no heartbeat for this long: suspect -> dead
+    max_message_bytes: int = 1 << 20
+    join_token_ttl_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _port(self.grpc_port, "coordinator.grpc_port")
+        _port(self.metrics_port, "coordinator.metrics_port")
+        for name in ("timestamp_window_s", "heartbeat_interval_s", "suspect_after_s",
+                     "dead_after_s", "join_token_ttl_s"):
+            v = getattr(self, name)
+            _check(v > 0, f"coordinator.{name}", f"must be > 0, got {v}")
+        _check(self.dead_after_s > self.suspect_after_s, "coordinator.dead_after_s",
+               f"must be greater than suspect_after_s ({self.suspect_after_s}), "
+               f"got {self.dead_after_s}")
+        _check(self.suspect_after_s > self.heartbeat_interval_s, "coordinator.suspect_after_s",
+               f"must be greater than heartbeat_interval_s ({self.heartbeat_interval_s}), "
+               f"got {self.suspect_after_s}")
+        _check(1024 <= self.max_message_bytes <= 64 << 20, "coordinator.max_message_bytes",
+               f"must be in 1024..{64 << 20}, got {self.max_message_bytes}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """The `meshd agent` daemon on each host."""
+
+    coordinator: str = "127.0.0.1:50151"
+    state_dir: str = DEFAULT_STATE_DIR + "/agent"
+    join_token: str = ""  # one-time enrollment token from `meshd trust token`
+    host: str = ""  # address peers use to reach this host; "" = hostname
+    attributes: dict[str, str] = field(default_factory=dict)  # zone, privacy class, ...
+    rpc_timeout_s: float = 5.0
+    reconnect_max_backoff_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(":" in self.coordinator, "agent.coordinator",
+               f"must be host:port, got {self.coordinator!r}")
+        _check(self.rpc_timeout_s > 0, "agent.rpc_timeout_s",
+               f"must be > 0, got {self.rpc_timeout_s}")
+        _check(self.reconnect_max_backoff_s > 0, "agent.reconnect_max_backoff_s",
+               f"must be > 0, got {self.reconnect_max_backoff_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """The root config: one section per component, in one TOML file."""
+
+    ray: RayConfig = field(default_factory=RayConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Coerce a TOML / env / flag value to the field type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                        "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if origin is dict:
+        if isinstance(value, str):  # env/flag form: "k=v,k2=v2"
+            pairs = [p for p in value.split(",") if p.strip()]
+            if any("=" not in p for p in pairs):
+                raise ConfigError(f"{name}: expected k=v[,k=v...], got {value!r}")
+            value = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table, got {value!r}")
+        return {str(k).strip(): str(v).strip() for k, v in value.items()}
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: unsupported union field type")  # not used by meshd
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
+    """Build the dataclass `cls` from `values`, coercing each field; unknown keys are errors."""
+    assert dataclasses.is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        valid = ", ".join(sorted(fields))
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (valid: {valid})")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{key}: expected a table, got {value!r}")
+            kwargs[key] = build(typing.cast(type, tp), value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def sections() -> dict[str, tuple[str, ...]]:
+    """Section name -> field names, for env-var lookup and CLI help."""
+    hints = typing.get_type_hints(MeshConfig)
+    return {s.name: tuple(f.name for f in dataclasses.fields(hints[s.name]))
+            for s in dataclasses.fields(MeshConfig)}
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(path: str | Path | None = None,
+         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+         environ: Mapping[str, str] | None = None) -> MeshConfig:
+    """Load the config: file (or `MESHD_CONFIG`), then `MESHD_*` env vars, then `overrides`."""
+    path = path or env.config_file(environ)
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path).expanduser()
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p}: not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: invalid TOML: {e}") from None
+    data = _merge(data, env.overrides(sections(), environ))
+    data = _merge(data, {k: dict(v) for k, v in (overrides or {}).items() if v})
+    return build(MeshConfig, data, "")
+
+
+def state_path(state_dir: str) -> Path:
+    """The state directory with `~` expanded (not created)."""
+    return Path(state_dir).expanduser()

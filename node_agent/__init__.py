@@ -1,0 +1,1 @@
+"""meshd.node_agent"""
