@@ -1,0 +1,97 @@
+"""The coordinator as named, detached Ray actors in the `meshd` namespace.
+
+`RegistryActor` (name `meshd-registry`) serves the gRPC control plane and its `/metrics`, and
+keeps the trust store and node records in SQLite under the coordinator's state dir. Ray restarts
+it if it dies (`max_restarts=-1`); the new instance reloads the store, binds the same port, and
+running agents re-attach on their next heartbeat. It shows on the Ray dashboard's actor page
+with its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import ray
+
+from meshd.config import CoordinatorConfig
+from meshd.coordinator.metrics import ControlMetrics
+from meshd.coordinator.server import ControlServer
+from meshd.coordinator.store import Store
+from meshd.node_agent import identity
+
+REGISTRY_NAME = "meshd-registry"
+ADMIN_KEY_FILE = "admin.key"
+log = logging.getLogger("meshd.coordinator")
+
+
+def ensure_admin_key(state_dir: str, store: Store) -> identity.Identity:
+    """The coordinator host's admin identity (`meshd status` signs with it), trusted as admin."""
+    ident = identity.load_or_create(state_dir, ADMIN_KEY_FILE)
+    rec = store.key(ident.public_key)
+    if rec is None or rec.role != "admin" or rec.state != "trusted":
+        store.add_key(ident.public_key, ident.node_id, "local admin", role="admin",
+                      source="local-admin")
+    return ident
+
+
+class _RegistryActor:
+    def __init__(self, config: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.config = CoordinatorConfig(**config)
+        self.store = Store(self.config.state_dir)
+        ensure_admin_key(self.config.state_dir, self.store)
+        self.metrics = ControlMetrics(ray_mirror=True)
+        self.server = ControlServer(self.config, self.store, self.metrics)
+        self._ports: tuple[int, int] | None = None
+
+    async def ready(self) -> dict[str, Any]:
+        """Start serving (idempotent); returns the bound ports and the process id."""
+        if self._ports is None:
+            self._ports = await self.server.start()
+        return {"grpc_port": self._ports[0], "metrics_port": self._ports[1], "pid": os.getpid(),
+                "started_at": self.server.plane.started_at}
+
+    async def node_counts(self) -> dict[str, int]:
+        return self.server.plane.table.counts()
+
+    async def shutdown(self) -> None:
+        await self.server.stop()
+        self.store.close()
+
+
+# Ray's stubs lack `max_concurrency`; async actors need it to serve many calls at once.
+RegistryActor: Any = ray.remote(  # type: ignore[call-overload]
+    num_cpus=0, max_restarts=-1, max_concurrency=1000)(_RegistryActor)
+
+
+def deploy(config: CoordinatorConfig, namespace: str = "meshd", timeout_s: float = 60.0
+           ) -> tuple[Any, dict[str, Any]]:
+    """Create (or find) the registry actor and wait until it serves; returns (handle, info)."""
+    handle = RegistryActor.options(
+        name=REGISTRY_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+    ).remote(dataclasses.asdict(config))
+    info = ray.get(handle.ready.remote(), timeout=timeout_s)
+    return handle, info
+
+
+def find(namespace: str = "meshd") -> Any | None:
+    try:
+        return ray.get_actor(REGISTRY_NAME, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def stop(namespace: str = "meshd", timeout_s: float = 10.0) -> bool:
+    """Stop the registry cleanly and remove the actor; False when none was running."""
+    handle = find(namespace)
+    if handle is None:
+        return False
+    try:
+        ray.get(handle.shutdown.remote(), timeout=timeout_s)
+    except Exception as e:  # it may already be dying; kill it regardless
+        log.warning("registry shutdown: %s", e)
+    ray.kill(handle, no_restart=True)
+    return True

@@ -1,0 +1,173 @@
+"""The control-plane service: verifies signed envelopes and keeps the node table.
+
+`ControlPlane` is the logic (verify, register, heartbeat, deregister, status, liveness sweep);
+`coordinator.server` exposes it over gRPC. Handlers receive raw request bytes so that a
+malformed or oversized message gets a clear INVALID_ARGUMENT / RESOURCE_EXHAUSTED instead of
+gRPC's generic deserialization failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError
+
+from meshd import capabilities as caps
+from meshd.config import CoordinatorConfig
+from meshd.coordinator.metrics import ControlMetrics
+from meshd.coordinator.nodes import ALIVE, Node, NodeTable
+from meshd.coordinator.store import NodeRow, Store
+from meshd.coordinator.verify import Rejected, Verified, Verifier
+from meshd.proto.v1 import control_pb2 as pb
+
+
+class RequestError(Exception):
+    """A request that passed authentication but cannot be served (bad payload, not registered).
+    `code` is a gRPC status code name."""
+
+    def __init__(self, code: str, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A parsed and verified request."""
+
+    who: Verified
+    envelope: pb.SignedEnvelope
+
+
+class ControlPlane:
+    def __init__(self, config: CoordinatorConfig, store: Store, metrics: ControlMetrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.started_at = clock()
+        self.verifier = Verifier(store, config.timestamp_window_s, clock, self.started_at)
+        self.table = NodeTable(config.suspect_after_s, config.dead_after_s)
+        now = clock()
+        self.table.restore((Node(r.node_id, r.public_key, caps.from_dict(r.capabilities),
+                                 r.registered_at, r.last_heartbeat, r.state)
+                            for r in store.nodes()), now)
+        self.metrics.set_node_counts(self.table.counts())
+
+    # -- envelope handling ------------------------------------------------------------------
+
+    def open(self, raw: bytes, method: str, join_token_of: Callable[[bytes], str] | None = None,
+             admin: bool = False) -> Sealed:
+        """Parse and verify raw envelope bytes; raises Rejected."""
+        if len(raw) > self.config.max_message_bytes:
+            raise Rejected("oversized", f"message is {len(raw)} bytes; the limit is "
+                           f"{self.config.max_message_bytes}")
+        try:
+            env = pb.SignedEnvelope.FromString(raw)
+        except DecodeError as e:
+            raise Rejected("malformed", f"envelope is not a valid SignedEnvelope: {e}") from None
+        token = join_token_of(env.payload) if join_token_of else ""
+        return Sealed(self.verifier.check(env, method, token, admin), env)
+
+    # -- methods ----------------------------------------------------------------------------
+
+    async def register(self, raw: bytes) -> pb.RegisterReply:
+        sealed = self.open(raw, "Register", _join_token)
+        req = _parse(pb.RegisterRequest, sealed.envelope.payload)
+        try:
+            report = caps.from_pb(req.capabilities)
+        except ValueError as e:
+            raise RequestError("INVALID_ARGUMENT", "bad_capabilities", str(e)) from None
+        who = sealed.who
+        if who.role != "agent":
+            raise RequestError("PERMISSION_DENIED", "not_agent",
+                               "admin keys cannot register as nodes")
+        now = self.clock()
+        node = self.table.register(who.node_id, who.public_key, report, now)
+        await asyncio.to_thread(self.store.upsert_node, NodeRow(
+            node.node_id, node.public_key, caps.to_dict(report), now, now, node.state))
+        self.metrics.registered("enrolled" if who.enrolled else "trusted")
+        self.metrics.set_node_counts(self.table.counts())
+        return pb.RegisterReply(node_id=who.node_id,
+                                heartbeat_interval_s=self.config.heartbeat_interval_s,
+                                enrolled=who.enrolled)
+
+    def heartbeat(self, raw: bytes) -> pb.HeartbeatReply:
+        sealed = self.open(raw, "Heartbeat")
+        req = _parse(pb.HeartbeatRequest, sealed.envelope.payload)
+        now = self.clock()
+        load = {"cpu_load": req.cpu_load, "memory_available_bytes": req.memory_available_bytes}
+        for w in req.workers:
+            load[f"{w.worker_id}.running"] = w.num_running
+            load[f"{w.worker_id}.waiting"] = w.num_waiting
+            load[f"{w.worker_id}.kv_usage"] = w.kv_usage
+        try:
+            change = self.table.heartbeat(sealed.who.node_id, req.seq, load, now)
+        except KeyError:
+            raise RequestError("FAILED_PRECONDITION", "not_registered",
+                               f"node {sealed.who.node_id} is not registered; register first"
+                               ) from None
+        self.metrics.heartbeat(now - sealed.envelope.timestamp_ms / 1000.0)
+        if change is not None:
+            self.metrics.set_node_counts(self.table.counts())
+        return pb.HeartbeatReply(heartbeat_interval_s=self.config.heartbeat_interval_s,
+                                 state=ALIVE)
+
+    async def deregister(self, raw: bytes) -> pb.DeregisterReply:
+        sealed = self.open(raw, "Deregister")
+        _parse(pb.DeregisterRequest, sealed.envelope.payload)
+        if self.table.deregister(sealed.who.node_id) is not None:
+            await self.flush()
+        return pb.DeregisterReply()
+
+    def status(self, raw: bytes) -> pb.StatusReply:
+        self.open(raw, "Status", admin=True)
+        now = self.clock()
+        out = pb.StatusReply(coordinator_started_unix=self.started_at)
+        for n in sorted(self.table.nodes.values(), key=lambda n: n.node_id):
+            c = n.capabilities
+            out.nodes.append(pb.NodeStatus(
+                node_id=n.node_id, host=c.host.address or c.host.hostname,
+                gpu_count=len(c.gpus), gpu_names=[g.name for g in c.gpus], state=n.state,
+                last_heartbeat_unix=n.last_heartbeat, heartbeat_age_s=now - n.last_heartbeat,
+                workers=[caps.worker_to_pb(w) for w in c.workers],
+                attributes=dict(c.attributes), ray_node_id=c.ray_node_id))
+        return out
+
+    # -- liveness ---------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """Advance liveness and persist what changed."""
+        if self.table.tick(self.clock()):
+            self.metrics.set_node_counts(self.table.counts())
+        await self.flush()
+
+    async def flush(self) -> None:
+        rows = self.table.take_dirty()
+        if rows:
+            await asyncio.to_thread(self.store.update_liveness, rows)
+        self.metrics.set_node_counts(self.table.counts())
+
+
+def _join_token(payload: bytes) -> str:
+    try:
+        return pb.RegisterRequest.FromString(payload).join_token
+    except DecodeError:
+        return ""  # reported as a malformed payload after authentication
+
+
+M = TypeVar("M", pb.RegisterRequest, pb.HeartbeatRequest, pb.DeregisterRequest)
+
+
+def _parse(cls: type[M], payload: bytes) -> M:
+    try:
+        return cls.FromString(payload)
+    except DecodeError as e:
+        raise RequestError("INVALID_ARGUMENT", "malformed",
+                           f"payload is not a valid {cls.__name__}: {e}") from None

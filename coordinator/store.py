@@ -1,0 +1,219 @@
+"""The coordinator's durable state: trust store, join tokens and node records, in SQLite.
+
+One file (`<state_dir>/meshd.db`, WAL mode) is shared by the running registry actor and the
+operator CLI (`meshd trust ...`), which edits it directly: file-system access to the state dir
+is the operator credential. The registry reads keys from the database on every request, so a
+key revoked by the CLI is refused from the next request on.
+
+Thread-safe: one connection guarded by a lock. Calls are short; the registry runs writes off its
+event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshd.envelope import PUBLIC_KEY_BYTES
+
+DB_FILE = "meshd.db"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    public_key BLOB PRIMARY KEY, node_id TEXT NOT NULL, label TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL DEFAULT 'agent', state TEXT NOT NULL DEFAULT 'trusted',
+    source TEXT NOT NULL DEFAULT 'operator', added_at REAL NOT NULL, revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, label TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL, used_by BLOB
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, capabilities TEXT NOT NULL,
+    registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL, state TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    public_key: bytes
+    node_id: str
+    label: str
+    role: str  # agent | admin
+    state: str  # trusted | revoked
+    source: str  # operator | token:<id> | local-admin
+    added_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    node_id: str
+    public_key: bytes
+    capabilities: dict[str, Any]
+    registered_at: float
+    last_heartbeat: float
+    state: str
+
+
+class TokenError(Exception):
+    """A join token was refused; `reason` is one of invalid, used, expired."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Store:
+    def __init__(self, state_dir: str | Path) -> None:
+        directory = Path(state_dir).expanduser()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = directory / DB_FILE
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=5.0)
+        self.path.chmod(0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def add_key(self, public_key: bytes, node_id: str, label: str = "", role: str = "agent",
+                source: str = "operator") -> KeyRecord:
+        if len(public_key) != PUBLIC_KEY_BYTES:
+            raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
+        if role not in ("agent", "admin"):
+            raise ValueError(f"role must be 'agent' or 'admin', got {role!r}")
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO keys(public_key, node_id, label, role, state, source, added_at) "
+                "VALUES (?, ?, ?, ?, 'trusted', ?, ?) ON CONFLICT(public_key) DO UPDATE SET "
+                "label=excluded.label, role=excluded.role, state='trusted', revoked_at=NULL",
+                (public_key, node_id, label, role, source, now))
+        rec = self.key(public_key)
+        assert rec is not None
+        return rec
+
+    def revoke_key(self, ident: str) -> KeyRecord:
+        """Revoke by node id or hex public key; raises KeyError when nothing matches."""
+        rec = self.find_key(ident)
+        with self._tx() as db:
+            db.execute("UPDATE keys SET state='revoked', revoked_at=? WHERE public_key=?",
+                       (time.time(), rec.public_key))
+        out = self.key(rec.public_key)
+        assert out is not None
+        return out
+
+    def find_key(self, ident: str) -> KeyRecord:
+        for rec in self.list_keys():
+            if ident in (rec.node_id, rec.public_key.hex()):
+                return rec
+        raise KeyError(f"no key with node id or public key {ident!r}")
+
+    def key(self, public_key: bytes) -> KeyRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM keys WHERE public_key=?",
+                                   (public_key,)).fetchone()
+        return KeyRecord(*row) if row else None
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM keys ORDER BY added_at").fetchall()
+        return [KeyRecord(*r) for r in rows]
+
+    # -- join tokens ------------------------------------------------------------------------
+
+    def create_token(self, ttl_s: float, label: str = "") -> str:
+        """A one-time token `mjt_<id>.<secret>`; only a hash of the secret is stored."""
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(24)
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO join_tokens(token_id, secret_hash, label, created_at, "
+                       "expires_at) VALUES (?, ?, ?, ?, ?)",
+                       (token_id, _hash(secret), label, now, now + ttl_s))
+        return f"mjt_{token_id}.{secret}"
+
+    def redeem_token(self, token: str, public_key: bytes, node_id: str, now: float) -> KeyRecord:
+        """Consume `token` for `public_key` and trust the key, atomically; raises TokenError."""
+        token_id, _, secret = token.removeprefix("mjt_").partition(".")
+        with self._tx() as db:
+            row = db.execute("SELECT secret_hash, expires_at, used_at, label FROM join_tokens "
+                             "WHERE token_id=?", (token_id,)).fetchone()
+            if row is None or not secrets.compare_digest(row[0], _hash(secret)):
+                raise TokenError("invalid", "join token is not valid")
+            if row[2] is not None:
+                raise TokenError("used", "join token was already used")
+            if row[1] < now:
+                raise TokenError("expired", "join token expired")
+            db.execute("UPDATE join_tokens SET used_at=?, used_by=? WHERE token_id=?",
+                       (now, public_key, token_id))
+            db.execute(
+                "INSERT INTO keys(public_key, node_id, label, role, state, source, added_at) "
+                "VALUES (?, ?, ?, 'agent', 'trusted', ?, ?)",
+                (public_key, node_id, row[3], f"token:{token_id}", now))
+        rec = self.key(public_key)
+        assert rec is not None
+        return rec
+
+    def tokens(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT token_id, label, created_at, expires_at, used_at "
+                                    "FROM join_tokens ORDER BY created_at").fetchall()
+        return [dict(zip(("token_id", "label", "created_at", "expires_at", "used_at"), r,
+                         strict=True)) for r in rows]
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def upsert_node(self, row: NodeRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                "public_key=excluded.public_key, capabilities=excluded.capabilities, "
+                "registered_at=excluded.registered_at, last_heartbeat=excluded.last_heartbeat, "
+                "state=excluded.state",
+                (row.node_id, row.public_key, json.dumps(row.capabilities), row.registered_at,
+                 row.last_heartbeat, row.state))
+
+    def update_liveness(self, rows: list[tuple[str, float, str]]) -> None:
+        """Batch-update (node_id, last_heartbeat, state)."""
+        if not rows:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE nodes SET last_heartbeat=?, state=? WHERE node_id=?",
+                           [(hb, st, nid) for nid, hb, st in rows])
+
+    def nodes(self) -> list[NodeRow]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+        return [NodeRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()

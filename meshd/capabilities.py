@@ -1,0 +1,170 @@
+"""Typed capability reports, shared by the agent (which probes) and the coordinator (which stores).
+
+Protobuf messages are converted here, at the edge, and go no further in: the rest of meshd sees
+these frozen dataclasses. `to_dict`/`from_dict` give the JSON form the coordinator persists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshd.proto.v1 import control_pb2 as pb
+
+ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE,
+         "both": pb.WORKER_ROLE_BOTH}
+_ROLE_NAMES = {v: k for k, v in ROLES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    index: int
+    name: str
+    uuid: str
+    memory_total_bytes: int
+    memory_free_bytes: int = 0
+    compute_capability: tuple[int, int] = (0, 0)
+    nvlink_peers: tuple[str, ...] = ()
+    pci_bus_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rdma:
+    name: str
+    port: int
+    state: str
+    link_layer: str
+    rate_gbps: int = 0
+    node_guid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    hostname: str
+    cpu_count: int
+    memory_total_bytes: int
+    memory_available_bytes: int = 0
+    os: str = ""
+    address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    worker_id: str
+    endpoint: str
+    role: str  # prefill | decode | both
+    model: str
+    engine: str = "embedded"
+    kv_block_size: int = 16
+    kv_capacity_blocks: int = 0
+    kv_events_endpoint: str = ""
+    kv_transfer_endpoint: str = ""
+    gpu_indices: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"worker {self.worker_id}: role must be one of {sorted(ROLES)}, "
+                             f"got {self.role!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Experts:
+    model: str
+    worker_id: str
+    layer: int
+    experts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    host: Host
+    gpus: tuple[Gpu, ...] = ()
+    rdma: tuple[Rdma, ...] = ()
+    ray_node_id: str = ""
+    workers: tuple[Worker, ...] = ()
+    experts: tuple[Experts, ...] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    agent_version: str = ""
+    probe_note: str = ""
+
+
+def worker_to_pb(w: Worker) -> pb.WorkerInfo:
+    return pb.WorkerInfo(
+        worker_id=w.worker_id, endpoint=w.endpoint, role=ROLES[w.role], model=w.model,
+        engine=w.engine, kv_block_size=w.kv_block_size, kv_capacity_blocks=w.kv_capacity_blocks,
+        kv_events_endpoint=w.kv_events_endpoint, kv_transfer_endpoint=w.kv_transfer_endpoint,
+        gpu_indices=list(w.gpu_indices))
+
+
+def worker_from_pb(m: pb.WorkerInfo) -> Worker:
+    role = _ROLE_NAMES.get(m.role)
+    if role is None:
+        raise ValueError(f"worker {m.worker_id!r}: role is unspecified")
+    return Worker(m.worker_id, m.endpoint, role, m.model, m.engine, m.kv_block_size,
+                  m.kv_capacity_blocks, m.kv_events_endpoint, m.kv_transfer_endpoint,
+                  tuple(m.gpu_indices))
+
+
+def to_pb(c: Capabilities) -> pb.CapabilityReport:
+    h = c.host
+    return pb.CapabilityReport(
+        host=pb.HostInfo(hostname=h.hostname, cpu_count=h.cpu_count,
+                         memory_total_bytes=h.memory_total_bytes,
+                         memory_available_bytes=h.memory_available_bytes, os=h.os,
+                         address=h.address),
+        gpus=[pb.GpuInfo(index=g.index, name=g.name, uuid=g.uuid,
+                         memory_total_bytes=g.memory_total_bytes,
+                         memory_free_bytes=g.memory_free_bytes,
+                         compute_capability_major=g.compute_capability[0],
+                         compute_capability_minor=g.compute_capability[1],
+                         nvlink_peers=list(g.nvlink_peers), pci_bus_id=g.pci_bus_id)
+              for g in c.gpus],
+        rdma=[pb.RdmaDevice(name=r.name, port=r.port, state=r.state, link_layer=r.link_layer,
+                            rate_gbps=r.rate_gbps, node_guid=r.node_guid) for r in c.rdma],
+        ray_node_id=c.ray_node_id,
+        workers=[worker_to_pb(w) for w in c.workers],
+        experts=[pb.ExpertPlacement(model=e.model, worker_id=e.worker_id, layer=e.layer,
+                                    experts=list(e.experts)) for e in c.experts],
+        attributes=dict(c.attributes), agent_version=c.agent_version, probe_note=c.probe_note)
+
+
+def from_pb(m: pb.CapabilityReport) -> Capabilities:
+    """Convert a received report; raises ValueError naming the bad field."""
+    if not m.HasField("host") or not m.host.hostname:
+        raise ValueError("capabilities.host.hostname is required")
+    h = m.host
+    return Capabilities(
+        host=Host(h.hostname, h.cpu_count, h.memory_total_bytes, h.memory_available_bytes,
+                  h.os, h.address),
+        gpus=tuple(Gpu(g.index, g.name, g.uuid, g.memory_total_bytes, g.memory_free_bytes,
+                       (g.compute_capability_major, g.compute_capability_minor),
+                       tuple(g.nvlink_peers), g.pci_bus_id) for g in m.gpus),
+        rdma=tuple(Rdma(r.name, r.port, r.state, r.link_layer, r.rate_gbps, r.node_guid)
+                   for r in m.rdma),
+        ray_node_id=m.ray_node_id,
+        workers=tuple(worker_from_pb(w) for w in m.workers),
+        experts=tuple(Experts(e.model, e.worker_id, e.layer, tuple(e.experts))
+                      for e in m.experts),
+        attributes=dict(m.attributes), agent_version=m.agent_version, probe_note=m.probe_note)
+
+
+def to_dict(c: Capabilities) -> dict[str, Any]:
+    d = dataclasses.asdict(c)
+    d["attributes"] = dict(c.attributes)
+    return d
+
+
+def from_dict(d: Mapping[str, Any]) -> Capabilities:
+    return Capabilities(
+        host=Host(**d["host"]),
+        gpus=tuple(Gpu(**{**g, "compute_capability": tuple(g["compute_capability"]),
+                          "nvlink_peers": tuple(g["nvlink_peers"])}) for g in d["gpus"]),
+        rdma=tuple(Rdma(**r) for r in d["rdma"]),
+        ray_node_id=d["ray_node_id"],
+        workers=tuple(Worker(**{**w, "gpu_indices": tuple(w["gpu_indices"])})
+                      for w in d["workers"]),
+        experts=tuple(Experts(**{**e, "experts": tuple(e["experts"])}) for e in d["experts"]),
+        attributes=dict(d["attributes"]), agent_version=d["agent_version"],
+        probe_note=d["probe_note"])

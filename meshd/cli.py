@@ -1,0 +1,120 @@
+"""The `meshd` command line. Each subcommand lives in `meshd/commands/`; this module only parses.
+
+Settings come from one TOML file (`--config` or `MESHD_CONFIG`), `MESHD_<SECTION>_<FIELD>`
+environment variables and the flags below, in rising precedence (see `meshd.config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from meshd import __version__
+from meshd.config import ConfigError, MeshConfig, load
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshd", description="meshd: distributed mesh inference")
+    p.add_argument("--version", action="version", version=f"meshd {__version__}")
+    p.add_argument("--config", help="TOML config file (default: $MESHD_CONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a local mesh: Ray, coordinator and one agent")
+    _coord_flags(up)
+    up.add_argument("--duration", type=float, default=0.0,
+                    help="stop after this many seconds (0: until Ctrl-C)")
+
+    coord = sub.add_parser("coordinator", help="start or stop the coordinator on Ray")
+    csub = coord.add_subparsers(dest="action", required=True, metavar="ACTION")
+    start = csub.add_parser("start", help="start or join a Ray head and deploy the actors")
+    _coord_flags(start)
+    start.add_argument("--ray-address", help="join this Ray cluster instead of starting a head")
+    start.add_argument("--ray-port", type=int, default=6379, help="port of a new Ray head")
+    stop = csub.add_parser("stop", help="stop the coordinator actors")
+    stop.add_argument("--ray-address", default="auto", help="Ray cluster to stop it on")
+    stop.add_argument("--stop-ray", action="store_true", help="also stop the local Ray head")
+
+    agent = sub.add_parser("agent", help="run the node agent daemon")
+    agent.add_argument("--coordinator", help="coordinator address host:port")
+    agent.add_argument("--state-dir", help="agent state directory (holds node.key)")
+    agent.add_argument("--join-token", help="one-time token from `meshd trust token`")
+    agent.add_argument("--host", help="address peers use to reach this host")
+    agent.add_argument("--attr", action="append", default=[], metavar="K=V",
+                       help="attribute to report (zone=a, privacy=high); repeatable")
+
+    status = sub.add_parser("status", help="table of nodes as the coordinator sees them")
+    status.add_argument("--coordinator", help="coordinator address host:port")
+    status.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    ident = sub.add_parser("identity", help="this host's node identity")
+    isub = ident.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = isub.add_parser("show", help="print node id and public key (creates the key)")
+    show.add_argument("--state-dir", help="agent state directory")
+
+    trust = sub.add_parser("trust", help="the coordinator's trust store")
+    trust.add_argument("--state-dir", help="coordinator state directory")
+    tsub = trust.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = tsub.add_parser("add", help="trust a public key (hex, from `meshd identity show`)")
+    add.add_argument("public_key")
+    add.add_argument("--label", default="")
+    add.add_argument("--admin", action="store_true", help="may call admin RPCs (status)")
+    tsub.add_parser("list", help="list keys and join tokens")
+    rev = tsub.add_parser("revoke", help="revoke a key by node id or public key")
+    rev.add_argument("key")
+    tok = tsub.add_parser("token", help="create a one-time join token")
+    tok.add_argument("--ttl", type=float, help="seconds until it expires")
+    tok.add_argument("--label", default="")
+    return p
+
+
+def _coord_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", help="coordinator state directory")
+    p.add_argument("--grpc-port", type=int, help="control-plane gRPC port")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (0: pick a free one)")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Flags that set config fields, by section."""
+    out: dict[str, dict[str, Any]] = {"coordinator": {}, "agent": {}}
+    cmd = args.command
+    section = "agent" if cmd in ("agent", "identity") else "coordinator"
+    if getattr(args, "state_dir", None):
+        out[section]["state_dir"] = args.state_dir
+    for flag in ("grpc_port", "metrics_port"):
+        if getattr(args, flag, None) is not None:
+            out["coordinator"][flag] = getattr(args, flag)
+    if cmd in ("agent", "status") and args.coordinator:
+        out["agent"]["coordinator"] = args.coordinator
+    if cmd == "agent":
+        if args.join_token:
+            out["agent"]["join_token"] = args.join_token
+        if args.host:
+            out["agent"]["host"] = args.host
+        if args.attr:
+            out["agent"]["attributes"] = ",".join(args.attr)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg: MeshConfig = load(args.config, overrides(args))
+    except ConfigError as e:
+        print(f"meshd: config error: {e}", file=sys.stderr)
+        return 2
+    from meshd import commands
+
+    try:
+        return commands.run(args, cfg)
+    except KeyboardInterrupt:
+        return 130
+    except commands.CommandError as e:
+        print(f"meshd: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,35 @@
+"""`meshd agent`: the node agent daemon (register, heartbeat, leave on SIGTERM)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from meshd.commands import CommandError
+from meshd.config import MeshConfig
+from meshd.node_agent import identity, probe
+from meshd.node_agent.agent import Agent, AgentRefused
+
+
+async def serve(cfg: MeshConfig, ident: identity.Identity) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    a = cfg.agent
+    agent = Agent(a, ident, lambda: probe.probe(address=a.host, attributes=a.attributes))
+    await agent.run(stop)
+
+
+def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    try:
+        ident = identity.load_or_create(cfg.agent.state_dir)
+    except identity.IdentityError as e:
+        raise CommandError(str(e)) from None
+    print(f"meshd agent {ident.node_id} -> coordinator {cfg.agent.coordinator}", flush=True)
+    try:
+        asyncio.run(serve(cfg, ident))
+    except AgentRefused as e:
+        raise CommandError(str(e)) from None
+    return 0

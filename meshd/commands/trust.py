@@ -1,0 +1,60 @@
+"""`meshd trust add|list|revoke|token`: edit the coordinator's trust store directly.
+
+File-system access to the coordinator's state dir is the operator credential; the running
+registry reads keys from the same SQLite file on every request, so changes apply at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from meshd.commands import CommandError
+from meshd.config import MeshConfig
+from meshd.coordinator.store import Store
+from meshd.node_agent.identity import node_id_for
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    store = Store(cfg.coordinator.state_dir)
+    try:
+        if args.action == "add":
+            try:
+                key = bytes.fromhex(args.public_key)
+            except ValueError:
+                raise CommandError("public key must be hex (see `meshd identity show`)") from None
+            try:
+                rec = store.add_key(key, node_id_for(key), args.label,
+                                    "admin" if args.admin else "agent")
+            except ValueError as e:
+                raise CommandError(str(e)) from None
+            print(f"trusted {rec.node_id} ({rec.role})")
+        elif args.action == "revoke":
+            try:
+                rec = store.revoke_key(args.key)
+            except KeyError as e:
+                raise CommandError(str(e.args[0])) from None
+            print(f"revoked {rec.node_id}")
+        elif args.action == "token":
+            ttl = args.ttl if args.ttl is not None else cfg.coordinator.join_token_ttl_s
+            if ttl <= 0:
+                raise CommandError(f"--ttl must be > 0, got {ttl}")
+            print(store.create_token(ttl, args.label))
+        else:
+            print(f"{'NODE ID':<20} {'ROLE':<6} {'STATE':<8} {'SOURCE':<18} {'ADDED':<19} LABEL")
+            for k in store.list_keys():
+                print(f"{k.node_id:<20} {k.role:<6} {k.state:<8} {k.source:<18} "
+                      f"{_when(k.added_at):<19} {k.label}")
+            tokens = store.tokens()
+            if tokens:
+                print(f"\n{'TOKEN ID':<14} {'EXPIRES':<19} {'USED':<19} LABEL")
+                for t in tokens:
+                    print(f"{t['token_id']:<14} {_when(t['expires_at']):<19} "
+                          f"{_when(t['used_at']):<19} {t['label']}")
+    finally:
+        store.close()
+    return 0

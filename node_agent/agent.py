@@ -1,0 +1,135 @@
+"""The `meshd agent` daemon loop: register, heartbeat, re-attach, leave cleanly.
+
+- Registers with its signed capability report (enrolling with a join token the first time).
+- Heartbeats every interval the coordinator asks for, carrying host and worker load.
+- Coordinator unreachable (restart, network): retries with capped exponential backoff; the
+  coordinator restores node records from its store, so heartbeats resume without operator
+  action. Told `not_registered`: registers again.
+- Refused for good (revoked or unknown key, used token): stops with `AgentRefused`.
+- On stop (SIGTERM): deregisters within a deadline, then returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from meshd import capabilities as caps
+from meshd.config import AgentConfig
+from meshd.node_agent.client import ControlClient, ControlError
+from meshd.node_agent.identity import Identity
+from meshd.proto.v1 import control_pb2 as pb
+
+log = logging.getLogger("meshd.agent")
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
+# Clock skew or a coordinator that restarted after we signed: sign again and retry.
+_RETRY_REASONS = {"stale_timestamp"}
+
+
+class AgentRefused(Exception):
+    """The coordinator refused this agent for a reason that retrying cannot fix."""
+
+
+@dataclass(slots=True)
+class AgentStatus:
+    node_id: str
+    registered: bool = False
+    registrations: int = 0
+    heartbeats: int = 0
+    last_error: str = ""
+
+
+def host_load() -> tuple[float, int]:
+    """(1-minute load average per CPU, available memory bytes)."""
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        load = 0.0
+    avail = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in open("/proc/meminfo").read().splitlines():  # noqa: SIM115 - tiny file
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    return load, avail
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, identity: Identity,
+                 report: Callable[[], caps.Capabilities],
+                 workers_load: Callable[[], list[pb.WorkerLoad]] = list) -> None:
+        self.config = config
+        self.identity = identity
+        self.report = report
+        self.workers_load = workers_load
+        self.client = ControlClient(config.coordinator, identity, config.rpc_timeout_s)
+        self.status = AgentStatus(identity.node_id)
+        self.interval_s = 2.0
+        self._seq = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; raises AgentRefused when the coordinator refuses us."""
+        backoff = 0.2
+        try:
+            while not stop.is_set():
+                try:
+                    if not self.status.registered:
+                        await self._register()
+                    else:
+                        await self._heartbeat()
+                    backoff = 0.2
+                    delay = self.interval_s
+                except ControlError as e:
+                    self.status.last_error = f"{e.code.name}: {e.detail}"
+                    if e.reason == "not_registered":
+                        self.status.registered = False
+                        delay = 0.0
+                    elif e.code in _RETRYABLE or e.reason in _RETRY_REASONS:
+                        log.warning("coordinator %s: %s; retrying in %.1fs",
+                                    self.config.coordinator, self.status.last_error, backoff)
+                        delay, backoff = backoff, min(backoff * 2,
+                                                      self.config.reconnect_max_backoff_s)
+                    else:
+                        raise AgentRefused(f"coordinator refused node {self.identity.node_id}: "
+                                           f"{e.detail}") from None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            if self.status.registered:
+                await self._leave()
+            await self.client.close()
+
+    async def _register(self) -> None:
+        reply = await self.client.register(caps.to_pb(self.report()), self.config.join_token)
+        self.interval_s = reply.heartbeat_interval_s or self.interval_s
+        self.status.registered = True
+        self.status.registrations += 1
+        log.info("registered as %s%s; heartbeat every %.1fs", reply.node_id,
+                 " (enrolled with join token)" if reply.enrolled else "", self.interval_s)
+
+    async def _heartbeat(self) -> None:
+        self._seq += 1
+        load, avail = host_load()
+        reply = await self.client.heartbeat(pb.HeartbeatRequest(
+            seq=self._seq, cpu_load=load, memory_available_bytes=avail,
+            workers=self.workers_load()))
+        self.interval_s = reply.heartbeat_interval_s or self.interval_s
+        self.status.heartbeats += 1
+
+    async def _leave(self) -> None:
+        t0 = time.monotonic()
+        try:
+            await self.client.call("Deregister", pb.DeregisterRequest(
+                reason="agent stopping").SerializeToString(), timeout_s=2.0)
+            log.info("deregistered in %.0f ms", (time.monotonic() - t0) * 1000)
+        except ControlError as e:
+            log.warning("deregister failed (%s); the coordinator will mark this node dead",
+                        e.detail)
+        self.status.registered = False
