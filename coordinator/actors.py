@@ -38,19 +38,18 @@ def ensure_admin_key(state_dir: str, store: Store) -> identity.Identity:
 
 
 class _RegistryActor:
-    def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:
+        # Async init: serving starts here, so an actor Ray restarts serves again at once.
         logging.basicConfig(level=logging.INFO)
         self.config = CoordinatorConfig(**config)
         self.store = Store(self.config.state_dir)
         ensure_admin_key(self.config.state_dir, self.store)
         self.metrics = ControlMetrics(ray_mirror=True)
         self.server = ControlServer(self.config, self.store, self.metrics)
-        self._ports: tuple[int, int] | None = None
+        self._ports = await self.server.start()
 
     async def ready(self) -> dict[str, Any]:
-        """Start serving (idempotent); returns the bound ports and the process id."""
-        if self._ports is None:
-            self._ports = await self.server.start()
+        """The bound ports and the process id (the actor serves once constructed)."""
         return {"grpc_port": self._ports[0], "metrics_port": self._ports[1], "pid": os.getpid(),
                 "started_at": self.server.plane.started_at}
 

@@ -1,0 +1,50 @@
+"""Filters: drop workers that cannot serve a request. Each returns a new list, mutates nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshd.scheduler.types import RequestView, Role, WorkerView
+
+
+class HealthFilter:
+    """Keeps healthy workers (heartbeat current, not draining)."""
+
+    name = "health"
+
+    def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
+        return [w for w in workers if w.healthy]
+
+
+class ModelFilter:
+    """Keeps workers serving the request's model."""
+
+    name = "model"
+
+    def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
+        model = request.model
+        return [w for w in workers if w.model == model]
+
+
+class RoleFilter:
+    """Keeps workers that may do `role`'s phase: prefill (PREFILL, BOTH) or decode (DECODE, BOTH).
+
+    `role="both"` keeps only colocating workers.
+    """
+
+    name = "role"
+
+    def __init__(self, role: str = "decode") -> None:
+        try:
+            self.role = Role(role)
+        except ValueError:
+            raise ValueError(f"role filter: role must be one of "
+                             f"{[r.value for r in Role]}, got {role!r}") from None
+        self.name = f"role-{self.role.value}"
+
+    def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
+        role = self.role
+        if role is Role.BOTH:
+            return [w for w in workers if w.role is role]
+        excluded = Role.DECODE if role is Role.PREFILL else Role.PREFILL
+        return [w for w in workers if w.role is not excluded]

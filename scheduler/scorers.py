@@ -1,0 +1,133 @@
+"""Scorers: each maps candidate worker ids to a score in [0, 1], higher is better.
+
+Scorers are pure functions of their inputs and their constructor parameters; the framework
+clamps and weighs. Table-driven tests pin the exact formulas given in each docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from meshd.scheduler.cost_model import CostModel
+from meshd.scheduler.types import RequestView, WorkerView
+
+_DEFAULT_COST = CostModel()
+
+
+class PrefixScorer:
+    """Fraction of the prompt that needs no prefill on the worker:
+    `min(cached_blocks[w] * block_size, prompt) / prompt` (0 for an empty prompt)."""
+
+    name = "prefix"
+
+    def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
+        n = request.num_prompt_tokens
+        cached = request.cached_blocks
+        if n <= 0 or not cached:
+            return {}
+        out: dict[str, float] = {}
+        for w in workers:
+            blocks = cached.get(w.worker_id)
+            if blocks:
+                out[w.worker_id] = min(blocks * w.block_size, n) / n
+        return out
+
+
+class LoadScorer:
+    """`1 - (a*min(waiting/max_waiting, 1) + b*min(running/max_running, 1) + c*kv_usage)
+    / (a + b + c)` with a, b, c = `waiting_weight`, `running_weight`, `kv_weight`."""
+
+    name = "load"
+
+    def __init__(self, max_waiting: int = 16, max_running: int = 128,
+                 waiting_weight: float = 0.5, running_weight: float = 0.2,
+                 kv_weight: float = 0.3) -> None:
+        if max_waiting <= 0 or max_running <= 0:
+            raise ValueError("load scorer: max_waiting and max_running must be > 0")
+        norm = waiting_weight + running_weight + kv_weight
+        if norm <= 0:
+            raise ValueError("load scorer: weights must sum to > 0")
+        self._a = waiting_weight / norm / max_waiting
+        self._b = running_weight / norm / max_running
+        self._c = kv_weight / norm
+        self._max_waiting, self._max_running = max_waiting, max_running
+
+    def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
+        mw, mr, c = self._max_waiting, self._max_running, self._c
+        a, b = self._a, self._b
+        out: dict[str, float] = {}
+        for w in workers:
+            nw, nr = w.num_waiting, w.num_running
+            out[w.worker_id] = 1.0 - (a * (nw if nw < mw else mw) + b * (nr if nr < mr else mr)
+                                      + c * w.kv_usage)
+        return out
+
+
+class SLOScorer:
+    """Headroom against latency targets from the worker's cost model (`WorkerView.cost`):
+    `h(x, slo) = clamp(1 - x / slo)`; TTFT from uncached tokens and queue, ITL from batch and
+    context (`kv_usage * kv_capacity_blocks * block_size + prompt`). `phase` picks which count:
+    "prefill" (TTFT), "decode" (ITL) or "both" (the smaller headroom)."""
+
+    name = "slo"
+
+    def __init__(self, ttft_slo_ms: float = 1000.0, itl_slo_ms: float = 50.0,
+                 phase: str = "both") -> None:
+        if phase not in ("prefill", "decode", "both"):
+            raise ValueError(f"slo scorer: phase must be prefill|decode|both, got {phase!r}")
+        if ttft_slo_ms <= 0 or itl_slo_ms <= 0:
+            raise ValueError("slo scorer: SLOs must be > 0")
+        self.ttft_slo_ms, self.itl_slo_ms, self.phase = ttft_slo_ms, itl_slo_ms, phase
+        self._models: dict[int, tuple[Mapping[str, float], CostModel]] = {}
+
+    def _model(self, cost: Mapping[str, float]) -> CostModel:
+        hit = self._models.get(id(cost))
+        if hit is not None and hit[0] is cost:
+            return hit[1]
+        model = CostModel.from_params(cost)
+        if len(self._models) > 4096:
+            self._models.clear()
+        self._models[id(cost)] = (cost, model)
+        return model
+
+    def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        n = request.num_prompt_tokens
+        cached = request.cached_blocks
+        ttft, itl = self.phase != "decode", self.phase != "prefill"
+        inv_ttft, inv_itl = 1.0 / self.ttft_slo_ms, 1.0 / self.itl_slo_ms
+        for w in workers:
+            m = self._model(w.cost) if w.cost else _DEFAULT_COST
+            h = 1.0
+            if ttft:
+                hit = cached.get(w.worker_id, 0) * w.block_size
+                uncached = n - hit if hit < n else 0
+                h = 1.0 - m.ttft_ms(uncached, w.num_waiting) * inv_ttft
+            if itl:
+                ctx = int(w.kv_usage * w.kv_capacity_blocks * w.block_size) + n
+                hd = 1.0 - m.itl_ms(w.num_running + 1, ctx) * inv_itl
+                h = hd if hd < h else h
+            out[w.worker_id] = h if h > 0.0 else 0.0
+        return out
+
+
+class ExpertAffinityScorer:
+    """Share of the prompt's routed expert tokens (`RequestView.experts`, from prefill) whose
+    experts the worker hosts; 1.0 when the worker hosts all experts (empty set) or the request
+    carries no expert statistics."""
+
+    name = "expert"
+
+    def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
+        experts = request.experts
+        total = sum(experts.values())
+        if total <= 0:
+            return dict.fromkeys([w.worker_id for w in workers], 1.0)
+        out: dict[str, float] = {}
+        for w in workers:
+            hosted = w.experts
+            if total <= 0 or not hosted:
+                out[w.worker_id] = 1.0
+            else:
+                out[w.worker_id] = sum(n for e, n in experts.items() if e in hosted) / total
+        return out

@@ -1,0 +1,70 @@
+import pytest
+
+from meshd.scheduler.baselines import ApproxTreeSelector
+from meshd.scheduler.kv_events import BlockStored
+from meshd.scheduler.pd import PDConfig, PDDecider
+from meshd.scheduler.prefix_index import PrefixIndex
+from meshd.scheduler.profiles import builtin
+from meshd.scheduler.router import Router
+from meshd.scheduler.types import Decision, RequestView, Role, WorkerView
+
+
+def make_worker(wid: str, role: Role = Role.BOTH, **kw: object) -> WorkerView:
+    return WorkerView(wid, role, "m", **kw)  # type: ignore[arg-type]
+
+
+def make_request(n_blocks: int, **kw: object) -> RequestView:
+    return RequestView("r", "m", n_blocks * 16, list(range(1, n_blocks + 1)), **kw)  # type: ignore[arg-type]
+
+
+def make_router(index: PrefixIndex, cfg: PDConfig | None = None) -> Router:
+    return Router(builtin("decode"), builtin("prefill"), PDDecider(cfg), index)
+
+
+POOL = [make_worker("p0", Role.PREFILL), make_worker("p1", Role.PREFILL, num_waiting=20),
+        make_worker("d0", Role.DECODE), make_worker("d1", Role.DECODE)]
+
+
+def test_long_uncached_prompt_is_disaggregated_to_cached_prefill_worker() -> None:
+    index = PrefixIndex()
+    index.apply_events("p1", [BlockStored(tuple(range(1, 41)), None, (), 16)])
+    index.apply_events("p0", [BlockStored(tuple(range(1, 11)), None, (), 16)])
+    d = make_router(index).decide(make_request(64), POOL)
+    # p1 holds more but is overloaded (waiting 20); p0 still wins on prefix+load+slo
+    assert d == Decision("p0", "d0", True, 160)
+
+
+def test_decode_worker_with_cached_prefix_colocates() -> None:
+    index = PrefixIndex()
+    index.apply_events("d1", [BlockStored(tuple(range(1, 61)), None, (), 16)])
+    assert make_router(index).decide(make_request(64), POOL) == Decision("d1", "d1", False, 960)
+
+
+@pytest.mark.parametrize(("pool", "n_blocks", "reason"), [
+    (POOL, 8, "short_prefill"),
+    ([make_worker("p", Role.PREFILL, num_waiting=99), make_worker("d", Role.DECODE)], 64,
+     "no_prefill_headroom"),
+    (POOL, 64, "long_prefill"),
+])
+def test_pd_decider_reasons(pool: list[WorkerView], n_blocks: int, reason: str) -> None:
+    d = next(w for w in pool if w.role is Role.DECODE)
+    assert PDDecider().decide(make_request(n_blocks), d, pool).reason == reason
+
+
+def test_baselines_drive_the_same_router() -> None:
+    ws = [make_worker("a"), make_worker("b", num_waiting=5)]
+    rr = Router(builtin("round_robin"))
+    assert [rr.decide(make_request(4), ws).decode for _ in range(3)] == ["a", "b", "a"]
+    assert Router(builtin("least_loaded")).decide(make_request(4), ws).decode == "a"
+
+
+def test_approx_tree_prefers_remembered_prefix_then_balances() -> None:
+    sel = ApproxTreeSelector(cache_threshold=0.5, balance_abs_threshold=4)
+    ws = [make_worker("a"), make_worker("b")]
+    assert sel.select(make_request(8), ws).worker_id == "a"  # both empty: smallest tree, id
+    assert sel.select(make_request(4), ws).worker_id == "a"  # full match on a
+    other = RequestView("x", "m", 64, [100, 101])
+    assert sel.select(other, ws).worker_id == "b"  # no match: smaller tree
+    busy = [make_worker("a", num_waiting=50), make_worker("b")]
+    assert sel.select(make_request(8), busy).worker_id == "b"  # imbalance: shortest queue
+    sel.check_integrity()
