@@ -29,15 +29,23 @@ class ControlError(Exception):
 
 
 class ControlClient:
-    def __init__(self, address: str, signer: Signer, timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, signer: Signer, timeout_s: float = 5.0,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        """`channel`: share an existing channel (not closed by `close`); else open one."""
         self.address = address
         self.signer = signer
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=[
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", 64 << 20)])
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel
+
     async def close(self) -> None:
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
     async def call_raw(self, method: str, raw: bytes, timeout_s: float | None = None) -> Any:
         """Send raw envelope bytes; returns the parsed reply or raises ControlError."""

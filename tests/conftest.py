@@ -32,3 +32,23 @@ def state_dir(tmp_path: Path) -> Path:
     d = tmp_path / "state"
     d.mkdir(mode=0o700)
     return d
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Opt-in suites: `gpu` needs CUDA, `vllm` needs MESHD_VLLM=1, `slow` needs MESHD_SLOW=1."""
+    gpu = False
+    try:
+        import torch
+
+        gpu = bool(torch.cuda.is_available())
+    except ImportError:
+        pass
+    skips = {
+        "gpu": (not gpu, "needs a CUDA GPU"),
+        "vllm": (os.environ.get("MESHD_VLLM") != "1", "set MESHD_VLLM=1 (needs .venv-vllm)"),
+        "slow": (os.environ.get("MESHD_SLOW") != "1", "set MESHD_SLOW=1"),
+    }
+    for item in items:
+        for mark, (skip, why) in skips.items():
+            if skip and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))

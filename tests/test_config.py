@@ -63,3 +63,10 @@ def test_missing_file() -> None:
 def test_unknown_env_vars_are_reported() -> None:
     environ = {"MESHD_COORDINATOR_GRPC_PORT": "1", "MESHD_COORDINATR_X": "1"}
     assert env.unknown(config.sections(), environ) == ["MESHD_COORDINATR_X"]
+
+
+def test_shipped_example_config_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    cfg = load(root / "cluster" / "meshd.example.toml", environ={})
+    assert cfg.ray.auth_mode == "token"
+    assert cfg.agent.attributes["zone"] == "dc1-row4"
