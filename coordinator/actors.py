@@ -38,7 +38,7 @@ def ensure_admin_key(state_dir: str, store: Store) -> identity.Identity:
 
 
 class _RegistryActor:
-    async def __init__(self, config: dict[str, Any]) -> None:
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         # Async init: serving starts here, so an actor Ray restarts serves again at once.
         logging.basicConfig(level=logging.INFO)
         self.config = CoordinatorConfig(**config)

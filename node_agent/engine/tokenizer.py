@@ -1,0 +1,118 @@
+"""Tokenizers for the embedded engine.
+
+`load_tokenizer(path, vocab_size)`: a HF `tokenizers` tokenizer from `path/tokenizer.json` if
+present, else `ByteTokenizer` (ids 0..255 are bytes, then special tokens). Both implement the
+`Tokenizer` protocol: `encode`, `decode` (special tokens skipped), `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>",
+                  "<|end|>")
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids. `decode` never raises on partial UTF-8 (it yields U+FFFD)."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
+                            add_generation_prompt: bool = True) -> list[int]: ...
+
+
+def _chat_text(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
+    parts = []
+    for m in messages:
+        role = m.get("role", "")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"messages: unknown role {role!r} (system, user, assistant)")
+        parts.append(f"<|{role}|>{m.get('content', '')}<|end|>")
+    if add_generation_prompt:
+        parts.append("<|assistant|>")
+    return "".join(parts)
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer: id b for byte b, 256.. for SPECIAL_TOKENS.
+
+    Chat template: `<bos>` then `<|role|>content<|end|>` per message, then `<|assistant|>`.
+    """
+
+    def __init__(self) -> None:
+        self.special = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.bos_token_id: int | None = self.special["<bos>"]
+        self.eos_token_id: int | None = self.special["<eos>"]
+        self.end_token_id = self.special["<|end|>"]
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Bytes of `text`; special-token strings in the text become their ids."""
+        out = [self.special["<bos>"]] if add_bos else []
+        i = 0
+        while i < len(text):
+            if text[i] == "<":
+                tok = next((t for t in SPECIAL_TOKENS if text.startswith(t, i)), None)
+                if tok is not None:
+                    out.append(self.special[tok])
+                    i += len(tok)
+                    continue
+            j = text.find("<", i + 1)
+            j = len(text) if j < 0 else j
+            out.extend(text[i:j].encode("utf-8"))
+            i = j
+        return out
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(_chat_text(messages, add_generation_prompt), add_bos=True)
+
+
+class HFTokenizer:
+    """Wraps `tokenizers.Tokenizer` from a local `tokenizer.json` (same chat template text)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(path / "tokenizer.json"))
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.bos_token_id = self._id(cfg.get("bos_token"))
+        self.eos_token_id = self._id(cfg.get("eos_token"))
+
+    def _id(self, tok: object) -> int | None:
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return self._tok.token_to_id(tok) if isinstance(tok, str) else None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(_chat_text(messages, add_generation_prompt), add_bos=True)
+
+
+def load_tokenizer(path: str | Path | None) -> Tokenizer:
+    """HFTokenizer if `path/tokenizer.json` exists, else ByteTokenizer."""
+    if path and (Path(path) / "tokenizer.json").exists():
+        return HFTokenizer(Path(path))
+    return ByteTokenizer()
