@@ -62,6 +62,7 @@ class Worker:
     kv_events_endpoint: str = ""
     kv_transfer_endpoint: str = ""
     gpu_indices: tuple[int, ...] = ()
+    kv_events_replay_endpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -95,7 +96,7 @@ def worker_to_pb(w: Worker) -> pb.WorkerInfo:
         worker_id=w.worker_id, endpoint=w.endpoint, role=ROLES[w.role], model=w.model,
         engine=w.engine, kv_block_size=w.kv_block_size, kv_capacity_blocks=w.kv_capacity_blocks,
         kv_events_endpoint=w.kv_events_endpoint, kv_transfer_endpoint=w.kv_transfer_endpoint,
-        gpu_indices=list(w.gpu_indices))
+        gpu_indices=list(w.gpu_indices), kv_events_replay_endpoint=w.kv_events_replay_endpoint)
 
 
 def worker_from_pb(m: pb.WorkerInfo) -> Worker:
@@ -104,7 +105,7 @@ def worker_from_pb(m: pb.WorkerInfo) -> Worker:
         raise ValueError(f"worker {m.worker_id!r}: role is unspecified")
     return Worker(m.worker_id, m.endpoint, role, m.model, m.engine, m.kv_block_size,
                   m.kv_capacity_blocks, m.kv_events_endpoint, m.kv_transfer_endpoint,
-                  tuple(m.gpu_indices))
+                  tuple(m.gpu_indices), m.kv_events_replay_endpoint)
 
 
 def to_pb(c: Capabilities) -> pb.CapabilityReport:

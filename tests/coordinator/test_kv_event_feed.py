@@ -1,0 +1,78 @@
+"""The gateway's KV event feed: a real publisher, real ZMQ sockets, the real prefix index."""
+
+from __future__ import annotations
+
+import asyncio
+
+from support.control import wait_for
+
+from meshd.coordinator.kv_events import KVEventFeed
+from meshd.node_agent.engine.kv_events import BlockRemoved, BlockStored, KVEventPublisher
+from meshd.scheduler.prefix_index import PrefixIndex
+
+
+def stored(*hashes: int, parent: int | None = None) -> BlockStored:
+    return BlockStored(block_hashes=list(hashes), parent_block_hash=parent,
+                       token_ids=list(range(16 * len(hashes))), block_size=16, medium="GPU")
+
+
+def endpoint(ep: str) -> str:
+    return ep.replace("0.0.0.0", "127.0.0.1")
+
+
+async def test_events_reach_the_index_and_removals_apply() -> None:
+    pub = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    index = PrefixIndex()
+    feed = KVEventFeed(index)
+    try:
+        feed.add("w1", endpoint(pub.endpoint), endpoint(pub.replay_endpoint or ""))
+        await asyncio.sleep(0.3)  # SUB connect (slow joiner)
+        pub.publish([stored(11, 12, 13)])
+        await wait_for(lambda: index.match([11, 12, 13, 14]) == {"w1": 3}, 5)
+        pub.publish([BlockRemoved(block_hashes=[13], medium="GPU")])
+        await wait_for(lambda: index.match([11, 12, 13]) == {"w1": 2}, 5)
+        index.check_integrity()
+        feed.remove("w1")
+        assert index.match([11, 12]) == {}
+    finally:
+        await feed.close()
+        pub.close()
+
+
+async def test_late_subscriber_catches_up_by_replay() -> None:
+    pub = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    index = PrefixIndex()
+    feed = KVEventFeed(index)
+    try:
+        pub.publish([stored(1, 2)])  # nobody listens yet: only the replay ring has these
+        pub.publish([stored(3, parent=2)])
+        await asyncio.sleep(0.2)
+        feed.add("w1", endpoint(pub.endpoint), endpoint(pub.replay_endpoint or ""))
+        await asyncio.sleep(0.3)
+        pub.publish([stored(4, parent=3)])  # seq 2: gap from 0 -> replay 0..1
+        await wait_for(lambda: index.match([1, 2, 3, 4]) == {"w1": 4}, 5)
+        stats = feed.stats()["w1"]
+        assert stats.gaps == 1 and stats.replays == 1 and stats.replay_failures == 0
+        index.check_integrity()
+    finally:
+        await feed.close()
+        pub.close()
+
+
+async def test_gap_without_replay_drops_the_workers_entries() -> None:
+    pub = KVEventPublisher("tcp://127.0.0.1:*", None)
+    index = PrefixIndex()
+    feed = KVEventFeed(index)
+    try:
+        pub.publish([stored(1, 2)])
+        await asyncio.sleep(0.2)
+        feed.add("w1", endpoint(pub.endpoint))
+        await asyncio.sleep(0.3)
+        pub.publish([stored(3, parent=2)])
+        await wait_for(lambda: feed.stats()["w1"].batches == 1, 5)
+        assert feed.stats()["w1"].replay_failures == 1
+        assert index.match([3]) == {"w1": 1}  # resynced from the new event on
+        assert index.match([1, 2]) == {}
+    finally:
+        await feed.close()
+        pub.close()
