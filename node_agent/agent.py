@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -64,11 +65,16 @@ def host_load() -> tuple[float, int]:
 class Agent:
     def __init__(self, config: AgentConfig, identity: Identity,
                  report: Callable[[], caps.Capabilities],
-                 workers_load: Callable[[], list[pb.WorkerLoad]] = list) -> None:
+                 workers_load: Callable[[], list[pb.WorkerLoad]] = list,
+                 workers: Callable[[], tuple[caps.Worker, ...]] | None = None) -> None:
+        """`report` is called at each registration; `workers` (the supervisor's ready workers)
+        is checked every tick and a change re-registers with the new set."""
         self.config = config
         self.identity = identity
         self.report = report
         self.workers_load = workers_load
+        self.workers = workers
+        self._registered_workers: tuple[caps.Worker, ...] | None = None
         self.client = ControlClient(config.coordinator, identity, config.rpc_timeout_s)
         self.status = AgentStatus(identity.node_id)
         self.interval_s = 2.0
@@ -80,7 +86,7 @@ class Agent:
         try:
             while not stop.is_set():
                 try:
-                    if not self.status.registered:
+                    if not self.status.registered or self._workers_changed():
                         await self._register()
                     else:
                         await self._heartbeat()
@@ -106,8 +112,15 @@ class Agent:
                 await self._leave()
             await self.client.close()
 
+    def _workers_changed(self) -> bool:
+        return self.workers is not None and self.workers() != self._registered_workers
+
     async def _register(self) -> None:
-        reply = await self.client.register(caps.to_pb(self.report()), self.config.join_token)
+        report = self.report()
+        if self.workers is not None:
+            report = dataclasses.replace(report, workers=self.workers())
+        reply = await self.client.register(caps.to_pb(report), self.config.join_token)
+        self._registered_workers = report.workers
         self.interval_s = reply.heartbeat_interval_s or self.interval_s
         self.status.registered = True
         self.status.registrations += 1

@@ -1,0 +1,171 @@
+"""Worker process supervision: start, health-check, restart with backoff, capture logs, stop.
+
+A `WorkerSpec` says how to run one worker (the embedded engine's `meshd engine serve ...` or
+`vllm serve ...`) and where its health endpoint is. `Supervisor` runs each spec as a child
+process in its own process group, polls `GET <health_url>` until ready (deadline), restarts it
+with capped exponential backoff when it exits or stops answering, and on `stop()` sends SIGTERM
+to the group, then SIGKILL after a grace period. Output goes to `<log_dir>/<worker_id>.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from meshd.capabilities import Worker
+
+log = logging.getLogger("meshd.agent.supervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    worker: Worker  # what the agent reports once the worker is ready
+    argv: tuple[str, ...]
+    health_url: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 180.0
+    health_interval_s: float = 2.0
+    max_backoff_s: float = 30.0
+
+
+@dataclass(slots=True)
+class WorkerState:
+    spec: WorkerSpec
+    proc: asyncio.subprocess.Process | None = None
+    ready: bool = False
+    restarts: int = 0
+    started_at: float = 0.0
+    last_exit: int | None = None
+    log_file: IO[bytes] | None = None
+
+
+def _healthy(url: str, timeout_s: float) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return bool(200 <= r.status < 300)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class Supervisor:
+    def __init__(self, specs: Sequence[WorkerSpec], log_dir: str | Path) -> None:
+        self.states = {s.worker.worker_id: WorkerState(s) for s in specs}
+        self.log_dir = Path(log_dir).expanduser()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    def ready_workers(self) -> tuple[Worker, ...]:
+        return tuple(st.spec.worker for st in self.states.values() if st.ready)
+
+    def all_ready(self) -> bool:
+        return all(st.ready for st in self.states.values())
+
+    async def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._tasks = [asyncio.create_task(self._keep(st)) for st in self.states.values()]
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.all_ready():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await asyncio.gather(*(self._terminate(st, grace_s) for st in self.states.values()))
+        for st in self.states.values():
+            if st.log_file is not None:
+                st.log_file.close()
+                st.log_file = None
+
+    async def _spawn(self, st: WorkerState) -> None:
+        spec = st.spec
+        if st.log_file is None:
+            st.log_file = open(self.log_dir / f"{spec.worker.worker_id}.log", "ab")  # noqa: SIM115
+        st.proc = await asyncio.create_subprocess_exec(
+            *spec.argv, stdout=st.log_file, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **spec.env},
+            start_new_session=True)
+        st.started_at = time.monotonic()
+        st.ready = False
+        log.info("worker %s started (pid %d): %s", spec.worker.worker_id, st.proc.pid,
+                 " ".join(spec.argv))
+
+    async def _keep(self, st: WorkerState) -> None:
+        """Run one worker forever: spawn, wait ready, watch; restart with backoff."""
+        backoff = 1.0
+        spec = st.spec
+        while not self._stopping:
+            await self._spawn(st)
+            assert st.proc is not None
+            failure = await self._watch(st)
+            st.ready = False
+            await self._terminate(st, 5.0)
+            if self._stopping:
+                return
+            st.restarts += 1
+            log.warning("worker %s %s; restarting in %.0fs (restart %d)",
+                        spec.worker.worker_id, failure, backoff, st.restarts)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, spec.max_backoff_s)
+
+    async def _watch(self, st: WorkerState) -> str:
+        """Return why the worker must be restarted (it exited, never got ready, went unhealthy)."""
+        spec, proc = st.spec, st.proc
+        assert proc is not None
+        misses = 0
+        while True:
+            try:
+                code = await asyncio.wait_for(proc.wait(), spec.health_interval_s)
+                st.last_exit = code
+                return f"exited with code {code}"
+            except TimeoutError:
+                pass
+            ok = await asyncio.to_thread(_healthy, spec.health_url, spec.health_interval_s)
+            if ok:
+                misses = 0
+                if not st.ready:
+                    st.ready = True
+                    log.info("worker %s ready after %.1fs", spec.worker.worker_id,
+                             time.monotonic() - st.started_at)
+            elif not st.ready and time.monotonic() - st.started_at > spec.ready_timeout_s:
+                return f"not ready after {spec.ready_timeout_s:.0f}s"
+            elif st.ready:
+                misses += 1
+                if misses >= 3:
+                    return "stopped answering its health check"
+
+    async def _terminate(self, st: WorkerState, grace_s: float) -> None:
+        proc = st.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"worker_id": wid, "ready": st.ready, "restarts": st.restarts,
+                 "pid": st.proc.pid if st.proc else None, "last_exit": st.last_exit}
+                for wid, st in self.states.items()]
