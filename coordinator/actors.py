@@ -56,6 +56,11 @@ class _RegistryActor:
     async def node_counts(self) -> dict[str, int]:
         return self.server.plane.table.counts()
 
+    async def workers(self) -> list[dict[str, Any]]:
+        """The routing set: workers of alive nodes, as plain dicts (`node_id` added)."""
+        return [{**dataclasses.asdict(w), "node_id": nid}
+                for nid, w in self.server.plane.routable_workers()]
+
     async def shutdown(self) -> None:
         await self.server.stop()
         self.store.close()

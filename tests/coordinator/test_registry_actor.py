@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 import ray
-from support.control import make_agent, wait_for
+from support.control import make_agent, make_report, wait_for
 from support.net import free_port
 
+from meshd.capabilities import Worker
 from meshd.config import CoordinatorConfig
 from meshd.coordinator import actors
 from meshd.coordinator.store import Store
@@ -60,10 +61,15 @@ async def test_actor_is_named_detached_and_serves(registry: Any, state_dir: Path
                 env={"MESHD_COORDINATOR_STATE_DIR": str(state_dir)})
     assert out.returncode == 0, out.stderr
     assert f"trusted {ident.node_id}" in out.stdout
-    agent = make_agent(f"127.0.0.1:{info['grpc_port']}", ident)
+    w = Worker("w0", "http://127.0.0.1:8100", "decode", "tiny", kv_block_size=16)
+    agent = make_agent(f"127.0.0.1:{info['grpc_port']}", ident,
+                       report=make_report("host-a", (w,)))
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     await wait_for(lambda: agent.status.heartbeats >= 1, 15)
+    routing = await handle.workers.remote()
+    assert [(r["node_id"], r["worker_id"], r["role"]) for r in routing] == [
+        (ident.node_id, "w0", "decode")]
     status = await asyncio.to_thread(
         meshd, "status", "--state-dir", str(state_dir), "--coordinator",
         f"127.0.0.1:{info['grpc_port']}")
