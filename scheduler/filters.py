@@ -1,8 +1,12 @@
-"""Filters: drop workers that cannot serve a request. Each returns a new list, mutates nothing."""
+"""Filters: drop workers that cannot serve a request. Each returns a new list, mutates nothing.
+
+Each also gives `request_key`: its output depends on the request only through that key, so a
+profile may reuse it while the worker views stay the same objects.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from meshd.scheduler.types import RequestView, Role, WorkerView
 
@@ -12,6 +16,9 @@ class HealthFilter:
 
     name = "health"
 
+    def request_key(self, request: RequestView) -> Hashable:
+        return None
+
     def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
         return [w for w in workers if w.healthy]
 
@@ -20,6 +27,9 @@ class ModelFilter:
     """Keeps workers serving the request's model."""
 
     name = "model"
+
+    def request_key(self, request: RequestView) -> Hashable:
+        return request.model
 
     def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
         model = request.model
@@ -41,6 +51,9 @@ class RoleFilter:
             raise ValueError(f"role filter: role must be one of "
                              f"{[r.value for r in Role]}, got {role!r}") from None
         self.name = f"role-{self.role.value}"
+
+    def request_key(self, request: RequestView) -> Hashable:
+        return None
 
     def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
         role = self.role

@@ -13,6 +13,7 @@ class MaxScorePicker:
     """Highest total; ties go to the smallest worker id."""
 
     name = "max"
+    picks_max = True
 
     def pick(self, request: RequestView, scores: Mapping[str, float]) -> str:
         return max_score_pick(scores)

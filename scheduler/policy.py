@@ -4,16 +4,23 @@ The framework clamps every score to [0, 1], weighs and sums them, times each plu
 its failures. A plugin that raises is skipped (a filter keeps its input, a scorer contributes 0,
 a picker falls back to the max-score pick) and counted; it is never fatal to the request.
 Per-request state the plugins need (the prefix match) travels typed in `RequestView`.
+
+Hot path (see `candidates`): when every filter has a `request_key`, the filter output is reused
+while the caller passes the same worker view objects; when moreover every scorer has an
+`upper_bound` and the picker `picks_max`, only the request's cached workers and a shortlist of
+the best-bounded others are scored, unless a skipped worker could still reach the best total.
+The pick is the same as scoring every candidate.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
+from meshd.scheduler.candidates import CandidatePool, clamp01, same_views
 from meshd.scheduler.types import (
     Filter,
     NoWorkerAvailable,
@@ -24,11 +31,18 @@ from meshd.scheduler.types import (
 )
 
 T = TypeVar("T")
+SHORTLIST = 2  # best-bounded uncached candidates scored besides the cached ones
+
+__all__ = ["PluginStats", "Profile", "Registry", "Selection", "Selector", "clamp01",
+           "max_score_pick"]
 
 
 class Selection(NamedTuple):
     worker_id: str
-    scores: Mapping[str, float]  # weighted totals of the candidates that passed the filters
+    # weighted totals of the candidates scored: all that passed the filters, or when the profile
+    # prunes, a subset holding the pick and every candidate that could have reached its total
+    scores: Mapping[str, float]
+    worker: WorkerView | None = None  # the picked view, when the selector has it at hand
 
 
 class Selector(Protocol):
@@ -45,27 +59,21 @@ class Selector(Protocol):
 
 @dataclass(slots=True)
 class PluginStats:
-    """Per-plugin counters; mutated only by the owning `Profile`."""
+    """Per-plugin counters; mutated only by the owning `Profile`. `cached`: requests whose
+    filter output was reused, so the plugin was not called (not in `calls`)."""
 
     calls: int = 0
     failures: int = 0
     total_ns: int = 0
     max_ns: int = 0
     last_error: str = ""
+    cached: int = 0
 
     def record(self, ns: int) -> None:
         self.calls += 1
         self.total_ns += ns
         if ns > self.max_ns:
             self.max_ns = ns
-
-
-def clamp01(v: float) -> float:
-    if v > 1.0:
-        return 1.0
-    if v >= 0.0:
-        return v
-    return 0.0  # negative or NaN
 
 
 def max_score_pick(scores: Mapping[str, float]) -> str:
@@ -79,13 +87,19 @@ def max_score_pick(scores: Mapping[str, float]) -> str:
 
 
 class Profile:
-    """filters -> weighted scorers -> picker. Holds only counters as mutable state."""
+    """filters -> weighted scorers -> picker. Mutable state: counters and candidate pools.
+
+    `shortlist=None` scores every candidate (no pruning); tests compare both ways.
+    """
 
     def __init__(self, name: str, filters: Sequence[Filter],
-                 scorers: Sequence[tuple[Scorer, float]], picker: Picker) -> None:
+                 scorers: Sequence[tuple[Scorer, float]], picker: Picker,
+                 shortlist: int | None = SHORTLIST) -> None:
         for scorer, weight in scorers:
             if not weight >= 0.0:
                 raise ValueError(f"profile {name}: scorer {scorer.name} weight must be >= 0")
+        if shortlist is not None and shortlist < 1:
+            raise ValueError(f"profile {name}: shortlist must be >= 1 or None")
         self.name = name
         self.filters = tuple(filters)
         self.scorers = tuple(scorers)
@@ -95,20 +109,64 @@ class Profile:
                       [f"scorer:{s.name}" for s, _ in self.scorers], f"picker:{picker.name}")
         for key in [*self._keys[0], *self._keys[1], self._keys[2]]:
             self.stats.setdefault(key, PluginStats())
+        self._filter_stats = [self.stats[k] for k in self._keys[0]]
+        self._scoring = [(s, w, self.stats[k]) for (s, w), k in zip(self.scorers, self._keys[1],
+                                                                    strict=True)]
+        self._keyed = all(callable(getattr(f, "request_key", None)) for f in self.filters)
+        self._key_fns: list[Callable[[RequestView], Hashable]] = [
+            f.request_key for f in self.filters] if self._keyed else []  # type: ignore[attr-defined]
+        self._shortlist = shortlist if (
+            getattr(picker, "picks_max", False) is True
+            and all(callable(getattr(s, "upper_bound", None)) for s, _ in self.scorers)) else None
+        self._pool_views: Sequence[WorkerView] = ()
+        self._pools: dict[Hashable, CandidatePool] = {}
 
     def select(self, request: RequestView, workers: Sequence[WorkerView]) -> Selection:
-        cands = self._filter(request, workers)
+        pool = self._pool(request, workers)
+        cands = pool.cands if pool is not None else self._filter(request, workers)
         if not cands:
             raise NoWorkerAvailable(f"profile {self.name}: no worker passed the filters for "
                                     f"request {request.request_id} (model {request.model})")
-        total = self._score(request, cands)
-        return Selection(self._pick(request, total), total)
+        if pool is None or self._shortlist is None or request.num_prompt_tokens < 0:
+            total = self._score(request, cands)
+            return Selection(self._pick(request, total), total)
+        short = pool.shortlist(request.cached_blocks, self._shortlist, self.scorers)
+        if short is None:
+            total = self._score(request, cands)
+        else:
+            total = self._score(request, short.workers)
+            if not short.skipped_bound < max(total.values()):  # a skipped one might win
+                total = self._score(request, cands)
+        wid = self._pick(request, total)
+        return Selection(wid, total, pool.by_id().get(wid))
 
+    def _pool(self, request: RequestView, workers: Sequence[WorkerView]) -> CandidatePool | None:
+        """The reusable filter output for these views and the filters' request keys."""
+        if not self._keyed:
+            return None
+        try:
+            key = tuple([request_key(request) for request_key in self._key_fns])
+            pool = self._pools.get(key) if same_views(workers, self._pool_views) else None
+        except Exception:  # a broken or unhashable key: run the filters
+            return None
+        if pool is not None:
+            pool.uses += 1
+            for st in self._filter_stats:
+                st.cached += 1
+            return pool
+        failures = sum(st.failures for st in self._filter_stats)
+        pool = CandidatePool(self._filter(request, workers))
+        if failures != sum(st.failures for st in self._filter_stats):
+            return pool  # a filter failed: use its fallback once, never keep it
+        if not same_views(workers, self._pool_views):
+            self._pools.clear()
+            self._pool_views = tuple(workers)
+        self._pools[key] = pool
+        return pool
     def _filter(self, request: RequestView, workers: Sequence[WorkerView]
                 ) -> Sequence[WorkerView]:
         cands = workers
-        for f, key in zip(self.filters, self._keys[0], strict=True):
-            st = self.stats[key]
+        for f, st in zip(self.filters, self._filter_stats, strict=True):
             t0 = perf_counter_ns()
             try:
                 cands = f.filter(request, cands)
@@ -120,8 +178,7 @@ class Profile:
 
     def _score(self, request: RequestView, cands: Sequence[WorkerView]) -> dict[str, float]:
         total = {w.worker_id: 0.0 for w in cands}
-        for (scorer, weight), key in zip(self.scorers, self._keys[1], strict=True):
-            st = self.stats[key]
+        for scorer, weight, st in self._scoring:
             t0 = perf_counter_ns()
             try:
                 scores = scorer.score(request, cands)
@@ -131,7 +188,11 @@ class Profile:
             except Exception as e:
                 st.failures += 1
                 st.last_error = repr(e)
-            st.record(perf_counter_ns() - t0)
+            ns = perf_counter_ns() - t0
+            st.calls += 1
+            st.total_ns += ns
+            if ns > st.max_ns:
+                st.max_ns = ns
         return total
 
     def _pick(self, request: RequestView, total: Mapping[str, float]) -> str:

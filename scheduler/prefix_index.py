@@ -3,7 +3,8 @@
 Layout (plain data, no I/O):
 - every live worker owns one bit; `_where[medium][hash]` is the bitmask of workers holding the
   block on that medium, so `match` walks the request's chain once, AND-ing a candidate mask, in
-  time proportional to the matched prefix, not to the number of workers;
+  time proportional to the matched prefix, not to the number of workers. Equal masks share one
+  int object (`_masks`), so a walk touches a few hot mask objects instead of one per block;
 - `_blocks[worker][medium][hash] = parent hash` is the per-worker truth, used for removal,
   clears, worker death, snapshots and integrity checks;
 - `_next_seq[worker]` is the next event-batch sequence number expected from that worker's
@@ -21,6 +22,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
+from itertools import groupby, repeat
+from operator import or_
 from typing import NamedTuple
 
 import msgpack
@@ -35,6 +39,7 @@ from meshd.scheduler.kv_events import (
 )
 
 _MISSING = object()
+_MAX_SHARED_MASKS = 1 << 16  # distinct masks kept for sharing; past it the table restarts
 
 
 class ApplyStatus(enum.Enum):
@@ -80,6 +85,7 @@ class PrefixIndex:
         self._live_mask = 0
         self._next_seq: dict[str, int] = {}
         self._where: dict[str, dict[int, int]] = {MEDIUM_GPU: {}}
+        self._masks: dict[int, int] = {}  # mask -> its shared int object (sharing only)
         self._blocks: dict[str, dict[str, dict[int, int | None]]] = {}
 
     # -- workers -------------------------------------------------------------------------------
@@ -169,8 +175,19 @@ class PrefixIndex:
             blocks.update(zip(hashes[1:], hashes, strict=False))
         where = self._where_for(ev.medium)
         get = where.get
+        shared = self._shared_masks().setdefault
+        old_m, new_m = -1, 0
         for h in hashes:
-            where[h] = get(h, 0) | bit
+            m = get(h, 0)
+            if m != old_m:  # a chain's blocks mostly share one mask: one lookup per run
+                old_m, new_m = m, m | bit
+                new_m = shared(new_m, new_m)
+            where[h] = new_m
+
+    def _shared_masks(self) -> dict[int, int]:
+        if len(self._masks) > _MAX_SHARED_MASKS:
+            self._masks.clear()
+        return self._masks
 
     def _remove(self, bit: int, mine: dict[str, dict[int, int | None]], medium: str,
                 hashes: Iterable[int]) -> None:
@@ -180,11 +197,16 @@ class PrefixIndex:
         where = self._where[medium]
         keep = ~bit
         pop = blocks.pop
+        shared = self._shared_masks().setdefault
+        old_m, new_m = -1, 0
         for h in hashes:
             if pop(h, _MISSING) is not _MISSING:
-                m = where[h] & keep
-                if m:
-                    where[h] = m
+                m = where[h]
+                if m != old_m:
+                    old_m, new_m = m, m & keep
+                    new_m = shared(new_m, new_m)
+                if new_m:
+                    where[h] = new_m
                 else:
                     del where[h]
 
@@ -204,37 +226,45 @@ class PrefixIndex:
         `medium=None` counts a block held on any medium. Cost: one dict lookup per matched
         block plus one entry per returned worker, independent of the number of workers.
         """
-        result: dict[str, int] = {}
         if medium is None:
-            wheres = list(self._where.values())
-        else:
-            one = self._where.get(medium)
-            if one is None:
-                return result
-            wheres = [one]
-        cand = self._live_mask
+            return self._match_any(block_hashes)
+        where = self._where.get(medium)
+        if where is None or not block_hashes:
+            return {}
+        return self._walk(map(where.get, block_hashes, repeat(0)))
+
+    def _match_any(self, block_hashes: Sequence[int]) -> dict[str, int]:
+        wheres = list(self._where.values())
+        if len(wheres) == 1:
+            return self.match(block_hashes, next(iter(self._where)))
+        if not block_hashes:
+            return {}
+        masks = (reduce(or_, [w.get(h, 0) for w in wheres]) for h in block_hashes)
+        return self._walk(masks)
+
+    def _walk(self, masks: Iterable[int]) -> dict[str, int]:
+        """AND the per-block masks (at least one) until no worker is left; record where each
+        worker drops out. A run of equal masks (a chain cached by the same workers: shared
+        objects) changes nothing after its first block, so runs are counted in C by `groupby`;
+        it pulls one mask past the run, which the walk needs anyway."""
+        result: dict[str, int] = {}
         names = self._names
+        cand = self._live_mask
+        if not cand:
+            return result
         i = 0
-        for h in block_hashes:
-            if len(wheres) == 1:
-                m = wheres[0].get(h, 0) & cand
-            else:
-                m = 0
-                for w in wheres:
-                    m |= w.get(h, 0)
-                m &= cand
-            lost = cand ^ m
-            if lost and i:
-                while lost:
+        for m, run in groupby(masks):
+            m &= cand
+            if m != cand:  # someone dropped out at block i
+                lost = cand ^ m
+                while i and lost:
                     low = lost & -lost
                     result[names[low.bit_length() - 1]] = i
                     lost ^= low
-            cand = m
-            if not cand:
-                return result
-            i += 1
-        if not i:
-            return result
+                if not m:
+                    return result
+                cand = m
+            i += len(list(run))
         while cand:
             low = cand & -cand
             result[names[low.bit_length() - 1]] = i
@@ -270,8 +300,10 @@ class PrefixIndex:
                 blocks.update(pairs)
                 where = index._where_for(medium)
                 bit = index._bit[worker_id]
+                shared = index._shared_masks().setdefault
                 for h in blocks:
-                    where[h] = where.get(h, 0) | bit
+                    m = where.get(h, 0) | bit
+                    where[h] = shared(m, m)
         return index
 
     def check_integrity(self) -> None:

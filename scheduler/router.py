@@ -12,10 +12,9 @@ baseline. `decide` mutates nothing but plugin counters and stateful baselines.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from meshd.scheduler.pd import PDDecider
-from meshd.scheduler.policy import Selector
+from meshd.scheduler.policy import Selection, Selector
 from meshd.scheduler.prefix_index import PrefixIndex
 from meshd.scheduler.types import Decision, RequestView, WorkerView
 
@@ -36,17 +35,23 @@ class Router:
         if self.index is None or request.cached_blocks or not request.block_hashes:
             return request
         match = self.index.match(request.block_hashes, self.medium)
-        return replace(request, cached_blocks=match) if match else request
+        return request.with_cached_blocks(match) if match else request
 
     def decide(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
         """Raises `NoWorkerAvailable` when no worker can decode the request."""
         req = self.with_prefix(request)
-        d_id = self.decode.select(req, workers).worker_id
-        d = next(w for w in workers if w.worker_id == d_id)
+        d = _view(self.decode.select(req, workers), workers)
+        d_id = d.worker_id
         if self.prefill is not None and self.pd is not None:
             choice = self.pd.decide(req, d, workers)
             if choice.disaggregate:
-                p_id = self.prefill.select(req, workers).worker_id
-                p = next(w for w in workers if w.worker_id == p_id)
+                p = _view(self.prefill.select(req, workers), workers)
+                p_id = p.worker_id
                 return Decision(p_id, d_id, p_id != d_id, req.cached_tokens(p_id, p.block_size))
         return Decision(d_id, d_id, False, req.cached_tokens(d_id, d.block_size))
+
+
+def _view(sel: Selection, workers: Sequence[WorkerView]) -> WorkerView:
+    if sel.worker is not None:
+        return sel.worker
+    return next(w for w in workers if w.worker_id == sel.worker_id)

@@ -2,6 +2,8 @@
 
 Scorers are pure functions of their inputs and their constructor parameters; the framework
 clamps and weighs. Table-driven tests pin the exact formulas given in each docstring.
+Each also gives `upper_bound(worker)` for workers the request caches nothing on (see `Scorer`);
+worker views are treated as immutable, so per-view terms may be cached by identity.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from meshd.scheduler.cost_model import CostModel
 from meshd.scheduler.types import RequestView, WorkerView
 
 _DEFAULT_COST = CostModel()
+_NO_REQUEST = RequestView("", "", 0, ())  # empty prompt, nothing cached
+_MAX_CACHED = 4096  # per-scorer identity caches restart past this many entries
 
 
 class PrefixScorer:
@@ -31,6 +35,9 @@ class PrefixScorer:
             if blocks:
                 out[w.worker_id] = min(blocks * w.block_size, n) / n
         return out
+
+    def upper_bound(self, worker: WorkerView) -> float:
+        return 0.0  # no cached blocks: absent from `score`
 
 
 class LoadScorer:
@@ -62,6 +69,14 @@ class LoadScorer:
                                       + c * w.kv_usage)
         return out
 
+    def upper_bound(self, worker: WorkerView) -> float:
+        return self.score(_NO_REQUEST, [worker])[worker.worker_id]  # request-independent
+
+
+# (TTFT ms before prefill tokens, prefill ms/token, ITL ms before context, decode ms/kctx,
+#  context tokens already in the batch)
+_SLOTerms = tuple[float, float, float, float, int]
+
 
 class SLOScorer:
     """Headroom against latency targets from the worker's cost model (`WorkerView.cost`):
@@ -79,16 +94,32 @@ class SLOScorer:
             raise ValueError("slo scorer: SLOs must be > 0")
         self.ttft_slo_ms, self.itl_slo_ms, self.phase = ttft_slo_ms, itl_slo_ms, phase
         self._models: dict[int, tuple[Mapping[str, float], CostModel]] = {}
+        self._terms: dict[int, tuple[WorkerView, _SLOTerms]] = {}
 
     def _model(self, cost: Mapping[str, float]) -> CostModel:
         hit = self._models.get(id(cost))
         if hit is not None and hit[0] is cost:
             return hit[1]
         model = CostModel.from_params(cost)
-        if len(self._models) > 4096:
+        if len(self._models) > _MAX_CACHED:
             self._models.clear()
         self._models[id(cost)] = (cost, model)
         return model
+
+    def _worker_terms(self, w: WorkerView) -> _SLOTerms:
+        """The request-independent parts of `CostModel.ttft_ms` / `itl_ms` for `w`, as the
+        same float operations (left to right), so the scores stay bit-identical."""
+        m = self._model(w.cost) if w.cost else _DEFAULT_COST
+        ttft = m.queue_ms_per_waiting * w.num_waiting + m.prefill_fixed_ms
+        itl, ctx = 0.0, 0
+        if self.phase != "prefill":
+            itl = m.decode_base_ms + m.decode_ms_per_seq * (w.num_running + 1)
+            ctx = int(w.kv_usage * w.kv_capacity_blocks * w.block_size)
+        terms = (ttft, m.prefill_ms_per_token, itl, m.decode_ms_per_kctx, ctx)
+        if len(self._terms) > _MAX_CACHED:
+            self._terms.clear()
+        self._terms[id(w)] = (w, terms)
+        return terms
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -96,19 +127,28 @@ class SLOScorer:
         cached = request.cached_blocks
         ttft, itl = self.phase != "decode", self.phase != "prefill"
         inv_ttft, inv_itl = 1.0 / self.ttft_slo_ms, 1.0 / self.itl_slo_ms
+        seen = self._terms.get
         for w in workers:
-            m = self._model(w.cost) if w.cost else _DEFAULT_COST
+            hit = seen(id(w))
+            t = hit[1] if hit is not None and hit[0] is w else self._worker_terms(w)
             h = 1.0
             if ttft:
-                hit = cached.get(w.worker_id, 0) * w.block_size
-                uncached = n - hit if hit < n else 0
-                h = 1.0 - m.ttft_ms(uncached, w.num_waiting) * inv_ttft
+                hit_tokens = cached.get(w.worker_id, 0) * w.block_size
+                uncached = n - hit_tokens if hit_tokens < n else 0
+                h = 1.0 - (t[0] + t[1] * uncached) * inv_ttft
             if itl:
-                ctx = int(w.kv_usage * w.kv_capacity_blocks * w.block_size) + n
-                hd = 1.0 - m.itl_ms(w.num_running + 1, ctx) * inv_itl
+                hd = 1.0 - (t[2] + t[3] * (t[4] + n) / 1000.0) * inv_itl
                 h = hd if hd < h else h
             out[w.worker_id] = h if h > 0.0 else 0.0
         return out
+
+    def upper_bound(self, worker: WorkerView) -> float:
+        """The score at an empty prompt: TTFT and ITL only grow with the prompt when the cost
+        model's per-token terms are >= 0 (else 1.0, the framework's clamp)."""
+        m = self._model(worker.cost) if worker.cost else _DEFAULT_COST
+        if not (m.prefill_ms_per_token >= 0.0 and m.decode_ms_per_kctx >= 0.0):
+            return 1.0
+        return self.score(_NO_REQUEST, [worker])[worker.worker_id]
 
 
 class ExpertAffinityScorer:
@@ -131,3 +171,6 @@ class ExpertAffinityScorer:
             else:
                 out[w.worker_id] = sum(n for e, n in experts.items() if e in hosted) / total
         return out
+
+    def upper_bound(self, worker: WorkerView) -> float:
+        return 1.0

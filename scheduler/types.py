@@ -67,6 +67,13 @@ class RequestView:
     cached_blocks: Mapping[str, int] = field(default_factory=dict)
     token_ids: Sequence[int] = ()  # optional prompt tokens (approximate baselines only)
 
+    def with_cached_blocks(self, cached_blocks: Mapping[str, int]) -> RequestView:
+        """This request with `cached_blocks` replaced (`dataclasses.replace`, without its
+        per-call field introspection: this runs once per routed request)."""
+        return RequestView(self.request_id, self.model, self.num_prompt_tokens, self.block_hashes,
+                           self.max_tokens, self.experts, self.attributes, cached_blocks,
+                           self.token_ids)
+
     def cached_tokens(self, worker_id: str, block_size: int) -> int:
         """Prompt tokens `worker_id` needs not prefill (matched full blocks, capped)."""
         return min(self.cached_blocks.get(worker_id, 0) * block_size, self.num_prompt_tokens)
@@ -90,7 +97,12 @@ class NoWorkerAvailable(Exception):
 
 
 class Filter(Protocol):
-    """Drops workers that cannot serve the request. Must not mutate its inputs."""
+    """Drops workers that cannot serve the request. Must not mutate its inputs.
+
+    Optional: `request_key(request) -> Hashable`. A filter that has it declares that its output
+    is a pure function of the worker views and that key (no clock, no state), so a profile may
+    reuse an earlier output for the same views and key instead of calling `filter` again.
+    """
 
     name: str
 
@@ -98,7 +110,14 @@ class Filter(Protocol):
 
 
 class Scorer(Protocol):
-    """Scores each worker in [0, 1] (higher is better); the framework clamps and weighs."""
+    """Scores each worker in [0, 1] (higher is better); the framework clamps and weighs.
+
+    Optional: `upper_bound(worker) -> float`, a bound on the worker's score for every request
+    with `num_prompt_tokens >= 0` that has no entry for the worker in `cached_blocks`. A profile
+    whose scorers all have it (and whose picker takes the maximum) scores only the cached
+    workers and a shortlist of the best-bounded others, falling back to all when a skipped
+    worker could still win. Bounds must be computed with the same float operations as `score`.
+    """
 
     name: str
 
@@ -106,7 +125,11 @@ class Scorer(Protocol):
 
 
 class Picker(Protocol):
-    """Picks one worker id from weighted total scores (non-empty)."""
+    """Picks one worker id from weighted total scores (non-empty).
+
+    Optional: `picks_max = True` declares the pick is the highest total (ties to the smallest
+    id) whatever other candidates are present, which lets a profile prune candidates.
+    """
 
     name: str
 

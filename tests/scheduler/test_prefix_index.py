@@ -153,3 +153,16 @@ def test_index_matches_brute_force(ops: list[tuple[str, str, list[int], str]],
     assert idx.match(query, None) == brute_match(
         {w: m["GPU"] | m["CPU"] for w, m in live.items()}, query)
     assert PrefixIndex.restore(idx.snapshot()).match(query) == idx.match(query)
+
+
+def test_equal_masks_share_one_object() -> None:
+    idx = PrefixIndex()
+    chain = [10**12 + i for i in range(64)]
+    for w in [f"w{i}" for i in range(40)]:  # bits past 8 make masks that are not cached ints
+        idx.apply_events(w, [make_stored(chain)])
+    idx.apply_events("w39", [BlockRemoved(tuple(chain[32:]))])
+    masks = idx._where["GPU"].values()
+    assert len({id(m) for m in masks}) == len(set(masks)) == 2
+    assert idx.match(chain) == {**{f"w{i}": 64 for i in range(39)}, "w39": 32}
+    assert idx.match([]) == {} and PrefixIndex().match(chain) == {}
+    idx.check_integrity()

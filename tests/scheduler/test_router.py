@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from meshd.scheduler.baselines import ApproxTreeSelector
@@ -68,3 +70,21 @@ def test_approx_tree_prefers_remembered_prefix_then_balances() -> None:
     busy = [make_worker("a", num_waiting=50), make_worker("b")]
     assert sel.select(make_request(8), busy).worker_id == "b"  # imbalance: shortest queue
     sel.check_integrity()
+
+
+def test_with_cached_blocks_copies_every_field() -> None:
+    req = RequestView("r", "m", 48, (1, 2, 3), max_tokens=9, experts={1: 2},
+                      attributes={"tenant": "t"}, cached_blocks={"a": 1}, token_ids=(5, 6))
+    assert req.with_cached_blocks({"b": 2}) == dataclasses.replace(req, cached_blocks={"b": 2})
+    # every field above differs from its default, so a field added later must be copied too
+    assert all(getattr(req, f.name) != f.default for f in dataclasses.fields(req)
+               if f.default is not dataclasses.MISSING)
+
+
+def test_decide_reuses_views_and_stays_exact_across_calls() -> None:
+    index = PrefixIndex()
+    index.apply_events("p1", [BlockStored(tuple(range(1, 41)), None, (), 16)])
+    index.apply_events("p0", [BlockStored(tuple(range(1, 11)), None, (), 16)])
+    router = make_router(index)
+    for _ in range(3):  # candidate pools reused from the 2nd call on
+        assert router.decide(make_request(64), POOL) == Decision("p0", "d0", True, 160)
