@@ -119,12 +119,57 @@ class AgentConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """Engine workers an agent launches and supervises on its host.
+
+    Worker i (prefill first, then decode, then both) uses ports `base_port + 10*i + k`:
+    k=0 HTTP, 1 KV transfer, 2 KV events, 3 KV events replay.
+    """
+
+    engine: str = "embedded"  # embedded (meshd's CPU engine); vllm comes with the GPU launcher
+    prefill: int = 0
+    decode: int = 0
+    both: int = 0
+    model_name: str = "meshd-tiny"
+    model_path: str = ""  # "" = the built-in tiny model with seeded weights
+    moe: bool = False
+    base_port: int = 8100
+    block_size: int = 16
+    num_blocks: int = 512
+    kv_transfer: str = "tcp"  # tcp | shm
+    kv_secret_file: str = ""  # "" = <agent state dir>/kv_secret, created (0600) if missing
+    lease_timeout_s: float = 30.0
+    ready_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("embedded",), "workers.engine",
+               f"must be 'embedded', got {self.engine!r}")
+        for name in ("prefill", "decode", "both"):
+            v = getattr(self, name)
+            _check(0 <= v <= 64, f"workers.{name}", f"must be in 0..64, got {v}")
+        _port(self.base_port, "workers.base_port", allow_zero=False)
+        _check(self.base_port + 10 * self.count <= 65535, "workers.base_port",
+               f"leaves no room for {self.count} workers (10 ports each)")
+        _check(self.kv_transfer in ("tcp", "shm"), "workers.kv_transfer",
+               f"must be 'tcp' or 'shm', got {self.kv_transfer!r}")
+        for name in ("block_size", "num_blocks"):
+            _check(getattr(self, name) >= 1, f"workers.{name}", "must be >= 1")
+        for name in ("lease_timeout_s", "ready_timeout_s"):
+            _check(getattr(self, name) > 0, f"workers.{name}", "must be > 0")
+
+    @property
+    def count(self) -> int:
+        return self.prefill + self.decode + self.both
+
+
+@dataclass(frozen=True, slots=True)
 class MeshConfig:
     """The root config: one section per component, in one TOML file."""
 
     ray: RayConfig = field(default_factory=RayConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
 
 T = TypeVar("T")

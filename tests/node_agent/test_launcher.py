@@ -1,0 +1,50 @@
+import stat
+from pathlib import Path
+
+import pytest
+
+from meshd.config import ConfigError, WorkersConfig, load
+from meshd.node_agent.launcher import embedded_specs, ensure_secret
+
+
+def test_specs_ports_roles_and_reports(tmp_path: Path) -> None:
+    secret = ensure_secret(tmp_path / "kv_secret")
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert len(bytes.fromhex(secret.read_text().strip())) == 32
+    specs = embedded_specs(WorkersConfig(prefill=1, decode=2, base_port=9000), "n-1",
+                           "127.0.0.1", secret)
+    assert [(s.worker.worker_id, s.worker.role) for s in specs] == [
+        ("n-1-p0", "prefill"), ("n-1-d1", "decode"), ("n-1-d2", "decode")]
+    d1 = specs[1]
+    assert d1.worker.endpoint == "http://127.0.0.1:9010"
+    assert d1.health_url == "http://127.0.0.1:9010/health"
+    assert d1.worker.kv_events_endpoint == "tcp://127.0.0.1:9012"
+    assert d1.worker.kv_events_replay_endpoint == "tcp://127.0.0.1:9013"
+    argv = list(d1.argv)
+    assert argv[argv.index("--role") + 1] == "decode"
+    assert argv[argv.index("--kv-port") + 1] == "9011"
+    assert argv[argv.index("--kv-secret-file") + 1] == str(secret)
+    assert ensure_secret(secret).read_text() == secret.read_text()  # not rewritten
+
+
+def test_engine_cli_accepts_the_launcher_flags(tmp_path: Path) -> None:
+    import argparse
+
+    from meshd.node_agent.engine.worker_config import add_serve_flags, from_args
+
+    secret = ensure_secret(tmp_path / "s")
+    spec = embedded_specs(WorkersConfig(decode=1), "n-1", "127.0.0.1", secret)[0]
+    p = argparse.ArgumentParser()
+    add_serve_flags(p)
+    cfg = from_args(p.parse_args(list(spec.argv[spec.argv.index("serve") + 1:])))
+    assert (cfg.role, cfg.port, cfg.engine_id) == ("decode", 8100, "n-1-d0")
+
+
+@pytest.mark.parametrize(("env", "msg"), [
+    ({"MESHD_WORKERS_PREFILL": "-1"}, "workers.prefill"),
+    ({"MESHD_WORKERS_KV_TRANSFER": "udp"}, "workers.kv_transfer"),
+    ({"MESHD_WORKERS_DECODE": "64", "MESHD_WORKERS_BASE_PORT": "65000"}, "workers.base_port"),
+])
+def test_workers_config_errors(env: dict[str, str], msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        load(environ=env)
