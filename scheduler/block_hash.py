@@ -7,8 +7,10 @@ vLLM (`vllm/v1/core/kv_cache_utils.py`, `vllm/utils/hashing.py`) hashes each *fu
 
 where `parent_hash` is the previous block's digest, or `NONE_HASH` for the first block.
 `NONE_HASH` is `sha256(cbor2.dumps(seed, canonical=True))` where `seed` is the *string* value of
-`PYTHONHASHSEED`; with it unset vLLM draws 32 random bytes per process, so hashes are only
-comparable across processes with a fixed seed. A falsy parent (None or b"") means "first block".
+`PYTHONHASHSEED`. With it unset, vLLM 0.32 uses the fixed seed "vllm-none-hash" for its sha256
+modes (older releases drew 32 random bytes per process; the xxhash modes still do), which
+`none_hash(None)` reproduces; checked against real vLLM 0.32 payloads in tests/vllm. A falsy
+parent (None or b"") means "first block".
 
 KV events publish a hash as the low 64 bits of the digest, unsigned: the last 8 bytes read
 big-endian (`to_int64`).
@@ -19,15 +21,14 @@ Pure: no torch, no I/O. The caller passes the seed (env vars are read in `meshd.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import cbor2
 
 _MASK64 = (1 << 64) - 1
-# Per-process random root used when no seed is given (vLLM's behaviour with PYTHONHASHSEED unset).
-_RANDOM_NONE_HASH = os.urandom(32)
+# vLLM's seed for NONE_HASH when PYTHONHASHSEED is unset (sha256 / sha256_cbor modes, >= 0.32).
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 
 
 def sha256_cbor(obj: Any) -> bytes:
@@ -36,10 +37,8 @@ def sha256_cbor(obj: Any) -> bytes:
 
 
 def none_hash(seed: str | None) -> bytes:
-    """The root hash for the first block: `sha256_cbor(seed)`, or a per-process random value."""
-    if seed is None:
-        return _RANDOM_NONE_HASH
-    return sha256_cbor(seed)
+    """The root hash for the first block: `sha256_cbor(seed)`; None means vLLM's default seed."""
+    return sha256_cbor(DEFAULT_NONE_HASH_SEED if seed is None else seed)
 
 
 def hash_block(parent: bytes | None, tokens: Sequence[int], extra_keys: tuple[Any, ...] | None,
