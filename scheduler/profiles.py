@@ -63,13 +63,19 @@ def _pool(role: str) -> list[Any]:
     return ["health", "model", {"type": "role", "role": role}]
 
 
+# meshd's load term: half of it is queued prefill tokens (non-saturating, 1/2 at one 8k-token
+# iteration's worth), so long prompts spread by work, not by request count. `least_loaded`
+# keeps the count-only scorer: it is the baseline of a request-counting balancer.
+_LOAD: dict[str, Any] = {"type": "load", "weight": 1.0, "tokens_weight": 1.0,
+                         "tokens_scale": 8192}
+
 BUILTIN: dict[str, dict[str, Any]] = {
     "prefill": {"filters": _pool("prefill"),
-                "scorers": [{"type": "prefix", "weight": 2.0}, {"type": "load", "weight": 1.0},
+                "scorers": [{"type": "prefix", "weight": 2.0}, dict(_LOAD),
                             {"type": "slo", "weight": 1.0, "phase": "prefill"}],
                 "picker": "max"},
     "decode": {"filters": _pool("decode"),
-               "scorers": [{"type": "prefix", "weight": 2.0}, {"type": "load", "weight": 1.0},
+               "scorers": [{"type": "prefix", "weight": 2.0}, dict(_LOAD),
                            {"type": "slo", "weight": 1.0, "phase": "decode"},
                            {"type": "expert", "weight": 1.0}],
                "picker": "max"},

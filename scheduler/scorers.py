@@ -41,32 +41,46 @@ class PrefixScorer:
 
 
 class LoadScorer:
-    """`1 - (a*min(waiting/max_waiting, 1) + b*min(running/max_running, 1) + c*kv_usage)
-    / (a + b + c)` with a, b, c = `waiting_weight`, `running_weight`, `kv_weight`."""
+    """`1 - (a*min(waiting/max_waiting, 1) + b*min(running/max_running, 1) + c*kv_usage
+    + d*q/(q + tokens_scale)) / (a + b + c + d)` with a, b, c, d = `waiting_weight`,
+    `running_weight`, `kv_weight`, `tokens_weight` and q = `num_waiting_tokens`.
+
+    The request counts saturate (a worker with `max_waiting` queued requests looks as loaded
+    as one with ten times more, and a count ignores prompt length); the queued-token term does
+    not: it grows strictly with the prefill work queued, reaching 1/2 at `tokens_scale` tokens.
+    `tokens_weight=0` (default) is the count-only scorer, bit for bit.
+    """
 
     name = "load"
 
     def __init__(self, max_waiting: int = 16, max_running: int = 128,
                  waiting_weight: float = 0.5, running_weight: float = 0.2,
-                 kv_weight: float = 0.3) -> None:
-        if max_waiting <= 0 or max_running <= 0:
-            raise ValueError("load scorer: max_waiting and max_running must be > 0")
-        norm = waiting_weight + running_weight + kv_weight
+                 kv_weight: float = 0.3, tokens_weight: float = 0.0,
+                 tokens_scale: int = 8192) -> None:
+        if max_waiting <= 0 or max_running <= 0 or tokens_scale <= 0:
+            raise ValueError("load scorer: max_waiting, max_running, tokens_scale must be > 0")
+        if min(waiting_weight, running_weight, kv_weight, tokens_weight) < 0:
+            raise ValueError("load scorer: weights must be >= 0")
+        norm = waiting_weight + running_weight + kv_weight + tokens_weight
         if norm <= 0:
             raise ValueError("load scorer: weights must sum to > 0")
         self._a = waiting_weight / norm / max_waiting
         self._b = running_weight / norm / max_running
         self._c = kv_weight / norm
+        self._d = tokens_weight / norm
         self._max_waiting, self._max_running = max_waiting, max_running
+        self._scale = float(tokens_scale)
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
-        mw, mr, c = self._max_waiting, self._max_running, self._c
+        mw, mr, c, d, qs = self._max_waiting, self._max_running, self._c, self._d, self._scale
         a, b = self._a, self._b
         out: dict[str, float] = {}
         for w in workers:
-            nw, nr = w.num_waiting, w.num_running
-            out[w.worker_id] = 1.0 - (a * (nw if nw < mw else mw) + b * (nr if nr < mr else mr)
-                                      + c * w.kv_usage)
+            nw, nr, q = w.num_waiting, w.num_running, w.num_waiting_tokens
+            load = a * (nw if nw < mw else mw) + b * (nr if nr < mr else mr) + c * w.kv_usage
+            if q > 0 and d:
+                load += d * (q / (q + qs))
+            out[w.worker_id] = 1.0 - load
         return out
 
     def upper_bound(self, worker: WorkerView) -> float:
@@ -81,7 +95,9 @@ _SLOTerms = tuple[float, float, float, float, int]
 class SLOScorer:
     """Headroom against latency targets from the worker's cost model (`WorkerView.cost`):
     `h(x, slo) = clamp(1 - x / slo)`; TTFT from uncached tokens and queue, ITL from batch and
-    context (`kv_usage * kv_capacity_blocks * block_size + prompt`). `phase` picks which count:
+    context (`kv_usage * kv_capacity_blocks * block_size + prompt`). The queue costs
+    `prefill_ms_per_token * num_waiting_tokens` when the worker reports queued tokens, else
+    `queue_ms_per_waiting * num_waiting`. `phase` picks which count:
     "prefill" (TTFT), "decode" (ITL) or "both" (the smaller headroom)."""
 
     name = "slo"
@@ -110,7 +126,9 @@ class SLOScorer:
         """The request-independent parts of `CostModel.ttft_ms` / `itl_ms` for `w`, as the
         same float operations (left to right), so the scores stay bit-identical."""
         m = self._model(w.cost) if w.cost else _DEFAULT_COST
-        ttft = m.queue_ms_per_waiting * w.num_waiting + m.prefill_fixed_ms
+        q = w.num_waiting_tokens
+        queue = m.prefill_ms_per_token * q if q > 0 else m.queue_ms_per_waiting * w.num_waiting
+        ttft = queue + m.prefill_fixed_ms
         itl, ctx = 0.0, 0
         if self.phase != "prefill":
             itl = m.decode_base_ms + m.decode_ms_per_seq * (w.num_running + 1)

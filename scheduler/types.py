@@ -33,6 +33,9 @@ class WorkerView:
 
     Load figures come from the worker's `/metrics` (vLLM names) or the simulator; `cost` holds
     the per-worker cost model parameters the SLO scorer uses (empty: defaults).
+    `num_waiting_tokens` is the prefill work queued on the worker, in prompt tokens: the whole
+    prompts of waiting requests plus the not yet computed rest of those being prefilled; 0 means
+    none or not reported (scorers then fall back to the request counts).
     """
 
     worker_id: str
@@ -48,6 +51,7 @@ class WorkerView:
     attributes: Mapping[str, str] = field(default_factory=dict)
     experts: frozenset[int] = frozenset()  # MoE experts hosted (empty: all / not MoE)
     cost: Mapping[str, float] = field(default_factory=dict)
+    num_waiting_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

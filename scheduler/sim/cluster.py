@@ -86,7 +86,7 @@ def worker_view(w: SimWorker, model: str, cost: Mapping[str, float]) -> WorkerVi
     return WorkerView(worker_id=w.worker_id, role=w.role, model=model, num_running=running,
                       num_waiting=waiting, kv_usage=w.cache.usage(),
                       kv_capacity_blocks=w.cache.capacity, block_size=w.cache.block_size,
-                      cost=cost)
+                      cost=cost, num_waiting_tokens=w.queued_tokens)
 
 
 def views(workers: Sequence[SimWorker], model: str, cost: Mapping[str, float]

@@ -70,15 +70,26 @@ class SimWorker:
         self.running: list[Job] = []  # decoding
         self.joining: list[Job] = []  # KV arrived, join `running` at the next iteration
         self.incoming = 0  # jobs whose blocks are pinned here while their KV is in flight
+        self.queued_tokens = 0  # prompt tokens still to prefill: waiting + rest of prefilling
         self.current: Iteration | None = None
         self.generation = 0  # bumps when `current.end_s` changes (stale end events are skipped)
         self.stats = WorkerStats()
 
     # -- queue entry ---------------------------------------------------------------------------
+    def enqueue(self, job: Job) -> None:
+        """Queue a prompt for prefill here (FIFO)."""
+        self.waiting.append(job)
+        self.queued_tokens += job.rec.prompt_tokens
+
     def scratch_blocks(self, job: Job, decode: bool) -> int:
         """Anonymous blocks the job needs here: partial prompt block (+ output if decoding)."""
         tokens = job.rec.prompt_tokens + (job.rec.output_tokens if decode else 0)
         return max(0, _blocks(tokens, self.cache.block_size) - len(job.hashes))
+
+    def check_integrity(self) -> None:
+        want = (sum(j.rec.prompt_tokens for j in self.waiting)
+                + sum(j.rec.prompt_tokens - j.done_tokens for j in self.prefilling))
+        assert self.queued_tokens == want, (self.worker_id, self.queued_tokens, want)
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) as a `/metrics` scrape would report them."""
@@ -112,6 +123,7 @@ class SimWorker:
                 if cache.used() or self.prefilling or self.running:
                     return  # head-of-line: wait for blocks to free
                 self.waiting.popleft()  # cannot fit even on an empty worker
+                self.queued_tokens -= job.rec.prompt_tokens
                 job.rec.dropped = "kv capacity"
                 continue
             hit = cache.match(job.hashes)
@@ -119,6 +131,7 @@ class SimWorker:
             self.waiting.popleft()
             job.scratch = scratch
             job.done_tokens = min(hit * bs, job.rec.prompt_tokens - 1)
+            self.queued_tokens -= job.done_tokens
             job.rec.cached_tokens = job.done_tokens
             job.rec.prefill_start_s = now
             self.prefilling.append(job)
@@ -191,6 +204,7 @@ class SimWorker:
         handoff: list[Job] = []
         for job, n in it.prefill:
             job.done_tokens += n
+            self.queued_tokens -= n
             st.prefill_tokens += n
             if job.done_tokens < job.rec.prompt_tokens:
                 continue

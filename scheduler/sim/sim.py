@@ -116,7 +116,7 @@ class Simulator:
         rec.prefill_worker, rec.decode_worker = d.prefill, d.decode
         rec.disaggregated = d.prefill != d.decode
         rec.predicted_cached_tokens = d.cached_tokens
-        p_worker.waiting.append(Job(rec, hashes, decode_here=not rec.disaggregated))
+        p_worker.enqueue(Job(rec, hashes, decode_here=not rec.disaggregated))
         self._kick(p_worker, now)
 
     def _kick(self, w: SimWorker, now: float) -> None:

@@ -46,6 +46,7 @@ worker_st: st.SearchStrategy[dict[str, object]] = st.builds(
     model=st.sampled_from(["m", "m", "m", "x"]),
     num_running=st.integers(0, 200),
     num_waiting=st.integers(0, 30),
+    num_waiting_tokens=st.sampled_from([0, 1, 8192]) | st.integers(0, 10**7),
     kv_usage=st.sampled_from([0.0, 0.25, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0),
     kv_capacity_blocks=st.sampled_from([0, 100, 20000]),
     block_size=st.sampled_from([16, 32]),
@@ -129,14 +130,16 @@ def test_failed_filter_output_is_not_kept() -> None:
 
 
 @pytest.mark.parametrize("n", [0, 1, 64, 4096])
-@pytest.mark.parametrize("scorer", [PrefixScorer(), LoadScorer(), SLOScorer(),
+@pytest.mark.parametrize("queued", [0, 5000])
+@pytest.mark.parametrize("scorer", [PrefixScorer(), LoadScorer(), LoadScorer(tokens_weight=1.0),
+                                    SLOScorer(),
                                     SLOScorer(phase="prefill"), SLOScorer(phase="decode"),
                                     ExpertAffinityScorer()])
 @pytest.mark.parametrize("cost", COSTS)
 def test_upper_bound_holds_for_uncached_requests(scorer: object, n: int,
-                                                 cost: dict[str, float]) -> None:
+                                                 cost: dict[str, float], queued: int) -> None:
     w = make_worker("a", num_running=7, num_waiting=3, kv_usage=0.4, kv_capacity_blocks=500,
-                    experts=frozenset({1}), cost=cost)
+                    experts=frozenset({1}), cost=cost, num_waiting_tokens=queued)
     req = make_request(num_prompt_tokens=n, cached_blocks={"other": 3}, experts={1: 2, 2: 2})
     got = scorer.score(req, [w]).get("a", 0.0)  # type: ignore[attr-defined]
     assert min(got, 1.0) <= scorer.upper_bound(w)  # type: ignore[attr-defined]
@@ -148,6 +151,12 @@ def test_bounds_table() -> None:
     assert PrefixScorer().upper_bound(w) == 0.0 and ExpertAffinityScorer().upper_bound(w) == 1.0
     # TTFT at an empty prompt: 60*8 + 4 = 484 of 1000
     assert SLOScorer(phase="prefill").upper_bound(w) == 1.0 - 484.0 / 1000.0
+    # queued tokens: 8192 of scale 8192 is 1/2 of the token term (weight 1 of 2)
+    wq = make_worker("a", num_running=64, num_waiting=8, kv_usage=0.5, num_waiting_tokens=8192)
+    assert LoadScorer(tokens_weight=1.0).upper_bound(wq) == 1.0 - (
+        0.5 / 2 / 16 * 8 + 0.2 / 2 / 128 * 64 + 0.3 / 2 * 0.5 + 0.5 * 0.5)
+    # TTFT queue from tokens: 0.06*8192 + 4 = 495.52 of 1000
+    assert SLOScorer(phase="prefill").upper_bound(wq) == 1.0 - (0.06 * 8192 + 4.0) / 1000.0
     neg = make_worker("a", cost={"decode_ms_per_kctx": -1.0})
     assert SLOScorer().upper_bound(neg) == 1.0
 

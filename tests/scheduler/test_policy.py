@@ -52,6 +52,14 @@ def test_role_filter_rejects_unknown_role() -> None:
      {"a": 1.0, "b": 1.0 - (0.5 * 0.5 + 0.2 * 0.5 + 0.3 * 0.5)}),
     (LoadScorer(), {}, [make_worker("a", num_waiting=100, num_running=1000, kv_usage=1.0)],
      {"a": 0.0}),
+    # queued tokens count only when weighted: 8192 of scale 8192 -> 1/2 of weight 1 of 2
+    (LoadScorer(), {}, [make_worker("a", num_waiting_tokens=8192)], {"a": 1.0}),
+    (LoadScorer(tokens_weight=1.0), {},
+     [make_worker("a"), make_worker("b", num_waiting=8, num_running=64, kv_usage=0.5,
+                                     num_waiting_tokens=8192)],
+     {"a": 1.0, "b": 1.0 - (0.5 / 2 / 16 * 8 + 0.2 / 2 / 128 * 64 + 0.3 / 2 * 0.5 + 0.5 * 0.5)}),
+    (LoadScorer(tokens_weight=1.0, tokens_scale=1000), {},
+     [make_worker("a", num_waiting_tokens=3000)], {"a": 1.0 - 0.5 * 0.75}),
     (ExpertAffinityScorer(), {"experts": {1: 30, 2: 10}},
      [make_worker("a", experts=frozenset({1})), make_worker("b", experts=frozenset({3})),
       make_worker("c")], {"a": 0.75, "b": 0.0, "c": 1.0}),
@@ -59,6 +67,10 @@ def test_role_filter_rejects_unknown_role() -> None:
     # TTFT: 60*2 + 4 + 0.06*(64-32) = 125.92 of 1000 -> 0.87408
     (SLOScorer(phase="prefill"), {"cached_blocks": {"a": 2}},
      [make_worker("a", num_waiting=2)], {"a": pytest.approx(1 - 125.92 / 1000)}),
+    # queued tokens replace the per-request queue estimate: 0.06*1000 + 4 + 0.06*32 = 65.92
+    (SLOScorer(phase="prefill"), {"cached_blocks": {"a": 2}},
+     [make_worker("a", num_waiting=2, num_waiting_tokens=1000)],
+     {"a": pytest.approx(1 - 65.92 / 1000)}),
     # ITL: 7 + 0.04*4 + 0.015*(0.5*100*16+64)/1000 = 7.17296 of 50
     (SLOScorer(phase="decode"), {},
      [make_worker("a", num_running=3, kv_usage=0.5, kv_capacity_blocks=100)],
@@ -70,6 +82,19 @@ def test_role_filter_rejects_unknown_role() -> None:
 def test_scorers(scorer: object, request_kw: dict[str, object], workers: list[WorkerView],
                  expect: dict[str, float]) -> None:
     assert scorer.score(make_request(**request_kw), workers) == expect  # type: ignore[attr-defined]
+
+
+def test_load_scorer_token_term_does_not_saturate() -> None:
+    scorer = LoadScorer(tokens_weight=1.0)
+    queued = [0, 1, 8192, 10**6, 10**8]
+    ws = [make_worker(f"w{i}", num_waiting=99, num_waiting_tokens=q) for i, q in enumerate(queued)]
+    got = scorer.score(make_request(), ws)
+    assert [got[w.worker_id] for w in ws] == sorted(got.values(), reverse=True)
+    assert len(set(got.values())) == len(queued) and min(got.values()) > 0.0
+    with pytest.raises(ValueError, match="tokens_scale"):
+        LoadScorer(tokens_scale=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        LoadScorer(tokens_weight=-1.0)
 
 
 def test_pickers() -> None:

@@ -47,10 +47,43 @@ def test_decode_worker_with_cached_prefix_colocates() -> None:
     ([make_worker("p", Role.PREFILL, num_waiting=99), make_worker("d", Role.DECODE)], 64,
      "no_prefill_headroom"),
     (POOL, 64, "long_prefill"),
+    # all-BOTH pools: a shared worker takes the prefill only when the decode worker (the first
+    # one here) has >= 16384 more prompt tokens queued (PDConfig.shared_queue_gap_tokens)
+    ([make_worker("d"), make_worker("b")], 64, "decode_not_backed_up"),
+    ([make_worker("d", num_waiting_tokens=20000), make_worker("b", num_waiting_tokens=3617)], 64,
+     "decode_not_backed_up"),
+    ([make_worker("d", num_waiting_tokens=20000), make_worker("b", num_waiting_tokens=3616)], 64,
+     "decode_backed_up"),
+    ([make_worker("d", num_waiting_tokens=20000), make_worker("b", num_waiting=9)], 64,
+     "no_prefill_headroom"),
+    ([make_worker("d", num_waiting_tokens=20000), make_worker("b")], 8, "short_prefill"),
+    # a dedicated prefill worker is used whatever the queues
+    ([make_worker("d", Role.DECODE), make_worker("b", num_waiting_tokens=40000),
+      make_worker("p", Role.PREFILL, num_waiting_tokens=40000)], 64, "long_prefill"),
 ])
 def test_pd_decider_reasons(pool: list[WorkerView], n_blocks: int, reason: str) -> None:
-    d = next(w for w in pool if w.role is Role.DECODE)
-    assert PDDecider().decide(make_request(n_blocks), d, pool).reason == reason
+    d = pool[0] if pool[0].role is not Role.PREFILL else next(
+        w for w in pool if w.role is Role.DECODE)
+    choice = PDDecider().decide(make_request(n_blocks), d, pool)
+    assert choice.reason == reason
+    assert choice.disaggregate is (reason in ("long_prefill", "decode_backed_up"))
+
+
+def test_pd_config_validation() -> None:
+    with pytest.raises(ValueError, match="shared_queue_gap_tokens"):
+        PDConfig(shared_queue_gap_tokens=0)
+
+
+def test_colocated_cluster_disaggregates_only_a_backed_up_decode_pick() -> None:
+    index = PrefixIndex()
+    index.apply_events("a", [BlockStored(tuple(range(1, 41)), None, (), 16)])
+    router = make_router(index)
+    idle = [make_worker("a"), make_worker("b")]
+    assert router.decide(make_request(128), idle) == Decision("a", "a", False, 640)
+    # the prefix keeps the decode pick on `a`; `b` has 30k fewer prompt tokens queued and,
+    # with no prefill backlog, the better TTFT headroom: it prefills, `a` decodes
+    backed = [make_worker("a", num_waiting_tokens=30000), make_worker("b")]
+    assert router.decide(make_request(128), backed) == Decision("b", "a", True, 0)
 
 
 def test_baselines_drive_the_same_router() -> None:

@@ -63,6 +63,24 @@ def test_index_matches_worker_caches() -> None:
     assert sum(r.predicted_cached_tokens for r in res.records) > 0
 
 
+def test_queued_token_counts_stay_exact() -> None:
+    router, index = build("meshd")
+    checks = []
+
+    class Checked:
+        def decide(self, request: object, workers: object) -> object:
+            for w in sim.workers:
+                w.check_integrity()  # the incremental count equals a recount of the queues
+            checks.append(sum(v.num_waiting_tokens for v in workers))  # type: ignore[attr-defined]
+            return router.decide(request, workers)  # type: ignore[arg-type]
+
+    trace = [dataclasses.replace(r, arrival_s=r.arrival_s / 20) for r in make_trace()]  # queues
+    sim = Simulator(ClusterConfig.colocated(2, kv_tokens=20_000), Checked(), index)
+    res = sim.run(trace)
+    assert all(r.done for r in res.records) and max(checks) > 0
+    assert [w.queued_tokens for w in sim.workers] == [0, 0]
+
+
 def test_bounded_by_max_events() -> None:
     res = Simulator(ClusterConfig.colocated(2), Router(decode=builtin("round_robin")),
                     max_events=10).run(make_trace())

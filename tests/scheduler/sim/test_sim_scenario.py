@@ -112,3 +112,30 @@ def test_ideal_hit_rate_tiny_trace() -> None:
     # at 16-token blocks z also reuses y's partial third block: 1100 // 16 = 68 blocks,
     # y holds blocks of (1, 2, 7) up to 1600 tokens, so all 68 match: 1088 tokens
     assert ideal_hit_rate(trace, 16) == pytest.approx((1024 + 1088) / (2048 + 1600 + 1100))
+
+
+class _Recorder:
+    """Round-robin that records what each decision saw."""
+
+    def __init__(self) -> None:
+        self.router = Router(decode=builtin("round_robin"))
+        self.seen: dict[str, tuple[tuple[int, ...], object]] = {}
+
+    def decide(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
+        self.seen[request.request_id] = (tuple(w.num_waiting_tokens for w in workers),
+                                         workers[0].cost)
+        return self.router.decide(request, workers)
+
+
+def test_views_report_queued_prefill_tokens_and_the_cost_model() -> None:
+    # b arrives while w00 prefills a's 1024 tokens (done at 1.024); c while w00 still does and
+    # w01 prefills b's; the SLO scorer gets the simulator's own cost model
+    rec = _Recorder()
+    sim = Simulator(make_cluster(), rec)
+    sim.run(make_trace())
+    assert {k: v[0] for k, v in rec.seen.items()} == {"a": (0, 0), "b": (1024, 0),
+                                                      "c": (1024, 1024)}
+    assert all(v[1] == COST.view_params(8192) for v in rec.seen.values())
+    for w in sim.workers:
+        w.check_integrity()
+        assert w.queued_tokens == 0
