@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.coordinator.gateway.errors import ApiError, invalid
+from meshd.coordinator.gateway.errors import invalid
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1

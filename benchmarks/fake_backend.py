@@ -1,0 +1,189 @@
+"""A fast fake OpenAI-compatible worker (uvloop + httptools) for gateway tests and benchmarks.
+
+`python benchmarks/fake_backend.py --port 9000 [--chunks 8]` serves:
+- POST /v1/chat/completions, /v1/completions: a fixed small JSON completion, or with
+  `"stream": true` an SSE stream of `--chunks` token chunks (+ a usage chunk when
+  `stream_options.include_usage`) and `data: [DONE]`.
+- GET /v1/models, GET /health, GET /fake/stats (counters as JSON).
+Test knobs, read from the request body (unknown fields that a gateway passes through):
+`fake_delay` (seconds between stream chunks), `fake_chunks` (override), `fake_status` (answer
+that HTTP status with an OpenAI error body). `FakeBackend.stats["aborted"]` counts streams whose
+client connection closed before the stream ended: that is how tests see a cancellation arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any, cast
+
+import httptools
+import orjson
+
+_OK = b"HTTP/1.1 200 OK\r\n"
+_JSON_HEAD = b"content-type: application/json\r\ncontent-length: %d\r\n%b\r\n"
+_SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+             b"transfer-encoding: chunked\r\n%b\r\n")
+
+
+def _frame(payload: bytes) -> bytes:
+    ev = b"data: " + payload + b"\n\n"
+    return b"%x\r\n%b\r\n" % (len(ev), ev)
+
+
+def _completion(chat: bool, model: str, rid: str) -> bytes:
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
+                                  "message": {"role": "assistant", "content": "hello there !"}}
+    else:
+        choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
+                  "text": "hello there !"}
+    return orjson.dumps({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                         "created": 1700000000, "model": model, "choices": [choice],
+                         "usage": usage})
+
+
+def _chunk(chat: bool, model: str, rid: str, i: int, last: bool) -> bytes:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "delta": {"content": f"t{i} "},
+                                  "finish_reason": "stop" if last else None}
+    else:
+        choice = {"index": 0, "text": f"t{i} ", "finish_reason": "stop" if last else None}
+    return orjson.dumps({"id": rid, "object": "chat.completion.chunk" if chat
+                         else "text_completion", "created": 1700000000, "model": model,
+                         "choices": [choice]})
+
+
+class FakeBackend:
+    """Server state shared by all connections (counters readable from other threads)."""
+
+    def __init__(self, chunks: int = 8) -> None:
+        self.chunks = chunks
+        self.stats: dict[str, int] = {"requests": 0, "streams": 0, "aborted": 0,
+                                      "completed_streams": 0}
+        self.last_body: dict[str, Any] = {}
+        self.last_request_id = b""
+        self._cache: dict[tuple[bool, str], bytes] = {}
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Conn(self), host, port, backlog=2048)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def body_for(self, chat: bool, model: str) -> bytes:
+        key = (chat, model)
+        b = self._cache.get(key)
+        if b is None:
+            b = self._cache[key] = _completion(chat, model, "cmpl-fake")
+        return b
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, be: FakeBackend) -> None:
+        self.be = be
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.body: list[bytes] = []
+        self.rid = b""
+        self.streaming = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.streaming:
+            self.be.stats["aborted"] += 1
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.url, self.body, self.rid = b"", [], b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"x-request-id":
+            self.rid = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        be, t = self.be, self.transport
+        assert t is not None
+        be.stats["requests"] += 1
+        be.last_request_id = self.rid
+        conn = b"" if self.parser.should_keep_alive() else b"connection: close\r\n"
+        if self.parser.get_method() == b"GET":
+            body = orjson.dumps(be.stats) if self.url == b"/fake/stats" else orjson.dumps(
+                {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            t.write(_OK + _JSON_HEAD % (len(body), conn) + body)
+            return
+        req = orjson.loads(b"".join(self.body))
+        be.last_body = req
+        chat = self.url.startswith(b"/v1/chat")
+        model = str(req.get("model", "fake"))
+        status = req.get("fake_status")
+        if status:
+            err = orjson.dumps({"error": {"message": "fake failure", "type": "server_error",
+                                          "param": None, "code": None}})
+            t.write(b"HTTP/1.1 %d Err\r\n" % status + _JSON_HEAD % (len(err), conn) + err)
+        elif req.get("stream"):
+            asyncio.get_running_loop().create_task(self._stream(req, chat, model, conn))
+        else:
+            body = be.body_for(chat, model)
+            t.write(_OK + _JSON_HEAD % (len(body), conn) + body)
+
+    async def _stream(self, req: dict[str, Any], chat: bool, model: str, conn: bytes) -> None:
+        t, be = self.transport, self.be
+        assert t is not None
+        n = int(req.get("fake_chunks", be.chunks))
+        delay = float(req.get("fake_delay", 0.0))
+        be.stats["streams"] += 1
+        self.streaming = True
+        out = [_SSE_HEAD % conn]
+        for i in range(n):
+            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1)))
+            if delay:
+                t.write(b"".join(out))
+                out.clear()
+                await asyncio.sleep(delay)
+                if self.closed:
+                    return
+        if (req.get("stream_options") or {}).get("include_usage"):
+            out.append(_frame(orjson.dumps({
+                "id": "cmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+                "model": model, "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}})))
+        out.append(_frame(b"[DONE]") + b"0\r\n\r\n")
+        self.streaming = False
+        be.stats["completed_streams"] += 1
+        t.write(b"".join(out))
+
+
+async def _main(port: int, chunks: int) -> None:
+    be = FakeBackend(chunks)
+    actual = await be.start(port=port)
+    print(f"fake backend on 127.0.0.1:{actual}", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--chunks", type=int, default=8)
+    a = ap.parse_args()
+    import uvloop
+
+    uvloop.run(_main(a.port, a.chunks))

@@ -1,0 +1,289 @@
+"""Gateway throughput/latency/CPU benchmark: meshd vs sglang-router vs LiteLLM vs direct.
+
+    scripts/bench_env.sh                       # once: competitors into .venv-bench
+    .venv/bin/python benchmarks/gateway.py [--duration 3] [--rounds 2]
+
+One fake OpenAI worker (benchmarks/fake_backend.py, own process) serves everything. Targets:
+the worker direct, meshd with 1 and 2 replicas (SO_REUSEPORT, one port), sglang-router
+(Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
+for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
+rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
+(median over rounds): requests/s, p50/p99 latency, CPU time per request of the proxy
+processes (utime+stime deltas from /proc/PID/stat, whole process tree), peak RSS per process
+(VmHWM). Note: wrk, the worker and the proxy share this machine's cores; numbers compare
+proxies within one run, they are not absolute capacity. Writes benchmarks/results/gateway.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
+TICK = os.sysconf("SC_CLK_TCK")
+KEY = "sk-meshd-bench-6f1d2c3b4a5e6f708192a3b4c5d6e7f8"  # LiteLLM refuses to start without one
+BODY = {"model": "fake", "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            kids = []
+        todo.extend(int(k) for k in kids)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for root in pids:
+        for p in tree(root):
+            try:
+                f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])  # utime, stime (fields 14, 15)
+            except OSError:
+                pass
+    return total / TICK
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """Largest VmHWM of any single process in the trees (per-replica peak)."""
+    best = 0
+    for root in pids:
+        for p in tree(root):
+            try:
+                m = re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{p}/status").read_text())
+            except OSError:
+                continue
+            if m:
+                best = max(best, int(m.group(1)))
+    return best / 1024
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def wait_ready(port: int, path: str, timeout: float, body: bytes | None = None) -> None:
+    end = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < end:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                         headers={"content-type": "application/json",
+                                                  "authorization": f"Bearer {KEY}"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:
+            last = e
+        time.sleep(0.2)
+    raise RuntimeError(f"port {port} not ready after {timeout}s: {last}")
+
+
+def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    f = log.open("wb")
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
+    chat = json.dumps(BODY).encode()
+    targets = [Target("direct", backend)]
+    for n in (1, 2):
+        t = Target(f"meshd-{n}", free_port())
+        for i in range(n):
+            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--port",
+                                  str(t.port), "--backend", f"http://127.0.0.1:{backend}"],
+                                 logs / f"meshd{n}-{i}.log"))
+        targets.append(t)
+    if "sglang" not in skip:
+        t = Target("sglang-router", free_port())
+        if not BENCH_PY.exists():
+            t.error = "no .venv-bench (run scripts/bench_env.sh)"
+        else:
+            t.procs.append(spawn([str(BENCH_PY), "-m", "sglang_router.launch_router",
+                                  "--worker-urls", f"http://127.0.0.1:{backend}", "--host",
+                                  "127.0.0.1", "--port", str(t.port), "--policy", "round_robin",
+                                  "--log-level", "error", "--disable-retries",
+                                  "--disable-circuit-breaker"], logs / "sglang.log"))
+        targets.append(t)
+    if "litellm" not in skip:
+        t = Target("litellm", free_port())
+        cfg = logs / "litellm.yaml"
+        cfg.write_text(
+            "model_list:\n  - model_name: fake\n    litellm_params:\n      model: openai/fake\n"
+            f"      api_base: http://127.0.0.1:{backend}/v1\n      api_key: sk-bench\n"
+            "litellm_settings:\n  telemetry: false\n"
+            f"general_settings:\n  master_key: {KEY}\n")
+        exe = BENCH_PY.parent / "litellm"
+        if not exe.exists():
+            t.error = "litellm not installed in .venv-bench"
+        else:
+            t.procs.append(spawn([str(exe), "--config", str(cfg), "--host", "127.0.0.1",
+                                  "--port", str(t.port), "--num_workers", "1"],
+                                 logs / "litellm.log"))
+        targets.append(t)
+    for t in targets:
+        if t.error is None:
+            try:
+                wait_ready(t.port, "/v1/chat/completions",
+                           90 if t.name == "litellm" else 30, chat)
+            except RuntimeError as e:
+                t.error = f"did not start: {e}"
+                t.stop()
+    return targets
+
+
+LUA = """wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def run_wrk(port: int, conc: int, duration: float, script: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        ["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--latency",
+         "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}/v1/chat/completions"],
+        capture_output=True, text=True, timeout=duration + 30)
+    out = proc.stdout
+    if "requests in" not in out:
+        raise RuntimeError(f"wrk failed on port {port}: {out[-500:]} {proc.stderr[-500:]}")
+
+    def lat(pct: str) -> float:
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: (.*)", out)
+    return {"requests": total, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)
+                                            .group(1)),  # type: ignore[union-attr]
+            "p50_ms": lat("50"), "p99_ms": lat("99"), "non_2xx": int(bad.group(1)) if bad else 0,
+            "socket_errors": errs.group(1) if errs else ""}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma list: sglang,litellm")
+    a = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("needs wrk (apt-get install -y wrk)")
+    logs = Path(tempfile.mkdtemp(prefix="meshd-gwbench-"))
+    scripts = {}
+    for mode, extra in (("json", {}), ("stream", {"stream": True})):
+        p = logs / f"{mode}.lua"
+        p.write_text(LUA.replace("{body}", json.dumps({**BODY, **extra})).replace("{key}", KEY))
+        scripts[mode] = p
+    bport = free_port()
+    backend = spawn([sys.executable, str(ROOT / "benchmarks" / "fake_backend.py"), "--port",
+                     str(bport), "--chunks", "8"], logs / "backend.log")
+    wait_ready(bport, "/health", 15)
+    targets = start_targets(bport, logs, set(filter(None, a.skip.split(","))))
+    live = [t for t in targets if t.error is None]
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    try:
+        for t in live:  # warm-up
+            run_wrk(t.port, 8, 1, scripts["json"])
+        for _ in range(a.rounds):
+            for t in live:
+                pids = t.pids or [backend.pid]
+                for mode in ("json", "stream"):
+                    for conc in (1, 64):
+                        c0 = cpu_seconds(pids)
+                        r = run_wrk(t.port, conc, a.duration, scripts[mode])
+                        r["cpu_us_per_req"] = ((cpu_seconds(pids) - c0) / max(r["requests"], 1)
+                                               * 1e6)
+                        cells.setdefault((t.name, mode, conc), []).append(r)
+        rss = {t.name: peak_rss_mb(t.pids or [backend.pid]) for t in live}
+    finally:
+        for t in targets:
+            t.stop()
+        backend.terminate()
+        backend.wait(10)
+    report(targets, cells, rss, a, logs)
+
+
+def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[str, Any]]],
+           rss: dict[str, float], a: argparse.Namespace, logs: Path) -> None:
+    rows = []
+    direct_p50 = {(m, c): statistics.median(x["p50_ms"] for x in v)
+                  for (n, m, c), v in cells.items() if n == "direct"}
+    for (name, mode, conc), runs in cells.items():
+        med = {k: statistics.median(r[k] for r in runs)
+               for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")}
+        rows.append({"target": name, "mode": mode, "concurrency": conc, **med,
+                     "added_p50_ms": med["p50_ms"] - direct_p50.get((mode, conc), 0.0),
+                     "non_2xx": sum(r["non_2xx"] for r in runs),
+                     "socket_errors": [r["socket_errors"] for r in runs if r["socket_errors"]],
+                     "peak_rss_mb": rss.get(name), "rounds": runs})
+    hdr = (f"{'target':<14}{'mode':<7}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'+p50 ms':>9}"
+           f"{'p99 ms':>9}{'cpu us/req':>11}{'rss MB':>8}{'non2xx':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['target']:<14}{r['mode']:<7}{r['concurrency']:>5}{r['rps']:>10.0f}"
+              f"{r['p50_ms']:>9.3f}{r['added_p50_ms']:>9.3f}{r['p99_ms']:>9.2f}"
+              f"{r['cpu_us_per_req']:>11.0f}{(r['peak_rss_mb'] or 0):>8.0f}{r['non_2xx']:>8}")
+    failed = {t.name: t.error for t in targets if t.error}
+    for name, err in failed.items():
+        print(f"{name:<14}NOT RUN: {err}")
+    out = ROOT / "benchmarks" / "results" / "gateway.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": " ".join(sys.argv), "duration_s": a.duration, "rounds": a.rounds,
+        "load_generator": "wrk -t1 (same machine; shares the CPU cores with worker and proxy)",
+        "cpus": os.cpu_count(), "note": "direct: cpu/rss are the fake worker's own",
+        "rows": rows, "not_run": failed, "logs": str(logs)}, indent=1))
+    print(f"\nwrote {out} (process logs in {logs})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""`python -m meshd.coordinator.gateway --backend http://127.0.0.1:9000 --port 8000`
+
+Runs one gateway replica with the round-robin `ProxyHandler` on uvloop. Start several with the
+same `--port` to share it (SO_REUSEPORT); SIGTERM/SIGINT drain gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from meshd.coordinator.gateway.backend import BackendPool
+from meshd.coordinator.gateway.config import GatewayConfig
+from meshd.coordinator.gateway.proxy import ProxyHandler
+from meshd.coordinator.gateway.server import GatewayServer
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m meshd.coordinator.gateway")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--backend", action="append", required=True, help="http://host:port")
+    ap.add_argument("--model", action="append", default=[])
+    ap.add_argument("--api-key", action="append", default=[], help="tenant=key")
+    ap.add_argument("--max-connections", type=int, default=512, help="per backend")
+    return ap.parse_args(argv)
+
+
+async def serve(ns: argparse.Namespace) -> None:
+    keys = tuple((t, k) for t, _, k in (s.partition("=") for s in ns.api_key))
+    cfg = GatewayConfig(host=ns.host, port=ns.port, models=tuple(ns.model), api_keys=keys)
+    pools = [BackendPool.from_url(u, max_connections=ns.max_connections) for u in ns.backend]
+    handler = ProxyHandler(pools, ns.model)
+    server = GatewayServer(cfg, handler)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"meshd gateway listening on {ns.host}:{server.port}", flush=True)
+    await stop.wait()
+    await server.shutdown()
+    await handler.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = _args(argv)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; fall back anyway
+        asyncio.run(serve(ns))
+    else:
+        uvloop.run(serve(ns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The seam between the HTTP layer and the request lifecycle.
+
+The server parses and validates a request into an `ApiRequest`, then awaits
+`handler.handle(req, responder)` in a task of its own. The handler answers through the
+`Responder` (one full response, or a stream of SSE events) and may raise `ApiError` before it
+has started a response (the server sends it as an OpenAI error). If the client disconnects, or
+`handler_timeout` passes, the server cancels that task: `CancelledError` arrives at the
+handler's current `await`, and the backend calls it is inside abort their worker connections.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from meshd.coordinator.gateway.openai_api import ChatRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from meshd.coordinator.gateway.responder import Responder
+
+
+class Endpoint(enum.Enum):
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    """One validated request. `payload` is the decoded JSON body, shared and read-only by
+    convention (copy before changing); `raw` is the body exactly as the client sent it, for
+    pass-through. `tenant` is the API key's tenant, or None without auth. `received_at` is
+    the event loop's clock when the request was complete."""
+
+    endpoint: Endpoint
+    request_id: str
+    body: ChatRequest | CompletionRequest
+    payload: dict[str, Any]
+    raw: bytes
+    tenant: str | None
+    received_at: float
+
+    @property
+    def stream(self) -> bool:
+        return self.body.stream
+
+    @property
+    def model(self) -> str:
+        return self.body.model
+
+
+class Handler(Protocol):
+    """Answers one request. Must send exactly one response through `responder` or raise."""
+
+    async def handle(self, req: ApiRequest, responder: Responder) -> None: ...

@@ -1,0 +1,130 @@
+"""The gateway's OpenAPI 3.1 description, as data. Served at GET /openapi.json.
+
+Keep it true: tests validate it with openapi-spec-validator and compare its paths and methods
+with `routes.ROUTES`. Request schemas mirror the checks in `openai_api.py`; fields not listed
+are allowed (`additionalProperties`) and passed to the engines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_RID = {"name": "X-Request-Id", "in": "header", "required": False,
+        "description": "Echoed back; generated when absent.", "schema": {"type": "string"}}
+
+_COMMON_PROPS: dict[str, Any] = {
+    "model": {"type": "string", "minLength": 1},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"],
+                       "properties": {"include_usage": {"type": "boolean"}}},
+    "n": {"type": ["integer", "null"], "minimum": 1},
+    "stop": {"oneOf": [{"type": "string"}, {"type": "null"},
+                       {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+    "seed": {"type": ["integer", "null"]},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "user": {"type": ["string", "null"]},
+}
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_MESSAGE = {
+    "type": "object", "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "user", "assistant", "tool", "developer", "function"]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "null"},
+                              {"type": "array", "items": _TEXT_PART}]},
+        "name": {"type": "string"}, "tool_call_id": {"type": "string"},
+        "tool_calls": {"type": "array"},
+    },
+}
+
+_CHAT_REQ = {
+    "type": "object", "required": ["model", "messages"], "additionalProperties": True,
+    "properties": {
+        **_COMMON_PROPS,
+        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+        "tools": {"type": ["array", "null"]},
+        "tool_choice": {"type": ["string", "object", "null"]},
+        "response_format": {"type": ["object", "null"]},
+    },
+}
+
+_COMPLETION_REQ = {
+    "type": "object", "required": ["model", "prompt"], "additionalProperties": True,
+    "properties": {
+        **_COMMON_PROPS,
+        "prompt": {"oneOf": [{"type": "string"},
+                             {"type": "array", "minItems": 1,
+                              "items": {"type": "integer", "minimum": 0}}]},
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
+    },
+}
+
+
+def _generate(summary: str, schema_ref: str) -> dict[str, Any]:
+    return {
+        "summary": summary, "parameters": [_RID],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": schema_ref}}}},
+        "responses": {
+            "200": {"description": "A completion (JSON), or SSE chunks when stream is true.",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **{code: _ERR for code in ("400", "401", "413", "415", "429", "500", "502",
+                                       "503", "504")},
+        },
+    }
+
+
+def _get(summary: str, ctype: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"summary": summary, "responses": {
+        "200": {"description": summary, "content": {ctype: {"schema": schema}}}}}
+
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "meshd gateway", "version": "0.1.0",
+             "description": "OpenAI-compatible API of the meshd coordinator."},
+    "servers": [{"url": "/"}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "ChatCompletionRequest": _CHAT_REQ,
+            "CompletionRequest": _COMPLETION_REQ,
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type", "param", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"]},
+                               "code": {"type": ["string", "null"]}}}}},
+        },
+        "responses": {"Error": {"description": "OpenAI-shaped error", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+    },
+    "paths": {
+        "/v1/chat/completions": {"post": {
+            **_generate("Create a chat completion",
+                        "#/components/schemas/ChatCompletionRequest"),
+            "security": [{"bearer": []}]}},
+        "/v1/completions": {"post": {
+            **_generate("Create a completion", "#/components/schemas/CompletionRequest"),
+            "security": [{"bearer": []}]}},
+        "/v1/models": {"get": {
+            **_get("List models", "application/json", {"type": "object"}),
+            "security": [{"bearer": []}]}},
+        "/health": {"get": _get("Liveness; 503 while draining", "application/json",
+                                {"type": "object"})},
+        "/metrics": {"get": _get("Prometheus metrics", "text/plain", {"type": "string"})},
+        "/openapi.json": {"get": _get("This document", "application/json",
+                                      {"type": "object"})},
+    },
+}
+
+SPEC_BYTES: bytes = orjson.dumps(SPEC)

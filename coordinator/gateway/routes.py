@@ -1,0 +1,35 @@
+"""The route table: the single list of (method, path) the server serves.
+
+`openapi.py` documents exactly these; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Route(enum.Enum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    MODELS = "models"
+    HEALTH = "health"
+    METRICS = "metrics"
+    OPENAPI = "openapi"
+
+
+ROUTES: dict[bytes, dict[bytes, Route]] = {
+    b"/v1/chat/completions": {b"POST": Route.CHAT},
+    b"/v1/completions": {b"POST": Route.COMPLETIONS},
+    b"/v1/models": {b"GET": Route.MODELS},
+    b"/health": {b"GET": Route.HEALTH},
+    b"/metrics": {b"GET": Route.METRICS},
+    b"/openapi.json": {b"GET": Route.OPENAPI},
+}
+
+# Routes that need `Authorization: Bearer` when API keys are configured.
+AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MODELS})
+
+
+def served() -> set[tuple[str, str]]:
+    """{(method, path)} in lower-case method form as OpenAPI writes it."""
+    return {(m.decode().lower(), p.decode()) for p, ms in ROUTES.items() for m in ms}

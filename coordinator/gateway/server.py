@@ -1,0 +1,223 @@
+"""`GatewayServer`: the OpenAI-compatible HTTP/1.1 front of meshd (uvloop-friendly asyncio).
+
+Lifecycle: `await start()` binds (with SO_REUSEPORT, so several replica processes can share
+one port), `await shutdown()` stops accepting, closes idle connections, lets in-flight
+requests finish until `shutdown_timeout`, then cancels what is left. Per request the server
+checks route, method, API key, content type and size, decodes and validates the JSON into an
+`ApiRequest`, and runs `handler.handle(req, responder)` in a task (see `handler.py` for the
+contract). Everything else (errors, /v1/models, /health, /metrics, /openapi.json) is answered
+inline. Nothing is logged per request; counters are in `stats` and on GET /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from meshd.coordinator.gateway import errors
+from meshd.coordinator.gateway.config import GatewayConfig
+from meshd.coordinator.gateway.errors import ApiError
+from meshd.coordinator.gateway.handler import ApiRequest, Endpoint, Handler
+from meshd.coordinator.gateway.openai_api import parse_chat, parse_completion
+from meshd.coordinator.gateway.openapi import SPEC_BYTES
+from meshd.coordinator.gateway.responder import Responder
+from meshd.coordinator.gateway.routes import AUTHENTICATED, Route
+from meshd.coordinator.gateway.server_conn import HttpConnection, Pending
+from meshd.coordinator.gateway.stats import GatewayStats, StatsCollector
+
+log = logging.getLogger(__name__)
+_RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_JSON_CT = b"application/json"
+_HEALTH_OK, _HEALTH_DRAIN = b'{"status":"ok"}', b'{"status":"draining"}'
+
+
+class GatewayServer:
+    """One gateway replica. `models` lists model ids for GET /v1/models (default: the
+    config's `models`). `registry` is exported on /metrics; the gateway's own counters are
+    added to it. Use from one event loop."""
+
+    def __init__(self, config: GatewayConfig, handler: Handler, *,
+                 registry: CollectorRegistry | None = None,
+                 models: Callable[[], Sequence[str]] | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.stats = GatewayStats()
+        self.registry.register(StatsCollector(self.stats))
+        self._models = models or (lambda: config.models)
+        self._keys = [(t, k.encode()) for t, k in config.api_keys]
+        self.conns: set[HttpConnection] = set()
+        self.now = time.monotonic()
+        self.draining = False
+        self.port = config.port
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._rid_prefix = f"gw-{os.urandom(4).hex()}-"
+        self._rid_n = 0
+
+    # ---- lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        self._server = await loop.create_server(
+            lambda: HttpConnection(self), self.config.host, self.config.port,
+            reuse_port=self.config.reuse_port, backlog=self.config.backlog)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Graceful stop: no new connections, finish in-flight requests within `timeout`
+        (default `shutdown_timeout`), then cancel handlers and drop what is left."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.conns):
+            c.close_when_idle = True
+            if c.responder is not None and not c.responder.started:
+                c.responder.keep_alive = False
+            if c.is_idle():
+                c.close()
+        deadline = time.monotonic() + (timeout or self.config.shutdown_timeout)
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for c in list(self.conns):
+            if c.task is not None:
+                c.task.cancel()
+            c.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await asyncio.sleep(0)
+
+    async def _sweep(self) -> None:
+        """Enforce every client-side deadline once per `sweep_interval`."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(cfg.sweep_interval)
+            now = self.now = loop.time()
+            for c in list(self.conns):
+                if c.read_deadline and now > c.read_deadline:
+                    if c.task is None and not c.queue:
+                        c.fatal(ApiError(408, "Timed out reading the request.",
+                                         code="request_timeout"))
+                        c.pump()
+                    else:
+                        c.abort()
+                elif c.task is not None:
+                    if now - c.task_started > cfg.handler_timeout and not c.timed_out:
+                        c.timed_out = True
+                        self.stats.handler_timeouts += 1
+                        c.task.cancel()
+                elif c.is_idle() and now > c.idle_deadline:
+                    c.close()
+
+    # ---- per request
+    def dispatch(self, conn: HttpConnection, p: Pending) -> None:
+        """Answer `p` inline, or start its handler task on `conn`."""
+        rid = p.rid.decode() if p.rid is not None and _RID_OK.fullmatch(p.rid) else None
+        if rid is None:
+            self._rid_n += 1
+            rid = f"{self._rid_prefix}{self._rid_n:x}"
+        responder = Responder(conn, rid, p.keep_alive and not p.close_after)
+        try:
+            if p.error is not None:
+                raise p.error
+            route = p.route
+            tenant = self._authenticate(p.auth) if self._keys and route in AUTHENTICATED \
+                else None
+            if route is Route.CHAT or route is Route.COMPLETIONS:
+                req = self._parse(p, route, rid, tenant)
+                conn.start_task(self.handler.handle(req, responder), responder)
+            elif route is Route.MODELS:
+                responder.send(200, self._models_body())
+            elif route is Route.HEALTH:
+                responder.send(503 if self.draining else 200,
+                               _HEALTH_DRAIN if self.draining else _HEALTH_OK)
+            elif route is Route.METRICS:
+                responder.send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
+            elif route is Route.OPENAPI:
+                responder.send(200, SPEC_BYTES)
+        except ApiError as e:
+            responder.send_error(e)
+
+    def _parse(self, p: Pending, route: Route, rid: str, tenant: str | None) -> ApiRequest:
+        ct = p.ctype
+        if ct is not None and not ct.lower().startswith(_JSON_CT):
+            raise errors.unsupported_media_type(ct.decode("latin-1"))
+        if not p.body:
+            raise errors.invalid("The request body is empty; send a JSON object.")
+        try:
+            obj = orjson.loads(p.body)
+        except orjson.JSONDecodeError as e:
+            raise errors.invalid(f"Malformed JSON body: {e}") from None
+        lim = self.config.limits
+        if route is Route.CHAT:
+            return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
+                              asyncio.get_running_loop().time())
+        return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
+                          tenant, asyncio.get_running_loop().time())
+
+    def _authenticate(self, auth: bytes | None) -> str:
+        """Constant-time check of the bearer token against every key; returns the tenant."""
+        token = auth[7:] if auth is not None and auth[:7].lower() == b"bearer " else b""
+        found = None
+        for tenant, key in self._keys:
+            if hmac.compare_digest(token, key) and found is None:
+                found = tenant
+        if found is None:
+            raise errors.unauthorized()
+        return found
+
+    def _models_body(self) -> bytes:
+        return orjson.dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "meshd"}
+            for m in self._models()]})
+
+    def not_found(self, path: bytes) -> ApiError:
+        return errors.not_found(path.decode("latin-1")[:200])
+
+    def method_not_allowed(self, method: bytes, path: bytes) -> ApiError:
+        return errors.method_not_allowed(method.decode("latin-1"), path.decode("latin-1"))
+
+    async def run_handler(self, conn: HttpConnection, coro: Coroutine[Any, Any, None]) -> None:
+        """Run one handler coroutine and make sure its request gets exactly one answer."""
+        r = conn.responder
+        assert r is not None
+        self.stats.in_flight += 1
+        try:
+            await coro
+            if not r.finished:
+                self._fail(r, errors.internal("The handler returned without a response."))
+        except ApiError as e:
+            self._fail(r, e)
+        except asyncio.CancelledError:
+            if conn.timed_out:
+                conn.timed_out = False
+                self._fail(r, errors.gateway_timeout("The request exceeded handler_timeout."))
+            elif not conn.closed:
+                conn.abort()  # cancelled by shutdown
+        except Exception:
+            log.exception("gateway handler failed (request %s)", r.request_id)
+            self._fail(r, errors.internal())
+        finally:
+            self.stats.in_flight -= 1
+            conn.task_finished()
+
+    @staticmethod
+    def _fail(r: Responder, err: ApiError) -> None:
+        if not r.started:
+            r.send_error(err)
+        elif not r.finished:
+            r.abort_stream(err)
