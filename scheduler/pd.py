@@ -40,7 +40,8 @@ class PDConfig:
 
 class PDChoice(NamedTuple):
     disaggregate: bool
-    # stable code: short_prefill | decode_cached | no_prefill_headroom | decode_not_backed_up
+    # stable code: short_prefill | decode_cached | no_full_block | no_prefill_headroom |
+    # decode_not_backed_up
     # (colocated); long_prefill (a dedicated prefill worker) | decode_backed_up (a shared one)
     reason: str
 
@@ -58,6 +59,8 @@ class PDDecider:
         cached = request.cached_tokens(decode.worker_id, decode.block_size)
         if n > 0 and cached >= cfg.colocate_cached_fraction * n:
             return PDChoice(False, "decode_cached")
+        if n - 1 < decode.block_size:  # no full block would be transferred (the last prompt
+            return PDChoice(False, "no_full_block")  # token is always computed by decode)
         if n - cached < cfg.min_uncached_tokens:
             return PDChoice(False, "short_prefill")
         shared = False  # a BOTH worker with headroom exists

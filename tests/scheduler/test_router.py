@@ -69,6 +69,15 @@ def test_pd_decider_reasons(pool: list[WorkerView], n_blocks: int, reason: str) 
     assert choice.disaggregate is (reason in ("long_prefill", "decode_backed_up"))
 
 
+@pytest.mark.parametrize(("tokens", "reason"), [(16, "no_full_block"), (17, "long_prefill")])
+def test_prompt_without_a_full_block_to_move_stays_local(tokens: int, reason: str) -> None:
+    """The decode worker always computes the last prompt token itself, so a prompt of
+    block_size tokens or fewer has nothing to transfer."""
+    req = RequestView("r", "m", tokens, ())
+    choice = PDDecider(PDConfig(min_uncached_tokens=0)).decide(req, POOL[2], POOL)
+    assert choice.reason == reason
+
+
 def test_pd_config_validation() -> None:
     with pytest.raises(ValueError, match="shared_queue_gap_tokens"):
         PDConfig(shared_queue_gap_tokens=0)

@@ -1,0 +1,120 @@
+"""The gateway's serving metrics (Prometheus; mirrored to the Ray dashboard in the actor).
+
+Measured here: TTFT, inter-token latency and end-to-end latency histograms, requests by
+outcome, disaggregated vs local prefill, continuations, prefix-cache hit tokens. Summed from
+the workers' own `/metrics` at scrape time (the gateway does not see transfers itself): KV
+transfer bytes, seconds and failures, and blocks held by prefill leases.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from meshd.coordinator.gateway.choice import ChoiceRun
+    from meshd.coordinator.gateway.shapes import Delta
+    from meshd.coordinator.gateway.workers import WorkerPool
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_WORKER_SUMS = {
+    "meshd_engine_kv_transfer_pulled_bytes": "meshd_kv_transfer_bytes",
+    "meshd_engine_kv_transfer_pull_seconds": "meshd_kv_transfer_seconds",
+    "meshd_engine_kv_transfer_failures": "meshd_kv_transfer_failures",
+    "meshd_engine_kv_leases_held": "meshd_kv_lease_blocks_held",
+    "meshd_engine_local_prefill_fallbacks": "meshd_kv_transfer_local_fallbacks",
+}
+
+
+class _Timing:
+    __slots__ = ("first", "last", "m", "start")
+
+    def __init__(self, m: MeshMetrics, start: float) -> None:
+        self.m, self.start, self.first, self.last = m, start, 0.0, 0.0
+
+    def token(self, d: Delta) -> None:
+        if not d.token_ids:
+            return
+        now = time.monotonic()
+        if not self.first:
+            self.first = now
+            self.m.ttft.observe(now - self.start)
+        else:
+            self.m.itl.observe((now - self.last) / len(d.token_ids))
+        self.last = now
+
+    def done(self, outcome: str) -> None:
+        self.m.e2e.observe(time.monotonic() - self.start)
+        self.m.requests.labels(outcome).inc()
+
+
+class _WorkerSums:
+    """Collector: sums of the workers' transfer and lease figures, read at scrape time."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        sums = dict.fromkeys(_WORKER_SUMS.values(), 0.0)
+        for entry in list(self.pool.entries.values()):
+            if not entry.metrics_text:
+                continue
+            try:
+                for fam in text_string_to_metric_families(entry.metrics_text):
+                    out = _WORKER_SUMS.get(fam.name)
+                    if out is not None:
+                        sums[out] += sum(s.value for s in fam.samples
+                                         if not s.name.endswith("_created"))
+            except ValueError:
+                continue
+        for name, value in sums.items():
+            yield GaugeMetricFamily(name, f"Sum over workers of {name}.", value=value)
+
+
+class MeshMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("meshd_ttft_seconds", "Time to first token.", buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram("meshd_inter_token_seconds", "Inter-token latency.",
+                             buckets=_LATENCY, registry=r)
+        self.e2e = Histogram("meshd_e2e_seconds", "End-to-end request latency.",
+                             buckets=_LATENCY, registry=r)
+        self.requests = Counter("meshd_requests", "Requests by outcome.", ["outcome"],
+                                registry=r)
+        self.prefill = Counter("meshd_prefill", "Choices by where the prompt was prefilled.",
+                               ["mode"], registry=r)
+        self.continuations = Counter("meshd_decode_continuations",
+                                     "Decodes continued on another worker after a failure.",
+                                     registry=r)
+        self.cached_tokens = Counter("meshd_prefix_cache_hit_tokens",
+                                     "Prompt tokens served from a worker's prefix cache.",
+                                     registry=r)
+        self._workers_registered = False
+
+    def watch_workers(self, pool: WorkerPool) -> None:
+        if not self._workers_registered:
+            self.registry.register(_WorkerSums(pool))  # type: ignore[arg-type]
+            self._workers_registered = True
+
+    def request(self, start: float) -> _Timing:
+        return _Timing(self, start)
+
+    def observe_runs(self, runs: Sequence[ChoiceRun]) -> None:
+        for run in runs:
+            lc = run.lc
+            if lc.prefill_attempts:
+                mode = "fallback_local" if lc.failures and any(
+                    f[0].value == "prefill" for f in lc.failures) else "disaggregated"
+            else:
+                mode = "local"
+            self.prefill.labels(mode).inc()
+            if lc.decode_attempts > 1:
+                self.continuations.inc(lc.decode_attempts - 1)
+            self.cached_tokens.inc(run.out.cached_tokens)

@@ -1,0 +1,67 @@
+"""Prompts at the edge: chat template, tokenization and block hashes, once per request.
+
+The gateway tokenizes exactly as the workers do (the same tokenizer files, the same chat
+template) and sends token ids, so every worker — prefill, decode, or a continuation after a
+failure — sees the identical prompt, and the block hashes computed here are the ones the
+workers publish in their KV events (vLLM `sha256_cbor` with the mesh's shared seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from meshd.coordinator.gateway.errors import ApiError
+from meshd.coordinator.gateway.handler import ApiRequest
+from meshd.coordinator.gateway.openai_api import ChatRequest
+from meshd.node_agent.engine.tokenizer import Tokenizer, load_tokenizer
+from meshd.scheduler.block_hash import BlockHasher, to_int64
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    token_ids: tuple[int, ...]
+    block_hashes: tuple[int, ...]  # low 64 bits, as published in KV events
+
+
+class PromptBuilder:
+    """Per-model tokenizers (`tokenizer_paths[model]`, default: meshd's byte tokenizer)."""
+
+    def __init__(self, tokenizer_paths: Mapping[str, str] | None = None,
+                 hash_seed: str | None = "0") -> None:
+        self.paths = dict(tokenizer_paths or {})
+        self.hash_seed = hash_seed
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._hashers: dict[int, BlockHasher] = {}
+
+    def tokenizer(self, model: str) -> Tokenizer:
+        tok = self._tokenizers.get(model)
+        if tok is None:
+            tok = self._tokenizers[model] = load_tokenizer(self.paths.get(model) or None)
+        return tok
+
+    def build(self, req: ApiRequest, block_size: int) -> Prompt:
+        """Token ids and block hashes of the request's prompt; ApiError(400) if it has none."""
+        body = req.body
+        tok = self.tokenizer(body.model)
+        if isinstance(body, ChatRequest):
+            messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+            try:
+                ids = tok.apply_chat_template(messages)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="messages") from None
+        elif isinstance(body.prompt, str):
+            ids = tok.encode(body.prompt)
+        else:
+            ids = list(body.prompt)
+        if not ids:
+            raise ApiError(400, "The prompt is empty.", param="prompt")
+        return Prompt(tuple(ids), self.hashes(ids, block_size))
+
+    def hashes(self, token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
+        hasher = self._hashers.get(block_size)
+        if hasher is None:
+            hasher = self._hashers[block_size] = BlockHasher(block_size, self.hash_seed)
+        digests: list[bytes] = []
+        hasher.extend(digests, token_ids)
+        return tuple(to_int64(h) for h in digests)
