@@ -49,6 +49,16 @@ class WorkerState:
     log_file: IO[bytes] | None = None
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _healthy(url: str, timeout_s: float) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
@@ -158,12 +168,17 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         try:
             await asyncio.wait_for(proc.wait(), grace_s)
+            # The leader is gone; its children (e.g. vLLM's engine core) may still hold ports.
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"worker_id": wid, "ready": st.ready, "restarts": st.restarts,

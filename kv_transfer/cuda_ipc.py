@@ -1,0 +1,229 @@
+"""CUDA IPC transport for engines on one host: the decode side maps the prefill side's KV tensors
+and copies blocks device to device (peer to peer across GPUs when the driver allows it).
+
+Control runs over meshd's authenticated loopback/TCP connection (`conn.py`); IPC handles go to
+the peer only after the mutual handshake:
+
+    client -> server  fetch      {request_id, block_ids, chunk_bytes}   (as in tcp.py)
+    server -> client  ipc_stream {total, layers: [share, ...]}   one share per layer tensor
+    client            map each share (cached by handle), copy remote blocks -> local blocks
+    client -> server  ack {ok, message}
+
+A share is what `torch.multiprocessing.reductions.reduce_tensor` puts in a CUDA tensor's pickle,
+as plain msgpack fields (no pickle): `Storage._share_cuda_()` returns the `cudaIpcGetMemHandle`
+handle of the caching allocator's *base* allocation plus this storage's byte offset in it (a raw
+`cupy.cuda.runtime.ipcGetMemHandle(tensor.data_ptr())` would be wrong for a tensor that does not
+start its allocation), and a shared-memory ref counter that keeps the producer's allocator from
+reusing the block while a consumer maps it. `rebuild_cuda_tensor` calls `cudaIpcOpenMemHandle`
+(once per handle per process; torch caches it) and rebuilds a tensor over the mapping.
+
+Memory: the server exports views of the engine's tensors once, at construction; the engine must
+not free them before `close()`. The client holds mappings until `close()`, reads only the named
+remote blocks and writes only the named local blocks. CUDA IPC works only between processes on
+one host (a process cannot open its own handle), and the producer's GPU must be visible to the
+consumer: shares name the GPU by UUID and the consumer maps it to its own index (the vLLM
+launcher gives cuda_ipc workers every agent GPU, their own first).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from meshd.kv_transfer.conn import (
+    MIN_CHUNK,
+    Listener,
+    ServerConfig,
+    ServerStats,
+    run_fetch,
+    serve_connection,
+)
+from meshd.kv_transfer.gpu_blocks import GpuKV, wait_stream
+from meshd.kv_transfer.transport import (
+    BlockSource,
+    Deadline,
+    ErrorCode,
+    KVTransferFailure,
+    Peer,
+    TransferResult,
+)
+from meshd.kv_transfer.wire import recv_msg, send_msg
+
+if TYPE_CHECKING:
+    import torch
+
+    from meshd.kv_transfer.auth import Authenticator
+    from meshd.kv_transfer.blocks import KVMemory
+    from meshd.kv_transfer.layout import BlockLayout
+
+NAME = "cuda_ipc"
+STREAM = {"total": int, "layers": list}
+SHARE = {"device": int, "handle": bytes, "size_bytes": int, "offset_bytes": int,
+         "ref_handle": bytes, "ref_offset": int, "event_handle": bytes, "event_sync": bool,
+         "tensor_offset": int, "device_uuid": str}
+
+
+def export_share(t: torch.Tensor) -> dict[str, Any]:
+    """The IPC share of one CUDA tensor (call in the process that allocated it). Contract of
+    `_share_cuda_`: (device, cudaIpcMemHandle of the base allocation, storage bytes, storage
+    offset in that allocation, ref-counter shm name, its offset, cudaIpcEventHandle, whether
+    the consumer must wait on that event before reading)."""
+    (device, handle, size, offset, ref_handle, ref_offset, event_handle,
+     event_sync) = t.untyped_storage()._share_cuda_()
+    import torch
+
+    uuid = str(torch.cuda.get_device_properties(t.device).uuid)
+    return {"device_uuid": uuid, "device": int(device), "handle": bytes(handle),
+            "size_bytes": int(size),
+            "offset_bytes": int(offset), "ref_handle": bytes(ref_handle or b""),
+            "ref_offset": int(ref_offset), "event_handle": bytes(event_handle or b""),
+            "event_sync": bool(event_sync), "tensor_offset": int(t.storage_offset())}
+
+
+def open_share(share: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """Map a peer's share as a tensor shaped and typed like `like` (the local layer tensor: the
+    layouts were checked equal in the handshake). The mapping lives while the tensor does."""
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if set(share) != set(SHARE) or any(
+            not isinstance(share[k], t) or isinstance(share[k], bool) != (t is bool)
+            for k, t in SHARE.items()):
+        raise KVTransferFailure(ErrorCode.PROTOCOL, "ipc_stream.layers: malformed share")
+    device = local_index(share["device_uuid"])
+    return cast("torch.Tensor", rebuild_cuda_tensor(
+        torch.Tensor, like.shape, like.stride(), share["tensor_offset"], torch.UntypedStorage,
+        like.dtype, device, share["handle"], share["size_bytes"],
+        share["offset_bytes"], False, share["ref_handle"], share["ref_offset"],
+        share["event_handle"] or None, share["event_sync"]))
+
+
+def local_index(device_uuid: str) -> int:
+    """This process's index of the GPU with `device_uuid`. The producer's index means nothing
+    here (each worker has its own CUDA_VISIBLE_DEVICES); the peer's GPU must be visible to us."""
+    import torch
+
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == device_uuid:
+            return i
+    raise KVTransferFailure(ErrorCode.PEER_ERROR,
+                            f"peer GPU {device_uuid} is not visible in this process "
+                            f"(CUDA_VISIBLE_DEVICES must include it)")
+
+
+class CudaIpcServer:
+    """Serves held blocks by handing out IPC shares of the engine's KV tensors.
+
+    Memory: exports the tensors once; never reads or writes them itself."""
+
+    name = NAME
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                 auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
+                 port: int = 0, config: ServerConfig | None = None) -> None:
+        self._kv = GpuKV(kv_caches, layout)
+        self._shares = [export_share(t) for t in self._kv.layers]
+        self._auth, self._source = auth, source
+        self._config = config or ServerConfig()
+        self.stats = ServerStats()
+        self._listener = Listener(host, port, self._serve)
+
+    @property
+    def address(self) -> Peer:
+        return self._listener.address
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _serve(self, sock: socket.socket) -> None:
+        memory = cast("KVMemory", self._kv)  # conn.py uses only layout and check_ids
+        serve_connection(sock, NAME, memory, self._auth, self._source, self.stats,
+                         self._config, self._stream)
+
+    def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
+                deadline: Deadline) -> int:
+        total = self._kv.stream_bytes(len(block_ids))
+        send_msg(sock, {"t": "ipc_stream", "total": total, "layers": self._shares}, deadline)
+        return total  # the client copies; its ack (read by serve_connection) ends the transfer
+
+
+class CudaIpcClient:
+    """Copies remote blocks from mapped peer tensors into local blocks (see `TransportClient`).
+
+    Memory: writes only the local blocks named in a fetch; mappings are cached per handle until
+    `close()`. Thread-safe: each fetch uses its own stream."""
+
+    name = NAME
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                 auth: Authenticator) -> None:
+        self._kv = GpuKV(kv_caches, layout)
+        self._auth = auth
+        self._mapped: dict[bytes, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._mapped.clear()
+
+    def fetch(self, peer: Peer, remote_request_id: str, remote_block_ids: Sequence[int],
+              local_block_ids: Sequence[int], timeout_s: float) -> TransferResult:
+        memory = cast("KVMemory", self._kv)
+        request = (remote_request_id, remote_block_ids, local_block_ids)
+        return run_fetch(NAME, memory, self._auth, peer, request, timeout_s, self._pull)
+
+    def _remote_layers(self, shares: list[Any]) -> list[torch.Tensor]:
+        if len(shares) != len(self._kv.layers) or not all(isinstance(s, dict) for s in shares):
+            raise KVTransferFailure(ErrorCode.PROTOCOL,
+                                    f"ipc_stream: {len(shares)} shares for "
+                                    f"{len(self._kv.layers)} layers")
+        out = []
+        with self._lock:
+            for share, like in zip(shares, self._kv.layers, strict=True):
+                key = bytes(share.get("handle", b"")) + share.get("tensor_offset", 0).to_bytes(8)
+                if key not in self._mapped:
+                    try:
+                        self._mapped[key] = open_share(share, like)
+                    except RuntimeError as exc:  # cudaIpcOpenMemHandle failed
+                        raise KVTransferFailure(ErrorCode.PEER_ERROR,
+                                                f"cannot map peer KV: {exc}") from exc
+                out.append(self._mapped[key])
+        return out
+
+    def _pull(self, sock: socket.socket, request_id: str, remote_block_ids: Sequence[int],
+              local_block_ids: Sequence[int], deadline: Deadline, progress: list[int]) -> None:
+        import torch
+
+        send_msg(sock, {"t": "fetch", "request_id": request_id,
+                        "block_ids": list(remote_block_ids), "chunk_bytes": MIN_CHUNK}, deadline)
+        msg = recv_msg(sock, "ipc_stream", STREAM, deadline)
+        total = self._kv.stream_bytes(len(local_block_ids))
+        if msg["total"] != total:
+            raise KVTransferFailure(ErrorCode.PROTOCOL,
+                                    f"server announced {msg['total']} bytes, expected {total}")
+        remote = self._remote_layers(msg["layers"])
+        stream = torch.cuda.Stream(device=self._kv.device)
+        with torch.cuda.stream(stream):
+            src = self._kv.index(remote_block_ids)
+            dst = self._kv.index(local_block_ids)
+            for mine, theirs in zip(self._kv.layers, remote, strict=True):
+                # same GPU: one gather kernel; another GPU: gather there, then a peer copy
+                # (torch orders it after the gather and before the index_copy_)
+                blocks = theirs.index_select(1, src.to(theirs.device)).to(mine.device)
+                mine.index_copy_(1, dst, blocks)
+        wait_stream(stream, deadline.at, "cuda_ipc copy")
+        progress[0] += total
+        send_msg(sock, {"t": "ack", "ok": True, "message": ""}, deadline)
+
+
+def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
+                **options: Any) -> CudaIpcClient:
+    return CudaIpcClient(kv_caches, layout, auth, **options)
+
+
+def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
+                source: BlockSource, host: str, port: int,
+                config: ServerConfig | None = None) -> CudaIpcServer:
+    return CudaIpcServer(kv_caches, layout, auth, source, host, port, config)

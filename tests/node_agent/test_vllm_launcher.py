@@ -1,0 +1,314 @@
+"""vLLM worker specs from `[vllm]` config: argv, env, GPU groups, ports; one live vllm-cpu run."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshd.capabilities import Gpu
+from meshd.node_agent.supervisor import Supervisor, WorkerSpec
+from meshd.node_agent.vllm_launcher import VllmConfig, vllm_specs
+
+HOST = "10.0.0.5"
+SECRET = "/var/lib/meshd/agent/kv_secret"
+
+
+def make_gpus(n: int) -> tuple[Gpu, ...]:
+    return tuple(Gpu(i, "H100", f"GPU-{i}", 80 << 30) for i in range(n))
+
+
+def make_specs(n_gpus: int = 8, **kw: Any) -> list[WorkerSpec]:
+    cfg = VllmConfig(**{"model": "meta-llama/Llama-3.1-8B", "kv_secret_file": SECRET, **kw})
+    return vllm_specs(cfg, "n1", HOST, make_gpus(n_gpus))
+
+
+def flag(spec: WorkerSpec, name: str) -> str | None:
+    argv = list(spec.argv)
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def flag_json(spec: WorkerSpec, name: str) -> Any:
+    value = flag(spec, name)
+    return None if value is None else json.loads(value)
+
+
+@pytest.mark.parametrize(("counts", "expected"), [
+    ({"prefill": 1}, [("n1-vllm-p0", "prefill", "kv_producer")]),
+    ({"decode": 1}, [("n1-vllm-d0", "decode", "kv_consumer")]),
+    ({"both": 1}, [("n1-vllm-b0", "both", "kv_both")]),
+    ({"prefill": 2, "decode": 1, "both": 1},
+     [("n1-vllm-p0", "prefill", "kv_producer"), ("n1-vllm-p1", "prefill", "kv_producer"),
+      ("n1-vllm-d2", "decode", "kv_consumer"), ("n1-vllm-b3", "both", "kv_both")]),
+])
+def test_roles_ids_and_meshd_connector(counts: dict[str, int],
+                                       expected: list[tuple[str, str, str]]) -> None:
+    specs = make_specs(**counts)
+    assert [(s.worker.worker_id, s.worker.role, flag_json(s, "--kv-transfer-config")["kv_role"])
+            for s in specs] == expected
+    s = specs[0]
+    assert flag_json(s, "--kv-transfer-config") == {
+        "kv_connector": "MeshdConnector", "kv_role": expected[0][2],
+        "engine_id": expected[0][0], "kv_load_failure_policy": "recompute",
+        "kv_connector_module_path": "meshd.kv_transfer.vllm_connector",
+        "kv_connector_extra_config": {"transport": "tcp", "host": HOST, "port": 8203,
+                                      "secret_file": SECRET}}
+
+
+def test_full_argv_env_and_worker_record() -> None:
+    (s,) = make_specs(decode=1, served_model_name="llama8b", extra_args=("--max-model-len", "8192"),
+                      env={"NCCL_DEBUG": "WARN", "PYTHONHASHSEED": "7"}, hash_seed="42")
+    kv = flag(s, "--kv-transfer-config")
+    events = flag(s, "--kv-events-config")
+    assert s.argv == (
+        "vllm", "serve", "meta-llama/Llama-3.1-8B", "--served-model-name", "llama8b",
+        "--host", HOST, "--port", "8200", "--block-size", "16", "--gpu-memory-utilization", "0.9",
+        "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor",
+        "--kv-transfer-config", kv, "--kv-events-config", events, "--max-model-len", "8192")
+    assert json.loads(events or "") == {
+        "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:8201",
+        "replay_endpoint": "tcp://*:8202", "topic": "kv-events"}
+    assert dict(s.env) == {"VLLM_NO_USAGE_STATS": "1", "NCCL_DEBUG": "WARN",
+                           "PYTHONHASHSEED": "42", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                           "CUDA_VISIBLE_DEVICES": "0"}
+    assert s.health_url == f"http://{HOST}:8200/health"
+    w = s.worker
+    assert (w.endpoint, w.model, w.engine, w.kv_block_size, w.gpu_indices) == (
+        f"http://{HOST}:8200", "llama8b", "vllm", 16, (0,))
+    assert (w.kv_events_endpoint, w.kv_events_replay_endpoint, w.kv_transfer_endpoint) == (
+        f"tcp://{HOST}:8201", f"tcp://{HOST}:8202", f"tcp://{HOST}:8203")
+
+
+@pytest.mark.parametrize(("kw", "n_gpus", "gpus", "tp_flag"), [
+    ({"both": 4}, 4, [(0,), (1,), (2,), (3,)], None),
+    ({"prefill": 1, "decode": 1, "tensor_parallel_size": 4}, 8, [(0, 1, 2, 3), (4, 5, 6, 7)], "4"),
+    ({"decode": 1, "tensor_parallel_size": 2, "gpus": (6, 3, 5)}, 8, [(3, 5)], "2"),
+    ({"prefill": 2, "decode": 1, "tensor_parallel_size": 2}, 6, [(0, 1), (2, 3), (4, 5)], "2"),
+])
+def test_gpu_groups_and_tensor_parallel(kw: dict[str, Any], n_gpus: int,
+                                        gpus: list[tuple[int, ...]], tp_flag: str | None) -> None:
+    specs = make_specs(n_gpus, **kw)
+    assert [s.worker.gpu_indices for s in specs] == gpus
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == [",".join(map(str, g)) for g in gpus]
+    assert {flag(s, "--tensor-parallel-size") for s in specs} == {tp_flag}
+
+
+def test_cuda_ipc_workers_see_every_agent_gpu_own_first() -> None:
+    specs = make_specs(4, prefill=1, decode=1, tensor_parallel_size=2, kv_transfer="cuda_ipc")
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0,1,2,3", "2,3,0,1"]
+    assert [s.worker.gpu_indices for s in specs] == [(0, 1), (2, 3)]
+    assert specs[1].worker.kv_transfer_endpoint == f"cuda_ipc://{HOST}:8213"
+
+
+def test_ports_per_worker() -> None:
+    specs = make_specs(prefill=1, decode=2, base_port=9000)
+    assert [(s.worker.endpoint, s.worker.kv_transfer_endpoint, s.worker.kv_events_endpoint,
+             s.worker.kv_events_replay_endpoint) for s in specs] == [
+        (f"http://{HOST}:{b}", f"tcp://{HOST}:{b + 3}", f"tcp://{HOST}:{b + 1}",
+         f"tcp://{HOST}:{b + 2}") for b in (9000, 9010, 9020)]
+    assert [flag_json(s, "--kv-events-config")["endpoint"] for s in specs] == [
+        "tcp://*:9001", "tcp://*:9011", "tcp://*:9021"]
+    assert [flag_json(s, "--kv-transfer-config")["kv_connector_extra_config"]["port"]
+            for s in specs] == [9003, 9013, 9023]
+
+
+@pytest.mark.parametrize(("tp", "n_gpus", "bases"), [
+    (1, 2, [9000, 9010]),
+    (7, 14, [9000, 9010]),  # HTTP, events, replay + 7 KV listeners = 10 ports
+    (8, 16, [9000, 9020]),  # 11 ports: the block grows to 20
+])
+def test_port_blocks_leave_room_for_every_tp_rank(tp: int, n_gpus: int, bases: list[int]) -> None:
+    specs = make_specs(n_gpus, decode=2, base_port=9000, tensor_parallel_size=tp)
+    assert [s.worker.endpoint for s in specs] == [f"http://{HOST}:{b}" for b in bases]
+    last_kv_rank = [int(s.worker.kv_transfer_endpoint.rsplit(":", 1)[1]) + tp - 1 for s in specs]
+    assert last_kv_rank[0] < bases[1]
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({}, []),
+    ({"enable_expert_parallel": True}, ["--enable-expert-parallel"]),
+    ({"enable_expert_parallel": True, "enable_eplb": True},
+     ["--enable-expert-parallel", "--enable-eplb", "--eplb-config",
+      '{"num_redundant_experts":0}']),
+    ({"enable_expert_parallel": True, "enable_eplb": True, "eplb_window_size": 1000,
+      "eplb_step_interval": 3000, "eplb_num_redundant_experts": 32},
+     ["--enable-expert-parallel", "--enable-eplb", "--eplb-config",
+      '{"num_redundant_experts":32,"step_interval":3000,"window_size":1000}']),
+])
+def test_moe_flags(kw: dict[str, Any], expected: list[str]) -> None:
+    (s,) = make_specs(both=1, kv_events=False, kv_connector="none", **kw)
+    tail = list(s.argv[s.argv.index("sha256_cbor") + 1:])
+    assert tail == expected
+
+
+def test_nixl_connector_and_venv_python(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (s,) = make_specs(prefill=1, kv_connector="nixl", python=str(venv),
+                      kv_connector_extra={"backends": "UCX"})
+    assert s.argv[:5] == (str(venv / "bin" / "python"), "-m",
+                          "vllm.entrypoints.openai.api_server", "--model",
+                          "meta-llama/Llama-3.1-8B")
+    assert flag_json(s, "--kv-transfer-config") == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_producer", "engine_id": "n1-vllm-p0",
+        "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"backends": "UCX"}}
+    assert (s.env["VLLM_NIXL_SIDE_CHANNEL_HOST"], s.env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) == (
+        HOST, "8203")
+    assert s.worker.kv_transfer_endpoint == f"nixl://{HOST}:8203"
+
+
+def test_no_connector_no_events_cpu_device() -> None:
+    (s,) = make_specs(0, both=1, kv_connector="none", kv_events=False, device="cpu",
+                      python="/opt/vllm/bin/python")
+    assert "--kv-transfer-config" not in s.argv and "--kv-events-config" not in s.argv
+    assert "CUDA_VISIBLE_DEVICES" not in s.env
+    assert (s.worker.gpu_indices, s.worker.kv_events_endpoint, s.worker.kv_transfer_endpoint) == (
+        (), "", "")
+    assert s.argv[0] == "/opt/vllm/bin/python"
+
+
+@pytest.mark.parametrize(("kw", "n_gpus", "msg"), [
+    ({"both": 1, "model": ""}, 1, "vllm.model: required"),
+    ({"prefill": -1}, 1, "vllm.prefill: must be in 0..64"),
+    ({"both": 1, "device": "rocm"}, 1, "vllm.device"),
+    ({"both": 1, "tensor_parallel_size": 0}, 1, "vllm.tensor_parallel_size: must be >= 1"),
+    ({"both": 1, "device": "cpu", "tensor_parallel_size": 2}, 0, "vllm.tensor_parallel_size"),
+    ({"both": 1, "gpu_memory_utilization": 1.5}, 1, "vllm.gpu_memory_utilization"),
+    ({"both": 1, "kv_connector": "lmcache"}, 1, "vllm.kv_connector"),
+    ({"both": 1, "kv_transfer": "udp"}, 1, "vllm.kv_transfer"),
+    ({"both": 1, "kv_load_failure_policy": "retry"}, 1, "vllm.kv_load_failure_policy"),
+    ({"both": 1, "hash_seed": "random"}, 1, "vllm.hash_seed"),
+    ({"both": 1, "enable_eplb": True}, 1, "vllm.enable_eplb: needs enable_expert_parallel"),
+    ({"both": 1, "gpus": (0, 0)}, 1, "vllm.gpus: duplicate"),
+    ({"both": 64, "base_port": 65000}, 64, "vllm.base_port: leaves no room"),
+    ({"both": 1, "kv_secret_file": ""}, 1, "vllm.kv_secret_file: required"),
+    ({"both": 3}, 2, r"vllm.tensor_parallel_size: 3 workers x 1 GPUs need 3 GPUs, this host "
+                     r"offers 2 \[0, 1\]"),
+    ({"both": 2, "tensor_parallel_size": 4}, 4, "need 8 GPUs"),
+    ({"both": 1, "gpus": (1, 9)}, 4, r"vllm.gpus: GPU indices \[9\] not on this host"),
+])
+def test_config_and_placement_errors(kw: dict[str, Any], n_gpus: int, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        make_specs(n_gpus, **kw)
+
+
+def test_no_workers_needs_nothing() -> None:
+    assert vllm_specs(VllmConfig(), "n1", HOST, ()) == []
+
+
+# --- live: the real Supervisor runs vllm-cpu from a spec built here -------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_VENV = ROOT / ".venv-vllm"
+CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+           "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "DO_NOT_TRACK": "1"}
+SETTLE_S = 10.0
+CPU_ARGS = ("--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "4",
+            "--enforce-eager", "--num-gpu-blocks-override", "32")
+
+
+def make_tiny_llama(out: Path) -> Path:
+    path = ROOT / "scripts" / "make_tiny_model.py"
+    mod_spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    assert mod_spec and mod_spec.loader
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return Path(mod.build("llama", out, seed=0))
+
+
+def free_base_port() -> int:
+    """A base port whose four worker ports are free on loopback right now."""
+    for _ in range(50):
+        base = random.randrange(20000, 60000, 10)
+        socks = []
+        try:
+            for k in range(4):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not (VLLM_VENV / "bin" / "python").exists(), reason="no .venv-vllm")
+@pytest.mark.timeout(600)
+async def test_live_supervisor_runs_vllm_cpu(tmp_path: Path) -> None:
+    import zmq
+
+    pytest.importorskip("transformers")
+    model = make_tiny_llama(tmp_path / "models")
+    cfg = VllmConfig(model=str(model), served_model_name="tiny-llama", python=str(VLLM_VENV),
+                     device="cpu", both=1, base_port=free_base_port(), block_size=32,
+                     gpu_memory_utilization=0.15, kv_connector="none", env=CPU_ENV,
+                     extra_args=CPU_ARGS, ready_timeout_s=400)
+    (spec,) = vllm_specs(cfg, "live", "127.0.0.1", ())
+    w = spec.worker
+    sup = Supervisor([spec], tmp_path / "logs")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        await sup.start()
+        ok = await sup.wait_ready(420)
+        assert ok, (tmp_path / "logs" / f"{w.worker_id}.log").read_text()[-4000:]
+        assert sup.ready_workers() == (w,)
+        models = await asyncio.to_thread(http, "GET", w.endpoint + "/v1/models")
+        assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+        sub.setsockopt(zmq.SUBSCRIBE, b"kv-events")
+        sub.connect(w.kv_events_endpoint)  # vLLM binds tcp://*:port; we connect to the report
+        await asyncio.sleep(1.0)  # let the subscription reach the publisher
+        prompt = list(range(4, 4 + 2 * cfg.block_size + 3))
+        body = await asyncio.to_thread(http, "POST", w.endpoint + "/v1/completions", {
+            "model": "tiny-llama", "prompt": prompt, "max_tokens": 4, "temperature": 0.0})
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 4
+        assert await asyncio.to_thread(sub.poll, 30_000), "no KV event on the reported endpoint"
+        topic, seq, _payload = sub.recv_multipart()
+        assert topic == b"kv-events" and len(seq) == 8
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+        proc = sup.states[w.worker_id].proc
+        pgid = proc.pid if proc is not None else 0  # the current group (start_new_session)
+        await sup.stop(grace_s=15)
+        # stop() returns when the group leader (the API server) has exited; vLLM's orphaned
+        # children (engine core, multiprocessing resource tracker) got the same SIGTERM and are
+        # gone about a second later. Allow them a bounded window; a survivor after it fails.
+        settle = time.monotonic() + SETTLE_S
+        while pgid and group_alive(pgid) and time.monotonic() < settle:
+            await asyncio.sleep(0.05)
+        if pgid and group_alive(pgid):  # never leave vLLM behind, even if stop() misbehaved
+            os.killpg(pgid, signal.SIGKILL)
+            pytest.fail(f"process group {pgid} alive {SETTLE_S:.0f}s after Supervisor.stop()")
+    assert pgid and not group_alive(pgid)
