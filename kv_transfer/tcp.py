@@ -83,7 +83,7 @@ class TcpServer:
         port: int = 0,
         config: ServerConfig | None = None,
     ) -> None:
-        self._memory = KVMemory(kv_caches, layout)
+        self._memory = self._make_memory(kv_caches, layout)
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self.stats = ServerStats()
@@ -93,11 +93,16 @@ class TcpServer:
     def address(self) -> Peer:
         return self._listener.address
 
+    def _make_memory(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> KVMemory:
+        """How the KV tensors are seen as bytes; subclasses with another physical layout
+        override this and `name` (which the handshake compares)."""
+        return KVMemory(kv_caches, layout)
+
     def close(self) -> None:
         self._listener.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, NAME, self._memory, self._auth, self._source, self.stats,
+        serve_connection(sock, self.name, self._memory, self._auth, self._source, self.stats,
                          self._config, self._stream)
 
     def _stream(
@@ -129,12 +134,16 @@ class TcpClient:
     ) -> None:
         if not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
             raise ValueError(f"chunk_bytes: must be in {MIN_CHUNK}..{MAX_CHUNK}")
-        self._memory = KVMemory(kv_caches, layout)
+        self._memory = self._make_memory(kv_caches, layout)
         self._auth = auth
         self._chunk_bytes = chunk_bytes
 
     def close(self) -> None:
         pass  # no pooled connections yet
+
+    def _make_memory(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> KVMemory:
+        """See `TcpServer._make_memory`."""
+        return KVMemory(kv_caches, layout)
 
     def fetch(
         self,
@@ -145,7 +154,7 @@ class TcpClient:
         timeout_s: float,
     ) -> TransferResult:
         request = (remote_request_id, remote_block_ids, local_block_ids)
-        return run_fetch(NAME, self._memory, self._auth, peer, request, timeout_s, self._pull)
+        return run_fetch(self.name, self._memory, self._auth, peer, request, timeout_s, self._pull)
 
     def _pull(
         self,

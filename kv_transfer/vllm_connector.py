@@ -1,0 +1,311 @@
+"""meshd's out-of-tree vLLM V1 KV connector: prefill/decode disaggregation over meshd's
+authenticated TCP transport. Imported by vLLM only (it imports vllm); meshd never imports it.
+
+    --kv-transfer-config '{"kv_connector": "MeshdConnector", "kv_role": "kv_producer",
+        "kv_connector_module_path": "meshd.kv_transfer.vllm_connector",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"secret_file": "/path/secret", "host": "127.0.0.1",
+                                      "port": 23456}}'
+
+Design (see docs/vllm.md, "KV connector"):
+- **Pull.** The prefill engine (P, `kv_producer`) runs the request with `max_tokens=1`; when it
+  stops by the length cap and carried `do_remote_decode`, `request_finished` keeps its blocks
+  (`delay_free`) and returns NixlConnector-style `kv_transfer_params` (`remote_request_id` = P's
+  internal request id, `remote_block_ids`, `remote_host`/`remote_port` of P's meshd transfer
+  server, `tp_size`). The blocks go under a **lease** in P's worker (`LeaseTable`, a
+  `BlockSource` of the TCP server): it ends when D confirmed an intact copy or after
+  `lease_timeout_s`, and the worker then reports the request in `finished_sending` so vLLM frees
+  the blocks. A fetch in flight renews the lease, so blocks are never freed under a transfer.
+- The decode engine (D, `kv_consumer`) sees `do_remote_prefill`: `get_num_new_matched_tokens`
+  claims the prompt tokens not cached locally for an **async** load; after allocation,
+  `update_state_after_alloc` plans remote -> local blocks; D's worker pulls the whole request on
+  a background thread (not layer-wise: the load runs between engine steps while the request
+  waits in WAITING_FOR_REMOTE_KVS) and reports it in `finished_recving`.
+- **Failure**: any transfer error (auth, connect, unknown request, timeout, CRC) reports the
+  request's local blocks in `get_block_ids_with_load_errors`; with
+  `kv_load_failure_policy=recompute` vLLM recomputes them locally.
+- Auth: meshd's mutual handshake (HMAC mesh secret or Ed25519 node keys); msgpack frames, no
+  pickle. The transport is named after the physical block layout (`tcp+vllm-BHNC` on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    SupportsHMA,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from meshd.kv_transfer.conn import ServerConfig
+from meshd.kv_transfer.transport import Peer
+from meshd.kv_transfer.vllm_layout import BlockMajorTcpClient, BlockMajorTcpServer, layout_of
+from meshd.kv_transfer.vllm_params import (
+    TRANSFER_TIMEOUT_S,
+    ConnectorSettings,
+    LeaseTable,
+    LoadPlan,
+    RecvResults,
+    RemotePrefill,
+    load_authenticator,
+    plan_load,
+    prefill_params,
+    tokens_to_load,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# Under "vllm." so records use vLLM's handler and format.
+log = logging.getLogger("vllm.meshd_connector")
+
+PULL_THREADS = 4
+
+
+class MeshdConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step: pulls to start, leases to hold. Plain data."""
+
+    def __init__(self, loads: list[dict[str, Any]], leases: list[tuple[str, list[int]]]) -> None:
+        self.loads = loads
+        self.leases = leases
+
+
+class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM V1 KV connector over meshd's transport (both roles; see module docstring)."""
+
+    _cache_hit_source = CacheHitSource.P2P
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = self._kv_transfer_config
+        self._producer = bool(ktc.is_kv_producer)
+        self._consumer = bool(ktc.is_kv_consumer)
+        self._settings = ConnectorSettings.parse(ktc.kv_connector_extra_config,
+                                                 producer=self._producer)
+        self._engine_id = str(ktc.engine_id)
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        if len(groups) > 1:
+            raise ValueError(
+                f"MeshdConnector supports one KV cache group (plain full-attention models), "
+                f"this model has {len(groups)}"
+            )
+        if role == KVConnectorRole.SCHEDULER:
+            self._pending_loads: dict[str, LoadPlan] = {}
+            self._pending_leases: dict[str, tuple[int, ...]] = {}
+            log.info("meshd connector (scheduler) engine=%s producer=%s consumer=%s "
+                     "transfer server %s:%s", self._engine_id, self._producer, self._consumer,
+                     self._settings.remote_host, self._settings.port)
+        else:
+            self._auth = load_authenticator(self._settings, self._engine_id)
+            self._leases = LeaseTable(self._settings.lease_timeout_s,
+                                      lookup_wait_s=self._settings.lookup_wait_s,
+                                      transfer_timeout_s=TRANSFER_TIMEOUT_S)
+            self._recv = RecvResults()
+            self._server: BlockMajorTcpServer | None = None
+            self._client: BlockMajorTcpClient | None = None
+            self._pool: ThreadPoolExecutor | None = None
+            self._inflight: set[str] = set()
+            self._lock = threading.Lock()
+            self._rank = 0
+
+    # ==========================================================================================
+    # scheduler side
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        remote = RemotePrefill.parse(request.kv_transfer_params)
+        if isinstance(remote, str):
+            return 0, False
+        if remote.tp_size != self._tp_size:
+            log.warning("meshd: %s: prefill tp_size %d != ours %d; prefilling locally",
+                        request.request_id, remote.tp_size, self._tp_size)
+            return 0, False
+        prompt = request.prompt_token_ids or []
+        count = tokens_to_load(remote, len(prompt), num_computed_tokens, self._block_size)
+        return count, count > 0
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill"):
+            return
+        params["do_remote_prefill"] = False  # one transfer per request
+        if num_external_tokens <= 0:
+            return  # nothing to load (a local hit); P's lease expires on its own
+        remote = RemotePrefill.parse({**params, "do_remote_prefill": True})
+        (block_ids, *_) = blocks.get_block_ids()
+        prompt = request.prompt_token_ids or []
+        plan: LoadPlan | str = (
+            remote if isinstance(remote, str) else
+            plan_load(request.request_id, remote, block_ids, len(prompt), num_external_tokens,
+                      self._block_size)
+        )
+        if isinstance(plan, str):
+            # The request already waits for remote KV: report a failed load so it recomputes.
+            log.warning("meshd: %s: cannot plan the load (%s); recomputing",
+                        request.request_id, plan)
+            plan = LoadPlan(request.request_id, Peer("", 0), "", (), tuple(block_ids))
+        self._pending_loads[request.request_id] = plan
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = MeshdConnectorMetadata(
+            loads=[p.to_dict() for p in self._pending_loads.values()],
+            leases=[(rid, list(b)) for rid, b in self._pending_leases.items()],
+        )
+        self._pending_loads = {}
+        self._pending_leases = {}
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        return self._finished(request, list(block_ids))
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        return self._finished(request, list(block_ids[0]) if block_ids else [])
+
+    def _finished(self, request: Request, block_ids: list[int]
+                  ) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_decode") or not self._producer:
+            return False, None
+        if request.status != RequestStatus.FINISHED_LENGTH_CAPPED or not block_ids:
+            return False, None  # EOS or abort: free now, the decode side prefills itself
+        rid = request.request_id
+        self._pending_leases[rid] = tuple(block_ids)
+        return True, prefill_params(
+            request_id=rid, block_ids=block_ids, engine_id=self._engine_id,
+            host=self._settings.remote_host, port=self._settings.port, tp_size=self._tp_size,
+            num_tokens=len(request.prompt_token_ids or []), transport=self._settings.transport,
+        )
+
+    # ==========================================================================================
+    # worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.v1.kv_cache_interface import AttentionSpec
+
+        group = self._kv_cache_config.kv_cache_groups[0]
+        spec = group.kv_cache_spec
+        if not isinstance(spec, AttentionSpec) or getattr(spec, "sliding_window", None):
+            raise ValueError(f"MeshdConnector: unsupported KV cache spec {type(spec).__name__}")
+        names = [n for n in group.layer_names if n in kv_caches]
+        layers = [kv_caches[n] for n in names]
+        if not layers:
+            raise ValueError("MeshdConnector: no KV cache tensors registered")
+        num_blocks = int(self._kv_cache_config.num_blocks)
+        if int(layers[0].shape[0]) != num_blocks:
+            raise ValueError(
+                f"MeshdConnector: KV views hold {layers[0].shape[0]} kernel blocks for "
+                f"{num_blocks} scheduler blocks; use a --block-size equal to the attention "
+                "backend's kernel block size (32 on CPU)"
+            )
+        layout = layout_of(layers, spec.num_kv_heads, spec.head_size, spec.block_size)
+        self._rank = int(get_tensor_model_parallel_rank())
+        if self._producer:
+            self._server = BlockMajorTcpServer(
+                layers, layout, self._auth, self._leases, self._settings.host,
+                self._settings.port + self._rank,
+                ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S),
+            )
+        if self._consumer:
+            self._client = BlockMajorTcpClient(layers, layout, self._auth)
+            self._pool = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="meshd-kv-pull")
+        t = layers[0]
+        endpoint = self._server or self._client
+        log.info("meshd connector (worker rank %d): %d layers, view %s strides %s, %s; "
+                 "%d blocks x %d B/block; server %s", self._rank, len(layers), tuple(t.shape),
+                 t.stride(), endpoint.name if endpoint is not None else "-", num_blocks,
+                 layout.bytes_per_block, self._server.address if self._server else "none")
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, MeshdConnectorMetadata)
+        for rid, blocks in meta.leases:
+            self._leases.grant(rid, blocks)
+        for d in meta.loads:
+            plan = LoadPlan.from_dict(d)
+            with self._lock:
+                if plan.request_id in self._inflight:
+                    continue
+                self._inflight.add(plan.request_id)
+            if not plan.remote_block_ids or self._client is None or self._pool is None:
+                self._done(plan, None)
+                continue
+            self._pool.submit(self._pull, plan)
+
+    def _pull(self, plan: LoadPlan) -> None:
+        assert self._client is not None
+        peer = Peer(plan.peer.host, plan.peer.port + self._rank)
+        try:
+            result = self._client.fetch(peer, plan.remote_request_id, plan.remote_block_ids,
+                                        plan.local_block_ids, self._settings.pull_timeout_s)
+        except Exception as exc:  # a caller bug must not strand the request
+            log.exception("meshd: pull of %s failed", plan.request_id)
+            self._done(plan, f"internal: {exc}")
+            return
+        if result.ok:
+            log.info("meshd: pulled %d blocks (%d B) for %s from %s:%d (remote %s) in %.3f s",
+                     len(plan.local_block_ids), result.bytes, plan.request_id, peer.host,
+                     peer.port, plan.remote_request_id, result.seconds)
+            with self._lock:
+                self._inflight.discard(plan.request_id)
+            self._recv.succeeded(plan.request_id, result.bytes, result.seconds)
+        else:
+            self._done(plan, str(result.error))
+
+    def _done(self, plan: LoadPlan, error: str | None) -> None:
+        """A failed (or impossible) load: its blocks are reported for recomputation."""
+        error = error or "no plan"
+        log.warning("meshd: KV load for %s failed (%s); %d blocks will be recomputed",
+                    plan.request_id, error, len(plan.local_block_ids))
+        with self._lock:
+            self._inflight.discard(plan.request_id)
+        self._recv.failed(plan.request_id, plan.local_block_ids, error.split(":", 1)[0])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are whole-request and asynchronous (finished before scheduling)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return None  # pull design: the decode side reads the prefill side's blocks in place
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        sending = self._leases.take_done()
+        for rid in sending:
+            log.info("meshd: lease of %s ended; blocks freed", rid)
+        recving, _failed = self._recv.take()
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._recv.take_bad_blocks()
+
+    def shutdown(self) -> None:
+        if self._role == KVConnectorRole.WORKER:
+            if self._server is not None:
+                self._server.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
