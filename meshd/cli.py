@@ -23,8 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="start a local mesh: Ray, coordinator and one agent")
+    up = sub.add_parser("up", help="start a local mesh serving the OpenAI API on one machine")
     _coord_flags(up)
+    up.add_argument("--prefill", type=int, help="embedded prefill workers (default 1)")
+    up.add_argument("--decode", type=int, help="embedded decode workers (default 1)")
+    up.add_argument("--port", type=int, help="OpenAI API port (default 8000)")
     up.add_argument("--duration", type=float, default=0.0,
                     help="stop after this many seconds (0: until Ctrl-C)")
 
@@ -55,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     isub = ident.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = isub.add_parser("show", help="print node id and public key (creates the key)")
     show.add_argument("--state-dir", help="agent state directory")
+
+    engine = sub.add_parser("engine", help="the embedded CPU engine")
+    esub = engine.add_subparsers(dest="action", required=True, metavar="ACTION")
+    from meshd.node_agent.engine.worker_config import add_serve_flags
+
+    add_serve_flags(esub.add_parser("serve", help="serve the OpenAI API and KV transfer"))
 
     trust = sub.add_parser("trust", help="the coordinator's trust store")
     trust.add_argument("--state-dir", help="coordinator state directory")
@@ -88,6 +97,8 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for flag in ("grpc_port", "metrics_port"):
         if getattr(args, flag, None) is not None:
             out["coordinator"][flag] = getattr(args, flag)
+    if cmd == "up" and args.port is not None:
+        out["gateway"] = {"port": args.port}
     if cmd in ("agent", "status") and args.coordinator:
         out["agent"]["coordinator"] = args.coordinator
     if cmd == "agent":
@@ -102,7 +113,9 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = args.command == "up"  # `up` prints its own progress; -v shows the component logs
+    logging.basicConfig(level=logging.DEBUG if args.verbose else (
+                            logging.WARNING if quiet else logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg: MeshConfig = load(args.config, overrides(args))

@@ -163,6 +163,51 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """The OpenAI gateway: replicas sharing one port, deadlines, routing knobs.
+
+    `static_workers` fronts existing OpenAI-compatible / vLLM servers: entries are `URL` or
+    `ROLE=URL` (role prefill|decode|both, default both); their models come from `/v1/models`.
+    `api_keys` maps tenant -> key (empty: no auth). `hash_seed` must equal the workers'
+    PYTHONHASHSEED (vLLM) / prefix hash seed (embedded engine) for prefix-aware routing.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 2  # gateway processes sharing the port (SO_REUSEPORT)
+    api_keys: dict[str, str] = field(default_factory=dict)
+    static_workers: tuple[str, ...] = ()
+    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer dir
+    hash_seed: str = "0"
+    pd_min_uncached_tokens: int = 512  # shorter uncached prefills stay on the decode worker
+    total_timeout_s: float = 300.0
+    prefill_timeout_s: float = 30.0
+    first_token_timeout_s: float = 60.0
+    inter_token_timeout_s: float = 20.0
+    max_body_bytes: int = 8 << 20
+    membership_interval_s: float = 1.0
+    scrape_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        _port(self.port, "gateway.port")
+        _check(0 <= self.replicas <= 64, "gateway.replicas", f"must be in 0..64, got "
+               f"{self.replicas}")
+        for tenant, key in self.api_keys.items():
+            _check(len(key) >= 8, f"gateway.api_keys.{tenant}", "keys need >= 8 characters")
+        for entry in self.static_workers:
+            role, _, url = entry.rpartition("=")
+            _check(url.startswith(("http://", "https://")) and role in ("", "prefill",
+                                                                        "decode", "both"),
+                   "gateway.static_workers", f"entries are URL or ROLE=URL, got {entry!r}")
+        _check(self.pd_min_uncached_tokens >= 0, "gateway.pd_min_uncached_tokens",
+               "must be >= 0")
+        for name in ("total_timeout_s", "prefill_timeout_s", "first_token_timeout_s",
+                     "inter_token_timeout_s", "membership_interval_s", "scrape_interval_s"):
+            _check(getattr(self, name) > 0, f"gateway.{name}", "must be > 0")
+        _check(self.max_body_bytes >= 1024, "gateway.max_body_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True, slots=True)
 class MeshConfig:
     """The root config: one section per component, in one TOML file."""
 
@@ -170,6 +215,7 @@ class MeshConfig:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 T = TypeVar("T")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,26 +13,58 @@ from pathlib import Path
 from support.net import free_port
 
 from meshd.coordinator.store import Store
-from meshd.node_agent import identity
 
 
-def test_meshd_up_serves_status_and_stops_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+def test_meshd_up_serves_the_openai_api_and_stops_cleanly(tmp_path: Path) -> None:
+    """The README's first command: a local mesh answering the `openai` client."""
+    import openai
+
+    port, grpc_port, base = free_port(), free_port(), free_port()
     env = {**os.environ, "MESHD_COORDINATOR_STATE_DIR": str(tmp_path / "coord"),
            "MESHD_AGENT_STATE_DIR": str(tmp_path / "agent"), "MESHD_RAY_INCLUDE_DASHBOARD": "0",
-           "MESHD_RAY_NUM_CPUS": "1", "MESHD_RAY_NAMESPACE": "meshd-up-test"}
-    out = subprocess.run([sys.executable, "-m", "meshd", "up", "--duration", "1",
-                          "--grpc-port", str(port), "--metrics-port", "0"],
-                         capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
-    ident = identity.load(tmp_path / "agent" / "node.key")
-    assert f"control plane 127.0.0.1:{port}" in out.stdout
-    row = next(li for li in out.stdout.splitlines() if li.startswith(ident.node_id))
-    assert " alive " in row
-    assert out.stdout.rstrip().endswith("stopped")
+           "MESHD_RAY_NUM_CPUS": "1", "MESHD_RAY_NAMESPACE": "meshd-up-test",
+           "MESHD_WORKERS_BASE_PORT": str(20000 + base % 20000),
+           "MESHD_GATEWAY_PD_MIN_UNCACHED_TOKENS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "meshd", "up", "--duration", "600",
+                             "--grpc-port", str(grpc_port), "--metrics-port", "0",
+                             "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if "meshd is up" in line:
+                break
+        assert any("meshd is up" in li for li in out), "".join(out)
+        assert f"http://127.0.0.1:{port}/v1" in "".join(out)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0, timeout=60)
+        chat = client.chat.completions.create(
+            model="meshd-tiny", messages=[{"role": "user", "content": "hello mesh " * 20}],
+            max_tokens=6, temperature=0)
+        assert chat.usage is not None and chat.usage.completion_tokens >= 1
+        comp = client.completions.create(model="meshd-tiny", prompt="hello " * 30,
+                                         max_tokens=4, temperature=0, stream=True)
+        assert sum(len(c.choices) for c in comp) >= 1
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=90)
+        out.append(rest)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(out)
+    assert proc.returncode == 0, text
+    assert text.rstrip().endswith("stopped"), text
     store = Store(tmp_path / "coord")
     assert [n.state for n in store.nodes()] == ["left"]  # the agent deregistered on the way out
     store.close()
+    with socket.socket() as s:  # the workers are gone: their HTTP port is free again
+        s.bind(("127.0.0.1", 20000 + base % 20000))
 
 
 def test_agent_daemon_registers_and_leaves_on_sigterm(tmp_path: Path) -> None:

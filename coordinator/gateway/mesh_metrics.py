@@ -100,7 +100,7 @@ class MeshMetrics:
 
     def watch_workers(self, pool: WorkerPool) -> None:
         if not self._workers_registered:
-            self.registry.register(_WorkerSums(pool))  # type: ignore[arg-type]
+            self.registry.register(_WorkerSums(pool))
             self._workers_registered = True
 
     def request(self, start: float) -> _Timing:

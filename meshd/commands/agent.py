@@ -1,4 +1,4 @@
-"""`meshd agent`: the node agent daemon (register, heartbeat, leave on SIGTERM)."""
+"""`meshd agent`: the node agent daemon (workers, register, heartbeat, leave on SIGTERM)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import signal
 
 from meshd.commands import CommandError
 from meshd.config import MeshConfig
-from meshd.node_agent import identity, probe
-from meshd.node_agent.agent import Agent, AgentRefused
+from meshd.node_agent import daemon, identity
+from meshd.node_agent.agent import AgentRefused
 
 
 async def serve(cfg: MeshConfig, ident: identity.Identity) -> None:
@@ -17,9 +17,7 @@ async def serve(cfg: MeshConfig, ident: identity.Identity) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    a = cfg.agent
-    agent = Agent(a, ident, lambda: probe.probe(address=a.host, attributes=a.attributes))
-    await agent.run(stop)
+    await daemon.run(cfg, ident, stop)
 
 
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
@@ -27,7 +25,8 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
         ident = identity.load_or_create(cfg.agent.state_dir)
     except identity.IdentityError as e:
         raise CommandError(str(e)) from None
-    print(f"meshd agent {ident.node_id} -> coordinator {cfg.agent.coordinator}", flush=True)
+    print(f"meshd agent {ident.node_id} -> coordinator {cfg.agent.coordinator}, "
+          f"{cfg.workers.count} worker(s)", flush=True)
     try:
         asyncio.run(serve(cfg, ident))
     except AgentRefused as e:

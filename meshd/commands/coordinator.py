@@ -10,6 +10,7 @@ from meshd import raylocal
 from meshd.commands import CommandError
 from meshd.config import MeshConfig
 from meshd.coordinator import actors
+from meshd.coordinator.gateway import actor as gateways
 
 
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
@@ -23,16 +24,21 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
         raylocal.init(cfg.ray, state, address)
         try:
             _, info = actors.deploy(cfg.coordinator, cfg.ray.namespace)
+            gateways.deploy(cfg.gateway, cfg.ray.namespace)
         except Exception as e:
             raise CommandError(f"coordinator did not start: {e}") from None
         finally:
             ray.shutdown()
+        g = cfg.gateway
         print(f"coordinator: control plane {cfg.coordinator.grpc_host}:{info['grpc_port']}, "
               f"metrics http://{cfg.coordinator.grpc_host}:{info['metrics_port']}/metrics, "
               f"state {state}")
+        if g.replicas:
+            print(f"gateway: OpenAI API at http://{g.host}:{g.port}/v1 ({g.replicas} replicas)")
         return 0
     raylocal.init(cfg.ray, state, args.ray_address)
     try:
+        gateways.stop(cfg.ray.namespace)
         stopped = actors.stop(cfg.ray.namespace)
     finally:
         ray.shutdown()

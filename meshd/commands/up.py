@@ -1,8 +1,10 @@
-"""`meshd up`: a whole local mesh in one command — Ray, the coordinator actors and one agent.
+"""`meshd up`: the embedded default on one machine, in one command.
 
-Prints the control-plane endpoint, the Ray dashboard URL and `meshd status`, then runs until
-Ctrl-C (or `--duration`), and shuts everything down: the agent deregisters, the actors stop,
-Ray stops.
+Starts a local Ray head, the coordinator actors (registry + gateway replicas), and one agent
+that launches embedded engine workers (default one prefill, one decode), then serves the
+OpenAI API on 127.0.0.1:8000. Prints the endpoint, the Ray dashboard URL and a progress line
+while workers load; Ctrl-C (or `--duration`) shuts everything down: gateways stop, the agent
+deregisters, the workers exit, Ray stops.
 """
 
 from __future__ import annotations
@@ -13,71 +15,117 @@ import contextlib
 import dataclasses
 import signal
 import time
+import urllib.request
 
 import ray
 
 from meshd import raylocal
 from meshd.commands import CommandError
-from meshd.commands.status import fetch, table
 from meshd.config import MeshConfig
 from meshd.coordinator import actors
-from meshd.node_agent import identity, probe
-from meshd.node_agent.agent import Agent
+from meshd.coordinator.gateway import actor as gateways
+from meshd.coordinator.store import Store
+from meshd.node_agent import daemon, identity
+from meshd.node_agent.supervisor import Supervisor
 
 
-async def _serve(cfg: MeshConfig, duration: float) -> None:
-    coord = cfg.coordinator
-    address = f"{coord.grpc_host}:{coord.grpc_port}"
+def _trust_local_agent(cfg: MeshConfig) -> identity.Identity:
+    """The operator running `meshd up` owns this host: its agent key is trusted directly."""
     ident = identity.load_or_create(cfg.agent.state_dir)
-    admin = identity.load_or_create(coord.state_dir, actors.ADMIN_KEY_FILE)
-    # The local agent is trusted by the operator who runs `meshd up` on this host.
-    from meshd.coordinator.store import Store
-
-    store = Store(coord.state_dir)
+    store = Store(cfg.coordinator.state_dir)
     try:
         rec = store.key(ident.public_key)
         if rec is None or rec.state != "trusted":
             store.add_key(ident.public_key, ident.node_id, "meshd up local agent")
     finally:
         store.close()
-    agent_cfg = dataclasses.replace(cfg.agent, coordinator=address)
-    agent = Agent(agent_cfg, ident, lambda: probe.probe(attributes=agent_cfg.attributes))
+    return ident
+
+
+def _models(url: str) -> list[str]:
+    try:
+        with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+            import json
+
+            return [m["id"] for m in json.loads(r.read())["data"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+async def _serve(cfg: MeshConfig, duration: float, dashboard: str) -> None:
+    ident = _trust_local_agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(agent.run(stop))
-    deadline = time.monotonic() + 30
-    while not agent.status.registered and time.monotonic() < deadline and not task.done():
-        print(f"\rwaiting for agent {ident.node_id} to register...", end="", flush=True)
-        await asyncio.sleep(0.2)
+    box: dict[str, Supervisor] = {}
+
+    def keep(sup: Supervisor) -> None:
+        box["s"] = sup
+
+    agent = asyncio.create_task(daemon.run(cfg, ident, stop, keep))
+    t0 = time.monotonic()
+    total = cfg.workers.count
+    while not stop.is_set() and not agent.done():
+        sup = box.get("s")
+        ready = len(sup.ready_workers()) if sup else 0
+        print(f"\rloading workers: {ready}/{total} ready ({time.monotonic() - t0:.0f}s)",
+              end="", flush=True)
+        if ready == total:
+            break
+        if time.monotonic() - t0 > cfg.workers.ready_timeout_s:
+            stop.set()
+            raise CommandError(f"workers not ready after {cfg.workers.ready_timeout_s:.0f}s; "
+                               f"see {cfg.agent.state_dir}/logs")
+        await asyncio.sleep(0.5)
     print()
-    if task.done():
-        await task  # re-raises AgentRefused
-    print(table(await fetch(address, admin)), flush=True)
-    print("meshd is up; Ctrl-C to stop", flush=True)
+    if agent.done():
+        await agent  # re-raises AgentRefused
+    g = cfg.gateway
+    url = f"http://{g.host}:{g.port}"
+    print(f"starting {g.replicas} gateway replica(s)...", flush=True)
+    await asyncio.to_thread(gateways.deploy, g, cfg.ray.namespace)
+    while not stop.is_set() and not _models(url):  # the gateway sees the workers
+        if time.monotonic() - t0 > cfg.workers.ready_timeout_s:
+            raise CommandError("the gateway sees no workers; check `meshd status`")
+        await asyncio.sleep(0.3)
+    print(f"\nmeshd is up: OpenAI API at {url}/v1 (model {cfg.workers.model_name})")
+    print(f"  Ray dashboard: {dashboard}")
+    print(f"  try: curl {url}/v1/completions -H 'content-type: application/json' "
+          f"-d '{{\"model\": \"{cfg.workers.model_name}\", \"prompt\": \"Hello\", "
+          f"\"max_tokens\": 8}}'")
+    print("  Ctrl-C to stop", flush=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), duration or None)
+    print("\nshutting down...", flush=True)
+    await asyncio.to_thread(gateways.stop, cfg.ray.namespace)
     stop.set()
-    await asyncio.wait_for(task, 10)
+    await asyncio.wait_for(agent, 30)
 
 
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
-    state = cfg.coordinator.state_dir
+    w = cfg.workers
+    if args.prefill is not None or args.decode is not None or w.count == 0:
+        prefill = args.prefill if args.prefill is not None else (w.prefill or 1)
+        decode = args.decode if args.decode is not None else (w.decode or 1)
+        w = dataclasses.replace(w, prefill=prefill, decode=decode)
+    coord = cfg.coordinator
+    agent = dataclasses.replace(cfg.agent, coordinator=f"{coord.grpc_host}:{coord.grpc_port}")
+    cfg = dataclasses.replace(cfg, workers=w, agent=agent)
     print("starting Ray (local head)...", flush=True)
-    ctx = raylocal.init(cfg.ray, state, "")
+    ctx = raylocal.init(cfg.ray, coord.state_dir, "")
     try:
         try:
-            _, info = actors.deploy(cfg.coordinator, cfg.ray.namespace)
+            _, info = actors.deploy(coord, cfg.ray.namespace)
         except Exception as e:
             raise CommandError(f"coordinator did not start: {e}") from None
-        print(f"coordinator: control plane {cfg.coordinator.grpc_host}:{info['grpc_port']}, "
-              f"metrics http://{cfg.coordinator.grpc_host}:{info['metrics_port']}/metrics")
+        print(f"coordinator: control plane {coord.grpc_host}:{info['grpc_port']}, "
+              f"metrics http://{coord.grpc_host}:{info['metrics_port']}/metrics")
         dash = getattr(ctx, "dashboard_url", "") or ""
-        print(f"Ray dashboard: http://{dash}" if dash else "Ray dashboard: disabled")
-        asyncio.run(_serve(cfg, args.duration))
+        asyncio.run(_serve(cfg, args.duration, f"http://{dash}" if dash else "disabled"))
     finally:
-        print("shutting down...", flush=True)
+        with contextlib.suppress(Exception):
+            gateways.stop(cfg.ray.namespace)
         with contextlib.suppress(Exception):
             actors.stop(cfg.ray.namespace)
         ray.shutdown()

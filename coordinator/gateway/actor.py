@@ -1,0 +1,92 @@
+"""Gateway replicas as named, detached Ray actors (`meshd-gateway-<i>` in the meshd namespace).
+
+Each replica is its own process running a `GatewayRuntime` on a uvloop event loop in a thread;
+all replicas bind the same port with SO_REUSEPORT, so the kernel spreads connections over them
+and the gateway uses every core. Membership comes from the registry actor's routing set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import ray
+
+from meshd.capabilities import Worker
+from meshd.config import GatewaySettings, build
+from meshd.coordinator import actors
+from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread
+
+log = logging.getLogger("meshd.gateway")
+PREFIX = "meshd-gateway-"
+
+
+def _worker(row: dict[str, Any]) -> tuple[str, Worker]:
+    row = dict(row)
+    node_id = str(row.pop("node_id"))
+    row["gpu_indices"] = tuple(row.get("gpu_indices") or ())
+    return node_id, Worker(**row)
+
+
+class _GatewayActor:
+    def __init__(self, settings: dict[str, Any], namespace: str) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.settings = build(GatewaySettings, settings, "gateway.")
+        registry = actors.find(namespace)
+
+        async def membership() -> list[tuple[str, Worker]]:
+            if registry is None:
+                return []
+            rows = await asyncio.to_thread(ray.get, registry.workers.remote(), timeout=10)
+            return [_worker(r) for r in rows]
+
+        self.thread, self.loop, self.runtime = run_in_thread(
+            lambda: GatewayRuntime(self.settings, membership))
+
+    def info(self) -> dict[str, Any]:
+        fut = asyncio.run_coroutine_threadsafe(self._describe(), self.loop)
+        return fut.result(10)
+
+    async def _describe(self) -> dict[str, Any]:
+        return self.runtime.describe()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.runtime.stop(timeout_s), self.loop)
+        try:
+            fut.result(timeout_s + 5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+GatewayActor: Any = ray.remote(num_cpus=0, max_restarts=-1)(_GatewayActor)
+
+
+def deploy(settings: GatewaySettings, namespace: str = "meshd", timeout_s: float = 60.0
+           ) -> list[Any]:
+    """Start `settings.replicas` gateway actors (or find running ones) and wait until each
+    serves; returns their handles."""
+    handles = [GatewayActor.options(name=f"{PREFIX}{i}", namespace=namespace,
+                                    lifetime="detached", get_if_exists=True)
+               .remote(dataclasses.asdict(settings), namespace)
+               for i in range(settings.replicas)]
+    ray.get([h.info.remote() for h in handles], timeout=timeout_s)
+    return handles
+
+
+def stop(namespace: str = "meshd", timeout_s: float = 15.0) -> int:
+    """Stop every gateway replica; returns how many were running."""
+    n = 0
+    for i in range(64):
+        try:
+            h = ray.get_actor(f"{PREFIX}{i}", namespace=namespace)
+        except ValueError:
+            break
+        try:
+            ray.get(h.shutdown.remote(), timeout=timeout_s)
+        except Exception as e:  # dying already: kill regardless
+            log.warning("gateway %d shutdown: %s", i, e)
+        ray.kill(h, no_restart=True)
+        n += 1
+    return n
