@@ -156,5 +156,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+# -- transfer section: KV pulls between two engines' real cache tensors -----------------------
+TRANSFER_SECRET = b"benchmark-secret-0123456789abcdef"
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def transfer_rows(cfg: EngineConfig, num_blocks: int = 256, repeats: int = 3) -> list[Row]:
+    """GB/s (1e9 B/s) pulling `num_blocks` blocks from one engine's KV tensors into another's
+    over tcp and shm (server threads in this process, loopback), next to a torch copy of the
+    same blocks. The source cache is filled with random values first."""
+    from meshd.kv_transfer.auth import SharedSecretAuthenticator
+    from meshd.kv_transfer.testing import DictSource
+    from meshd.kv_transfer.transport import make_client, make_server
+    from meshd.node_agent.engine.disagg import block_layout
+
+    src, dst = Engine(cfg), Engine(cfg)
+    for t in src.kv_caches:
+        t.normal_()
+    for t in dst.kv_caches:
+        t.zero_()  # fault the pages in
+    layout = block_layout(src.layout)
+    n = min(num_blocks, cfg.num_blocks)
+    ids = list(range(n))
+    nbytes = n * layout.bytes_per_block
+    auth = SharedSecretAuthenticator(TRANSFER_SECRET, "bench")
+
+    def copy_blocks() -> None:
+        for s_t, d_t in zip(src.kv_caches, dst.kv_caches, strict=True):
+            d_t[:, :n].copy_(s_t[:, :n])
+
+    memcpy = nbytes / _best_seconds(copy_blocks, max(repeats, 10)) / 1e9  # cheap: more tries
+    rows: list[Row] = [{"name": f"memcpy {n} blocks", "mib": nbytes / 2**20, "gbps": memcpy}]
+    for name in ("tcp", "shm"):
+        source = DictSource({f"r{i}": ids for i in range(repeats + 1)})
+        server = make_server(name, src.kv_caches, layout, auth, source)
+        client = make_client(name, dst.kv_caches, layout, auth)
+        it = iter(range(repeats + 1))
+
+        def pull(server: Any = server, client: Any = client, it: Any = it) -> None:
+            res = client.fetch(server.address, f"r{next(it)}", ids, ids, 60.0)
+            assert res.ok, res.error
+
+        pull()  # warm up (connection paths, page faults)
+        secs = _best_seconds(pull, repeats)
+        client.close()
+        server.close()
+        assert all(torch.equal(a[:, :n], b[:, :n]) for a, b in zip(src.kv_caches,
+                                                                    dst.kv_caches, strict=True))
+        gbps = nbytes / secs / 1e9
+        rows.append({"name": f"{name} {n} blocks", "mib": nbytes / 2**20, "gbps": gbps,
+                     "vs_memcpy": gbps / memcpy, "ms": 1000 * secs})
+    return rows
+
+
+register_section("transfer", transfer_rows)
+
+
 if __name__ == "__main__":
     main()

@@ -38,7 +38,9 @@ _RESERVED = frozenset({"kv_transfer_params", "return_token_ids", "prompt", "mess
 class MeshHandler:
     def __init__(self, pool: WorkerPool, router: Router, prompts: PromptBuilder,
                  deadlines: Deadlines | None = None, metrics: MeshMetrics | None = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, max_inflight: int = 1024) -> None:
+        self.max_inflight = max_inflight
+        self.inflight = 0
         self.pool = pool
         self.router = router
         self.prompts = prompts
@@ -73,8 +75,20 @@ class MeshHandler:
         return out
 
     async def handle(self, req: ApiRequest, responder: Responder) -> None:
+        if self.inflight >= self.max_inflight:
+            raise errors.rate_limited(f"This gateway replica is at its limit of "
+                                      f"{self.max_inflight} requests in flight; retry shortly.",
+                                      retry_after=1.0)
+        self.inflight += 1
+        try:
+            await self._handle(req, responder)
+        finally:
+            self.inflight -= 1
+
+    async def _handle(self, req: ApiRequest, responder: Responder) -> None:
         body = req.body
-        if isinstance(body, ChatRequest) and (body.tools or body.response_format):
+        if self.pool.passthrough(body.model) or (
+                isinstance(body, ChatRequest) and (body.tools or body.response_format)):
             await self._passthrough(req, responder)
             return
         if body.model not in self.pool.models():

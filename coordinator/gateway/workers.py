@@ -76,6 +76,12 @@ class WorkerPool:
         self._views = None
         log.info("worker %s left the routing set", wid)
 
+    def passthrough(self, model: str) -> bool:
+        """True when `model` is served only by plain OpenAI-compatible workers (engine
+        "openai"), which take text prompts: the gateway proxies instead of driving P/D."""
+        engines = {e.worker.engine for e in self.entries.values() if e.worker.model == model}
+        return engines == {"openai"}
+
     def models(self) -> list[str]:
         return sorted({e.worker.model for e in self.entries.values()})
 

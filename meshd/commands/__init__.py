@@ -13,7 +13,7 @@ class CommandError(Exception):
 
 
 _MODULES = {"up": "up", "coordinator": "coordinator", "agent": "agent", "status": "status",
-            "identity": "identity", "trust": "trust"}
+            "identity": "identity", "trust": "trust", "engine": "engine"}
 
 
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:

@@ -1,0 +1,229 @@
+"""The embedded engine's worker server: the subset of vLLM's OpenAI server the gateway uses.
+
+    python -m meshd.node_agent.engine.server --port 8000 [--role prefill --kv-secret ...]
+    meshd engine serve ...
+
+Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
+`GET /metrics`, `GET /debug/kv` (block accounting for tests and operators). Request and
+response shapes: `openai_io.py`; disaggregation: `disagg.py`; the contract is written down in
+`docs/engine.md`. Prints `meshd engine ready: http://HOST:PORT ...` once it serves; SIGTERM or
+SIGINT shut it down gracefully (in-flight requests get up to `SHUTDOWN_GRACE_S`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, cast
+
+from aiohttp import web
+
+from meshd.kv_transfer.transport import Peer, TransportServer, make_server
+from meshd.node_agent.engine.async_engine import AsyncEngine, EngineDeadError, Hooks
+from meshd.node_agent.engine.config import EngineConfig, tiny_model, tiny_moe_model
+from meshd.node_agent.engine.disagg import (
+    DisaggStats,
+    Leases,
+    Puller,
+    block_layout,
+    make_authenticator,
+)
+from meshd.node_agent.engine.engine import Engine
+from meshd.node_agent.engine.handlers import CompletionHandler
+from meshd.node_agent.engine.kv_events import KVEventPublisher, to_u64
+from meshd.node_agent.engine.metrics import ServerSnapshot, render
+from meshd.node_agent.engine.openai_io import APIError, ModelInfo
+from meshd.node_agent.engine.worker_config import WorkerConfig, add_serve_flags, from_args
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 5.0
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def engine_config(cfg: WorkerConfig) -> EngineConfig:
+    model = tiny_moe_model() if cfg.moe else tiny_model()
+    if cfg.max_model_len:
+        model = replace(model, max_model_len=cfg.max_model_len)
+    return EngineConfig(model=model, model_path=cfg.model_path, seed=cfg.seed,
+                        block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+                        max_num_seqs=cfg.max_num_seqs, engine_id=cfg.engine_id,
+                        enable_kv_events=cfg.kv_events_port is not None)
+
+
+class WorkerServer:
+    """One engine behind HTTP: the step driver, the KV transfer server/puller, KV events."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        if not cfg.engine_id:
+            cfg = replace(cfg, engine_id=f"meshd-{uuid.uuid4().hex[:12]}")
+        secret = cfg.kv_secret or secrets.token_bytes(32)  # role both only (validated)
+        self.cfg = cfg
+        engine = Engine(engine_config(cfg))
+        self.stats = DisaggStats()
+        self.driver = AsyncEngine(engine, Hooks(
+            on_held=lambda rid, blocks: self.leases.grant(rid, blocks),
+            on_aborted=lambda rid: self.leases.forget(rid),
+            housekeeping=lambda e: self.leases.expire(e),
+            on_kv_events=self._publish if cfg.kv_events_port is not None else None))
+        self.leases = Leases(self.driver, cfg.lease_timeout_s, self.stats)
+        auth = make_authenticator(secret, cfg.kv_node_key, cfg.kv_trusted_keys, cfg.engine_id)
+        self.kv_server: TransportServer | None = None
+        self.kv_peer = Peer("", 0)
+        if cfg.role in ("prefill", "both"):
+            self.kv_server = make_server(cfg.kv_transfer, engine.kv_caches,
+                                         block_layout(engine.layout), auth, self.leases,
+                                         host=cfg.bind_kv_host, port=cfg.kv_port)
+            bound = self.kv_server.address
+            self.kv_peer = Peer(cfg.kv_advertise_host or bound.host, bound.port)
+        self.puller = (Puller(self.driver, auth, cfg.kv_transfer, cfg.pull_timeout_s,
+                              self.stats) if cfg.role in ("decode", "both") else None)
+        self.publisher: KVEventPublisher | None = None
+        if cfg.kv_events_port is not None:
+            host = "*" if cfg.host in ("0.0.0.0", "") else cfg.host
+            replay = (f"tcp://{host}:{cfg.kv_replay_port}" if cfg.kv_replay_port is not None
+                      else None)
+            self.publisher = KVEventPublisher(f"tcp://{host}:{cfg.kv_events_port}", replay)
+        m = engine.model_config
+        self.info = ModelInfo(cfg.model_name, engine.tokenizer, m.max_model_len,
+                              cfg.num_blocks * cfg.block_size, m.vocab_size)
+        self.handler = CompletionHandler(self)
+
+    def _publish(self, events: list[Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(events)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware])
+        app.router.add_post("/v1/completions", self.handler.completions)
+        app.router.add_post("/v1/chat/completions", self.handler.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/debug/kv", self.debug_kv)
+        return app
+
+    async def close(self) -> None:
+        await self.driver.shutdown()
+        if self.kv_server is not None:
+            self.kv_server.close()
+        if self.puller is not None:
+            self.puller.close()
+        if self.publisher is not None:
+            self.publisher.close()
+
+    # -- plain routes --------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.info.name, "object": "model", "created": 0, "owned_by": "meshd",
+            "root": self.cfg.model_path or self.info.name, "parent": None,
+            "max_model_len": self.info.max_model_len}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.driver.dead is not None:
+            raise APIError(f"engine failed: {self.driver.dead}", 503, "ServiceUnavailable")
+        return web.Response(status=200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        snap = ServerSnapshot(
+            leases_held=len(self.leases),
+            kv_server=cast(Any, self.kv_server).stats.snapshot() if self.kv_server else {},
+            events_published=self.publisher.published if self.publisher else 0,
+            events_dropped=self.publisher.dropped if self.publisher else 0)
+        body = render(self.info.name, self.driver.stats, self.stats, snap)
+        return web.Response(text=body, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    async def debug_kv(self, request: web.Request) -> web.Response:
+        def look(e: Engine) -> dict[str, Any]:
+            try:
+                e.blocks.check_integrity()
+                integrity = "ok"
+            except AssertionError as exc:
+                integrity = str(exc)
+            hashes = [e.blocks.block_hash(b) for b in range(e.config.num_blocks)]
+            return {"num_blocks": e.config.num_blocks, "free_blocks": e.blocks.num_free_blocks,
+                    "held": e.stats().num_held, "integrity": integrity,
+                    "cached_block_hashes": sorted(to_u64(h) for h in hashes if h is not None)}
+
+        out = await self.driver.call(look)
+        out["leases"] = len(self.leases)
+        return web.json_response(out)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-shaped error; never a traceback."""
+    try:
+        return await handler(request)
+    except APIError as e:
+        return web.json_response(e.body(), status=e.status)
+    except EngineDeadError as e:
+        return web.json_response(APIError(str(e), 503, "ServiceUnavailable").body(), status=503)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        err = APIError(e.reason, e.status, "NotFoundError" if e.status == 404 else
+                       "invalid_request_error")
+        return web.json_response(err.body(), status=e.status)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        err = APIError("internal server error", 500, "InternalServerError")
+        return web.json_response(err.body(), status=500)
+
+
+async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT when `stop` is None)."""
+    server = WorkerServer(cfg)
+    server.driver.start()
+    runner = web.AppRunner(server.app(), handler_cancellation=True,
+                           shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    host, port = runner.addresses[0][:2]
+    kv = f" kv={cfg.kv_transfer}://{server.kv_peer.host}:{server.kv_peer.port}" \
+        if server.kv_server else ""
+    pub = server.publisher
+    ev = f" events={pub.endpoint}" if pub else ""
+    ev += f" replay={pub.replay_endpoint}" if pub and pub.replay_endpoint else ""
+    print(f"meshd engine ready: http://{host}:{port} model={server.info.name} "
+          f"role={cfg.role} engine_id={server.cfg.engine_id}{kv}{ev}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await runner.cleanup()
+        await server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="meshd engine serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = from_args(args)
+    except ValueError as e:
+        print(f"meshd engine: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
