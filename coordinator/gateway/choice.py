@@ -29,7 +29,7 @@ from meshd.coordinator.gateway.backend import (
     BackendTimeout,
 )
 from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.shapes import ChoiceOutput, Delta, parse_delta
+from meshd.coordinator.gateway.shapes import ChoiceOutput, Delta, SeamText, parse_delta
 from meshd.coordinator.gateway.workers import WorkerPool
 from meshd.coordinator.lifecycle import Action, Failure, Lifecycle, Phase
 from meshd.scheduler.router import Router
@@ -76,7 +76,9 @@ def _worker_error(e: BackendHTTPError) -> ApiError:
 class ChoiceRun:
     def __init__(self, pool: WorkerPool, router: Router, lc: Lifecycle, view: RequestView,
                  body: dict[str, Any], prompt: tuple[int, ...], max_tokens: int | None,
-                 request_id: str, counters: Counters, clock: Callable[[], float]) -> None:
+                 request_id: str, counters: Counters, clock: Callable[[], float],
+                 decode_text: Callable[[list[int]], str] | None = None) -> None:
+        """`decode_text` (the model's tokenizer) makes text seamless across a continuation."""
         self.pool = pool
         self.router = router
         self.lc = lc
@@ -89,6 +91,8 @@ class ChoiceRun:
         self.clock = clock
         self.out = ChoiceOutput()
         self.excluded: set[str] = set()
+        self.decode_text = decode_text
+        self.seam: SeamText | None = None
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -188,6 +192,10 @@ class ChoiceRun:
                 if action is not Action.CONTINUE_DECODE:
                     raise self._give_up(failure, detail) from None
                 self.counters.continuations += 1
+                if self.decode_text is not None:
+                    ids = self.out.token_ids
+                    self.seam = SeamText(self.decode_text, SeamText.pending(
+                        self.decode_text, ids, "".join(self.out.text)), self.body.get("stop", ()))
                 worker_id = self._decide().decode
                 params = None  # the new worker prefills prompt + tokens so far itself
                 if self.lc.phase is Phase.TRANSFER:
@@ -244,6 +252,8 @@ class ChoiceRun:
             self.lc.advance(Phase.DECODE, self.clock(), "first token")
         if not delta.token_ids and not delta.text and delta.finish_reason is None:
             return
+        if self.seam is not None:
+            delta.text = self.seam.feed(delta)
         self.out.token_ids.extend(delta.token_ids)
         if delta.text:
             self.out.text.append(delta.text)

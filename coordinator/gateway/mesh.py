@@ -106,7 +106,8 @@ class MeshHandler:
         runs = [ChoiceRun(self.pool, self.router, Lifecycle(f"{req.request_id}/{i}", start,
                                                             self.deadlines),
                           view, self._worker_body(req, i), prompt.token_ids,
-                          body.sampling.max_tokens, req.request_id, self.counters, self.clock)
+                          body.sampling.max_tokens, req.request_id, self.counters, self.clock,
+                          self.prompts.tokenizer(body.model).decode)
                 for i in range(body.sampling.n)]
         timing = self.metrics.request(start)
         try:

@@ -24,12 +24,55 @@ class Delta:
     token_ids: list[int]
     logprobs: dict[str, Any] | None  # completions form: tokens, token_logprobs, top_logprobs
     finish_reason: str | None
+    stop_reason: int | str | None = None
 
 
 def parse_delta(choice: Mapping[str, Any]) -> Delta:
     """One choice of a worker's completion chunk (or full response)."""
     return Delta(text=str(choice.get("text") or ""), token_ids=list(choice.get("token_ids") or ()),
-                 logprobs=choice.get("logprobs"), finish_reason=choice.get("finish_reason"))
+                 logprobs=choice.get("logprobs"), finish_reason=choice.get("finish_reason"),
+                 stop_reason=choice.get("stop_reason"))
+
+
+class SeamText:
+    """Text of a choice after it moved to another worker mid-stream.
+
+    The new worker decodes its tokens without the earlier ones, so a character split across
+    the two workers (a multi-byte UTF-8 sequence, a BPE merge) would come out garbled. From the
+    seam on, the gateway decodes the token ids itself with the model's tokenizer, holding back
+    trailing U+FFFD and a possible partial stop string like the engines do, and cutting at the
+    stop string the worker reports. Only the failure path pays for this.
+    """
+
+    def __init__(self, decode: Any, pending: list[int], stops: Sequence[str]) -> None:
+        self.decode = decode
+        self.ids = list(pending)
+        self.sent = 0
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    @staticmethod
+    def pending(decode: Any, ids: Sequence[int], sent_text: str, window: int = 8) -> list[int]:
+        """The trailing ids whose text was not forwarded yet (held back by the old worker)."""
+        for k in range(min(len(ids), window) + 1):
+            if decode(ids[:len(ids) - k]) == sent_text:
+                return list(ids[len(ids) - k:])
+        return []
+
+    def feed(self, d: Delta) -> str:
+        self.ids.extend(d.token_ids)
+        text = self.decode(self.ids)
+        end = len(text)
+        if d.finish_reason is None:
+            end -= self.hold
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+        elif d.finish_reason == "stop" and isinstance(d.stop_reason, str) and d.stop_reason:
+            i = text.find(d.stop_reason, max(0, self.sent - len(d.stop_reason)))
+            end = i if i >= 0 else end
+        if end <= self.sent:
+            return ""
+        out, self.sent = text[self.sent:end], end
+        return out
 
 
 @dataclass(slots=True)
