@@ -166,8 +166,10 @@ class WorkersConfig:
 class GatewaySettings:
     """The OpenAI gateway: replicas sharing one port, deadlines, routing knobs.
 
-    `static_workers` fronts existing OpenAI-compatible / vLLM servers: entries are `URL` or
-    `ROLE=URL` (role prefill|decode|both, default both); their models come from `/v1/models`.
+    `static_workers` fronts servers the operator already runs: `URL` or `ROLE=URL` for vLLM
+    (and meshd engine) servers, which take part in disaggregated serving (role prefill|decode|
+    both, default both); `openai=URL` for any other OpenAI-compatible server, which the gateway
+    proxies requests to as they are. Models come from each server's `/v1/models`.
     `api_keys` maps tenant -> key (empty: no auth). `hash_seed` must equal the workers'
     PYTHONHASHSEED (vLLM) / prefix hash seed (embedded engine) for prefix-aware routing.
     """
@@ -197,7 +199,8 @@ class GatewaySettings:
         for entry in self.static_workers:
             role, _, url = entry.rpartition("=")
             _check(url.startswith(("http://", "https://")) and role in ("", "prefill",
-                                                                        "decode", "both"),
+                                                                        "decode", "both",
+                                                                        "openai"),
                    "gateway.static_workers", f"entries are URL or ROLE=URL, got {entry!r}")
         _check(self.pd_min_uncached_tokens >= 0, "gateway.pd_min_uncached_tokens",
                "must be >= 0")

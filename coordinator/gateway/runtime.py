@@ -60,8 +60,10 @@ async def discover_static(entries: Sequence[str], timeout_s: float = 5.0
         finally:
             await pool.close()
         for model in models[:1]:
-            out.append(("static", Worker(f"static-{i}", url.rstrip("/"), role or "both", model,
-                                         engine="static")))
+            plain = role == "openai"
+            out.append(("static", Worker(f"static-{i}", url.rstrip("/"),
+                                         "both" if plain else (role or "both"), model,
+                                         engine="openai" if plain else "static")))
     return out
 
 
