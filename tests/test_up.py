@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from support.net import free_port
 
 from meshd.coordinator.store import Store
@@ -63,8 +64,8 @@ def test_meshd_up_serves_the_openai_api_and_stops_cleanly(tmp_path: Path) -> Non
     store = Store(tmp_path / "coord")
     assert [n.state for n in store.nodes()] == ["left"]  # the agent deregistered on the way out
     store.close()
-    with socket.socket() as s:  # the workers are gone: their HTTP port is free again
-        s.bind(("127.0.0.1", 20000 + base % 20000))
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", 20000 + base % 20000))  # the workers are gone
 
 
 def test_agent_daemon_registers_and_leaves_on_sigterm(tmp_path: Path) -> None:
