@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
+import time
 from typing import Any
 
 import ray
@@ -44,6 +46,31 @@ class _GatewayActor:
 
         self.thread, self.loop, self.runtime = run_in_thread(
             lambda: GatewayRuntime(self.settings, membership))
+        self._mirror = threading.Thread(target=self._mirror_metrics, daemon=True,
+                                        name="meshd-gateway-ray-metrics")
+        self._mirror.start()
+
+    def _mirror_metrics(self, period_s: float = 5.0) -> None:
+        """Copy the gateway's Prometheus samples into `ray.util.metrics` gauges, so the Ray
+        dashboard (and Ray's own Prometheus export) shows the serving figures per replica."""
+        from ray.util import metrics as rm
+
+        gauges: dict[str, Any] = {}
+        while self.thread.is_alive():
+            for family in self.runtime.metrics.registry.collect():
+                for sample in family.samples:
+                    if sample.name.endswith(("_created", "_bucket")):
+                        continue
+                    keys = tuple(sorted(sample.labels))
+                    gauge = gauges.get(sample.name)
+                    if gauge is None:
+                        gauge = gauges[sample.name] = rm.Gauge(
+                            sample.name, family.documentation or sample.name, tag_keys=keys)
+                    try:
+                        gauge.set(float(sample.value), tags=dict(sample.labels))
+                    except ValueError:  # label set changed shape; skip this sample
+                        continue
+            time.sleep(period_s)
 
     def info(self) -> dict[str, Any]:
         fut = asyncio.run_coroutine_threadsafe(self._describe(), self.loop)
