@@ -8,8 +8,10 @@ Wire format (vLLM `vllm/distributed/kv_events.py`):
   block_size, lora_id, medium, lora_name[, extra_keys, group_idx]}`, `BlockRemoved {block_hashes,
   medium[, group_idx]}`, `AllBlocksCleared {}`. Optional fields are omitted when None (msgspec's
   `omit_defaults`). Hashes go out as unsigned 64-bit ints (bytes digests are reduced to their low
-  64 bits, as vLLM does). Older vLLM sends array-encoded structs; `decode_batch` reads both.
-- Replay: a ROUTER socket. A REQ or DEALER peer sends `[b"", start_seq (8 bytes)]` and gets
+  64 bits, as vLLM does). Older vLLM sends array-encoded structs;
+  `meshd.scheduler.kv_events.decode_batch` reads both.
+- Replay: a ROUTER socket. A DEALER peer (a REQ gets only the first reply) sends
+  `[b"", start_seq (8 bytes)]` and gets
   `[b"", seq, payload]` for every buffered batch with seq >= start_seq, then `[b"", -1, b""]`.
 
 Input: any objects whose class is named `BlockStored`, `BlockRemoved` or `AllBlocksCleared` and
@@ -110,34 +112,6 @@ def encode_batch(events: Sequence[object], ts: float, data_parallel_rank: int) -
              "data_parallel_rank": data_parallel_rank}
     payload: bytes = msgpack.packb(batch, use_bin_type=True)
     return payload
-
-
-_ARRAY_FIELDS = {
-    "BlockStored": ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
-                    "medium", "lora_name", "extra_keys", "group_idx"),
-    "BlockRemoved": ("block_hashes", "medium", "group_idx"),
-    "AllBlocksCleared": (),
-}
-
-
-def decode_batch(payload: bytes) -> dict[str, Any]:
-    """Decode a batch in either encoding into `{"ts", "events": [maps with "type"],
-    "data_parallel_rank"}`. Raises ValueError on anything else."""
-    raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    if isinstance(raw, list) and len(raw) in (2, 3):  # array-encoded: [ts, events, dp_rank?]
-        raw = {"ts": raw[0], "events": raw[1],
-               "data_parallel_rank": raw[2] if len(raw) == 3 else None}
-    if not isinstance(raw, dict) or not isinstance(raw.get("events"), list):
-        raise ValueError("not a KVEventBatch")
-    events = []
-    for ev in raw["events"]:
-        if isinstance(ev, list) and ev and ev[0] in _ARRAY_FIELDS:  # [tag, field, ...]
-            ev = {"type": ev[0], **dict(zip(_ARRAY_FIELDS[ev[0]], ev[1:], strict=False))}
-        if not isinstance(ev, dict) or ev.get("type") not in _ARRAY_FIELDS:
-            raise ValueError(f"unknown KV event {ev!r:.80}")
-        events.append(ev)
-    return {"ts": raw.get("ts"), "events": events,
-            "data_parallel_rank": raw.get("data_parallel_rank")}
 
 
 class KVEventPublisher:

@@ -15,9 +15,10 @@ from meshd.node_agent.engine.kv_events import (
     BlockRemoved,
     BlockStored,
     KVEventPublisher,
-    decode_batch,
     encode_event,
 )
+from meshd.scheduler.kv_events import BlockStored as StoredEvent
+from meshd.scheduler.kv_events import decode_batch
 
 H = bytes(range(32))  # a sha256-sized digest; low 64 bits = bytes 24..31
 H_U64 = int.from_bytes(H[24:], "big")
@@ -64,16 +65,6 @@ def test_encode_event(event: object, expected: dict[str, Any]) -> None:
     assert encode_event(event) == expected
 
 
-def test_decode_array_encoded_batch() -> None:
-    """Older vLLM: structs as arrays with the tag first, the batch as [ts, events, rank]."""
-    old = msgpack.packb([1.0, [["BlockStored", [5], None, [1, 2], 2, None, "GPU", None],
-                               ["BlockRemoved", [5], "GPU"], ["AllBlocksCleared"]], 0])
-    batch = decode_batch(old)
-    assert [e["type"] for e in batch["events"]] == ["BlockStored", "BlockRemoved",
-                                                    "AllBlocksCleared"]
-    assert batch["events"][0]["token_ids"] == [1, 2] and batch["data_parallel_rank"] == 0
-
-
 def test_subscriber_receives_published_batches(ctx: zmq.Context[Any]) -> None:
     pub = make_publisher(ctx, data_parallel_rank=3)
     sub = make_sub(ctx, pub)
@@ -115,7 +106,9 @@ def test_replay_returns_missed_batches(ctx: zmq.Context[Any]) -> None:
         if n == -1:
             assert payload == b""
             break
-        got.append((n, decode_batch(payload)["events"][0]["block_hashes"]))
+        stored = decode_batch(n, payload).events[0]
+        assert isinstance(stored, StoredEvent)
+        got.append((n, list(stored.block_hashes)))
     assert got == [(3, [3]), (4, [4]), (5, [5])]
     # Asking for more than the ring holds returns what is left (seq 2 onward), then the end.
     req.send_multipart([b"", (0).to_bytes(8, "big")])

@@ -15,7 +15,7 @@ import openai
 import pytest
 import zmq
 
-from meshd.node_agent.engine.kv_events import decode_batch
+from meshd.scheduler.kv_events import BlockRemoved, BlockStored, decode_batch
 
 from .server_helpers import (
     SECRET,
@@ -274,11 +274,11 @@ def test_kv_events_match_block_table_and_replay(srv: ServerProc) -> None:
         assert all(replayed[s] == f[2] for s, f in zip(seqs, live, strict=True))
         cached: set[int] = set()
         for seq in sorted(replayed):
-            for ev in decode_batch(replayed[seq])["events"]:
-                if ev["type"] == "BlockStored":
-                    cached.update(ev["block_hashes"])
-                elif ev["type"] == "BlockRemoved":
-                    cached.difference_update(ev["block_hashes"])
+            for ev in decode_batch(seq, replayed[seq]).events:
+                if isinstance(ev, BlockStored):
+                    cached.update(ev.block_hashes)
+                elif isinstance(ev, BlockRemoved):
+                    cached.difference_update(ev.block_hashes)
                 else:
                     cached.clear()
         assert sorted(cached) == http(srv.url + "/debug/kv")[1]["cached_block_hashes"]
