@@ -93,6 +93,7 @@ class ChoiceRun:
         self.excluded: set[str] = set()
         self.decode_text = decode_text
         self.seam: SeamText | None = None
+        self.decision: Decision | None = None  # the first routing decision (cache health)
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -123,7 +124,7 @@ class ChoiceRun:
     # -- the lifecycle ----------------------------------------------------------------------
 
     async def run(self, emit: Emit) -> ChoiceOutput:
-        decision = self._decide()
+        decision = self.decision = self._decide()
         params: dict[str, Any] | None = None
         if decision.disaggregated:
             params, decision = await self._prefill(decision)

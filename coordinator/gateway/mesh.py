@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshd.coordinator.gateway import errors
@@ -48,6 +48,8 @@ class MeshHandler:
         self.metrics = metrics or MeshMetrics()
         self.counters = Counters()
         self.clock = clock
+        # Told of each request's finished choices (cache health); must be cheap.
+        self.on_runs: Callable[[Sequence[ChoiceRun]], None] | None = None
 
     def models(self) -> Sequence[str]:
         return self.pool.models()
@@ -126,6 +128,8 @@ class MeshHandler:
             raise
         finally:
             self.metrics.observe_runs(runs)
+            if self.on_runs is not None:
+                self.on_runs(runs)
 
     async def _gather(self, runs: list[ChoiceRun], timing: Any) -> list[ChoiceOutput]:
         async def one(run: ChoiceRun) -> ChoiceOutput:

@@ -3,7 +3,8 @@
 Measured here: TTFT, inter-token latency and end-to-end latency histograms, requests by
 outcome, disaggregated vs local prefill, continuations, prefix-cache hit tokens. Summed from
 the workers' own `/metrics` at scrape time (the gateway does not see transfers itself): KV
-transfer bytes, seconds and failures, and blocks held by prefill leases.
+transfer bytes, seconds and failures, and blocks held by prefill leases. Computed at scrape
+time from the replica's `CacheHealthMonitor`: cache-routing health (`meshd_cache_health_*`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from meshd.coordinator.gateway.choice import ChoiceRun
+    from meshd.coordinator.gateway.health import CacheHealthMonitor
     from meshd.coordinator.gateway.shapes import Delta
     from meshd.coordinator.gateway.workers import WorkerPool
 
@@ -76,6 +78,33 @@ class _WorkerSums:
             yield GaugeMetricFamily(name, f"Sum over workers of {name}.", value=value)
 
 
+class _CacheHealth:
+    """Collector: the cache-routing health report, judged at scrape time."""
+
+    def __init__(self, monitor: CacheHealthMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rep = self.monitor.report()
+        ok = GaugeMetricFamily("meshd_cache_health_ok",
+                               "1 when no worker has a cache-routing issue, else 0.",
+                               value=1.0 if rep.ok else 0.0)
+        issues = GaugeMetricFamily("meshd_cache_health_issues",
+                                   "1 per worker and cache-routing issue present.",
+                                   labels=["worker", "issue"])
+        age = GaugeMetricFamily("meshd_cache_health_event_age_seconds",
+                                "Seconds since the worker's last KV event batch.",
+                                labels=["worker"])
+        for w in rep.workers:
+            for code in w.issues:
+                issues.add_metric([w.worker_id, code], 1.0)
+            if w.batches_seen and w.seconds_since_event is not None:
+                age.add_metric([w.worker_id], w.seconds_since_event)
+        yield ok
+        yield issues
+        yield age
+
+
 class MeshMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -102,6 +131,9 @@ class MeshMetrics:
         if not self._workers_registered:
             self.registry.register(_WorkerSums(pool))
             self._workers_registered = True
+
+    def watch_health(self, monitor: CacheHealthMonitor) -> None:
+        self.registry.register(_CacheHealth(monitor))
 
     def request(self, start: float) -> _Timing:
         return _Timing(self, start)

@@ -124,6 +124,9 @@ SPEC: dict[str, Any] = {
         "/metrics": {"get": _get("Prometheus metrics", "text/plain", {"type": "string"})},
         "/openapi.json": {"get": _get("This document", "application/json",
                                       {"type": "object"})},
+        "/debug/cache-health": {"get": _get(
+            "Cache-routing health per worker (404 where the replica has no monitor)",
+            "application/json", {"type": "object", "required": ["ok", "workers"]})},
     },
 }
 

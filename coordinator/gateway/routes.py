@@ -15,6 +15,7 @@ class Route(enum.Enum):
     HEALTH = "health"
     METRICS = "metrics"
     OPENAPI = "openapi"
+    CACHE_HEALTH = "cache_health"
 
 
 ROUTES: dict[bytes, dict[bytes, Route]] = {
@@ -24,6 +25,7 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/health": {b"GET": Route.HEALTH},
     b"/metrics": {b"GET": Route.METRICS},
     b"/openapi.json": {b"GET": Route.OPENAPI},
+    b"/debug/cache-health": {b"GET": Route.CACHE_HEALTH},
 }
 
 # Routes that need `Authorization: Bearer` when API keys are configured.

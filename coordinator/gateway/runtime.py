@@ -22,6 +22,7 @@ from meshd.capabilities import Worker
 from meshd.config import GatewaySettings
 from meshd.coordinator.gateway.backend import BackendError, BackendPool
 from meshd.coordinator.gateway.config import GatewayConfig
+from meshd.coordinator.gateway.health import CacheHealthMonitor
 from meshd.coordinator.gateway.mesh import MeshHandler
 from meshd.coordinator.gateway.mesh_metrics import MeshMetrics
 from meshd.coordinator.gateway.prompts import PromptBuilder
@@ -75,20 +76,25 @@ class GatewayRuntime:
     def __post_init__(self) -> None:
         s = self.settings
         self.index = PrefixIndex()
-        self.pool = WorkerPool(self.index, scrape_interval_s=s.scrape_interval_s)
+        self.health = CacheHealthMonitor(s.hash_seed)
+        self.pool = WorkerPool(self.index, scrape_interval_s=s.scrape_interval_s,
+                               health=self.health)
         self.metrics = MeshMetrics()
         self.metrics.watch_workers(self.pool)
+        self.metrics.watch_health(self.health)
         deadlines = Deadlines(total_s=s.total_timeout_s, prefill_s=s.prefill_timeout_s,
                               first_token_s=s.first_token_timeout_s,
                               inter_token_s=s.inter_token_timeout_s)
         self.handler = MeshHandler(self.pool, make_router(s, self.index),
                                    PromptBuilder(s.tokenizers, s.hash_seed), deadlines,
                                    self.metrics)
+        self.handler.on_runs = self.health.observe_runs
         self.server = GatewayServer(
             GatewayConfig(host=s.host, port=s.port, max_body_bytes=s.max_body_bytes,
                           api_keys=tuple(sorted(s.api_keys.items())),
                           handler_timeout=s.total_timeout_s + 5),
-            self.handler, registry=self.metrics.registry, models=self.handler.models)
+            self.handler, registry=self.metrics.registry, models=self.handler.models,
+            cache_health=self.health.to_json)
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:

@@ -6,7 +6,8 @@ requests finish until `shutdown_timeout`, then cancels what is left. Per request
 checks route, method, API key, content type and size, decodes and validates the JSON into an
 `ApiRequest`, and runs `handler.handle(req, responder)` in a task (see `handler.py` for the
 contract). Everything else (errors, /v1/models, /health, /metrics, /openapi.json) is answered
-inline. Nothing is logged per request; counters are in `stats` and on GET /metrics.
+inline, as is GET /debug/cache-health (the `cache_health` callable's JSON). Nothing is
+logged per request; counters are in `stats` and on GET /metrics.
 """
 
 from __future__ import annotations
@@ -44,17 +45,20 @@ _HEALTH_OK, _HEALTH_DRAIN = b'{"status":"ok"}', b'{"status":"draining"}'
 class GatewayServer:
     """One gateway replica. `models` lists model ids for GET /v1/models (default: the
     config's `models`). `registry` is exported on /metrics; the gateway's own counters are
-    added to it. Use from one event loop."""
+    added to it. `cache_health` answers GET /debug/cache-health (None: 404). Use from one
+    event loop."""
 
     def __init__(self, config: GatewayConfig, handler: Handler, *,
                  registry: CollectorRegistry | None = None,
-                 models: Callable[[], Sequence[str]] | None = None) -> None:
+                 models: Callable[[], Sequence[str]] | None = None,
+                 cache_health: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.handler = handler
         self.registry = registry if registry is not None else CollectorRegistry()
         self.stats = GatewayStats()
         self.registry.register(StatsCollector(self.stats))
         self._models = models or (lambda: config.models)
+        self._cache_health = cache_health
         self._keys = [(t, k.encode()) for t, k in config.api_keys]
         self.conns: set[HttpConnection] = set()
         self.now = time.monotonic()
@@ -149,6 +153,10 @@ class GatewayServer:
                 responder.send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
             elif route is Route.OPENAPI:
                 responder.send(200, SPEC_BYTES)
+            elif route is Route.CACHE_HEALTH:
+                if self._cache_health is None:
+                    raise errors.not_found("/debug/cache-health")
+                responder.send(200, orjson.dumps(self._cache_health()))
         except ApiError as e:
             responder.send_error(e)
 

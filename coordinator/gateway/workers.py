@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from meshd.capabilities import Worker
 from meshd.coordinator.gateway.backend import BackendError, BackendPool
@@ -22,6 +23,9 @@ from meshd.coordinator.kv_events import KVEventFeed
 from meshd.coordinator.worker_metrics import WorkerLoad, parse
 from meshd.scheduler.prefix_index import PrefixIndex
 from meshd.scheduler.types import Role, WorkerView
+
+if TYPE_CHECKING:
+    from meshd.coordinator.gateway.health import CacheHealthMonitor
 
 log = logging.getLogger("meshd.gateway.workers")
 _ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "both": Role.BOTH}
@@ -42,9 +46,13 @@ class Entry:
 class WorkerPool:
     def __init__(self, index: PrefixIndex | None = None, scrape_interval_s: float = 0.5,
                  scrape_timeout_s: float = 2.0, failure_backoff_s: float = 5.0,
-                 follow_events: bool = True) -> None:
+                 follow_events: bool = True, health: CacheHealthMonitor | None = None) -> None:
+        """`health`, if given, is told of joins, leaves, event batches and scraped counters."""
         self.index = index if index is not None else PrefixIndex()
-        self.feed = KVEventFeed(self.index) if follow_events else None
+        self.health = health
+        self.feed = KVEventFeed(
+            self.index, on_batch=health.on_batch if health else None,
+            clock=health.clock if health else None) if follow_events else None
         self.scrape_interval_s = scrape_interval_s
         self.scrape_timeout_s = scrape_timeout_s
         self.failure_backoff_s = failure_backoff_s
@@ -67,11 +75,26 @@ class WorkerPool:
                     self.feed.add(wid, w.kv_events_endpoint, w.kv_events_replay_endpoint)
                 self._views = None
                 log.info("worker %s (%s, %s) joined the routing set", wid, w.role, w.endpoint)
+        if self.health is not None:
+            self._tell_health()
+
+    def _tell_health(self) -> None:
+        """Expected block size per worker: what MeshHandler hashes its model's prompts with
+        (the first worker's by id); plain OpenAI workers are not prefix-routed."""
+        assert self.health is not None
+        model_bs: dict[str, int] = {}
+        for wid, e in sorted(self.entries.items()):
+            w = e.worker
+            if w.engine != "openai":
+                bs = model_bs.setdefault(w.model, w.kv_block_size or 16)
+                self.health.add_worker(wid, bs, bool(w.kv_events_endpoint))
 
     def _drop(self, wid: str) -> None:
         entry = self.entries.pop(wid)
         if self.feed is not None:
             self.feed.remove(wid)
+        if self.health is not None:
+            self.health.remove_worker(wid)
         asyncio.get_running_loop().create_task(entry.pool.close())
         self._views = None
         log.info("worker %s left the routing set", wid)
@@ -160,6 +183,8 @@ class WorkerPool:
             return
         e.misses = 0
         e.metrics_text = text
+        if self.health is not None:
+            self.health.observe_load(e.worker.worker_id, load)
         if load != e.load or not e.healthy:
             e.load, e.healthy = load, True
             self._views = None

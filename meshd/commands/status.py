@@ -1,4 +1,5 @@
-"""`meshd status`: the coordinator's node table, fetched with a signed admin request."""
+"""`meshd status`: the coordinator's node table, fetched with a signed admin request, then the
+gateway's cache-routing health (`GET /debug/cache-health` on `cfg.gateway`, 2 s timeout)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import argparse
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
+from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
@@ -40,6 +44,44 @@ def table(reply: pb.StatusReply) -> str:
     return "\n".join(rows)
 
 
+def fetch_cache_health(host: str, port: int, timeout_s: float = 2.0
+                       ) -> tuple[str, dict[str, Any] | None, str]:
+    """(gateway address, the report or None, why not). Never raises for a down gateway."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with urllib.request.urlopen(f"http://{address}/debug/cache-health",
+                                    timeout=timeout_s) as r:
+            report = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return address, None, f"HTTP {e.code}"
+    except (OSError, ValueError) as e:  # URLError, refused, timeout, bad JSON
+        return address, None, str(getattr(e, "reason", e))
+    if not isinstance(report, dict) or not isinstance(report.get("workers"), list):
+        return address, None, "unexpected answer"
+    return address, report, ""
+
+
+def cache_section(address: str, report: dict[str, Any] | None, why: str) -> str:
+    if report is None:
+        return f"cache routing: gateway {address} unreachable ({why})"
+    workers = report["workers"]
+    verdict = "ok" if report.get("ok") else "ISSUES: " + ", ".join(
+        f"{code} x{n}" for code, n in sorted((report.get("issues") or {}).items()))
+    rows = [f"cache routing (gateway {address}): {verdict}",
+            f"  {'WORKER':<20} {'EVENTS':>7} {'LAST EVENT':>11}  ISSUES"]
+    for w in workers:
+        age = w.get("last_event_age_s")
+        last = "never" if age is None else f"{age:.1f}s ago"
+        issues = ", ".join(w.get("issues") or ()) or "-"
+        rows.append(f"  {str(w.get('worker_id'))[:20]:<20} {w.get('batches_seen', 0):>7} "
+                    f"{last:>11}  {issues}")
+    if not workers:
+        rows.append("  (no workers)")
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     try:
         ident = identity.load(f"{cfg.coordinator.state_dir}/{ADMIN_KEY_FILE}")
@@ -51,9 +93,15 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
         reply = asyncio.run(fetch(address, ident, cfg.agent.rpc_timeout_s))
     except ControlError as e:
         raise CommandError(f"coordinator {address}: {e.code.name}: {e.detail}") from None
+    gw, health, why = fetch_cache_health(cfg.gateway.host, cfg.gateway.port)
     if args.json:
-        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        out = MessageToDict(reply, preserving_proto_field_name=True)
+        out["cache_routing"] = {"gateway": gw, "reachable": health is not None,
+                                **({"error": why} if health is None else health)}
+        print(json.dumps(out, indent=2))
     else:
         print(f"coordinator {address}, up {time.time() - reply.coordinator_started_unix:.0f}s")
         print(table(reply))
+        print()
+        print(cache_section(gw, health, why))
     return 0
