@@ -139,6 +139,13 @@ def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
                                   str(t.port), "--backend", f"http://127.0.0.1:{backend}"],
                                  logs / f"meshd{n}-{i}.log"))
         targets.append(t)
+    if "mesh" not in skip:  # the full mesh path: tokenize + hash + route + lifecycle + reshape
+        t = Target("meshd-mesh-2", free_port())
+        for i in range(2):
+            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
+                                  "--port", str(t.port), "--backend",
+                                  f"http://127.0.0.1:{backend}"], logs / f"mesh-{i}.log"))
+        targets.append(t)
     if "sglang" not in skip:
         t = Target("sglang-router", free_port())
         if not BENCH_PY.exists():

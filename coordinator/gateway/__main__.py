@@ -1,7 +1,9 @@
 """`python -m meshd.coordinator.gateway --backend http://127.0.0.1:9000 --port 8000`
 
-Runs one gateway replica with the round-robin `ProxyHandler` on uvloop. Start several with the
-same `--port` to share it (SO_REUSEPORT); SIGTERM/SIGINT drain gracefully.
+Runs one gateway replica with the round-robin `ProxyHandler` on uvloop; with `--mesh`, the
+full mesh path instead (`GatewayRuntime`: prompts tokenized and hashed at the edge, routing,
+the request lifecycle) with the backends as static vLLM-protocol workers. Start several with
+the same `--port` to share it (SO_REUSEPORT); SIGTERM/SIGINT drain gracefully.
 """
 
 from __future__ import annotations
@@ -24,10 +26,31 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", action="append", default=[])
     ap.add_argument("--api-key", action="append", default=[], help="tenant=key")
     ap.add_argument("--max-connections", type=int, default=512, help="per backend")
+    ap.add_argument("--mesh", action="store_true", help="the mesh handler, not the proxy")
     return ap.parse_args(argv)
 
 
+async def serve_mesh(ns: argparse.Namespace) -> None:
+    from meshd.config import GatewaySettings
+    from meshd.coordinator.gateway.runtime import GatewayRuntime
+
+    settings = GatewaySettings(host=ns.host, port=ns.port, static_workers=tuple(ns.backend),
+                               api_keys=dict(s.split("=", 1) for s in ns.api_key))
+    rt = GatewayRuntime(settings)
+    await rt.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"meshd gateway (mesh) listening on {ns.host}:{ns.port}", flush=True)
+    await stop.wait()
+    await rt.stop()
+
+
 async def serve(ns: argparse.Namespace) -> None:
+    if ns.mesh:
+        await serve_mesh(ns)
+        return
     keys = tuple((t, k) for t, _, k in (s.partition("=") for s in ns.api_key))
     cfg = GatewayConfig(host=ns.host, port=ns.port, models=tuple(ns.model), api_keys=keys)
     pools = [BackendPool.from_url(u, max_connections=ns.max_connections) for u in ns.backend]

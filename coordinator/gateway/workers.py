@@ -167,14 +167,26 @@ class WorkerPool:
                 log.exception("metrics scrape failed")
             await asyncio.sleep(self.scrape_interval_s)
 
+    def _alive_without_load(self, e: Entry) -> None:
+        e.misses = 0
+        if not e.healthy:
+            e.healthy, self._views = True, None
+
     async def _scrape(self, e: Entry) -> None:
         try:
             r = await e.pool.request("GET", "/metrics", timeout=self.scrape_timeout_s)
+            if r.status == 404:  # a plain OpenAI server without metrics: alive, load unknown
+                self._alive_without_load(e)
+                return
             if r.status != 200:
                 raise BackendError(f"/metrics answered {r.status}", e.worker.endpoint)
             text = r.body.decode("utf-8", "replace")
-            load = parse(text)
-        except (BackendError, ValueError) as err:
+            try:
+                load = parse(text)
+            except ValueError:  # alive but no Prometheus text: load unknown
+                self._alive_without_load(e)
+                return
+        except BackendError as err:
             e.misses += 1
             if e.misses >= 3 and e.healthy:
                 e.healthy = False
