@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -40,8 +41,17 @@ class EngineProc:
         return self.worker.endpoint
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.loads(r.read())
+        """GET a JSON endpoint; one retry if the engine dropped the connection unanswered
+        (seen once under heavy load on a debug read; the request is idempotent)."""
+        for attempt in range(2):
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                    return json.loads(r.read())
+            except http.client.RemoteDisconnected:
+                if attempt:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
