@@ -124,7 +124,10 @@ async def run_load(url: str, items: list[str], concurrency: int, max_tokens: int
             e2e.append(done - t0)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await client.close()
     wall = time.perf_counter() - t0
     ttft.sort()
     e2e.sort()

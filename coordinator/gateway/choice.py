@@ -147,8 +147,8 @@ class ChoiceRun:
                     timeout=max(timeout, 1e-3))
             except BackendError as e:
                 failure = _failure(e)
-                if failure is Failure.BAD_REQUEST:
-                    assert isinstance(e, BackendHTTPError)
+                if isinstance(e, BackendHTTPError) and failure is Failure.BAD_REQUEST:
+                    self.lc.finish_failed(self.clock(), "bad_request")
                     raise _worker_error(e) from None
                 action = self._failed(decision.prefill, failure, str(e))
                 if action is Action.GIVE_UP:

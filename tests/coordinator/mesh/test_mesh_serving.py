@@ -109,3 +109,22 @@ async def test_bad_input_is_a_clear_4xx_and_the_gateway_keeps_serving(
             await client.completions.create(model="meshd-tiny", prompt="x", max_tokens=-1)
         ok = await client.completions.create(model="meshd-tiny", prompt="x", max_tokens=2)
         assert ok.usage is not None and ok.usage.completion_tokens == 2
+
+
+async def test_stop_strings_through_the_mesh(mesh: list[EngineProc]) -> None:
+    async with gateway([e.worker for e in mesh]) as (url, _):
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        full = await client.completions.create(model="meshd-tiny", prompt=PROMPT, max_tokens=24,
+                                               temperature=0)
+        text = full.choices[0].text
+        stop = next(text[i:i + 2] for i in range(3, len(text) - 1)
+                    if text[i:i + 2].strip() and "\ufffd" not in text[i:i + 2])
+        cut = await client.completions.create(model="meshd-tiny", prompt=PROMPT, max_tokens=24,
+                                              temperature=0, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].text == text[:text.index(stop)]
+        stream = await client.chat.completions.create(
+            model="meshd-tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=24,
+            temperature=0, stop=[stop], stream=True)
+        finishes = [c.choices[0].finish_reason async for c in stream if c.choices]
+        assert finishes[-1] in ("stop", "length")
