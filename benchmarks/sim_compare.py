@@ -27,8 +27,9 @@ from meshd.scheduler.sim import ClusterConfig, Simulator, load_mooncake, summari
 from meshd.scheduler.sim.metrics import feasible_fraction
 from meshd.scheduler.sim.policies import POLICIES, build
 
-TRACES = {"conversation": "/work/shared/traces/conversation_trace.jsonl",
-          "synthetic": "/work/shared/traces/synthetic_trace.jsonl"}
+_TRACE_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"  # beside the repository
+TRACES = {"conversation": str(_TRACE_DIR / "conversation_trace.jsonl"),
+          "synthetic": str(_TRACE_DIR / "synthetic_trace.jsonl")}
 COLS = ("hit_rate", "hit_vs_ideal", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
         "slo_attainment", "goodput_rps", "imbalance_busy", "disaggregated_frac")
 

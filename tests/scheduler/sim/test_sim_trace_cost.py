@@ -16,7 +16,8 @@ from meshd.scheduler.sim.trace import (
     subsample,
 )
 
-TRACES = Path("/work/shared/traces")
+# shared/ sits beside the repository (the Mooncake traces, see shared/traces/README.md)
+TRACES = Path(__file__).resolve().parents[4] / "shared" / "traces"
 needs_traces = pytest.mark.skipif(not TRACES.is_dir(), reason="shared traces not present")
 
 
