@@ -68,7 +68,7 @@ class _WorkerSums:
                 continue
             try:
                 for fam in text_string_to_metric_families(entry.metrics_text):
-                    out = _WORKER_SUMS.get(fam.name)
+                    out = _WORKER_SUMS.get(fam.name.removesuffix("_total"))
                     if out is not None:
                         sums[out] += sum(s.value for s in fam.samples
                                          if not s.name.endswith("_created"))

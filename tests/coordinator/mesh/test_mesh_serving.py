@@ -86,6 +86,11 @@ async def test_disaggregated_equals_colocated_token_for_token(mesh: list[EngineP
         disagg = [await client.completions.create(model="meshd-tiny", prompt=p, max_tokens=12,
                                                   temperature=0) for p in prompts]
         assert handler.counters.disaggregated == 2  # "short prompt" has no full block to move
+        await handler.pool.scrape_once()
+        samples = {(s.name, s.labels.get("mode", "")): s.value
+                   for m in handler.metrics.registry.collect() for s in m.samples}
+        assert samples[("meshd_kv_transfer_bytes", "")] > 0  # summed from the decode worker
+        assert samples[("meshd_prefill_total", "disaggregated")] == 2
     async with gateway([e.worker for e in mesh], min_uncached_tokens=1 << 30) as (url, handler):
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         local = [await client.completions.create(model="meshd-tiny", prompt=p, max_tokens=12,
