@@ -69,13 +69,14 @@ def cache_section(address: str, report: dict[str, Any] | None, why: str) -> str:
     workers = report["workers"]
     verdict = "ok" if report.get("ok") else "ISSUES: " + ", ".join(
         f"{code} x{n}" for code, n in sorted((report.get("issues") or {}).items()))
+    width = max([len("WORKER"), *(len(str(w.get("worker_id"))) for w in workers)])
     rows = [f"cache routing (gateway {address}): {verdict}",
-            f"  {'WORKER':<20} {'EVENTS':>7} {'LAST EVENT':>11}  ISSUES"]
+            f"  {'WORKER':<{width}} {'EVENTS':>7} {'LAST EVENT':>11}  ISSUES"]
     for w in workers:
         age = w.get("last_event_age_s")
         last = "never" if age is None else f"{age:.1f}s ago"
         issues = ", ".join(w.get("issues") or ()) or "-"
-        rows.append(f"  {str(w.get('worker_id'))[:20]:<20} {w.get('batches_seen', 0):>7} "
+        rows.append(f"  {w.get('worker_id')!s:<{width}} {w.get('batches_seen', 0):>7} "
                     f"{last:>11}  {issues}")
     if not workers:
         rows.append("  (no workers)")
