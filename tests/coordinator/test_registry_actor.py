@@ -104,10 +104,13 @@ async def test_killed_actor_restarts_recovers_and_agents_reattach(registry: Any,
     assert new_info["pid"] != info["pid"]
     assert new_info["grpc_port"] == info["grpc_port"]
     counts = await handle.node_counts.remote()
-    assert counts["alive"] == 2  # node records recovered from the store
+    # node records recovered from the store (with a 1 s suspect deadline and a slow restart
+    # under load they may already be suspect: what matters is that they are there)
+    assert counts["alive"] + counts["suspect"] + counts["dead"] == 2, counts
     marks = [a.status.heartbeats for a in agents]
     await wait_for(lambda: all(a.status.heartbeats > m for a, m in zip(agents, marks,
                                                                        strict=True)), 20)
+    assert (await handle.node_counts.remote())["alive"] == 2  # re-attached
     assert all(a.status.registrations == 1 for a in agents)  # re-attached, no re-register
     store = Store(state_dir)
     rec = store.key(revoked.public_key)
