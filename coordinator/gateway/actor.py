@@ -33,10 +33,11 @@ def _worker(row: dict[str, Any]) -> tuple[str, Worker]:
 
 
 class _GatewayActor:
-    def __init__(self, settings: dict[str, Any], namespace: str) -> None:
+    def __init__(self, settings: dict[str, Any], namespace: str, replica: int = 0) -> None:
         logging.basicConfig(level=logging.INFO)
         self.settings = build(GatewaySettings, settings, "gateway.")
         registry = actors.find(namespace)
+        snapshot = _sibling_snapshot(namespace, replica)
 
         async def membership() -> list[tuple[str, Worker]]:
             if registry is None:
@@ -45,7 +46,7 @@ class _GatewayActor:
             return [_worker(r) for r in rows]
 
         self.thread, self.loop, self.runtime = run_in_thread(
-            lambda: GatewayRuntime(self.settings, membership))
+            lambda: GatewayRuntime(self.settings, membership, snapshot))
         self._mirror = threading.Thread(target=self._mirror_metrics, daemon=True,
                                         name="meshd-gateway-ray-metrics")
         self._mirror.start()
@@ -72,6 +73,13 @@ class _GatewayActor:
                         continue
             time.sleep(period_s)
 
+    def snapshot(self) -> bytes:
+        """This replica's prefix index (msgpack), for a sibling that starts later."""
+        return asyncio.run_coroutine_threadsafe(self._snapshot(), self.loop).result(10)
+
+    async def _snapshot(self) -> bytes:
+        return self.runtime.index_snapshot()
+
     def info(self) -> dict[str, Any]:
         fut = asyncio.run_coroutine_threadsafe(self._describe(), self.loop)
         return fut.result(10)
@@ -87,6 +95,31 @@ class _GatewayActor:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+def _sibling_snapshot(namespace: str, replica: int, timeout_s: float = 5.0) -> bytes | None:
+    """A running sibling's index snapshot. At first start only lower-numbered replicas are
+    asked (they never ask back, so concurrent starts cannot wait on each other); a replica that
+    Ray restarted asks every sibling."""
+    restarted = ray.get_runtime_context().was_current_actor_reconstructed
+    for i in range(64):
+        if i == replica or (i > replica and not restarted):
+            continue
+        try:
+            sibling = ray.get_actor(f"{PREFIX}{i}", namespace=namespace)
+        except ValueError:
+            if i > replica:
+                break
+            continue
+        try:
+            raw: Any = ray.get(sibling.snapshot.remote(), timeout=timeout_s)
+            snap = bytes(raw)
+        except Exception as e:  # a sibling starting or dying: try the next, else start empty
+            log.info("no index snapshot from gateway replica %d: %s", i, e)
+            continue
+        log.info("starting from replica %d's prefix index snapshot (%d bytes)", i, len(snap))
+        return snap
+    return None
+
+
 GatewayActor: Any = ray.remote(num_cpus=0, max_restarts=-1)(_GatewayActor)
 
 
@@ -96,7 +129,7 @@ def deploy(settings: GatewaySettings, namespace: str = "meshd", timeout_s: float
     serves; returns their handles."""
     handles = [GatewayActor.options(name=f"{PREFIX}{i}", namespace=namespace,
                                     lifetime="detached", get_if_exists=True)
-               .remote(dataclasses.asdict(settings), namespace)
+               .remote(dataclasses.asdict(settings), namespace, i)
                for i in range(settings.replicas)]
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     return handles

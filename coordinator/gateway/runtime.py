@@ -30,7 +30,7 @@ from meshd.coordinator.gateway.server import GatewayServer
 from meshd.coordinator.gateway.workers import WorkerPool
 from meshd.coordinator.lifecycle import Deadlines
 from meshd.scheduler.pd import PDConfig, PDDecider
-from meshd.scheduler.prefix_index import PrefixIndex
+from meshd.scheduler.prefix_index import IndexSnapshot, PrefixIndex
 from meshd.scheduler.profiles import builtin
 from meshd.scheduler.router import Router
 
@@ -72,10 +72,14 @@ async def discover_static(entries: Sequence[str], timeout_s: float = 5.0
 class GatewayRuntime:
     settings: GatewaySettings
     membership: Membership | None = None  # the registry's routing set
+    snapshot: bytes | None = None  # a sibling replica's prefix index to start from
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.index = PrefixIndex()
+        # A new replica starts from a sibling's index snapshot plus the event stream: each
+        # worker's feed continues at the snapshot's next seq (replaying what came since).
+        self.index = (PrefixIndex.restore(IndexSnapshot.from_bytes(self.snapshot))
+                      if self.snapshot else PrefixIndex())
         self.health = CacheHealthMonitor(s.hash_seed)
         self.pool = WorkerPool(self.index, scrape_interval_s=s.scrape_interval_s,
                                health=self.health)
@@ -104,6 +108,9 @@ class GatewayRuntime:
 
     async def start(self) -> None:
         await self.refresh()
+        for worker_id in self.index.workers():  # snapshot entries of workers gone since
+            if worker_id not in self.pool.entries:
+                self.index.remove_worker(worker_id)
         await self.pool.start()
         await self.server.start()
         self._task = asyncio.get_running_loop().create_task(self._membership_loop())
@@ -124,9 +131,13 @@ class GatewayRuntime:
         await self.server.shutdown(timeout_s)
         await self.pool.close()
 
+    def index_snapshot(self) -> bytes:
+        """This replica's prefix index, for a new sibling (call on the runtime's loop)."""
+        return self.index.snapshot().to_bytes()
+
     def describe(self) -> dict[str, Any]:
         return {"workers": sorted(self.pool.entries), "models": self.pool.models(),
-                "port": self.settings.port}
+                "port": self.settings.port, "from_snapshot": self.snapshot is not None}
 
 
 def run_in_thread(runtime_factory: Callable[[], GatewayRuntime], ready_timeout_s: float = 30.0
