@@ -93,11 +93,10 @@ class MeshHandler:
                 isinstance(body, ChatRequest) and (body.tools or body.response_format)):
             await self._passthrough(req, responder)
             return
-        if body.model not in self.pool.models():
+        block_size = self.pool.block_size(body.model)
+        if block_size is None:
             raise ApiError(404, f"The model {body.model!r} does not exist.", param="model",
                            code="model_not_found")
-        views = self.pool.views()
-        block_size = next((v.block_size for v in views if v.model == body.model), 16)
         prompt = self.prompts.build(req, block_size)
         view = RequestView(request_id=req.request_id, model=body.model,
                            num_prompt_tokens=len(prompt.token_ids),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,13 @@ class WorkerPool:
         self.failure_backoff_s = failure_backoff_s
         self.entries: dict[str, Entry] = {}
         self._views: list[WorkerView] | None = None
+        self._views_until = math.inf  # the cached views expire when a failure backoff ends
         self._task: asyncio.Task[None] | None = None
+        # Per model, derived once per membership change (the request path only looks up):
+        # the block size prompts are hashed with (the first worker's by id) and whether only
+        # plain OpenAI workers serve it.
+        self._block_size: dict[str, int] = {}
+        self._passthrough: dict[str, bool] = {}
 
     # -- membership -------------------------------------------------------------------------
 
@@ -75,19 +82,22 @@ class WorkerPool:
                     self.feed.add(wid, w.kv_events_endpoint, w.kv_events_replay_endpoint)
                 self._views = None
                 log.info("worker %s (%s, %s) joined the routing set", wid, w.role, w.endpoint)
+        self._derive_models()
         if self.health is not None:
-            self._tell_health()
+            for wid, e in self.entries.items():  # plain OpenAI workers are not prefix-routed
+                if e.worker.engine != "openai":
+                    self.health.add_worker(wid, self._block_size[e.worker.model],
+                                           bool(e.worker.kv_events_endpoint))
 
-    def _tell_health(self) -> None:
-        """Expected block size per worker: what MeshHandler hashes its model's prompts with
-        (the first worker's by id); plain OpenAI workers are not prefix-routed."""
-        assert self.health is not None
-        model_bs: dict[str, int] = {}
-        for wid, e in sorted(self.entries.items()):
+    def _derive_models(self) -> None:
+        block_size: dict[str, int] = {}
+        engines: dict[str, set[str]] = {}
+        for _, e in sorted(self.entries.items()):
             w = e.worker
-            if w.engine != "openai":
-                bs = model_bs.setdefault(w.model, w.kv_block_size or 16)
-                self.health.add_worker(wid, bs, bool(w.kv_events_endpoint))
+            block_size.setdefault(w.model, w.kv_block_size or 16)
+            engines.setdefault(w.model, set()).add(w.engine)
+        self._block_size = block_size
+        self._passthrough = {m: kinds == {"openai"} for m, kinds in engines.items()}
 
     def _drop(self, wid: str) -> None:
         entry = self.entries.pop(wid)
@@ -102,11 +112,14 @@ class WorkerPool:
     def passthrough(self, model: str) -> bool:
         """True when `model` is served only by plain OpenAI-compatible workers (engine
         "openai"), which take text prompts: the gateway proxies instead of driving P/D."""
-        engines = {e.worker.engine for e in self.entries.values() if e.worker.model == model}
-        return engines == {"openai"}
+        return self._passthrough.get(model, False)
+
+    def block_size(self, model: str) -> int | None:
+        """The block size the gateway hashes `model`'s prompts with; None: unknown model."""
+        return self._block_size.get(model)
 
     def models(self) -> list[str]:
-        return sorted({e.worker.model for e in self.entries.values()})
+        return sorted(self._block_size)
 
     def pool(self, worker_id: str) -> BackendPool:
         return self.entries[worker_id].pool
@@ -125,13 +138,15 @@ class WorkerPool:
 
     def views(self) -> Sequence[WorkerView]:
         now = time.monotonic()
-        if self._views is not None and not any(
-                e.failed_until and e.failed_until <= now for e in self.entries.values()):
+        if self._views is not None and now < self._views_until:
             return self._views
         views = []
+        self._views_until = math.inf
         for wid, e in sorted(self.entries.items()):
             if e.failed_until and e.failed_until <= now:
                 e.failed_until = 0.0
+            if e.failed_until:
+                self._views_until = min(self._views_until, e.failed_until)
             w, ld = e.worker, e.load
             views.append(WorkerView(
                 worker_id=wid, role=_ROLES[w.role], model=w.model,
