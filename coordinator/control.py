@@ -102,13 +102,8 @@ class ControlPlane:
         sealed = self.open(raw, "Heartbeat")
         req = _parse(pb.HeartbeatRequest, sealed.envelope.payload)
         now = self.clock()
-        load = {"cpu_load": req.cpu_load, "memory_available_bytes": req.memory_available_bytes}
-        for w in req.workers:
-            load[f"{w.worker_id}.running"] = w.num_running
-            load[f"{w.worker_id}.waiting"] = w.num_waiting
-            load[f"{w.worker_id}.kv_usage"] = w.kv_usage
         try:
-            change = self.table.heartbeat(sealed.who.node_id, req.seq, load, now)
+            change = self.table.heartbeat(sealed.who.node_id, req.seq, now)
         except KeyError:
             raise RequestError("FAILED_PRECONDITION", "not_registered",
                                f"node {sealed.who.node_id} is not registered; register first"
@@ -149,9 +144,8 @@ class ControlPlane:
 
     async def sweep(self) -> None:
         """Advance liveness and persist what changed."""
-        if self.table.tick(self.clock()):
-            self.metrics.set_node_counts(self.table.counts())
-        await self.flush()
+        self.table.tick(self.clock())
+        await self.flush()  # persists the changes and sets the node gauges
 
     async def flush(self) -> None:
         rows = self.table.take_dirty()

@@ -124,8 +124,7 @@ class KVEventFeed:
                 # Unknown history (e.g. subscribed late, ring overrun): drop what we have for
                 # this worker rather than keep entries whose removal we may have missed.
                 feed.stats.replay_failures += 1
-                self.index.remove_worker(feed.worker_id)
-                self.index.add_worker(feed.worker_id, seq)
+                self.index.resync(feed.worker_id, seq)
             result = self.index.apply_batch(feed.worker_id, batch)
         if result.status is ApplyStatus.APPLIED:
             feed.stats.batches += 1

@@ -9,7 +9,7 @@ in batches (`take_dirty`), so a heartbeat costs no disk write.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshd.capabilities import Capabilities
 
@@ -26,7 +26,6 @@ class Node:
     last_heartbeat: float
     state: str = ALIVE
     heartbeat_seq: int = 0
-    load: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +58,7 @@ class NodeTable:
         self._dirty.discard(node_id)  # the caller persists the full row
         return node
 
-    def heartbeat(self, node_id: str, seq: int, load: dict[str, float], now: float
+    def heartbeat(self, node_id: str, seq: int, now: float
                   ) -> Transition | None:
         """Record a heartbeat; KeyError for an unknown or departed node (it must register)."""
         node = self.nodes.get(node_id)
@@ -67,7 +66,6 @@ class NodeTable:
             raise KeyError(node_id)
         node.last_heartbeat = now
         node.heartbeat_seq = seq
-        node.load = load
         self._dirty.add(node_id)
         if node.state != ALIVE:
             old, node.state = node.state, ALIVE

@@ -65,14 +65,12 @@ def host_load() -> tuple[float, int]:
 class Agent:
     def __init__(self, config: AgentConfig, identity: Identity,
                  report: Callable[[], caps.Capabilities],
-                 workers_load: Callable[[], list[pb.WorkerLoad]] = list,
                  workers: Callable[[], tuple[caps.Worker, ...]] | None = None) -> None:
         """`report` is called at each registration; `workers` (the supervisor's ready workers)
         is checked every tick and a change re-registers with the new set."""
         self.config = config
         self.identity = identity
         self.report = report
-        self.workers_load = workers_load
         self.workers = workers
         self._registered_workers: tuple[caps.Worker, ...] | None = None
         self.client = ControlClient(config.coordinator, identity, config.rpc_timeout_s)
@@ -131,16 +129,14 @@ class Agent:
         self._seq += 1
         load, avail = host_load()
         reply = await self.client.heartbeat(pb.HeartbeatRequest(
-            seq=self._seq, cpu_load=load, memory_available_bytes=avail,
-            workers=self.workers_load()))
+            seq=self._seq, cpu_load=load, memory_available_bytes=avail))
         self.interval_s = reply.heartbeat_interval_s or self.interval_s
         self.status.heartbeats += 1
 
     async def _leave(self) -> None:
         t0 = time.monotonic()
         try:
-            await self.client.call("Deregister", pb.DeregisterRequest(
-                reason="agent stopping").SerializeToString(), timeout_s=2.0)
+            await self.client.deregister("agent stopping", timeout_s=2.0)
             log.info("deregistered in %.0f ms", (time.monotonic() - t0) * 1000)
         except ControlError as e:
             log.warning("deregister failed (%s); the coordinator will mark this node dead",

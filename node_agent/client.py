@@ -71,8 +71,9 @@ class ControlClient:
         reply: pb.HeartbeatReply = await self.call("Heartbeat", req.SerializeToString())
         return reply
 
-    async def deregister(self, reason: str = "") -> None:
-        await self.call("Deregister", pb.DeregisterRequest(reason=reason).SerializeToString())
+    async def deregister(self, reason: str = "", timeout_s: float | None = None) -> None:
+        await self.call("Deregister", pb.DeregisterRequest(reason=reason).SerializeToString(),
+                        timeout_s)
 
     async def status(self) -> pb.StatusReply:
         reply: pb.StatusReply = await self.call("Status", pb.StatusRequest().SerializeToString())

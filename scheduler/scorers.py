@@ -184,7 +184,7 @@ class ExpertAffinityScorer:
         out: dict[str, float] = {}
         for w in workers:
             hosted = w.experts
-            if total <= 0 or not hosted:
+            if not hosted:
                 out[w.worker_id] = 1.0
             else:
                 out[w.worker_id] = sum(n for e, n in experts.items() if e in hosted) / total

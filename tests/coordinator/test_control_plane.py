@@ -61,6 +61,7 @@ async def test_register_heartbeat_status(state_dir: Path) -> None:
         stop.set()
         await asyncio.wait_for(task, 5)
         assert run.server.plane.table.nodes[ident.node_id].state == "left"
+        run.server.plane.table.check_integrity()
         assert [n.state for n in run.store.nodes()] == ["left"]
 
 
@@ -196,6 +197,7 @@ async def test_heartbeat_loss_suspect_then_dead_then_back(state_dir: Path) -> No
         assert table.nodes[ident.node_id].state == "alive"
         watcher.cancel()
         assert seen == ["alive", "suspect", "dead"]
+        table.check_integrity()
         await run.server.plane.flush()
         assert run.store.nodes()[0].state == "alive"
         # an unregistered node's heartbeat is told to register
