@@ -121,7 +121,6 @@ class Engine:
                 raise ValueError(f"request {rid}: prompt differs from allocate_for_import's")
             seq.block_table = block_ids
             seq.num_computed = seq.num_cached_tokens = len(block_ids) * self.config.block_size
-            seq.imported = True
         self._seqs[rid] = seq
         self.scheduler.add(seq)
 
@@ -183,7 +182,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and forward pass; returns the outputs it produced."""
         outputs, self._pending = self._pending, []
-        sched = self.scheduler.schedule().scheduled
+        plan = self.scheduler.schedule()
+        sched = plan.scheduled
         if not sched:
             return outputs
         moe = self.model_config.is_moe and self.config.record_experts
@@ -191,7 +191,7 @@ class Engine:
                         s.seq.num_computed, s.seq.block_table, s.samples) for s in sched]
         result = self.runner.execute(chunks, record_routes=moe)
         self._counters["steps"] += 1
-        self._counters["forwarded"] += sum(s.num_new for s in sched)
+        self._counters["forwarded"] += plan.num_tokens
         if result.routes is not None:
             self._count_experts(sched, result.routes)
         row = 0

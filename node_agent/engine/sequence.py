@@ -12,7 +12,6 @@ from meshd.node_agent.engine.api import EngineRequest
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    FINISHED = "finished"
 
 
 class Sequence:
@@ -24,9 +23,9 @@ class Sequence:
     """
 
     __slots__ = ("block_hashes", "block_table", "expert_counts", "finish_reason", "generator",
-                 "imported", "num_cached_blocks", "num_cached_tokens", "num_computed",
-                 "num_prompt", "request", "sent_text_len", "status", "stop_reason", "text",
-                 "token_ids")
+                 "num_cached_blocks", "num_cached_tokens", "num_computed",
+                 "num_prompt", "prefix_offset", "prefix_text", "read_offset", "request",
+                 "sent_text_len", "stable_text", "status", "stop_reason", "text", "token_ids")
 
     def __init__(self, request: EngineRequest, generator: torch.Generator | None) -> None:
         self.request = request
@@ -39,8 +38,14 @@ class Sequence:
         self.num_cached_tokens = 0
         self.status = SeqStatus.WAITING
         self.generator = generator
-        self.imported = False
         self.text = ""
+        # Incremental detokenization (output-relative token offsets): `stable_text` is the
+        # text of output[:read_offset]; `prefix_text` that of output[prefix_offset:read_offset],
+        # the context the next window is decoded with.
+        self.stable_text = ""
+        self.prefix_text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.sent_text_len = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -67,5 +72,4 @@ class Sequence:
         self.num_computed = 0
         self.block_table = []
         self.num_cached_blocks = 0
-        self.imported = False
         self.status = SeqStatus.WAITING

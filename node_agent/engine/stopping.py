@@ -16,7 +16,7 @@ def check_stop(seq: Sequence, token: int, eos_id: int | None, tok: Tokenizer,
                max_model_len: int) -> None:
     """Update `seq.text` and set `seq.finish_reason` / `seq.stop_reason` if it must stop."""
     p = seq.request.sampling
-    seq.text = tok.decode(seq.output_ids)
+    seq.text = decode_incremental(seq, tok)
     if token == eos_id and not p.ignore_eos:
         seq.finish_reason = "stop"
         return
@@ -32,6 +32,25 @@ def check_stop(seq: Sequence, token: int, eos_id: int | None, tok: Tokenizer,
             return
     if seq.num_output >= p.max_tokens or seq.num_tokens >= max_model_len:
         seq.finish_reason = "length"
+
+
+def decode_incremental(seq: Sequence, tok: Tokenizer) -> str:
+    """The output text so far, decoding only a small window of recent tokens per call.
+
+    Text is committed once the window decodes cleanly (no trailing U+FFFD); the window starts
+    one commit back, so tokenizers whose decode depends on the previous token (leading
+    spaces, byte fallback) see the same context as a full decode. Until then the pending
+    part, possibly ending in U+FFFD, is returned after the committed text.
+    """
+    start = seq.num_prompt
+    window = tok.decode(seq.token_ids[start + seq.prefix_offset:])
+    pending = window[len(seq.prefix_text):]
+    if not pending or window.endswith("\ufffd"):
+        return seq.stable_text + pending
+    seq.stable_text += pending
+    seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.token_ids) - start
+    seq.prefix_text = tok.decode(seq.token_ids[start + seq.prefix_offset:start + seq.read_offset])
+    return seq.stable_text
 
 
 def _longest(stops: tuple[str, ...]) -> int:
