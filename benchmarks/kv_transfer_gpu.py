@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""GPU KV transfer throughput: CUDA IPC and NCCL vs a device-to-device gather/scatter copy.
+"""GPU KV transfer throughput: CUDA IPC, NCCL and TCP staged through host memory, against a
+device-to-device gather/scatter copy.
 
     python benchmarks/kv_transfer_gpu.py [--blocks 256] [--repeat 10] [--out results/kv_gpu.json]
 
 Each transport pulls `--blocks` blocks of a Llama-8B-like layout (32 layers, 8 KV heads,
 head_dim 128, bf16, block 16: 4 MiB per block over all layers) from a server
 process (`tests/gpu/kv_server.py`) into this process; the baseline is the same gather+scatter
-inside one GPU. Prints a table and writes JSON. Without a GPU it says so and exits 0; NCCL runs
-only with two GPUs and cupy.
+inside one GPU. "vLLM views" rows use vLLM's per-layer `[B, H, N, C]` views over one strided
+buffer (what the vLLM connector registers). Prints a table and writes JSON. Without a GPU it
+says so and exits 0; NCCL runs only with two GPUs and cupy.
 """
 
 from __future__ import annotations
@@ -48,27 +50,29 @@ def d2d(kv: list[Any], n: int, repeat: int) -> list[float]:
     return times
 
 
-def remote(transport: str, visible: str, n: int, num_blocks: int, repeat: int) -> list[float]:
-    import torch
-
+def remote(transport: str, visible: str, n: int, num_blocks: int, repeat: int,
+           views: str = "engine") -> list[float]:
     from meshd.kv_transfer.auth import SharedSecretAuthenticator
     from meshd.kv_transfer.layout import BlockLayout
     from meshd.kv_transfer.transport import Peer, make_client
 
     layout = BlockLayout.from_dict(LAYOUT)
     held = {f"r{i}": list(range(n)) for i in range(repeat)}
-    args = {"transport": transport, "layout": LAYOUT, "num_blocks": num_blocks, "seed": 1,
-            "secret": SECRET, "held": held}
+    args = {"transport": transport, "views": views, "layout": LAYOUT, "num_blocks": num_blocks,
+            "seed": 1, "secret": SECRET, "held": held}
     proc = subprocess.Popen([sys.executable, str(SERVER), json.dumps(args)],
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": visible},
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline().split()[1])
-        local = [torch.zeros(layout.tensor_shape(num_blocks), dtype=torch.bfloat16, device="cuda")
-                 for _ in range(layout.num_layers)]
+        sys.path.insert(0, str(SERVER.parent))
+        from kv_server import make_gpu_kv
+
+        local = make_gpu_kv(layout, num_blocks, None, views)
         client = make_client(transport, local, layout,
-                             SharedSecretAuthenticator(bytes.fromhex(SECRET), "bench"))
+                             SharedSecretAuthenticator(bytes.fromhex(SECRET), "bench"),
+                             views=views)
         times = []
         for i in range(repeat):
             t0 = time.perf_counter()
@@ -108,6 +112,10 @@ def main() -> int:
     rows: dict[str, Any] = {"d2d copy (1 GPU)": d2d(kv, n, a.repeat)}
     del kv
     rows["cuda_ipc (same GPU)"] = remote("cuda_ipc", "0", n, num_blocks, a.repeat)
+    rows["cuda_ipc vLLM views (same GPU)"] = remote("cuda_ipc", "0", n, num_blocks, a.repeat,
+                                                    "vllm")
+    rows["tcp staged via host (loopback)"] = remote("tcp", "0", n, num_blocks, a.repeat)
+    rows["tcp staged vLLM views"] = remote("tcp", "0", n, num_blocks, a.repeat, "vllm")
     if torch.cuda.device_count() >= 2:
         rows["cuda_ipc (GPU1 -> GPU0)"] = remote("cuda_ipc", "1,0", n, num_blocks, a.repeat)
         try:

@@ -7,6 +7,8 @@ transcript contains the other side's fresh nonce, a recorded handshake cannot be
 because the role is bound in, a server's proof cannot be reflected back as a client's.
 
 An authenticator holds key material only; it does no I/O and is safe to share between threads.
+`load_authenticator` builds one from configuration (files), for the embedded engine and the vLLM
+connector alike.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Protocol
 
 from nacl.exceptions import BadSignatureError
@@ -101,3 +104,66 @@ class SharedSecretAuthenticator:
         if not hmac.compare_digest(self.prove(role, transcript), proof):
             return "bad HMAC proof (wrong mesh secret or tampered handshake)"
         return None
+
+
+def load_authenticator(*, secret: bytes = b"", secret_file: str = "", node_key_file: str = "",
+                       trusted_keys_file: str = "", node_id: str = "") -> Authenticator:
+    """The handshake authenticator for one of: a mesh `secret`, a `secret_file` (its first line
+    is the secret), or a `node_key_file` (hex Ed25519 seed, mode 0600, checked by
+    `meshd.node_agent.identity.load`) with a `trusted_keys_file` (hex public keys, whitespace
+    separated). `node_id` labels the secret schemes in logs. Raises ValueError saying which
+    file is wrong, what is wrong with it and how to fix it."""
+    given = [n for n, v in (("secret", secret), ("secret_file", secret_file),
+                            ("node_key_file", node_key_file)) if v]
+    if len(given) != 1:
+        raise ValueError(
+            "transfer auth: give exactly one of a mesh secret (secret or secret_file) or "
+            f"node_key_file with trusted_keys_file; got {', '.join(given) or 'none'}")
+    if node_key_file:
+        return _ed25519(node_key_file, trusted_keys_file)
+    if secret_file:
+        try:
+            lines = Path(secret_file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"secret_file {secret_file}: cannot read it ({exc.strerror}); "
+                             "give a readable file whose first line is the mesh secret") from None
+        secret = (lines[0].strip() if lines else "").encode()
+        where = f"secret_file {secret_file}: its first line"
+    else:
+        where = "secret"
+    if len(secret) < SharedSecretAuthenticator.MIN_SECRET_BYTES:
+        raise ValueError(f"{where} holds {len(secret)} bytes; the mesh secret needs at least "
+                         f"{SharedSecretAuthenticator.MIN_SECRET_BYTES} (e.g. the output of "
+                         "`openssl rand -hex 32`)")
+    return SharedSecretAuthenticator(secret, node_id)
+
+
+def _ed25519(node_key_file: str, trusted_keys_file: str) -> Ed25519Authenticator:
+    from meshd.node_agent import identity  # light: hashlib, nacl; checks the key file's mode
+
+    if not trusted_keys_file:
+        raise ValueError("trusted_keys_file: required with node_key_file (a file listing the "
+                         "hex Ed25519 public keys of the peers to trust)")
+    try:
+        ident = identity.load(node_key_file)
+    except identity.IdentityError as exc:
+        raise ValueError(f"node_key_file: {exc}") from None
+    try:
+        words = Path(trusted_keys_file).read_text().split()
+    except OSError as exc:
+        raise ValueError(f"trusted_keys_file {trusted_keys_file}: cannot read it "
+                         f"({exc.strerror})") from None
+    if not words:
+        raise ValueError(f"trusted_keys_file {trusted_keys_file}: holds no keys; list the hex "
+                         "Ed25519 public keys of the peers to trust")
+    keys = []
+    for word in words:
+        try:
+            key = bytes.fromhex(word)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ValueError(f"trusted_keys_file {trusted_keys_file}: {word[:20]!r} is not an "
+                             "Ed25519 public key (64 hex digits)")
+        keys.append(key)
+    return Ed25519Authenticator(ident.signing_key, keys)

@@ -13,18 +13,24 @@ copies or frees them. The tensors must outlive it and must not be reallocated.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from meshd.kv_transfer.layout import KV, BlockLayout
 
+if TYPE_CHECKING:
+    from meshd.kv_transfer.transport import Deadline
+
 DEFAULT_CHUNK_BYTES = 4 << 20
 
 
 class KVMemory:
-    """The engine's per-layer KV tensors, seen as raw bytes."""
+    """The engine's per-layer KV tensors, seen as raw bytes (a `memory.ByteMemory`; read and
+    written in place, so `write`'s commit does nothing)."""
+
+    wire_suffix = ""  # part of the transport name compared in the handshake
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> None:
         if len(kv_caches) != layout.num_layers:
@@ -65,6 +71,17 @@ class KVMemory:
 
     def stream_bytes(self, num_blocks: int) -> int:
         return num_blocks * self.layout.bytes_per_block
+
+    def read(self, block_ids: Sequence[int], deadline: Deadline) -> list[memoryview]:
+        return self.segments(block_ids)
+
+    def write(self, block_ids: Sequence[int]
+              ) -> tuple[list[memoryview], Callable[[Deadline], None]]:
+        return self.segments(block_ids), _no_commit
+
+
+def _no_commit(_deadline: Deadline) -> None:
+    return None
 
 
 def _runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshd.kv_transfer.auth import Authenticator
-from meshd.kv_transfer.blocks import KVMemory
 from meshd.kv_transfer.handshake import client_handshake, server_handshake
+from meshd.kv_transfer.memory import BlockMemory
 from meshd.kv_transfer.transport import (
     BlockSource,
     Deadline,
@@ -119,7 +119,7 @@ MIN_CHUNK, MAX_CHUNK = 64 << 10, 64 << 20
 
 
 def read_fetch(
-    sock: socket.socket, source: BlockSource, memory: KVMemory, deadline: Deadline
+    sock: socket.socket, source: BlockSource, memory: BlockMemory, deadline: Deadline
 ) -> tuple[str, list[int], int]:
     """Server side: receive a fetch and check it against what the engine holds.
 
@@ -145,7 +145,7 @@ def read_fetch(
 
 
 def check_fetch_args(
-    memory: KVMemory, remote_block_ids: Sequence[int], local_block_ids: Sequence[int]
+    memory: BlockMemory, remote_block_ids: Sequence[int], local_block_ids: Sequence[int]
 ) -> None:
     """Client side: the caller's block lists, checked before any I/O."""
     if len(remote_block_ids) != len(local_block_ids) or not local_block_ids:
@@ -174,7 +174,7 @@ class ServerConfig:
 def serve_connection(
     sock: socket.socket,
     name: str,
-    memory: KVMemory,
+    memory: BlockMemory,
     auth: Authenticator,
     source: BlockSource,
     stats: ServerStats,
@@ -205,7 +205,7 @@ def serve_connection(
 
 def run_fetch(
     name: str,
-    memory: KVMemory,
+    memory: BlockMemory,
     auth: Authenticator,
     peer: Peer,
     request: tuple[str, Sequence[int], Sequence[int]],

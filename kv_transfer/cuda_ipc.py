@@ -55,14 +55,13 @@ if TYPE_CHECKING:
     import torch
 
     from meshd.kv_transfer.auth import Authenticator
-    from meshd.kv_transfer.blocks import KVMemory
     from meshd.kv_transfer.layout import BlockLayout
 
 NAME = "cuda_ipc"
 STREAM = {"total": int, "layers": list}
 SHARE = {"device": int, "handle": bytes, "size_bytes": int, "offset_bytes": int,
          "ref_handle": bytes, "ref_offset": int, "event_handle": bytes, "event_sync": bool,
-         "tensor_offset": int, "device_uuid": str}
+         "tensor_offset": int, "device_uuid": str, "shape": list, "stride": list}
 
 
 def export_share(t: torch.Tensor) -> dict[str, Any]:
@@ -79,22 +78,45 @@ def export_share(t: torch.Tensor) -> dict[str, Any]:
             "size_bytes": int(size),
             "offset_bytes": int(offset), "ref_handle": bytes(ref_handle or b""),
             "ref_offset": int(ref_offset), "event_handle": bytes(event_handle or b""),
-            "event_sync": bool(event_sync), "tensor_offset": int(t.storage_offset())}
+            "event_sync": bool(event_sync), "tensor_offset": int(t.storage_offset()),
+            "shape": [int(d) for d in t.shape], "stride": [int(d) for d in t.stride()]}
 
 
-def open_share(share: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
-    """Map a peer's share as a tensor shaped and typed like `like` (the local layer tensor: the
-    layouts were checked equal in the handshake). The mapping lives while the tensor does."""
-    import torch
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    if set(share) != set(SHARE) or any(
+def check_share(share: Any, kv: GpuKV) -> dict[str, Any]:
+    """A peer's share, checked: every field typed, and a tensor view with our per-block dims
+    (its block count is the peer's own) that lies inside the shared allocation."""
+    if not isinstance(share, dict) or set(share) != set(SHARE) or any(
             not isinstance(share[k], t) or isinstance(share[k], bool) != (t is bool)
             for k, t in SHARE.items()):
         raise KVTransferFailure(ErrorCode.PROTOCOL, "ipc_stream.layers: malformed share")
+    shape, stride = share["shape"], share["stride"]
+    if (len(shape) != len(stride) or not all(_is_int(v) and v >= 0 for v in [*shape, *stride])
+            or not kv.same_block_dims(shape)):
+        raise KVTransferFailure(ErrorCode.LAYOUT_MISMATCH,
+                                f"peer KV view {shape} does not match ours "
+                                f"{list(kv.layers[0].shape)} (per-block dims)")
+    itemsize = kv.layers[0].element_size()
+    span = (share["tensor_offset"] + sum((d - 1) * s for d, s in zip(shape, stride, strict=True))
+            + 1) * itemsize
+    if share["tensor_offset"] < 0 or 0 in shape or span > share["size_bytes"]:
+        raise KVTransferFailure(ErrorCode.PROTOCOL, "ipc_stream.layers: view exceeds its storage")
+    return share
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def open_share(share: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """Map a peer's (checked) share as a tensor of `like`'s dtype with the peer's own shape and
+    strides. The mapping lives while the tensor does."""
+    import torch
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
     device = local_index(share["device_uuid"])
     return cast("torch.Tensor", rebuild_cuda_tensor(
-        torch.Tensor, like.shape, like.stride(), share["tensor_offset"], torch.UntypedStorage,
+        torch.Tensor, tuple(share["shape"]), tuple(share["stride"]), share["tensor_offset"],
+        torch.UntypedStorage,
         like.dtype, device, share["handle"], share["size_bytes"],
         share["offset_bytes"], False, share["ref_handle"], share["ref_offset"],
         share["event_handle"] or None, share["event_sync"]))
@@ -122,8 +144,10 @@ class CudaIpcServer:
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
                  auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
-                 port: int = 0, config: ServerConfig | None = None) -> None:
-        self._kv = GpuKV(kv_caches, layout)
+                 port: int = 0, config: ServerConfig | None = None,
+                 views: str = "engine") -> None:
+        self._kv = GpuKV(kv_caches, layout, views)
+        self.name = NAME + self._kv.wire_suffix
         self._shares = [export_share(t) for t in self._kv.layers]
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
@@ -138,8 +162,7 @@ class CudaIpcServer:
         self._listener.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        memory = cast("KVMemory", self._kv)  # conn.py uses only layout and check_ids
-        serve_connection(sock, NAME, memory, self._auth, self._source, self.stats,
+        serve_connection(sock, self.name, self._kv, self._auth, self._source, self.stats,
                          self._config, self._stream)
 
     def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
@@ -158,8 +181,9 @@ class CudaIpcClient:
     name = NAME
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
-                 auth: Authenticator) -> None:
-        self._kv = GpuKV(kv_caches, layout)
+                 auth: Authenticator, views: str = "engine") -> None:
+        self._kv = GpuKV(kv_caches, layout, views)
+        self.name = NAME + self._kv.wire_suffix
         self._auth = auth
         self._mapped: dict[bytes, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -170,9 +194,8 @@ class CudaIpcClient:
 
     def fetch(self, peer: Peer, remote_request_id: str, remote_block_ids: Sequence[int],
               local_block_ids: Sequence[int], timeout_s: float) -> TransferResult:
-        memory = cast("KVMemory", self._kv)
         request = (remote_request_id, remote_block_ids, local_block_ids)
-        return run_fetch(NAME, memory, self._auth, peer, request, timeout_s, self._pull)
+        return run_fetch(self.name, self._kv, self._auth, peer, request, timeout_s, self._pull)
 
     def _remote_layers(self, shares: list[Any]) -> list[torch.Tensor]:
         if len(shares) != len(self._kv.layers) or not all(isinstance(s, dict) for s in shares):
@@ -182,7 +205,8 @@ class CudaIpcClient:
         out = []
         with self._lock:
             for share, like in zip(shares, self._kv.layers, strict=True):
-                key = bytes(share.get("handle", b"")) + share.get("tensor_offset", 0).to_bytes(8)
+                share = check_share(share, self._kv)
+                key = share["handle"] + share["tensor_offset"].to_bytes(8)
                 if key not in self._mapped:
                     try:
                         self._mapped[key] = open_share(share, like)
@@ -206,13 +230,9 @@ class CudaIpcClient:
         remote = self._remote_layers(msg["layers"])
         stream = torch.cuda.Stream(device=self._kv.device)
         with torch.cuda.stream(stream):
-            src = self._kv.index(remote_block_ids)
-            dst = self._kv.index(local_block_ids)
-            for mine, theirs in zip(self._kv.layers, remote, strict=True):
-                # same GPU: one gather kernel; another GPU: gather there, then a peer copy
-                # (torch orders it after the gather and before the index_copy_)
-                blocks = theirs.index_select(1, src.to(theirs.device)).to(mine.device)
-                mine.index_copy_(1, dst, blocks)
+            # same GPU: one gather kernel per layer; another GPU: gather there, then a peer copy
+            # (torch orders it after the gather and before the index_copy_)
+            self._kv.scatter(local_block_ids, self._kv.gather_from(remote, remote_block_ids))
         wait_stream(stream, deadline.at, "cuda_ipc copy")
         progress[0] += total
         send_msg(sock, {"t": "ack", "ok": True, "message": ""}, deadline)
@@ -225,5 +245,5 @@ def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Au
 
 def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
                 source: BlockSource, host: str, port: int,
-                config: ServerConfig | None = None) -> CudaIpcServer:
-    return CudaIpcServer(kv_caches, layout, auth, source, host, port, config)
+                config: ServerConfig | None = None, views: str = "engine") -> CudaIpcServer:
+    return CudaIpcServer(kv_caches, layout, auth, source, host, port, config, views)

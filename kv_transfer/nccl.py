@@ -37,7 +37,7 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from meshd.kv_transfer.conn import (
     MIN_CHUNK,
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     import torch
 
     from meshd.kv_transfer.auth import Authenticator
-    from meshd.kv_transfer.blocks import KVMemory
     from meshd.kv_transfer.layout import BlockLayout
 
 NAME = "nccl"
@@ -180,9 +179,11 @@ class NcclServer:
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
                  auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
-                 port: int = 0, config: ServerConfig | None = None) -> None:
+                 port: int = 0, config: ServerConfig | None = None,
+                 views: str = "engine") -> None:
         self._nccl = load_nccl()
-        self._kv = GpuKV(kv_caches, layout)
+        self._kv = GpuKV(kv_caches, layout, views)
+        self.name = NAME + self._kv.wire_suffix
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self._comms: OrderedDict[bytes, PairComm] = OrderedDict()
@@ -202,8 +203,7 @@ class NcclServer:
             self._comms.clear()
 
     def _serve(self, sock: socket.socket) -> None:
-        memory = cast("KVMemory", self._kv)  # conn.py uses only layout and check_ids
-        serve_connection(sock, NAME, memory, self._auth, self._source, self.stats,
+        serve_connection(sock, self.name, self._kv, self._auth, self._source, self.stats,
                          self._config, self._stream)
 
     def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
@@ -254,9 +254,10 @@ class NcclClient:
     name = NAME
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
-                 auth: Authenticator) -> None:
+                 auth: Authenticator, views: str = "engine") -> None:
         self._nccl = load_nccl()
-        self._kv = GpuKV(kv_caches, layout)
+        self._kv = GpuKV(kv_caches, layout, views)
+        self.name = NAME + self._kv.wire_suffix
         self._auth = auth
         self._pairs: dict[Peer, tuple[bytes, PairComm | None, threading.Lock]] = {}
         self._lock = threading.Lock()
@@ -273,9 +274,8 @@ class NcclClient:
         with self._lock:
             entry = self._pairs.setdefault(peer, (os.urandom(16), None, threading.Lock()))
         with entry[2]:  # one fetch per peer pair at a time
-            memory = cast("KVMemory", self._kv)
             request = (remote_request_id, remote_block_ids, local_block_ids)
-            return run_fetch(NAME, memory, self._auth, peer, request, timeout_s,
+            return run_fetch(self.name, self._kv, self._auth, peer, request, timeout_s,
                              functools.partial(self._pull, peer))
 
     def _pull(self, peer: Peer, sock: socket.socket, request_id: str,
@@ -319,5 +319,5 @@ def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Au
 
 def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
                 source: BlockSource, host: str, port: int,
-                config: ServerConfig | None = None) -> NcclServer:
-    return NcclServer(kv_caches, layout, auth, source, host, port, config)
+                config: ServerConfig | None = None, views: str = "engine") -> NcclServer:
+    return NcclServer(kv_caches, layout, auth, source, host, port, config, views)

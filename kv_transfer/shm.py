@@ -29,9 +29,9 @@ import secrets
 import socket
 from collections.abc import Sequence
 from multiprocessing import shared_memory
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from meshd.kv_transfer.blocks import DEFAULT_CHUNK_BYTES, KVMemory, chunks, crc32, nbytes
+from meshd.kv_transfer.blocks import DEFAULT_CHUNK_BYTES, chunks, crc32, nbytes
 from meshd.kv_transfer.conn import (
     MAX_CHUNK,
     MIN_CHUNK,
@@ -41,6 +41,7 @@ from meshd.kv_transfer.conn import (
     run_fetch,
     serve_connection,
 )
+from meshd.kv_transfer.memory import byte_memory
 from meshd.kv_transfer.tcp import check_stream
 from meshd.kv_transfer.transport import (
     BlockSource,
@@ -94,10 +95,12 @@ class ShmServer:
         port: int = 0,
         config: ServerConfig | None = None,
         slots: int = DEFAULT_SLOTS,
+        views: str = "engine",
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots: must be >= 1, got {slots}")
-        self._memory = KVMemory(kv_caches, layout)
+        self._memory = byte_memory(kv_caches, layout, views)
+        self.name = NAME + self._memory.wire_suffix
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self._slots = slots
@@ -112,7 +115,7 @@ class ShmServer:
         self._listener.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, NAME, self._memory, self._auth, self._source, self.stats,
+        serve_connection(sock, self.name, self._memory, self._auth, self._source, self.stats,
                          self._config, self._stream)
 
     def _stream(
@@ -134,7 +137,8 @@ class ShmServer:
             recv_msg(sock, "attached", {}, deadline)
             seg.unlink()  # mapped on both sides now; nothing left to leak if either dies
             freed = 0
-            for index, pieces in enumerate(chunks(self._memory.segments(block_ids), chunk_bytes)):
+            source = self._memory.read(block_ids, deadline)
+            for index, pieces in enumerate(chunks(source, chunk_bytes)):
                 if index - freed >= slots:
                     self._await_free(sock, freed % slots, deadline)
                     freed += 1
@@ -178,10 +182,12 @@ class ShmClient:
         layout: BlockLayout,
         auth: Authenticator,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        views: str = "engine",
     ) -> None:
         if not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
             raise ValueError(f"chunk_bytes: must be in {MIN_CHUNK}..{MAX_CHUNK}")
-        self._memory = KVMemory(kv_caches, layout)
+        self._memory = byte_memory(kv_caches, layout, views)
+        self.name = NAME + self._memory.wire_suffix
         self._auth = auth
         self._chunk_bytes = chunk_bytes
 
@@ -197,7 +203,8 @@ class ShmClient:
         timeout_s: float,
     ) -> TransferResult:
         request = (remote_request_id, remote_block_ids, local_block_ids)
-        return run_fetch(NAME, self._memory, self._auth, peer, request, timeout_s, self._pull)
+        return run_fetch(self.name, self._memory, self._auth, peer, request, timeout_s,
+                         self._pull)
 
     def _pull(
         self,
@@ -220,7 +227,8 @@ class ShmClient:
         seg = _attach(stream["segment"], slots * chunk_bytes)
         try:
             send_msg(sock, {"t": "attached"}, deadline)
-            dest = chunks(self._memory.segments(local_block_ids), chunk_bytes)
+            segments, commit = self._memory.write(local_block_ids)
+            dest = chunks(segments, chunk_bytes)
             for index, pieces in enumerate(dest):
                 msg = recv_msg(sock, "chunk", CHUNK, deadline)
                 if (msg["index"], msg["slot"], msg["length"]) != (
@@ -234,6 +242,7 @@ class ShmClient:
                              deadline)
                     raise KVTransferFailure(ErrorCode.CORRUPT, f"chunk {index}: crc32 mismatch")
                 send_msg(sock, {"t": "free", "slot": msg["slot"]}, deadline)
+            commit(deadline)
             send_msg(sock, {"t": "ack", "ok": True, "message": ""}, deadline)
         finally:
             seg.close()
@@ -271,7 +280,7 @@ def _attach(name: str, size: int) -> _Mapping:
 
 
 def make_client(
-    kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator, **options: int
+    kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator, **options: Any
 ) -> ShmClient:
     return ShmClient(kv_caches, layout, auth, **options)
 
@@ -285,5 +294,6 @@ def make_server(
     port: int,
     config: ServerConfig | None = None,
     slots: int = DEFAULT_SLOTS,
+    views: str = "engine",
 ) -> ShmServer:
-    return ShmServer(kv_caches, layout, auth, source, host, port, config, slots)
+    return ShmServer(kv_caches, layout, auth, source, host, port, config, slots, views)

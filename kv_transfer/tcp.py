@@ -9,10 +9,12 @@ One connection per fetch: handshake (auth + layout), then
 
 Payload bytes go from the source tensor's memory to the socket with scatter-gather `sendmsg`,
 and from the socket straight into the destination blocks with `recvmsg_into`: no staging copy
-on either side. Each chunk's index, length and CRC-32 are checked before and after receiving, so
-corruption, truncation and wrong lengths become `TransferError`s. The server calls
-`source.on_sent(request_id)` only after the client acknowledged an intact copy; on any failure
-the blocks stay held until the engine's own lease timeout.
+on either side for CPU KV. CUDA KV is staged through host buffers (`memory.StagedKV`), so this
+is also the GPU fallback between hosts with no NCCL fabric. Each chunk's index, length and
+CRC-32 are checked before and after receiving, so corruption, truncation and wrong lengths
+become `TransferError`s. The server calls `source.on_sent(request_id)` only after the client
+acknowledged an intact copy; on any failure the blocks stay held until the engine's own lease
+timeout.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import math
 import socket
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from meshd.kv_transfer.blocks import DEFAULT_CHUNK_BYTES, KVMemory, chunks, crc32, nbytes
+from meshd.kv_transfer.blocks import DEFAULT_CHUNK_BYTES, chunks, crc32, nbytes
 from meshd.kv_transfer.conn import (
     MAX_CHUNK,
     MIN_CHUNK,
@@ -33,6 +35,7 @@ from meshd.kv_transfer.conn import (
     run_fetch,
     serve_connection,
 )
+from meshd.kv_transfer.memory import byte_memory
 from meshd.kv_transfer.transport import (
     BlockSource,
     Deadline,
@@ -82,8 +85,10 @@ class TcpServer:
         host: str = "127.0.0.1",
         port: int = 0,
         config: ServerConfig | None = None,
+        views: str = "engine",
     ) -> None:
-        self._memory = self._make_memory(kv_caches, layout)
+        self._memory = byte_memory(kv_caches, layout, views)
+        self.name = NAME + self._memory.wire_suffix
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self.stats = ServerStats()
@@ -92,11 +97,6 @@ class TcpServer:
     @property
     def address(self) -> Peer:
         return self._listener.address
-
-    def _make_memory(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> KVMemory:
-        """How the KV tensors are seen as bytes; subclasses with another physical layout
-        override this and `name` (which the handshake compares)."""
-        return KVMemory(kv_caches, layout)
 
     def close(self) -> None:
         self._listener.close()
@@ -112,7 +112,8 @@ class TcpServer:
         count = math.ceil(total / chunk_bytes)
         send_msg(sock, {"t": "stream", "total": total, "chunks": count, "chunk_bytes": chunk_bytes},
                  deadline)
-        for index, pieces in enumerate(chunks(self._memory.segments(block_ids), chunk_bytes)):
+        for index, pieces in enumerate(chunks(self._memory.read(block_ids, deadline),
+                                              chunk_bytes)):
             header = CHUNK_HEADER.pack(index, nbytes(pieces), crc32(pieces))
             send_all(sock, [header, *pieces], deadline)
         return total
@@ -131,19 +132,17 @@ class TcpClient:
         layout: BlockLayout,
         auth: Authenticator,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        views: str = "engine",
     ) -> None:
         if not MIN_CHUNK <= chunk_bytes <= MAX_CHUNK:
             raise ValueError(f"chunk_bytes: must be in {MIN_CHUNK}..{MAX_CHUNK}")
-        self._memory = self._make_memory(kv_caches, layout)
+        self._memory = byte_memory(kv_caches, layout, views)
+        self.name = NAME + self._memory.wire_suffix
         self._auth = auth
         self._chunk_bytes = chunk_bytes
 
     def close(self) -> None:
         pass  # no pooled connections yet
-
-    def _make_memory(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> KVMemory:
-        """See `TcpServer._make_memory`."""
-        return KVMemory(kv_caches, layout)
 
     def fetch(
         self,
@@ -170,7 +169,8 @@ class TcpClient:
                  deadline)
         stream = recv_msg(sock, "stream", STREAM, deadline)
         chunk_bytes = check_stream(stream, self._memory.stream_bytes(len(local_block_ids)))
-        for index, pieces in enumerate(chunks(self._memory.segments(local_block_ids), chunk_bytes)):
+        segments, commit = self._memory.write(local_block_ids)
+        for index, pieces in enumerate(chunks(segments, chunk_bytes)):
             got_index, length, crc = CHUNK_HEADER.unpack(
                 recv_exact(sock, CHUNK_HEADER.size, deadline)
             )
@@ -185,11 +185,12 @@ class TcpClient:
                 send_msg(sock, {"t": "ack", "ok": False, "message": f"chunk {index} corrupt"},
                          deadline)
                 raise KVTransferFailure(ErrorCode.CORRUPT, f"chunk {index}: crc32 mismatch")
+        commit(deadline)
         send_msg(sock, {"t": "ack", "ok": True, "message": ""}, deadline)
 
 
 def make_client(
-    kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator, **options: int
+    kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator, **options: Any
 ) -> TcpClient:
     return TcpClient(kv_caches, layout, auth, **options)
 
@@ -202,5 +203,6 @@ def make_server(
     host: str,
     port: int,
     config: ServerConfig | None = None,
+    views: str = "engine",
 ) -> TcpServer:
-    return TcpServer(kv_caches, layout, auth, source, host, port, config)
+    return TcpServer(kv_caches, layout, auth, source, host, port, config, views)

@@ -1,31 +1,40 @@
 """meshd's out-of-tree vLLM V1 KV connector: prefill/decode disaggregation over meshd's
-authenticated TCP transport. Imported by vLLM only (it imports vllm); meshd never imports it.
+authenticated transports. Imported by vLLM only (it imports vllm); meshd never imports it.
 
     --kv-transfer-config '{"kv_connector": "MeshdConnector", "kv_role": "kv_producer",
         "kv_connector_module_path": "meshd.kv_transfer.vllm_connector",
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"secret_file": "/path/secret", "host": "127.0.0.1",
-                                      "port": 23456}}'
+                                      "port": 23456, "transport": "tcp"}}'
 
 Design (see docs/vllm.md, "KV connector"):
 - **Pull.** The prefill engine (P, `kv_producer`) runs the request with `max_tokens=1`; when it
   stops by the length cap and carried `do_remote_decode`, `request_finished` keeps its blocks
   (`delay_free`) and returns NixlConnector-style `kv_transfer_params` (`remote_request_id` = P's
   internal request id, `remote_block_ids`, `remote_host`/`remote_port` of P's meshd transfer
-  server, `tp_size`). The blocks go under a **lease** in P's worker (`LeaseTable`, a
-  `BlockSource` of the TCP server): it ends when D confirmed an intact copy or after
-  `lease_timeout_s`, and the worker then reports the request in `finished_sending` so vLLM frees
-  the blocks. A fetch in flight renews the lease, so blocks are never freed under a transfer.
+  server, `tp_size`, `meshd_transport`, `meshd_prompt_digest`). The blocks go under a **lease**
+  in P's worker (`LeaseTable`, the transfer server's `BlockSource`): it ends when D confirmed an
+  intact copy or after `lease_timeout_s`, and the worker then reports the request in
+  `finished_sending` so vLLM frees the blocks. A fetch in flight renews the lease, so blocks are
+  never freed under a transfer.
 - The decode engine (D, `kv_consumer`) sees `do_remote_prefill`: `get_num_new_matched_tokens`
   claims the prompt tokens not cached locally for an **async** load; after allocation,
   `update_state_after_alloc` plans remote -> local blocks; D's worker pulls the whole request on
-  a background thread (not layer-wise: the load runs between engine steps while the request
-  waits in WAITING_FOR_REMOTE_KVS) and reports it in `finished_recving`.
-- **Failure**: any transfer error (auth, connect, unknown request, timeout, CRC) reports the
-  request's local blocks in `get_block_ids_with_load_errors`; with
-  `kv_load_failure_policy=recompute` vLLM recomputes them locally.
+  a background thread over the transport P named (a client per transport, built on first use)
+  and reports it in `finished_recving`. Not layer-wise: the load runs between engine steps
+  while the request waits in WAITING_FOR_REMOTE_KVS.
+- **Transports** (`transport` in the extra config; what P serves): `tcp` and `shm` move CPU KV
+  in place, or CUDA KV staged through pinned host buffers; `cuda_ipc` (one host) and `nccl`
+  move CUDA KV device to device. The connector asks vLLM for the `LBHNC` cache layout
+  (`get_required_kvcache_layout`), so each layer is a `[B, H, N, C]` view whose blocks are
+  dense; the wire names carry the view kind (`tcp+vllm-BHNC`), and the handshake refuses a
+  peer with another layout or transport.
+- **Failure**: any transfer error (auth, connect, unknown request, timeout, CRC, a transport
+  this process cannot run) reports the request's local blocks in
+  `get_block_ids_with_load_errors`; with `kv_load_failure_policy=recompute` vLLM recomputes
+  them locally.
 - Auth: meshd's mutual handshake (HMAC mesh secret or Ed25519 node keys); msgpack frames, no
-  pickle. The transport is named after the physical block layout (`tcp+vllm-BHNC` on CPU).
+  pickle.
 """
 
 from __future__ import annotations
@@ -43,19 +52,25 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
-from meshd.kv_transfer.transport import Peer
-from meshd.kv_transfer.vllm_layout import BlockMajorTcpClient, BlockMajorTcpServer, layout_of
+from meshd.kv_transfer.leases import LeaseTable
+from meshd.kv_transfer.params import RemotePrefill, prefill_params
+from meshd.kv_transfer.transport import (
+    Peer,
+    TransportClient,
+    TransportServer,
+    make_client,
+    make_server,
+)
+from meshd.kv_transfer.vllm_layout import layout_of
 from meshd.kv_transfer.vllm_params import (
     TRANSFER_TIMEOUT_S,
+    TRANSPORTS,
     ConnectorSettings,
-    LeaseTable,
     LoadPlan,
     RecvResults,
-    RemotePrefill,
-    load_authenticator,
     plan_load,
-    prefill_params,
     tokens_to_load,
 )
 
@@ -68,6 +83,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+    from meshd.kv_transfer.layout import BlockLayout
 
 # Under "vllm." so records use vLLM's handler and format.
 log = logging.getLogger("vllm.meshd_connector")
@@ -112,24 +129,39 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
                      "transfer server %s:%s", self._engine_id, self._producer, self._consumer,
                      self._settings.remote_host, self._settings.port)
         else:
-            self._auth = load_authenticator(self._settings, self._engine_id)
-            self._leases = LeaseTable(self._settings.lease_timeout_s,
-                                      lookup_wait_s=self._settings.lookup_wait_s,
-                                      transfer_timeout_s=TRANSFER_TIMEOUT_S)
+            s = self._settings
+            self._auth = load_authenticator(secret_file=s.secret_file,
+                                            node_key_file=s.node_key_file,
+                                            trusted_keys_file=s.trusted_keys_file,
+                                            node_id=self._engine_id)
+            self._leases = LeaseTable(s.lease_timeout_s, transfer_timeout_s=TRANSFER_TIMEOUT_S,
+                                      lookup_wait_s=s.lookup_wait_s)
             self._recv = RecvResults()
-            self._server: BlockMajorTcpServer | None = None
-            self._client: BlockMajorTcpClient | None = None
+            self._server: TransportServer | None = None
+            self._clients: dict[str, TransportClient | str] = {}  # transport -> client | error
+            self._clients_lock = threading.Lock()
+            self._views: list[torch.Tensor] = []
+            self._layout: BlockLayout | None = None
             self._pool: ThreadPoolExecutor | None = None
             self._inflight: set[str] = set()
             self._lock = threading.Lock()
             self._rank = 0
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """Per-layer `[B, H, N, C]` views with each block one dense range (vLLM's CPU backend
+        has only this layout; on GPUs it replaces FlashAttention's default NHD order)."""
+        model = vllm_config.model_config
+        if model is not None and model.use_mla:
+            return None  # MLA caches have no H axis; the one KV group check refuses them later
+        return "LBHNC"
 
     # ==========================================================================================
     # scheduler side
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
-        remote = RemotePrefill.parse(request.kv_transfer_params)
+        remote = RemotePrefill.parse(request.kv_transfer_params, allowed_transports=TRANSPORTS)
         if isinstance(remote, str):
             return 0, False
         if remote.tp_size != self._tp_size:
@@ -137,6 +169,10 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
                         request.request_id, remote.tp_size, self._tp_size)
             return 0, False
         prompt = request.prompt_token_ids or []
+        if not remote.matches(prompt):
+            log.warning("meshd: %s: the prefill params are for another prompt; prefilling "
+                        "locally", request.request_id)
+            return 0, False
         count = tokens_to_load(remote, len(prompt), num_computed_tokens, self._block_size)
         return count, count > 0
 
@@ -148,7 +184,8 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         params["do_remote_prefill"] = False  # one transfer per request
         if num_external_tokens <= 0:
             return  # nothing to load (a local hit); P's lease expires on its own
-        remote = RemotePrefill.parse({**params, "do_remote_prefill": True})
+        remote = RemotePrefill.parse({**params, "do_remote_prefill": True},
+                                     allowed_transports=TRANSPORTS)
         (block_ids, *_) = blocks.get_block_ids()
         prompt = request.prompt_token_ids or []
         plan: LoadPlan | str = (
@@ -160,7 +197,8 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             # The request already waits for remote KV: report a failed load so it recomputes.
             log.warning("meshd: %s: cannot plan the load (%s); recomputing",
                         request.request_id, plan)
-            plan = LoadPlan(request.request_id, Peer("", 0), "", (), tuple(block_ids))
+            plan = LoadPlan(request.request_id, Peer("", 0), "", (), tuple(block_ids),
+                            "tcp")
         self._pending_loads[request.request_id] = plan
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -193,8 +231,9 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._pending_leases[rid] = tuple(block_ids)
         return True, prefill_params(
             request_id=rid, block_ids=block_ids, engine_id=self._engine_id,
-            host=self._settings.remote_host, port=self._settings.port, tp_size=self._tp_size,
+            peer=Peer(self._settings.remote_host, self._settings.port), tp_size=self._tp_size,
             num_tokens=len(request.prompt_token_ids or []), transport=self._settings.transport,
+            prompt=request.prompt_token_ids or [],
         )
 
     # ==========================================================================================
@@ -221,21 +260,36 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             )
         layout = layout_of(layers, spec.num_kv_heads, spec.head_size, spec.block_size)
         self._rank = int(get_tensor_model_parallel_rank())
+        self._views, self._layout = layers, layout
         if self._producer:
-            self._server = BlockMajorTcpServer(
-                layers, layout, self._auth, self._leases, self._settings.host,
-                self._settings.port + self._rank,
-                ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S),
+            self._server = make_server(
+                self._settings.transport, layers, layout, self._auth, self._leases,
+                self._settings.host, self._settings.port + self._rank,
+                config=ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S), views="vllm",
             )
         if self._consumer:
-            self._client = BlockMajorTcpClient(layers, layout, self._auth)
             self._pool = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="meshd-kv-pull")
         t = layers[0]
-        endpoint = self._server or self._client
-        log.info("meshd connector (worker rank %d): %d layers, view %s strides %s, %s; "
-                 "%d blocks x %d B/block; server %s", self._rank, len(layers), tuple(t.shape),
-                 t.stride(), endpoint.name if endpoint is not None else "-", num_blocks,
-                 layout.bytes_per_block, self._server.address if self._server else "none")
+        log.info("meshd connector (worker rank %d): %d layers on %s, view %s strides %s; "
+                 "%d blocks x %d B/block; server %s %s", self._rank, len(layers), t.device,
+                 tuple(t.shape), t.stride(), num_blocks, layout.bytes_per_block,
+                 self._server.name if self._server else "-",
+                 self._server.address if self._server else "")
+
+    def _client(self, transport: str) -> TransportClient | str:
+        """The client for `transport` (built on first use), or why it cannot run here."""
+        with self._clients_lock:  # not self._lock: building one may take a while (NCCL)
+            client = self._clients.get(transport)
+            if client is None:
+                assert self._layout is not None
+                try:
+                    client = make_client(transport, self._views, self._layout, self._auth,
+                                         views="vllm")
+                except (ValueError, RuntimeError, ImportError) as exc:
+                    log.warning("meshd: cannot pull over %s here: %s", transport, exc)
+                    client = f"transport_unavailable: {transport}: {exc}"
+                self._clients[transport] = client
+            return client
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -248,25 +302,28 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
                 if plan.request_id in self._inflight:
                     continue
                 self._inflight.add(plan.request_id)
-            if not plan.remote_block_ids or self._client is None or self._pool is None:
+            if not plan.remote_block_ids or self._pool is None:
                 self._done(plan, None)
                 continue
             self._pool.submit(self._pull, plan)
 
     def _pull(self, plan: LoadPlan) -> None:
-        assert self._client is not None
         peer = Peer(plan.peer.host, plan.peer.port + self._rank)
         try:
-            result = self._client.fetch(peer, plan.remote_request_id, plan.remote_block_ids,
-                                        plan.local_block_ids, self._settings.pull_timeout_s)
+            client = self._client(plan.transport)
+            if isinstance(client, str):
+                self._done(plan, client)
+                return
+            result = client.fetch(peer, plan.remote_request_id, plan.remote_block_ids,
+                                  plan.local_block_ids, self._settings.pull_timeout_s)
         except Exception as exc:  # a caller bug must not strand the request
             log.exception("meshd: pull of %s failed", plan.request_id)
             self._done(plan, f"internal: {exc}")
             return
         if result.ok:
-            log.info("meshd: pulled %d blocks (%d B) for %s from %s:%d (remote %s) in %.3f s",
-                     len(plan.local_block_ids), result.bytes, plan.request_id, peer.host,
-                     peer.port, plan.remote_request_id, result.seconds)
+            log.info("meshd: pulled %d blocks (%d B) for %s from %s:%d via %s (remote %s) in "
+                     "%.3f s", len(plan.local_block_ids), result.bytes, plan.request_id,
+                     peer.host, peer.port, client.name, plan.remote_request_id, result.seconds)
             with self._lock:
                 self._inflight.discard(plan.request_id)
             self._recv.succeeded(plan.request_id, result.bytes, result.seconds)
@@ -309,3 +366,6 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
                 self._server.close()
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
+            for client in self._clients.values():
+                if not isinstance(client, str):
+                    client.close()

@@ -7,9 +7,11 @@ block_size, 2 * head_dim]`: within one block the K rows (`N` of them) and V rows
 interleaved per head, so **one block of one layer is a single contiguous byte range** of
 `2 * block_size * num_kv_heads * head_dim * itemsize` bytes, blocks `block_stride` apart. That
 differs from meshd's FlashAttention stream (K halves of all blocks, then V halves), so the
-adapter here streams, per layer, whole blocks in list order, and the TCP transport it drives is
-named after the physical block order (`tcp+vllm-BHNC`): the handshake compares transport names,
-so a peer with another layout is refused instead of receiving reordered bytes.
+adapter here streams, per layer, whole blocks in list order, and the byte transports (`tcp`,
+`shm`) over it are named after the physical block order (`wire_suffix`, e.g. `tcp+vllm-BHNC`):
+the handshake compares transport names, so a peer with another layout is refused instead of
+receiving reordered bytes. Views whose blocks are not dense (other vLLM layouts, CUDA) go
+through `memory.StagedKV`, which streams the logical `[n, H, N, C]` order.
 
 `BlockLayout` is still exchanged as is: its byte counts (`bytes_per_block`) equal the
 block-major stream's, and its fields (layers, KV heads, head dim, dtype, block size) must match.
@@ -25,7 +27,6 @@ import torch
 
 from meshd.kv_transfer.blocks import KVMemory, _runs
 from meshd.kv_transfer.layout import BlockLayout
-from meshd.kv_transfer.tcp import TcpClient, TcpServer
 
 LOGICAL_DIMS = "BHNC"  # vLLM's per-layer logical axes: block, head, token-in-block, content
 
@@ -48,11 +49,6 @@ def block_order(t: torch.Tensor) -> str:
     return "".join(LOGICAL_DIMS[d] for _, _, d in reversed(inner))
 
 
-def transport_name(order: str) -> str:
-    """The TCP transport name for a block-major layout with inner axes `order`."""
-    return f"tcp+vllm-B{order}"
-
-
 class BlockMajorMemory(KVMemory):
     """Per-layer `[B, ...]` views where each block is one dense byte range.
 
@@ -69,6 +65,7 @@ class BlockMajorMemory(KVMemory):
         self.layout = layout
         self.num_blocks = int(kv_caches[0].shape[0])
         self.order = block_order(kv_caches[0])
+        self.wire_suffix = f"+vllm-B{self.order}"
         block_bytes = layout.bytes_per_block_per_layer
         self._blocks: list[tuple[memoryview, int, int]] = []  # (storage bytes, offset, stride)
         seen: set[int] = set()
@@ -131,21 +128,3 @@ def layout_of(kv_caches: Sequence[torch.Tensor], num_kv_heads: int, head_dim: in
             f"of {num_kv_heads} KV heads x {head_dim} needs {layout.bytes_per_block_per_layer}"
         )
     return layout
-
-
-class BlockMajorTcpServer(TcpServer):
-    """meshd's TCP server over block-major vLLM views (see module docstring)."""
-
-    def _make_memory(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> KVMemory:
-        memory = BlockMajorMemory(kv_caches, layout)
-        self.name = transport_name(memory.order)
-        return memory
-
-
-class BlockMajorTcpClient(TcpClient):
-    """meshd's TCP client over block-major vLLM views (see module docstring)."""
-
-    def _make_memory(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout) -> KVMemory:
-        memory = BlockMajorMemory(kv_caches, layout)
-        self.name = transport_name(memory.order)
-        return memory

@@ -163,7 +163,8 @@ class WorkersConfig:
 
 
 VLLM_CONNECTORS = ("meshd", "nixl", "none")
-VLLM_TRANSPORTS = ("tcp",)  # what MeshdConnector moves KV over today (CPU tensors)
+VLLM_TRANSPORTS = ("tcp", "shm", "cuda_ipc", "nccl")  # what MeshdConnector moves KV over
+GPU_TRANSPORTS = ("cuda_ipc", "nccl")
 
 
 def vllm_port_stride(tensor_parallel_size: int) -> int:
@@ -190,7 +191,7 @@ class VllmConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_connector: str = "meshd"  # meshd | nixl | none
-    kv_transfer: str = "tcp"  # the meshd connector's transport: tcp only (see VLLM_TRANSPORTS)
+    kv_transfer: str = "tcp"  # the meshd connector's transport (VLLM_TRANSPORTS); see docs/vllm.md
     kv_secret_file: str = ""  # meshd connector: shared secret; "" = <agent state dir>/kv_secret
     kv_connector_extra: dict[str, str] = field(default_factory=dict)  # merged into extra config
     kv_load_failure_policy: str = "recompute"  # recompute | fail
@@ -235,9 +236,9 @@ class VllmConfig:
         check(self.kv_connector in VLLM_CONNECTORS, "kv_connector",
               f"must be one of {', '.join(VLLM_CONNECTORS)}, got {self.kv_connector!r}")
         check(self.kv_transfer in VLLM_TRANSPORTS, "kv_transfer",
-              f"must be 'tcp', got {self.kv_transfer!r}: meshd's vLLM connector moves KV over "
-              "TCP only today (shm, nccl and cuda_ipc are meshd transports it does not drive; "
-              "use kv_connector = 'nixl' for GPU-direct transfers)")
+              f"must be one of {', '.join(VLLM_TRANSPORTS)}, got {self.kv_transfer!r}")
+        check(self.device == "cuda" or self.kv_transfer not in GPU_TRANSPORTS, "kv_transfer",
+              f"{self.kv_transfer!r} moves CUDA KV; with device='cpu' use 'tcp' or 'shm'")
         check(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy",
               f"must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
         check(self.hash_seed.isdigit() and int(self.hash_seed) <= 4294967295, "hash_seed",

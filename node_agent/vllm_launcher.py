@@ -6,7 +6,8 @@ venv) pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, started with the flags mes
 
 - `--kv-transfer-config`: meshd's `MeshdConnector` (or vLLM's `NixlConnector`), role
   `kv_producer` (prefill), `kv_consumer` (decode) or `kv_both`, `engine_id` = the worker id;
-  the meshd connector moves KV over TCP only (`VllmConfig` refuses other `kv_transfer`s);
+  the meshd connector's transport is `kv_transfer` (tcp, shm, cuda_ipc or nccl; a cuda_ipc
+  worker also sees the agent's other workers' GPUs, after its own, to map their KV);
 - `--kv-events-config`: ZMQ PUB and replay ROUTER bound on all interfaces (`tcp://*:port`, so
   vLLM binds rather than connects), reported to the coordinator as `tcp://<host>:port`;
 - `--prefix-caching-hash-algo sha256_cbor` and `PYTHONHASHSEED=<hash_seed>` (shared with the
@@ -131,14 +132,25 @@ def moe_args(cfg: VllmConfig) -> list[str]:
     return argv
 
 
-def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tuple[int, ...]
-               ) -> dict[str, str]:
+def visible_gpus(cfg: VllmConfig, own: tuple[int, ...], agent_gpus: Sequence[int]
+                 ) -> tuple[int, ...]:
+    """`CUDA_VISIBLE_DEVICES` for a worker: its own GPUs (vLLM uses the first TP-size ones);
+    with the meshd connector over `cuda_ipc`, then every other agent GPU, because a CUDA IPC
+    consumer maps its peer's memory by GPU UUID and must see that GPU."""
+    if cfg.kv_connector != "meshd" or cfg.kv_transfer != "cuda_ipc":
+        return own
+    return (*own, *(g for g in agent_gpus if g not in own))
+
+
+def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tuple[int, ...],
+               agent_gpus: Sequence[int] = ()) -> dict[str, str]:
     """The worker's environment on top of the agent's: `cfg.env`, then meshd's own variables
     (hash seed, GPU pinning, Nixl side channel), which `cfg.env` cannot override."""
     env = {"VLLM_NO_USAGE_STATS": "1", **cfg.env, "PYTHONHASHSEED": cfg.hash_seed}
     if cfg.device == "cuda":
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpu_indices))
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(
+            map(str, visible_gpus(cfg, gpu_indices, agent_gpus)))
     if cfg.kv_connector == "nixl":
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(ports.kv)
@@ -179,7 +191,8 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
             kv_transfer_endpoint=_transfer_endpoint(cfg, host, ports.kv),
             gpu_indices=gpu_indices)
         specs.append(WorkerSpec(worker, tuple(argv), f"http://{host}:{ports.http}/health",
-                                env=worker_env(cfg, host, ports, gpu_indices),
+                                env=worker_env(cfg, host, ports, gpu_indices,
+                                               [g for grp in groups for g in grp]),
                                 ready_timeout_s=cfg.ready_timeout_s))
     return specs
 

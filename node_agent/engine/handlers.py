@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from meshd.kv_transfer.params import prefill_params
 from meshd.node_agent.engine.api import EngineRequest, RequestOutput, TokenLogprob
-from meshd.node_agent.engine.disagg import prefill_params
 from meshd.node_agent.engine.openai_io import (
     APIError,
     ParsedRequest,
@@ -190,8 +190,10 @@ class CompletionHandler:
         held = self.s.leases.get(c.request_id)
         if held is None:
             return None
-        return prefill_params(c.request_id, held, self.s.cfg.engine_id, self.s.kv_peer,
-                              self.s.cfg.kv_transfer, prompt)
+        return prefill_params(request_id=c.request_id, block_ids=held,
+                              engine_id=self.s.cfg.engine_id, peer=self.s.kv_peer,
+                              transport=self.s.cfg.kv_transfer, num_tokens=len(prompt),
+                              prompt=prompt)
 
     async def _stream(self, request: web.Request, ctx: _Ctx, choices: list[Choice],
                       first: tuple[int, RequestOutput],

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshd.kv_transfer.leases import LeaseStats
 from meshd.node_agent.engine.async_engine import DriverStats
 from meshd.node_agent.engine.disagg import DisaggStats
 
@@ -21,6 +22,7 @@ class ServerSnapshot:
     """Everything /metrics shows besides the engine: transfer, leases, events."""
 
     leases_held: int
+    leases: LeaseStats  # a copy (LeaseTable.stats())
     kv_server: Mapping[str, Any]  # ServerStats.snapshot() of the prefill-side server
     events_published: int
     events_dropped: int
@@ -83,7 +85,6 @@ def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -
     with t.lock:
         pulled, secs, ok = t.pulled_bytes, t.pull_seconds, t.pulls_ok
         failures, fallbacks = dict(t.pull_failures), dict(t.fallbacks)
-        granted, sent, expired = t.leases_granted, t.leases_sent, t.leases_expired
     w.one("meshd_engine_kv_transfer_pulled_bytes", "counter", "KV bytes pulled from prefill.",
           pulled)
     w.one("meshd_engine_kv_transfer_pull_seconds", "counter", "Seconds spent pulling KV.", secs)
@@ -104,9 +105,12 @@ def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -
              [({"code": k}, v) for k, v in sorted(served_fail.items())])
     w.one("meshd_engine_kv_leases_held", "gauge", "Prefill block leases held now.",
           s.leases_held)
-    w.one("meshd_engine_kv_leases_granted", "counter", "Prefill block leases granted.", granted)
-    w.one("meshd_engine_kv_leases_sent", "counter", "Leases ended by a confirmed pull.", sent)
-    w.one("meshd_engine_kv_leases_expired", "counter", "Leases freed by timeout.", expired)
+    w.one("meshd_engine_kv_leases_granted", "counter", "Prefill block leases granted.",
+          s.leases.granted)
+    w.one("meshd_engine_kv_leases_sent", "counter", "Leases ended by a confirmed pull.",
+          s.leases.sent)
+    w.one("meshd_engine_kv_leases_expired", "counter", "Leases freed by timeout.",
+          s.leases.expired)
     w.one("meshd_engine_kv_events_published", "counter", "KV event batches published.",
           s.events_published)
     w.one("meshd_engine_kv_events_dropped", "counter", "KV event batches dropped.",

@@ -25,16 +25,12 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from meshd.kv_transfer.auth import load_authenticator
+from meshd.kv_transfer.conn import ServerConfig
 from meshd.kv_transfer.transport import Peer, TransportServer, make_server
 from meshd.node_agent.engine.async_engine import AsyncEngine, EngineDeadError, Hooks
 from meshd.node_agent.engine.config import EngineConfig, tiny_model, tiny_moe_model
-from meshd.node_agent.engine.disagg import (
-    DisaggStats,
-    Leases,
-    Puller,
-    block_layout,
-    make_authenticator,
-)
+from meshd.node_agent.engine.disagg import DisaggStats, EngineLeases, Puller, block_layout
 from meshd.node_agent.engine.engine import Engine
 from meshd.node_agent.engine.handlers import CompletionHandler
 from meshd.node_agent.engine.kv_events import KVEventPublisher, to_u64
@@ -63,7 +59,8 @@ class WorkerServer:
     def __init__(self, cfg: WorkerConfig) -> None:
         if not cfg.engine_id:
             cfg = replace(cfg, engine_id=f"meshd-{uuid.uuid4().hex[:12]}")
-        secret = cfg.kv_secret or secrets.token_bytes(32)  # role both only (validated)
+        # A node key wins over a secret; a random secret only serves role both (validated).
+        secret = b"" if cfg.kv_node_key else cfg.kv_secret or secrets.token_bytes(32)
         self.cfg = cfg
         engine = Engine(engine_config(cfg))
         self.stats = DisaggStats()
@@ -72,14 +69,18 @@ class WorkerServer:
             on_aborted=lambda rid: self.leases.forget(rid),
             housekeeping=lambda e: self.leases.expire(e),
             on_kv_events=self._publish if cfg.kv_events_port is not None else None))
-        self.leases = Leases(self.driver, cfg.lease_timeout_s, self.stats)
-        auth = make_authenticator(secret, cfg.kv_node_key, cfg.kv_trusted_keys, cfg.engine_id)
+        kv_config = ServerConfig()  # its transfer deadline bounds a lease's renewal
+        self.leases = EngineLeases(self.driver, cfg.lease_timeout_s,
+                                   kv_config.transfer_timeout_s)
+        auth = load_authenticator(secret=secret, node_key_file=cfg.kv_node_key,
+                                  trusted_keys_file=cfg.kv_trusted_keys, node_id=cfg.engine_id)
         self.kv_server: TransportServer | None = None
         self.kv_peer = Peer("", 0)
         if cfg.role in ("prefill", "both"):
             self.kv_server = make_server(cfg.kv_transfer, engine.kv_caches,
-                                         block_layout(engine.layout), auth, self.leases,
-                                         host=cfg.bind_kv_host, port=cfg.kv_port)
+                                         block_layout(engine.layout), auth, self.leases.table,
+                                         host=cfg.bind_kv_host, port=cfg.kv_port,
+                                         config=kv_config)
             bound = self.kv_server.address
             self.kv_peer = Peer(cfg.kv_advertise_host or bound.host, bound.port)
         self.puller = (Puller(self.driver, auth, cfg.kv_transfer, cfg.pull_timeout_s,
@@ -133,6 +134,7 @@ class WorkerServer:
     async def metrics(self, request: web.Request) -> web.Response:
         snap = ServerSnapshot(
             leases_held=len(self.leases),
+            leases=self.leases.stats(),
             kv_server=cast(Any, self.kv_server).stats.snapshot() if self.kv_server else {},
             events_published=self.publisher.published if self.publisher else 0,
             events_dropped=self.publisher.dropped if self.publisher else 0)

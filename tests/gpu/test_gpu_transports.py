@@ -71,11 +71,13 @@ def test_modules_import_without_cupy() -> None:
 def kv_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     import torch
 
-    transport, visible = request.param
+    transport, visible, views = request.param
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
     if torch.cuda.device_count() < len(visible.split(",")):
         pytest.skip(f"{transport} test needs {len(visible.split(','))} GPUs")
-    args = {"transport": transport, "layout": LAYOUT.to_dict(), "num_blocks": 32, "seed": 1,
-            "secret": SECRET, "held": {"r1": [3, 1, 7, 8]}}
+    args = {"transport": transport, "views": views, "layout": LAYOUT.to_dict(),
+            "num_blocks": 32, "seed": 1, "secret": SECRET, "held": {"r1": [3, 1, 7, 8]}}
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
     proc = subprocess.Popen([sys.executable, str(SERVER), json.dumps(args)], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -89,7 +91,8 @@ def kv_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.
         proc.wait()
 
 
-def fetch_and_compare(transport: str, port: int, proc: subprocess.Popen[str]) -> None:
+def fetch_and_compare(transport: str, views: str, port: int,
+                      proc: subprocess.Popen[str]) -> None:
     import torch
 
     from meshd.kv_transfer.auth import SharedSecretAuthenticator
@@ -98,32 +101,72 @@ def fetch_and_compare(transport: str, port: int, proc: subprocess.Popen[str]) ->
     sys.path.insert(0, str(SERVER.parent))
     from kv_server import make_gpu_kv
 
-    expected = make_gpu_kv(LAYOUT, 32, seed=1)
-    local = [torch.zeros_like(t) for t in expected]
+    expected = make_gpu_kv(LAYOUT, 32, 1, views)
+    local = make_gpu_kv(LAYOUT, 32, None, views)
+    dim = 1 if views == "engine" else 0
     client = make_client(transport, local, LAYOUT,
-                         SharedSecretAuthenticator(bytes.fromhex(SECRET), "client"))
+                         SharedSecretAuthenticator(bytes.fromhex(SECRET), "client"), views=views)
     try:
         res = client.fetch(Peer("127.0.0.1", port), "r1", [3, 1, 7, 8], [0, 5, 2, 3], 60.0)
         assert res.ok, res.error
         assert res.bytes == 4 * LAYOUT.bytes_per_block
         for mine, theirs in zip(local, expected, strict=True):
-            got = mine[:, [0, 5, 2, 3]].view(torch.int16)
-            assert torch.equal(got, theirs[:, [3, 1, 7, 8]].view(torch.int16))  # bit for bit
-            untouched = [b for b in range(32) if b not in (0, 5, 2, 3)]
-            assert not mine[:, untouched].any()
+            got = mine.index_select(dim, torch.tensor([0, 5, 2, 3], device="cuda"))
+            want = theirs.index_select(dim, torch.tensor([3, 1, 7, 8], device="cuda"))
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # bit for bit
+            untouched = torch.tensor([b for b in range(32) if b not in (0, 5, 2, 3)],
+                                     device="cuda")
+            assert not mine.index_select(dim, untouched).any()
         assert proc.stdout is not None and proc.stdout.readline().split() == ["SENT", "r1"]
     finally:
         client.close()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_server", [("cuda_ipc", "0")], indirect=True)
-def test_cuda_ipc_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]]) -> None:
-    fetch_and_compare("cuda_ipc", *kv_server)
+@pytest.mark.parametrize("kv_server", [("cuda_ipc", "0", "engine"), ("cuda_ipc", "0", "vllm")],
+                         indirect=True, ids=["engine", "vllm"])
+def test_cuda_ipc_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]],
+                              request: pytest.FixtureRequest) -> None:
+    fetch_and_compare("cuda_ipc", request.node.callspec.id, *kv_server)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_server", [("nccl", "1,0")], indirect=True)
-def test_nccl_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]]) -> None:
+@pytest.mark.parametrize("kv_server", [("tcp", "0", "engine"), ("tcp", "0", "vllm")],
+                         indirect=True, ids=["engine", "vllm"])
+def test_tcp_staged_through_host_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]],
+                                             request: pytest.FixtureRequest) -> None:
+    """CUDA KV over TCP: both sides stage through pinned host buffers (the cross-host fallback
+    without an NCCL fabric)."""
+    fetch_and_compare("tcp", request.node.callspec.id, *kv_server)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_server", [("nccl", "1,0", "engine"), ("nccl", "1,0", "vllm")],
+                         indirect=True, ids=["engine", "vllm"])
+def test_nccl_bit_for_bit(kv_server: tuple[int, subprocess.Popen[str]],
+                          request: pytest.FixtureRequest) -> None:
     pytest.importorskip("cupy")  # NCCL needs two GPUs: it refuses two ranks on one GPU
-    fetch_and_compare("nccl", *kv_server)
+    fetch_and_compare("nccl", request.node.callspec.id, *kv_server)
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_refuses_a_peer_with_other_block_dims() -> None:
+    """A share whose per-block dims differ from ours is refused before anything is mapped."""
+    import torch
+
+    from meshd.kv_transfer.cuda_ipc import check_share, export_share
+    from meshd.kv_transfer.gpu_blocks import GpuKV
+    from meshd.kv_transfer.transport import KVTransferFailure
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    sys.path.insert(0, str(SERVER.parent))
+    from kv_server import make_gpu_kv
+
+    kv = GpuKV(make_gpu_kv(LAYOUT, 8, None, "vllm"), LAYOUT, "vllm")
+    share = export_share(kv.layers[0])
+    assert check_share(share, kv) is share
+    with pytest.raises(KVTransferFailure, match="does not match"):
+        check_share({**share, "shape": [8, LAYOUT.block_size, LAYOUT.num_kv_heads, 128]}, kv)
+    with pytest.raises(KVTransferFailure, match="exceeds its storage"):
+        check_share({**share, "shape": [10**6, *share["shape"][1:]]}, kv)

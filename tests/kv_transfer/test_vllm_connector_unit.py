@@ -1,36 +1,32 @@
-"""meshd's vLLM connector without vLLM: settings, params, load plans, leases, receive results and
-the block-major layout adapter (a transfer over real TCP between two CPU-layout KV caches)."""
+"""meshd's vLLM connector without vLLM: settings, auth files, load plans, receive results and
+the block-major layout adapter (a transfer over real TCP between two CPU-layout KV caches).
+The shared params and leases are tested in test_params.py and test_leases.py."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from meshd.kv_transfer.auth import Ed25519Authenticator, SharedSecretAuthenticator
-from meshd.kv_transfer.conn import ServerConfig
-from meshd.kv_transfer.tcp import TcpClient
-from meshd.kv_transfer.transport import ErrorCode, Peer
-from meshd.kv_transfer.vllm_layout import (
-    BlockMajorMemory,
-    BlockMajorTcpClient,
-    BlockMajorTcpServer,
-    block_order,
-    layout_of,
-    transport_name,
+from meshd.kv_transfer.auth import (
+    Ed25519Authenticator,
+    SharedSecretAuthenticator,
+    load_authenticator,
 )
+from meshd.kv_transfer.conn import ServerConfig
+from meshd.kv_transfer.leases import LeaseTable
+from meshd.kv_transfer.params import RemotePrefill, prefill_params
+from meshd.kv_transfer.tcp import TcpClient
+from meshd.kv_transfer.transport import ErrorCode, Peer, make_client, make_server
+from meshd.kv_transfer.vllm_layout import BlockMajorMemory, block_order, layout_of
 from meshd.kv_transfer.vllm_params import (
+    TRANSPORTS,
     ConnectorSettings,
-    LeaseTable,
     LoadPlan,
     RecvResults,
-    RemotePrefill,
-    load_authenticator,
     plan_load,
-    prefill_params,
     tokens_to_load,
 )
 
@@ -63,7 +59,7 @@ def test_settings_parse_and_validate(tmp_path: Path) -> None:
         ({"secret_file": "/s", "port": 1, "bogus": 1}, "unknown keys"),
         ({"secret_file": "/s", "port": 70000}, "port"),
         ({"secret_file": "/s", "port": 1, "lease_timeout_s": 0}, "lease_timeout_s"),
-        ({"secret_file": "/s", "port": 1, "transport": "nccl"}, "transport"),
+        ({"secret_file": "/s", "port": 1, "transport": "rdma"}, "transport"),
         ({"secret_file": "/s", "node_key_file": "/k", "port": 1}, "not both"),
         ({"node_key_file": "/k", "port": 1}, "trusted_keys_file"),
     ]
@@ -75,16 +71,16 @@ def test_settings_parse_and_validate(tmp_path: Path) -> None:
 def test_authenticators_from_files(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\nignored\n")
-    auth = load_authenticator(ConnectorSettings(secret_file=str(secret)), "n1")
+    auth = load_authenticator(secret_file=str(secret), node_id="n1")
     assert isinstance(auth, SharedSecretAuthenticator)
     assert auth.prove("client", b"t") == SharedSecretAuthenticator(SECRET.encode()).prove(
         "client", b"t")
     short = tmp_path / "short"
     short.write_text("too-short\n")
-    with pytest.raises(ValueError):
-        load_authenticator(ConnectorSettings(secret_file=str(short)))
+    with pytest.raises(ValueError, match="at least 16"):
+        load_authenticator(secret_file=str(short))
     with pytest.raises(ValueError, match="secret_file"):
-        load_authenticator(ConnectorSettings(secret_file=str(tmp_path / "missing")))
+        load_authenticator(secret_file=str(tmp_path / "missing"))
 
     from nacl.signing import SigningKey
 
@@ -92,53 +88,46 @@ def test_authenticators_from_files(tmp_path: Path) -> None:
     key_file, trusted = tmp_path / "node.key", tmp_path / "trusted"
     key_file.write_text(key.encode().hex() + "\n")
     trusted.write_text(bytes(key.verify_key).hex() + "\n")
-    settings = ConnectorSettings(node_key_file=str(key_file), trusted_keys_file=str(trusted))
+    files = {"node_key_file": str(key_file), "trusted_keys_file": str(trusted)}
     key_file.chmod(0o644)
-    with pytest.raises(ValueError, match="readable by others"):
-        load_authenticator(settings)
+    with pytest.raises(ValueError, match="lets other users read or write it"):
+        load_authenticator(**files)
     key_file.chmod(0o600)
-    ed = load_authenticator(settings)
+    ed = load_authenticator(**files)
     assert isinstance(ed, Ed25519Authenticator)
     assert ed.identity() == bytes(key.verify_key)
 
 
-# ------------------------------------------------------------------------------------ params
+# ------------------------------------------------------------------------------- load plans
 
 
-def test_prefill_params_round_trip() -> None:
+def test_connector_params_are_nixl_compatible() -> None:
     params = prefill_params(request_id="cmpl-1-0-abcd1234", block_ids=[7, 3, 9],
-                            engine_id="p0", host="10.0.0.1", port=23456, tp_size=1,
-                            num_tokens=80, transport="tcp")
-    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
-    assert {"remote_engine_id", "remote_block_ids", "remote_request_id", "remote_host",
-            "remote_port", "tp_size"} <= set(params)
-    remote = RemotePrefill.parse(params)
-    assert remote == RemotePrefill(Peer("10.0.0.1", 23456), "cmpl-1-0-abcd1234", (7, 3, 9),
-                                   "p0", 1)
-    # What a client sends the prefill side, and what the decode side gets when P answered none.
-    assert RemotePrefill.parse({"do_remote_decode": True, "do_remote_prefill": False}) \
-        == "not_remote_prefill"
-    assert RemotePrefill.parse(None) == "not_remote_prefill"
-    # HMA-style nesting of one group is accepted.
-    nested = RemotePrefill.parse({**params, "remote_block_ids": [[7, 3, 9]]})
-    assert not isinstance(nested, str) and nested.block_ids == (7, 3, 9)
+                            engine_id="p0", peer=Peer("10.0.0.1", 23456), tp_size=2,
+                            num_tokens=80, transport="tcp", prompt=[1, 2, 3])
+    assert set(params) == {"do_remote_prefill", "do_remote_decode", "remote_engine_id",
+                           "remote_block_ids", "remote_request_id", "remote_host",
+                           "remote_port", "tp_size", "remote_num_tokens", "meshd_transport",
+                           "meshd_prompt_digest"}
+    parsed = RemotePrefill.parse(params, allowed_transports=TRANSPORTS)
+    assert isinstance(parsed, RemotePrefill)
+    assert (parsed.peer, parsed.request_id, parsed.block_ids, parsed.tp_size,
+            parsed.transport) == (Peer("10.0.0.1", 23456), "cmpl-1-0-abcd1234", (7, 3, 9), 2,
+                                  "tcp")
+    assert parsed.matches([1, 2, 3]) and not parsed.matches([1, 2, 4])
+    for name in ("shm", "cuda_ipc", "nccl"):
+        other = RemotePrefill.parse({**params, "meshd_transport": name},
+                                    allowed_transports=TRANSPORTS)
+        assert isinstance(other, RemotePrefill) and other.transport == name
+    rdma = {**params, "meshd_transport": "rdma"}
+    assert RemotePrefill.parse(rdma, allowed_transports=TRANSPORTS) == "unsupported_transport"
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    ({"remote_host": None}, "bad_peer"),
-    ({"remote_port": "23456"}, "bad_peer"),
-    ({"remote_port": True}, "bad_peer"),
-    ({"remote_request_id": ""}, "bad_request_id"),
-    ({"remote_block_ids": []}, "bad_block_ids"),
-    ({"remote_block_ids": [1, -2]}, "bad_block_ids"),
-    ({"remote_block_ids": [1, 2.0]}, "bad_block_ids"),
-    ({"tp_size": 0}, "bad_tp_size"),
-    ({"meshd_transport": "nccl"}, "unsupported_transport"),
-])
-def test_remote_prefill_rejects_bad_params(change: dict[str, object], reason: str) -> None:
-    params = prefill_params(request_id="r", block_ids=[1, 2], engine_id="p", host="h",
-                            port=1, tp_size=1, num_tokens=40, transport="tcp")
-    assert RemotePrefill.parse({**params, **change}) == reason
+def test_load_plan_carries_the_transport() -> None:
+    remote = RemotePrefill(Peer("h", 1), "rr", (100, 101, 102, 103), "p", 1, "shm")
+    plan = plan_load("d1", remote, [5, 6, 7, 8], 100, 100, BS)
+    assert isinstance(plan, LoadPlan) and plan.transport == "shm"
+    assert LoadPlan.from_dict(plan.to_dict()) == plan
 
 
 def _remote(n_blocks: int) -> RemotePrefill:
@@ -172,65 +161,7 @@ def test_plan_load_maps_the_uncached_tail() -> None:
     assert plan_load("d1", _remote(4), local[:3], 100, 100, BS) == "block_count"
 
 
-# ------------------------------------------------------------------------------------ leases
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_lease_ends_when_sent() -> None:
-    clock = FakeClock()
-    leases = LeaseTable(30.0, lookup_wait_s=0.01, clock=clock)
-    leases.grant("r1", [3, 4])
-    assert leases.take_done() == set()
-    assert leases.lookup("r1") == [3, 4]
-    leases.on_sent("r1")
-    assert leases.lookup("r1") is None  # served once only
-    assert leases.take_done() == {"r1"}
-    assert leases.take_done() == set()
-    assert (leases.stats.granted, leases.stats.sent, leases.stats.expired) == (1, 1, 0)
-
-
-def test_lease_expires_and_lookup_renews() -> None:
-    clock = FakeClock()
-    leases = LeaseTable(10.0, lookup_wait_s=0.01, transfer_timeout_s=30.0, clock=clock)
-    leases.grant("idle", [1])
-    leases.grant("busy", [2])
-    clock.now += 5
-    assert leases.lookup("busy") == [2]  # a transfer starts: held >= now + 31 s
-    clock.now += 6
-    assert leases.take_done() == {"idle"}
-    assert leases.held() == {"busy": (2,)}
-    clock.now += 25
-    assert leases.take_done() == {"busy"}
-    assert len(leases) == 0 and leases.stats.expired == 2
-    leases.on_sent("busy")  # a late ack after expiry changes nothing
-    assert leases.take_done() == set()
-
-
-def test_lease_lookup_waits_for_a_grant_on_its_way() -> None:
-    leases = LeaseTable(30.0, lookup_wait_s=2.0)
-    timer = threading.Timer(0.2, leases.grant, args=("late", [9]))
-    timer.start()
-    t0 = time.monotonic()
-    assert leases.lookup("late") == [9]
-    assert 0.1 < time.monotonic() - t0 < 1.5
-    t0 = time.monotonic()
-    assert LeaseTable(30.0, lookup_wait_s=0.2).lookup("never") is None
-    assert time.monotonic() - t0 < 1.0
-
-
-def test_lease_release() -> None:
-    leases = LeaseTable(30.0, lookup_wait_s=0.01)
-    leases.grant("r", [1])
-    leases.release("r")
-    assert leases.take_done() == {"r"}
-    assert leases.lookup("r") is None
+# --------------------------------------------------------------------------- receive results
 
 
 def test_recv_results_report_failures_once() -> None:
@@ -267,7 +198,7 @@ def cpu_views(num_blocks: int, num_layers: int = 2, heads: int = 2, head_dim: in
 def test_block_order_and_layout() -> None:
     views = cpu_views(8)
     assert block_order(views[0]) == "HNC"
-    assert transport_name("HNC") == "tcp+vllm-BHNC"
+    assert BlockMajorMemory(views, layout_of(views, 2, 64, BS)).wire_suffix == "+vllm-BHNC"
     layout = layout_of(views, 2, 64, BS)
     assert layout.bytes_per_block_per_layer == views[0][0].numel() * 2
     with pytest.raises(ValueError, match="bytes per block"):
@@ -305,10 +236,11 @@ def test_block_major_transfer_over_tcp() -> None:
     src, dst = cpu_views(16, seed=1), cpu_views(16)
     layout = layout_of(src, 2, 64, BS)
     auth = SharedSecretAuthenticator(SECRET.encode(), "p")
-    leases = LeaseTable(30.0, lookup_wait_s=0.5)
-    server = BlockMajorTcpServer(src, layout, auth, leases, "127.0.0.1", 0,
-                                 ServerConfig(transfer_timeout_s=10.0))
-    client = BlockMajorTcpClient(dst, layout, SharedSecretAuthenticator(SECRET.encode(), "d"))
+    leases = LeaseTable(30.0, transfer_timeout_s=10.0, lookup_wait_s=0.5)
+    server = make_server("tcp", src, layout, auth, leases, "127.0.0.1", 0,
+                         config=ServerConfig(transfer_timeout_s=10.0), views="vllm")
+    client = make_client("tcp", dst, layout, SharedSecretAuthenticator(SECRET.encode(), "d"),
+                         views="vllm")
     try:
         assert server.name == client.name == "tcp+vllm-BHNC"
         leases.grant("p-req", [3, 4, 9, 10])
@@ -330,7 +262,8 @@ def test_block_major_transfer_over_tcp() -> None:
         assert again.error.code == ErrorCode.UNKNOWN_REQUEST
         # Wrong secret: refused in the handshake, no block moves.
         leases.grant("p2", [5])
-        wrong = BlockMajorTcpClient(dst, layout, SharedSecretAuthenticator(b"x" * 32))
+        wrong = make_client("tcp", dst, layout, SharedSecretAuthenticator(b"x" * 32),
+                            views="vllm")
         bad = wrong.fetch(server.address, "p2", [5], [5], 5.0)
         assert not bad.ok and bad.error is not None and bad.error.code == ErrorCode.AUTH
         assert not dst[0][5].any()

@@ -105,11 +105,30 @@ def test_gpu_groups_and_tensor_parallel(kw: dict[str, Any], n_gpus: int,
     assert {flag(s, "--tensor-parallel-size") for s in specs} == {tp_flag}
 
 
-@pytest.mark.parametrize("transport", ["shm", "nccl", "cuda_ipc"])
-def test_connector_transports_other_than_tcp_are_refused(transport: str) -> None:
-    """The launcher must not hand vLLM a transport MeshdConnector refuses at start-up."""
-    with pytest.raises(ValueError, match=r"vllm.kv_transfer: must be 'tcp', got .*TCP only"):
-        make_specs(4, prefill=1, decode=1, kv_transfer=transport)
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nccl", "cuda_ipc"])
+def test_connector_transport_reaches_the_connector(transport: str) -> None:
+    specs = make_specs(4, prefill=1, decode=1, kv_transfer=transport)
+    assert [flag_json(s, "--kv-transfer-config")["kv_connector_extra_config"]["transport"]
+            for s in specs] == [transport, transport]
+    assert [s.worker.kv_transfer_endpoint for s in specs] == [
+        f"{transport}://{HOST}:8203", f"{transport}://{HOST}:8213"]
+
+
+@pytest.mark.parametrize(("transport", "visible"), [
+    ("tcp", ["0,1", "2,3", "4,5"]),
+    ("nccl", ["0,1", "2,3", "4,5"]),
+    ("cuda_ipc", ["0,1,2,3,4,5", "2,3,0,1,4,5", "4,5,0,1,2,3"]),  # own first, then the rest
+])
+def test_cuda_ipc_workers_see_every_agent_gpu(transport: str, visible: list[str]) -> None:
+    specs = make_specs(8, prefill=1, decode=2, tensor_parallel_size=2, kv_transfer=transport)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == visible
+    assert [s.worker.gpu_indices for s in specs] == [(0, 1), (2, 3), (4, 5)]
+
+
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
+def test_gpu_transports_need_cuda(transport: str) -> None:
+    with pytest.raises(ValueError, match=rf"vllm.kv_transfer: '{transport}' moves CUDA KV"):
+        make_specs(0, both=1, device="cpu", block_size=32, kv_transfer=transport)
 
 
 def test_ports_per_worker() -> None:
@@ -249,7 +268,8 @@ def test_toml_vllm_section_builds_vllm_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("toml", "msg"), [
     ('[vllm]\nprefill = "two"', "vllm.prefill: expected an integer"),
-    ("[vllm]\nboth = 1\nmodel = 'm'\nkv_transfer = 'nccl'", "vllm.kv_transfer: must be 'tcp'"),
+    ("[vllm]\nboth = 1\nmodel = 'm'\nkv_transfer = 'rdma'",
+     "vllm.kv_transfer: must be one of tcp, shm"),
     ("[vllm]\nboth = 1\nmodel = 'm'\nhash_seed = '7'",
      r"vllm.hash_seed: must equal gateway.hash_seed \('0'\)"),
     ("[vllm]\nboth = 1\nmodel = 'm'\nbase_port = 8100\n[workers]\nboth = 2",

@@ -6,7 +6,8 @@ and D (`kv_consumer`), ~2 x 1.9 GB RSS, and always kills both process groups. Th
 proxy (vLLM's toy_proxy_server protocol): P gets the prompt with `max_tokens=1` and
 `kv_transfer_params.do_remote_decode`, D gets the original request with P's returned params.
 
-Checked: D's greedy tokens equal P doing the whole request; D loaded the prompt's KV from P
+P serves KV over meshd's shared-memory transport, the fake peers over TCP. Checked: D's greedy
+tokens equal P doing the whole request; D loaded the prompt's KV from P
 (`vllm:external_prefix_cache_hits` and the connector's log) rather than recomputing it; P frees
 the blocks once D read them, and after the lease timeout when nobody reads them; a broken
 transfer (a peer with the wrong mesh secret, a dead port, P killed before D pulls) makes D
@@ -36,6 +37,9 @@ MODEL = "tiny-llama"
 SECRET = "meshd-test-secret-0123456789abcdef"
 LEASE_S = 8.0
 RECOVERED = r"Recovered from KV load failure"  # vLLM's scheduler, policy "recompute"
+# P serves shared memory (both instances are on this host); the fake peers below serve TCP, so D
+# pulls over both. The mesh suite (test_vllm_mesh.py) runs the launcher's default, tcp.
+TRANSPORT = "shm"
 
 pytestmark = [
     pytest.mark.vllm,
@@ -160,7 +164,7 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
     p = cap.VllmServer(model, MODEL, vllm_python=VLLM_PY, log_path=tmp / "p.log", extra_args=[
         "--kv-transfer-config", kv_config("kv_producer", "meshd-p", {
             "secret_file": str(secret), "host": "127.0.0.1", "port": kv_port,
-            "lease_timeout_s": LEASE_S}),
+            "lease_timeout_s": LEASE_S, "transport": TRANSPORT}),
     ])
     d = cap.VllmServer(model, MODEL, vllm_python=VLLM_PY, log_path=tmp / "d.log", extra_args=[
         "--kv-transfer-config", kv_config("kv_consumer", "meshd-d", {
@@ -203,6 +207,7 @@ def test_pd_output_equals_single_instance_and_kv_is_loaded(pd: PD) -> None:
     assert params["remote_port"] == pd.kv_port and params["remote_host"] == "127.0.0.1"
     assert len(params["remote_block_ids"]) == -(-len(prompt) // pd.cap.BLOCK_SIZE)
     assert params["remote_engine_id"] == "meshd-p" and params["tp_size"] == 1
+    assert params["meshd_transport"] == TRANSPORT and params["meshd_prompt_digest"]
     t0 = time.monotonic()
     out = pd.decode(prompt, params)
     t_decode = time.monotonic() - t0
@@ -215,9 +220,27 @@ def test_pd_output_equals_single_instance_and_kv_is_loaded(pd: PD) -> None:
     hits = pd.metric(pd.d, "vllm:external_prefix_cache_hits_total") - hits0
     assert hits == len(prompt), hits
     assert pd.wait_log(pd.d, rf"meshd: pulled {len(params['remote_block_ids'])} blocks .* "
+                             rf"via {TRANSPORT}\+vllm-BHNC "
                              rf"\(remote {re.escape(params['remote_request_id'])}\)", 10)
     # P freed the blocks as soon as D confirmed the copy (well before the lease timeout).
     assert pd.wait_log(pd.p, rf"lease of {re.escape(params['remote_request_id'])} ended", 5)
+    assert pd.wait_metric(pd.p, "vllm:kv_cache_usage_perc", 0.0, 5) == 0.0
+
+
+@pytest.mark.timeout(300)
+def test_params_for_another_prompt_are_refused(pd: PD) -> None:
+    """D checks `meshd_prompt_digest`: a proxy that mixes up params gets a local prefill, not
+    another prompt's KV."""
+    a, b = prompt_ids(20), prompt_ids(21)
+    pre = pd.prefill(a)
+    out = pd.decode(b, pre["kv_transfer_params"])
+    assert list(out["choices"][0]["token_ids"]) == pd.whole(pd.p, b)
+    assert pd.wait_log(pd.d, r"params are for another prompt; prefilling locally", 5)
+    # The right prompt still gets P's KV (and ends P's lease).
+    pulled = len(re.findall(r"meshd: pulled", pd.log(pd.d)))
+    out = pd.decode(a, pre["kv_transfer_params"])
+    assert list(out["choices"][0]["token_ids"]) == pd.whole(pd.p, a)
+    assert pd.wait_count(pd.d, r"meshd: pulled", pulled, 5)
     assert pd.wait_metric(pd.p, "vllm:kv_cache_usage_perc", 0.0, 5) == 0.0
 
 
@@ -278,16 +301,17 @@ def test_wrong_secret_peer_makes_decode_recompute(pd: PD) -> None:
 
     from meshd.kv_transfer.auth import SharedSecretAuthenticator
     from meshd.kv_transfer.testing import DictSource
-    from meshd.kv_transfer.vllm_layout import BlockMajorTcpServer, layout_of
+    from meshd.kv_transfer.transport import make_server
+    from meshd.kv_transfer.vllm_layout import layout_of
 
     prompt = prompt_ids(3)
     ref = pd.whole(pd.p, prompt)
     n = -(-len(prompt) // pd.cap.BLOCK_SIZE)
     # A transfer server that holds the "blocks" but speaks another mesh secret.
     views = [torch.zeros((8, 1, 32, 128), dtype=torch.bfloat16) for _ in range(2)]
-    server = BlockMajorTcpServer(views, layout_of(views, 1, 64, 32),
-                                 SharedSecretAuthenticator(b"another-secret-0123456789"),
-                                 DictSource({"fake-req": list(range(n))}))
+    server = make_server("tcp", views, layout_of(views, 1, 64, 32),
+                         SharedSecretAuthenticator(b"another-secret-0123456789"),
+                         DictSource({"fake-req": list(range(n))}), views="vllm")
     recovered = len(re.findall(RECOVERED, pd.log(pd.d)))
     try:
         hits0 = pd.metric(pd.d, "vllm:external_prefix_cache_hits_total")
@@ -310,7 +334,8 @@ def test_loaded_kv_is_what_decode_attends_to(pd: PD) -> None:
 
     from meshd.kv_transfer.auth import SharedSecretAuthenticator
     from meshd.kv_transfer.testing import DictSource
-    from meshd.kv_transfer.vllm_layout import BlockMajorTcpServer, layout_of
+    from meshd.kv_transfer.transport import make_server
+    from meshd.kv_transfer.vllm_layout import layout_of
 
     prompt = prompt_ids(6)
     ref = pd.whole(pd.p, prompt)
@@ -318,8 +343,8 @@ def test_loaded_kv_is_what_decode_attends_to(pd: PD) -> None:
     gen = torch.Generator().manual_seed(0)
     views = [torch.randn((8, 1, 32, 128), generator=gen).to(torch.bfloat16) for _ in range(2)]
     source = DictSource({"fake-req": list(range(n))})
-    server = BlockMajorTcpServer(views, layout_of(views, 1, 64, 32),
-                                 SharedSecretAuthenticator(SECRET.encode()), source)
+    server = make_server("tcp", views, layout_of(views, 1, 64, 32),
+                         SharedSecretAuthenticator(SECRET.encode()), source, views="vllm")
     try:
         out = pd.decode(prompt, _fake_params(pd, prompt, server.address.port))
     finally:

@@ -192,6 +192,27 @@ def test_imported_kv_is_really_used(servers: dict[str, ServerProc]) -> None:
     assert pulled and tokens != reference(servers["tcp"], prompt)
 
 
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"remote_port": 0}, "bad_peer"),
+    ({"remote_block_ids": [[0, 1, 2]]}, None),  # HMA-style nesting is accepted
+    ({"remote_block_ids": [0]}, "too_few_blocks"),  # the prompt has 2 full blocks
+    ({"meshd_transport": "carrier-pigeon"}, "unsupported_transport"),
+    ({"meshd_prompt_digest": 7}, "bad_prompt_digest"),
+])
+def test_unusable_params_fall_back_by_reason(servers: dict[str, ServerProc],
+                                             change: dict[str, Any], reason: str | None) -> None:
+    d = servers["decode"]
+    prompt = make_prompt(PROMPT_LEN, salt=90)
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "gone",
+              "remote_block_ids": [0, 1, 2], "remote_request_id": "nobody",
+              "remote_host": "127.0.0.1", "remote_port": 9, "tp_size": 1, **change}
+    label = reason or "connect"  # valid params: the pull itself fails (nothing listens)
+    before = fallbacks(d, label)
+    tokens, pulled, _ = decode(d, prompt, params, "u")
+    assert not pulled and fallbacks(d, label) == before + 1
+    assert tokens == reference(d, prompt)
+
+
 def test_params_for_another_prompt_are_refused(servers: dict[str, ServerProc]) -> None:
     p, d = servers["tcp"], servers["decode"]
     params = prefill(p, make_prompt(PROMPT_LEN, salt=70), "m")

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from pathlib import Path
 
 import pytest
 
-from meshd.kv_transfer.auth import Ed25519Authenticator, SharedSecretAuthenticator
 from meshd.node_agent.engine.async_engine import AsyncEngine, Hooks
-from meshd.node_agent.engine.disagg import DisaggStats, Leases, make_authenticator
+from meshd.node_agent.engine.disagg import EngineLeases
 from meshd.node_agent.engine.worker_config import add_serve_flags, from_args
 
 from .engine_helpers import generate, make_engine, make_prompt, make_request
@@ -65,14 +63,18 @@ def test_cancel_aborts_and_frees_blocks_and_idle_does_not_spin() -> None:
 
 def test_leases_expire_renew_and_release() -> None:
     now = [0.0]
-    stats = DisaggStats()
     engine = make_engine()
-    leases: Leases
+    leases: EngineLeases
     driver = AsyncEngine(engine, Hooks(on_held=lambda r, b: leases.grant(r, b),
+                                       on_aborted=lambda r: leases.forget(r),
                                        housekeeping=lambda e: leases.expire(e)))
-    leases = Leases(driver, 2.0, stats, clock=lambda: now[0])
+    leases = EngineLeases(driver, 2.0, transfer_timeout_s=3.0, clock=lambda: now[0])
     req = make_request("p", make_prompt(9), max_tokens=1)
     req = type(req)(req.request_id, req.prompt_token_ids, req.sampling, True)
+    sent = type(req)("s", req.prompt_token_ids, req.sampling, True)
+
+    def held() -> int:
+        return driver.run_locked(lambda e: e.stats().num_held)
 
     async def run() -> None:
         driver.start()
@@ -80,18 +82,25 @@ def test_leases_expire_renew_and_release() -> None:
         assert outs[-1].held_block_ids is not None
         assert leases.get("p") == outs[-1].held_block_ids
         now[0] = 1.5
-        assert leases.lookup("p") is not None  # a transfer starts: renewed to 1.5 + 2 + 1
-        now[0] = 4.0
+        assert leases.table.lookup("p") is not None  # a transfer starts: renewed to 1.5 + 3 + 1
+        now[0] = 5.4
         await asyncio.sleep(0.3)  # housekeeping ticks
         assert len(leases) == 1
-        now[0] = 4.6
+        now[0] = 5.6
         for _ in range(100):
             if not len(leases):
                 break
             await asyncio.sleep(0.02)
-        assert len(leases) == 0 and stats.leases_expired == 1
-        assert driver.run_locked(lambda e: e.stats().num_held) == 0
-        assert leases.lookup("p") is None
+        assert len(leases) == 0 and leases.stats().expired == 1
+        assert held() == 0
+        assert leases.table.lookup("p") is None
+        # A confirmed pull (a transport thread) frees the blocks at once, through the lock.
+        [o async for o in driver.generate(sent)]
+        assert held() == 1
+        await asyncio.to_thread(leases.table.on_sent, "s")
+        assert held() == 0 and len(leases) == 0
+        s = leases.stats()
+        assert (s.granted, s.sent, s.expired) == (2, 1, 1)
         await driver.shutdown()
 
     asyncio.run(run())
@@ -118,17 +127,3 @@ def test_worker_config_flags_and_validation(tmp_path: Path) -> None:
 
     args = _parser().parse_args(["engine", "serve", "--port", "0", "--moe"])
     assert (args.command, args.action, args.moe) == ("engine", "serve", True)
-
-
-def test_authenticator_choice(tmp_path: Path) -> None:
-    from nacl.signing import SigningKey
-
-    key = SigningKey.generate()
-    key_file = tmp_path / "node.key"
-    key_file.write_text(key.encode().hex() + "\n")
-    os.chmod(key_file, 0o600)
-    trusted = tmp_path / "trusted"
-    trusted.write_text(bytes(key.verify_key).hex() + "\n")
-    auth = make_authenticator(b"", str(key_file), str(trusted), "n1")
-    assert isinstance(auth, Ed25519Authenticator)
-    assert isinstance(make_authenticator(b"x" * 16, "", "", "n1"), SharedSecretAuthenticator)

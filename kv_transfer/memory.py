@@ -1,0 +1,141 @@
+"""How transports see the engine's KV tensors: the memory contracts and the factory.
+
+- `BlockMemory`: what the shared connection code (`conn.py`) needs: the layout, the block count
+  and id checks. `GpuKV` (CUDA transports) satisfies it.
+- `ByteMemory`: a block list as a byte stream, for the byte transports (`tcp`, `shm`):
+  `read` gives the source's stream (valid until the next read by that caller), `write` gives
+  writable destination segments plus a `commit` that makes them land in the KV cache.
+  Direct memories (`blocks.KVMemory`, `vllm_layout.BlockMajorMemory`) read and write the CPU
+  tensors in place and commit nothing; `StagedKV` stages device KV through host buffers.
+
+`byte_memory` picks one from where the tensors live and which views they are (`views`: meshd's
+engine layout or vLLM's per-layer `[B, H, N, C]` views). The stream is the same for a direct CPU
+peer and a staged peer of the same views (vLLM views: when the direct peer's blocks are in BHNC
+order, vLLM's CPU layout), so a GPU prefill can feed a CPU decode over TCP; `wire_suffix` is
+part of the transport name the handshake compares, so differing streams never meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from meshd.kv_transfer.gpu_blocks import GpuKV, wait_stream
+
+if TYPE_CHECKING:
+    import torch
+
+    from meshd.kv_transfer.layout import BlockLayout
+    from meshd.kv_transfer.transport import Deadline
+
+Commit = Callable[["Deadline"], None]
+
+
+class BlockMemory(Protocol):
+    layout: BlockLayout
+    num_blocks: int
+    wire_suffix: str
+
+    def check_ids(self, block_ids: Sequence[int], what: str) -> str | None: ...
+
+    def stream_bytes(self, num_blocks: int) -> int: ...
+
+
+class ByteMemory(BlockMemory, Protocol):
+    def read(self, block_ids: Sequence[int], deadline: Deadline) -> list[memoryview]: ...
+
+    def write(self, block_ids: Sequence[int]) -> tuple[list[memoryview], Commit]: ...
+
+
+def byte_memory(kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                views: str = "engine") -> ByteMemory:
+    """The byte-stream memory for `kv_caches`: in place on CPU, staged through host buffers on
+    a GPU, or for CPU vLLM views whose blocks are not one dense byte range each."""
+    if not kv_caches:
+        raise ValueError("kv_caches: empty")
+    if kv_caches[0].device.type != "cpu":
+        return StagedKV(kv_caches, layout, views)
+    if views == "vllm":
+        from meshd.kv_transfer.vllm_layout import BlockMajorMemory, block_order
+
+        try:
+            block_order(kv_caches[0])
+        except ValueError:
+            return StagedKV(kv_caches, layout, views)
+        return BlockMajorMemory(kv_caches, layout)
+    if views != "engine":
+        raise ValueError(f"views: must be 'engine' or 'vllm', got {views!r}")
+    from meshd.kv_transfer.blocks import KVMemory
+
+    return KVMemory(kv_caches, layout)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
+    raw: Any = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(raw).cast("B")
+
+
+class StagedKV:
+    """Device KV (any torch device) as a byte stream through host buffers: `read` gathers the
+    blocks on the device and copies them to host; `write` hands out host buffers whose `commit`
+    copies them back and scatters them into the blocks. Per layer the stream is the logical
+    buffer of `GpuKV.gather` (engine views: K halves then V halves, as `KVMemory`; vLLM views:
+    `[n, H, N, C]`, as `BlockMajorMemory` over the CPU's LBHNC layout).
+
+    Memory: never holds KV between calls; each `read`/`write` allocates its own buffers (pinned
+    on CUDA), so concurrent transfers do not share state. Waits poll against the deadline."""
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                 views: str = "engine") -> None:
+        device_type = kv_caches[0].device.type if kv_caches else "cuda"
+        self._kv = GpuKV(kv_caches, layout, views, device_type=device_type)
+        self._cuda = device_type == "cuda"
+        self.layout = layout
+        self.num_blocks = self._kv.num_blocks
+        self.wire_suffix = self._kv.wire_suffix
+
+    def check_ids(self, block_ids: Sequence[int], what: str) -> str | None:
+        return self._kv.check_ids(block_ids, what)
+
+    def stream_bytes(self, num_blocks: int) -> int:
+        return self._kv.stream_bytes(num_blocks)
+
+    def _host(self, num_blocks: int) -> list[torch.Tensor]:
+        import torch
+
+        shape = self._kv.block_shape(num_blocks)
+        return [torch.empty(shape, dtype=t.dtype, pin_memory=self._cuda) for t in self._kv.layers]
+
+    def read(self, block_ids: Sequence[int], deadline: Deadline) -> list[memoryview]:
+        if not self._cuda:
+            return [_bytes(b) for b in self._kv.gather(block_ids)]
+        import torch
+
+        stream = torch.cuda.Stream(device=self._kv.device)
+        with torch.cuda.stream(stream):
+            bufs = self._kv.gather(block_ids)
+            host = self._host(len(block_ids))
+            for h, b in zip(host, bufs, strict=True):
+                h.copy_(b, non_blocking=True)
+        wait_stream(stream, deadline.at, "device to host staging copy")
+        return [_bytes(h) for h in host]
+
+    def write(self, block_ids: Sequence[int]) -> tuple[list[memoryview], Commit]:
+        ids = list(block_ids)
+        host = self._host(len(ids))
+
+        def commit(deadline: Deadline) -> None:
+            if not self._cuda:
+                self._kv.scatter(ids, host)
+                return
+            import torch
+
+            stream = torch.cuda.Stream(device=self._kv.device)
+            with torch.cuda.stream(stream):
+                dev = [h.to(self._kv.device, non_blocking=True) for h in host]
+                self._kv.scatter(ids, dev)
+            wait_stream(stream, deadline.at, "host to device staging copy")
+
+        return [_bytes(h) for h in host], commit
