@@ -11,8 +11,9 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from meshd.kv_transfer.auth import Authenticator
 from meshd.kv_transfer.handshake import client_handshake, server_handshake
@@ -171,22 +172,31 @@ class ServerConfig:
     transfer_timeout_s: float = 60.0
 
 
+class Handler(NamedTuple):
+    """One transport's server half: its memory (layout, id checks) and its stream function."""
+
+    memory: BlockMemory
+    stream: StreamFn
+
+
 def serve_connection(
     sock: socket.socket,
-    name: str,
-    memory: BlockMemory,
+    handlers: Mapping[str, Handler],
     auth: Authenticator,
     source: BlockSource,
     stats: ServerStats,
     config: ServerConfig,
-    stream: StreamFn,
 ) -> None:
-    """Server side of one connection: handshake, fetch, `stream`, ack, `source.on_sent`.
-    Failures are counted in `stats`; the peer is told why where the protocol allows."""
+    """Server side of one connection: handshake (the client names one of `handlers`' transports),
+    fetch, that transport's stream, ack, `source.on_sent`. All handlers serve the same KV, so
+    they share one layout. Failures are counted in `stats`; the peer is told why where the
+    protocol allows."""
     stats.add(connections=1)
+    layout = next(iter(handlers.values())).memory.layout
     try:
         deadline = Deadline(config.handshake_timeout_s, "handshake")
-        server_handshake(sock, auth, memory.layout, name, deadline)
+        _, name = server_handshake(sock, auth, layout, handlers.keys(), deadline)
+        memory, stream = handlers[name]
         deadline = Deadline(config.transfer_timeout_s, "transfer")
         try:
             request_id, block_ids, chunk_bytes = read_fetch(sock, source, memory, deadline)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from meshd.kv_transfer.conn import (
     MIN_CHUNK,
+    Handler,
     Listener,
     ServerConfig,
     ServerStats,
@@ -145,25 +146,33 @@ class CudaIpcServer:
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
                  auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
                  port: int = 0, config: ServerConfig | None = None,
-                 views: str = "engine") -> None:
+                 views: str = "engine", listen: bool = True) -> None:
         self._kv = GpuKV(kv_caches, layout, views)
         self.name = NAME + self._kv.wire_suffix
         self._shares = [export_share(t) for t in self._kv.layers]
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve)
+        self._listener = Listener(host, port, self._serve) if listen else None
 
     @property
     def address(self) -> Peer:
+        if self._listener is None:
+            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
         return self._listener.address
 
+    @property
+    def handler(self) -> Handler:
+        """This transport's server half, for a `MuxServer` serving several on one port."""
+        return Handler(self._kv, self._stream)
+
     def close(self) -> None:
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, self.name, self._kv, self._auth, self._source, self.stats,
-                         self._config, self._stream)
+        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
+                         self.stats, self._config)
 
     def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
                 deadline: Deadline) -> int:
@@ -245,5 +254,6 @@ def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Au
 
 def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
                 source: BlockSource, host: str, port: int,
-                config: ServerConfig | None = None, views: str = "engine") -> CudaIpcServer:
-    return CudaIpcServer(kv_caches, layout, auth, source, host, port, config, views)
+                config: ServerConfig | None = None, views: str = "engine",
+                listen: bool = True) -> CudaIpcServer:
+    return CudaIpcServer(kv_caches, layout, auth, source, host, port, config, views, listen)

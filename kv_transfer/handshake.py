@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Collection
 from typing import Any
 
 import msgpack
@@ -97,18 +98,21 @@ def server_handshake(
     sock: socket.socket,
     auth: Authenticator,
     layout: BlockLayout,
-    transport: str,
+    transports: Collection[str],
     deadline: Deadline,
-) -> bytes:
-    """Authenticate the client and ourselves. Returns the client's identity."""
+) -> tuple[bytes, str]:
+    """Authenticate the client and ourselves; the client's transport must be one of
+    `transports` (a server that serves several on one port). Returns (client identity,
+    transport)."""
     try:
         hello = recv_msg(sock, "hello", HELLO, deadline)
-        if hello["v"] != PROTOCOL_VERSION or hello["transport"] != transport:
+        if hello["v"] != PROTOCOL_VERSION or hello["transport"] not in transports:
             raise KVTransferFailure(
                 ErrorCode.PROTOCOL,
                 f"client speaks {hello['transport']} v{hello['v']}, "
-                f"server {transport} v{PROTOCOL_VERSION}",
+                f"server {'|'.join(sorted(transports))} v{PROTOCOL_VERSION}",
             )
+        transport = hello["transport"]
         if hello["scheme"] != auth.scheme:
             raise KVTransferFailure(
                 ErrorCode.AUTH, f"client auth scheme {hello['scheme']!r} != {auth.scheme!r}"
@@ -132,7 +136,7 @@ def server_handshake(
         if mismatch is not None:
             raise KVTransferFailure(ErrorCode.LAYOUT_MISMATCH, mismatch)
         send_msg(sock, {"t": "ready"}, deadline)
-        return bytes(hello["id"])
+        return bytes(hello["id"]), transport
     except KVTransferFailure as exc:
         if exc.error.code != ErrorCode.TIMEOUT:
             send_error(sock, exc.error.code, exc.error.message, deadline_or_short(deadline))

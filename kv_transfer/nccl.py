@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshd.kv_transfer.conn import (
     MIN_CHUNK,
+    Handler,
     Listener,
     ServerConfig,
     ServerStats,
@@ -100,6 +101,8 @@ def load_nccl() -> Any:
     Returns `cupy.cuda.nccl`; raises RuntimeError naming the libraries on a conflict."""
     import torch
 
+    if not torch.cuda.is_available():
+        raise RuntimeError("nccl transport: CUDA is not available in this process")
     torch.cuda.init()
     from cupy.cuda import nccl
 
@@ -180,31 +183,39 @@ class NcclServer:
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
                  auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
                  port: int = 0, config: ServerConfig | None = None,
-                 views: str = "engine") -> None:
+                 views: str = "engine", listen: bool = True) -> None:
+        self._kv = GpuKV(kv_caches, layout, views)  # refuses non-CUDA tensors first
         self._nccl = load_nccl()
-        self._kv = GpuKV(kv_caches, layout, views)
         self.name = NAME + self._kv.wire_suffix
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self._comms: OrderedDict[bytes, PairComm] = OrderedDict()
         self._comms_lock = threading.Lock()
         self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve)
+        self._listener = Listener(host, port, self._serve) if listen else None
 
     @property
     def address(self) -> Peer:
+        if self._listener is None:
+            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
         return self._listener.address
 
+    @property
+    def handler(self) -> Handler:
+        """This transport's server half, for a `MuxServer` serving several on one port."""
+        return Handler(self._kv, self._stream)
+
     def close(self) -> None:
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
         with self._comms_lock:
             for pc in self._comms.values():
                 pc.close()
             self._comms.clear()
 
     def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, self.name, self._kv, self._auth, self._source, self.stats,
-                         self._config, self._stream)
+        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
+                         self.stats, self._config)
 
     def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
                 deadline: Deadline) -> int:
@@ -255,8 +266,8 @@ class NcclClient:
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
                  auth: Authenticator, views: str = "engine") -> None:
+        self._kv = GpuKV(kv_caches, layout, views)  # refuses non-CUDA tensors first
         self._nccl = load_nccl()
-        self._kv = GpuKV(kv_caches, layout, views)
         self.name = NAME + self._kv.wire_suffix
         self._auth = auth
         self._pairs: dict[Peer, tuple[bytes, PairComm | None, threading.Lock]] = {}
@@ -319,5 +330,6 @@ def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Au
 
 def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
                 source: BlockSource, host: str, port: int,
-                config: ServerConfig | None = None, views: str = "engine") -> NcclServer:
-    return NcclServer(kv_caches, layout, auth, source, host, port, config, views)
+                config: ServerConfig | None = None, views: str = "engine",
+                listen: bool = True) -> NcclServer:
+    return NcclServer(kv_caches, layout, auth, source, host, port, config, views, listen)

@@ -29,9 +29,12 @@ def prompt_digest(prompt: Sequence[int]) -> str:
 
 def prefill_params(*, request_id: str, block_ids: Sequence[int], engine_id: str, peer: Peer,
                    transport: str, num_tokens: int, tp_size: int = 1,
-                   prompt: Sequence[int] | None = None) -> dict[str, Any]:
+                   prompt: Sequence[int] | None = None, offered: Sequence[str] = (),
+                   host: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a prefill response returns: vLLM's NixlConnector fields, `remote_num_tokens`,
-    `meshd_transport`, and `meshd_prompt_digest` when `prompt` is given."""
+    `meshd_transport` (the default transport), `meshd_prompt_digest` when `prompt` is given,
+    and, from a prefill side serving several transports on one port, `meshd_transports` (all
+    of them) and `meshd_host` (its `select.HostFacts`, so the decode side can pick)."""
     out: dict[str, Any] = {
         "do_remote_prefill": True, "do_remote_decode": False,
         "remote_engine_id": engine_id, "remote_block_ids": list(block_ids),
@@ -40,6 +43,10 @@ def prefill_params(*, request_id: str, block_ids: Sequence[int], engine_id: str,
     }
     if prompt is not None:
         out["meshd_prompt_digest"] = prompt_digest(prompt)
+    if offered:
+        out["meshd_transports"] = list(offered)
+    if host is not None:
+        out["meshd_host"] = dict(host)
     return out
 
 
@@ -55,6 +62,12 @@ class RemotePrefill:
     transport: str = "tcp"
     num_tokens: int | None = None  # remote_num_tokens, when sent
     prompt_digest: str | None = None  # meshd_prompt_digest, when sent
+    offered: tuple[str, ...] = ()  # meshd_transports we can run (() = just `transport`)
+    host: Mapping[str, Any] | None = None  # meshd_host: the prefill side's HostFacts dict
+
+    def transports(self) -> tuple[str, ...]:
+        """What the prefill side serves that we could pull over."""
+        return self.offered or (self.transport,)
 
     def matches(self, prompt: Sequence[int]) -> bool:
         """False if the params carry a digest of another prompt (no digest: True)."""
@@ -76,6 +89,9 @@ class RemotePrefill:
         - `bad_prompt_digest`: `meshd_prompt_digest` present but not a string
         - `unsupported_transport`: `meshd_transport` (default `default_transport`) is not in
           `allowed_transports`
+        - `bad_transports`: `meshd_transports` present but not a list of strings (names we do
+          not know are dropped; `meshd_transport` then leads)
+        - `bad_host`: `meshd_host` present but not a dict
         """
         if not params or not params.get("do_remote_prefill"):
             return "not_remote_prefill"
@@ -104,6 +120,13 @@ class RemotePrefill:
         transport = params.get("meshd_transport", default_transport)
         if not isinstance(transport, str) or transport not in allowed_transports:
             return "unsupported_transport"
+        offered = params.get("meshd_transports", [])
+        if not isinstance(offered, list) or not all(isinstance(t, str) for t in offered):
+            return "bad_transports"
+        facts = params.get("meshd_host")
+        if facts is not None and not isinstance(facts, dict):
+            return "bad_host"
+        known = tuple(t for t in offered if t in allowed_transports)
         return RemotePrefill(Peer(host, port), rid, tuple(blocks),
                              str(params.get("remote_engine_id") or ""), tp, transport,
-                             num_tokens, digest)
+                             num_tokens, digest, known, facts)

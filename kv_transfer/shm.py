@@ -35,6 +35,7 @@ from meshd.kv_transfer.blocks import DEFAULT_CHUNK_BYTES, chunks, crc32, nbytes
 from meshd.kv_transfer.conn import (
     MAX_CHUNK,
     MIN_CHUNK,
+    Handler,
     Listener,
     ServerConfig,
     ServerStats,
@@ -96,6 +97,7 @@ class ShmServer:
         config: ServerConfig | None = None,
         slots: int = DEFAULT_SLOTS,
         views: str = "engine",
+        listen: bool = True,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots: must be >= 1, got {slots}")
@@ -105,18 +107,26 @@ class ShmServer:
         self._config = config or ServerConfig()
         self._slots = slots
         self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve)
+        self._listener = Listener(host, port, self._serve) if listen else None
 
     @property
     def address(self) -> Peer:
+        if self._listener is None:
+            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
         return self._listener.address
 
+    @property
+    def handler(self) -> Handler:
+        """This transport's server half, for a `MuxServer` serving several on one port."""
+        return Handler(self._memory, self._stream)
+
     def close(self) -> None:
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, self.name, self._memory, self._auth, self._source, self.stats,
-                         self._config, self._stream)
+        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
+                         self.stats, self._config)
 
     def _stream(
         self, sock: socket.socket, block_ids: list[int], chunk_bytes: int, deadline: Deadline
@@ -295,5 +305,6 @@ def make_server(
     config: ServerConfig | None = None,
     slots: int = DEFAULT_SLOTS,
     views: str = "engine",
+    listen: bool = True,
 ) -> ShmServer:
-    return ShmServer(kv_caches, layout, auth, source, host, port, config, slots, views)
+    return ShmServer(kv_caches, layout, auth, source, host, port, config, slots, views, listen)

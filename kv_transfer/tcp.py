@@ -29,6 +29,7 @@ from meshd.kv_transfer.blocks import DEFAULT_CHUNK_BYTES, chunks, crc32, nbytes
 from meshd.kv_transfer.conn import (
     MAX_CHUNK,
     MIN_CHUNK,
+    Handler,
     Listener,
     ServerConfig,
     ServerStats,
@@ -86,24 +87,33 @@ class TcpServer:
         port: int = 0,
         config: ServerConfig | None = None,
         views: str = "engine",
+        listen: bool = True,
     ) -> None:
         self._memory = byte_memory(kv_caches, layout, views)
         self.name = NAME + self._memory.wire_suffix
         self._auth, self._source = auth, source
         self._config = config or ServerConfig()
         self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve)
+        self._listener = Listener(host, port, self._serve) if listen else None
 
     @property
     def address(self) -> Peer:
+        if self._listener is None:
+            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
         return self._listener.address
 
+    @property
+    def handler(self) -> Handler:
+        """This transport's server half, for a `MuxServer` serving several on one port."""
+        return Handler(self._memory, self._stream)
+
     def close(self) -> None:
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()
 
     def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, self.name, self._memory, self._auth, self._source, self.stats,
-                         self._config, self._stream)
+        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
+                         self.stats, self._config)
 
     def _stream(
         self, sock: socket.socket, block_ids: list[int], chunk_bytes: int, deadline: Deadline
@@ -204,5 +214,6 @@ def make_server(
     port: int,
     config: ServerConfig | None = None,
     views: str = "engine",
+    listen: bool = True,
 ) -> TcpServer:
-    return TcpServer(kv_caches, layout, auth, source, host, port, config, views)
+    return TcpServer(kv_caches, layout, auth, source, host, port, config, views, listen)

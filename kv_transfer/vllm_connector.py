@@ -39,9 +39,11 @@ Design (see docs/vllm.md, "KV connector"):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -55,6 +57,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
 from meshd.kv_transfer.leases import LeaseTable
+from meshd.kv_transfer.mux import MuxServer, make_mux_server
 from meshd.kv_transfer.params import RemotePrefill, prefill_params
 from meshd.kv_transfer.transport import (
     Peer,
@@ -71,6 +74,8 @@ from meshd.kv_transfer.vllm_params import (
     LoadPlan,
     RecvResults,
     plan_load,
+    pull_transport,
+    serve_list,
     tokens_to_load,
 )
 
@@ -114,6 +119,10 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._settings = ConnectorSettings.parse(ktc.kv_connector_extra_config,
                                                  producer=self._producer)
         self._engine_id = str(ktc.engine_id)
+        self._kv_device = "cuda" if str(vllm_config.device_config.device_type) == "cuda" else "cpu"
+        self._facts = self._settings.facts(self._kv_device)
+        self._serves = serve_list(self._settings.transport, self._kv_device, self._facts,
+                                  importlib.util.find_spec("cupy") is not None)
         self._block_size = int(vllm_config.cache_config.block_size)
         self._tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
@@ -126,8 +135,10 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             self._pending_loads: dict[str, LoadPlan] = {}
             self._pending_leases: dict[str, tuple[int, ...]] = {}
             log.info("meshd connector (scheduler) engine=%s producer=%s consumer=%s "
-                     "transfer server %s:%s", self._engine_id, self._producer, self._consumer,
-                     self._settings.remote_host, self._settings.port)
+                     "transfer server %s:%s serving %s (%s KV, host %s)", self._engine_id,
+                     self._producer, self._consumer, self._settings.remote_host,
+                     self._settings.port, "|".join(self._serves), self._kv_device,
+                     self._facts.hostname)
         else:
             s = self._settings
             self._auth = load_authenticator(secret_file=s.secret_file,
@@ -137,7 +148,7 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             self._leases = LeaseTable(s.lease_timeout_s, transfer_timeout_s=TRANSFER_TIMEOUT_S,
                                       lookup_wait_s=s.lookup_wait_s)
             self._recv = RecvResults()
-            self._server: TransportServer | None = None
+            self._server: TransportServer | MuxServer | None = None
             self._clients: dict[str, TransportClient | str] = {}  # transport -> client | error
             self._clients_lock = threading.Lock()
             self._views: list[torch.Tensor] = []
@@ -199,6 +210,11 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
                         request.request_id, plan)
             plan = LoadPlan(request.request_id, Peer("", 0), "", (), tuple(block_ids),
                             "tcp")
+        elif not isinstance(remote, str):
+            choice = pull_transport(remote, self._facts, self._kv_device)
+            log.debug("meshd: %s: pulling over %s (%s)", request.request_id, choice.name,
+                      choice.reason)
+            plan = replace(plan, transport=choice.name)
         self._pending_loads[request.request_id] = plan
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -232,8 +248,10 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         return True, prefill_params(
             request_id=rid, block_ids=block_ids, engine_id=self._engine_id,
             peer=Peer(self._settings.remote_host, self._settings.port), tp_size=self._tp_size,
-            num_tokens=len(request.prompt_token_ids or []), transport=self._settings.transport,
+            num_tokens=len(request.prompt_token_ids or []), transport=self._serves[0],
             prompt=request.prompt_token_ids or [],
+            offered=self._serves if len(self._serves) > 1 else (),
+            host=self._facts.to_dict() if len(self._serves) > 1 else None,
         )
 
     # ==========================================================================================
@@ -262,18 +280,27 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._rank = int(get_tensor_model_parallel_rank())
         self._views, self._layout = layers, layout
         if self._producer:
-            self._server = make_server(
-                self._settings.transport, layers, layout, self._auth, self._leases,
-                self._settings.host, self._settings.port + self._rank,
-                config=ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S), views="vllm",
-            )
+            config = ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S)
+            port = self._settings.port + self._rank
+            if len(self._serves) == 1:
+                self._server = make_server(self._serves[0], layers, layout, self._auth,
+                                           self._leases, self._settings.host, port,
+                                           config=config, views="vllm")
+            else:
+                self._server, skipped = make_mux_server(
+                    self._serves, layers, layout, self._auth, self._leases,
+                    self._settings.host, port, config=config, views="vllm")
+                for name, why in skipped.items():
+                    log.warning("meshd: not serving %s (decode peers that pick it will "
+                                "recompute): %s", name, why)
         if self._consumer:
             self._pool = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="meshd-kv-pull")
         t = layers[0]
         log.info("meshd connector (worker rank %d): %d layers on %s, view %s strides %s; "
                  "%d blocks x %d B/block; server %s %s", self._rank, len(layers), t.device,
                  tuple(t.shape), t.stride(), num_blocks, layout.bytes_per_block,
-                 self._server.name if self._server else "-",
+                 ("|".join(self._server.wire_names) if isinstance(self._server, MuxServer)
+                  else self._server.name) if self._server else "-",
                  self._server.address if self._server else "")
 
     def _client(self, transport: str) -> TransportClient | str:

@@ -9,12 +9,14 @@ Kept apart from `vllm_connector` (which imports vllm) so they are unit-tested in
 from __future__ import annotations
 
 import math
+import socket
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.kv_transfer.params import RemotePrefill
+from meshd.kv_transfer.select import HostFacts, TransportChoice, pick
 from meshd.kv_transfer.transport import Peer
 
 DEFAULT_LEASE_TIMEOUT_S = 30.0
@@ -24,6 +26,7 @@ TRANSFER_TIMEOUT_S = 30.0  # the server's per-connection transfer deadline
 # What the connector serves and pulls (`RemotePrefill.parse`'s allowed): CPU KV over tcp or shm,
 # CUDA KV over cuda_ipc, nccl, or tcp/shm staged through host memory (see `memory.StagedKV`).
 TRANSPORTS = ("tcp", "shm", "cuda_ipc", "nccl")
+AUTO = "auto"  # serve every transport that can run here on one port; decode picks per pair
 
 
 def _is_int(v: object) -> bool:
@@ -38,9 +41,11 @@ class ConnectorSettings:
     Ed25519 seed, mode 0600) + `trusted_keys_file` (hex public keys, whitespace separated);
     `host`/`port`: where the prefill side's transfer server listens (port + TP rank per worker;
     required on a producer); `advertise_host`: what goes into `remote_host` (default `host`);
-    `transport` (one of TRANSPORTS: what this prefill side serves; the decode side pulls over
-    whatever the prefill response names); `lease_timeout_s`, `pull_timeout_s`,
-    `lookup_wait_s`."""
+    `transport`: what this prefill side serves, one of TRANSPORTS or `auto` (all that can run
+    here on one port, see `serve_list`); the decode side pulls over what the prefill response
+    names, picking per pair from `auto`'s list (`pull_transport`); `hostname` (default: the
+    machine's), `rdma`, `nvlink`: this host's facts for that pick (the launcher fills them from
+    the capability report); `lease_timeout_s`, `pull_timeout_s`, `lookup_wait_s`."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -52,6 +57,9 @@ class ConnectorSettings:
     lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S
     pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
     lookup_wait_s: float = DEFAULT_LOOKUP_WAIT_S
+    hostname: str = ""
+    rdma: bool = False
+    nvlink: bool = False
 
     @staticmethod
     def parse(extra: Mapping[str, Any] | None, *, producer: bool) -> ConnectorSettings:
@@ -64,7 +72,7 @@ class ConnectorSettings:
                              f"valid: {sorted(known)}")
         kw: dict[str, Any] = {}
         for key in ("host", "advertise_host", "transport", "secret_file", "node_key_file",
-                    "trusted_keys_file"):
+                    "trusted_keys_file", "hostname"):
             if key in extra:
                 if not isinstance(extra[key], str):
                     raise ValueError(f"kv_connector_extra_config.{key}: must be a string")
@@ -85,10 +93,19 @@ class ConnectorSettings:
                 if not value > 0 or math.isinf(value):
                     raise ValueError(f"kv_connector_extra_config.{key}: must be > 0")
                 kw[key] = value
+        for key in ("rdma", "nvlink"):
+            if key in extra:
+                value = extra[key]
+                if isinstance(value, str) and value.lower() in ("true", "false"):
+                    value = value.lower() == "true"
+                if not isinstance(value, bool):
+                    raise ValueError(f"kv_connector_extra_config.{key}: must be true or false")
+                kw[key] = value
         s = ConnectorSettings(**kw)
-        if s.transport not in TRANSPORTS:
+        if s.transport not in (*TRANSPORTS, AUTO):
             raise ValueError(f"kv_connector_extra_config.transport: {s.transport!r} is not "
-                             f"supported by the vLLM connector; valid: {', '.join(TRANSPORTS)}")
+                             f"supported by the vLLM connector; valid: "
+                             f"{', '.join((*TRANSPORTS, AUTO))}")
         if not s.secret_file and not s.node_key_file:
             raise ValueError("kv_connector_extra_config: give secret_file, or node_key_file and "
                              "trusted_keys_file")
@@ -106,6 +123,37 @@ class ConnectorSettings:
     @property
     def remote_host(self) -> str:
         return self.advertise_host or self.host
+
+    def facts(self, kv_device: str) -> HostFacts:
+        """This host as the transport pick sees it."""
+        return HostFacts(self.hostname or socket.gethostname(), self.advertise_host,
+                         gpus=kv_device == "cuda", rdma=self.rdma, nvlink=self.nvlink)
+
+
+def serve_list(transport: str, kv_device: str, facts: HostFacts, nccl_importable: bool
+               ) -> list[str]:
+    """What a prefill side serves: the configured transport, or for `auto` everything that
+    can help a peer, `tcp` first (the default any decode side can use): CPU KV `tcp`, `shm`;
+    CUDA KV `tcp`, `cuda_ipc`, and `nccl` when this host has an RDMA port or NVLink and cupy
+    is importable (a decode side picks nccl only between such hosts)."""
+    if transport != AUTO:
+        return [transport]
+    if kv_device != "cuda":
+        return ["tcp", "shm"]
+    extra = ["nccl"] if (facts.rdma or facts.nvlink) and nccl_importable else []
+    return ["tcp", "cuda_ipc", *extra]
+
+
+def pull_transport(remote: RemotePrefill, local: HostFacts, kv_device: str) -> TransportChoice:
+    """Which of the prefill side's transports to pull over: its only one, or `select.pick`
+    over its list with both sides' host facts."""
+    if not remote.offered:
+        return TransportChoice(remote.transport, "the only transport offered")
+    facts = HostFacts.from_dict(remote.host) if remote.host is not None else None
+    try:
+        return pick(local, facts, kv_device, remote.transports())
+    except ValueError as exc:
+        return TransportChoice(remote.transport, str(exc))
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,7 +163,9 @@ class WorkersConfig:
 
 
 VLLM_CONNECTORS = ("meshd", "nixl", "none")
-VLLM_TRANSPORTS = ("tcp", "shm", "cuda_ipc", "nccl")  # what MeshdConnector moves KV over
+# What MeshdConnector serves on a prefill worker; "auto" = every one that can run there, on one
+# port, and the decode side picks per pair (kv_transfer/select.py)
+VLLM_TRANSPORTS = ("tcp", "shm", "cuda_ipc", "nccl", "auto")
 GPU_TRANSPORTS = ("cuda_ipc", "nccl")
 
 

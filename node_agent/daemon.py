@@ -41,7 +41,8 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
         secret_file = None
         if v.kv_connector == "meshd":
             secret_file = ensure_secret(v.kv_secret_file or state / SECRET_FILE)
-        specs += vllm_specs(v, node_id, host, gpus, secret_file=secret_file)
+        rdma = probe.probe_rdma() if v.device == "cuda" and v.kv_transfer == "auto" else ()
+        specs += vllm_specs(v, node_id, host, gpus, secret_file=secret_file, rdma=rdma)
     return specs
 
 

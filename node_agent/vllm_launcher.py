@@ -6,8 +6,9 @@ venv) pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, started with the flags mes
 
 - `--kv-transfer-config`: meshd's `MeshdConnector` (or vLLM's `NixlConnector`), role
   `kv_producer` (prefill), `kv_consumer` (decode) or `kv_both`, `engine_id` = the worker id;
-  the meshd connector's transport is `kv_transfer` (tcp, shm, cuda_ipc or nccl; a cuda_ipc
-  worker also sees the agent's other workers' GPUs, after its own, to map their KV);
+  the meshd connector's transport is `kv_transfer` (tcp, shm, cuda_ipc, nccl, or auto: all
+  that can run, on one port, with this host's RDMA/NVLink facts for the decode side's pick; a
+  cuda_ipc or auto worker also sees the agent's other GPUs, after its own, to map their KV);
 - `--kv-events-config`: ZMQ PUB and replay ROUTER bound on all interfaces (`tcp://*:port`, so
   vLLM binds rather than connects), reported to the coordinator as `tcp://<host>:port`;
 - `--prefix-caching-hash-algo sha256_cbor` and `PYTHONHASHSEED=<hash_seed>` (shared with the
@@ -31,8 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from meshd.capabilities import Gpu, Worker
+from meshd.capabilities import Gpu, Rdma, Worker
 from meshd.config import VLLM_CONNECTORS, ConfigError, VllmConfig, vllm_port_stride
+from meshd.kv_transfer.select import RDMA_LINK_LAYERS
 from meshd.node_agent.supervisor import WorkerSpec
 
 __all__ = ["VllmConfig", "WorkerPorts", "port_stride", "vllm_specs", "worker_ports"]
@@ -96,8 +98,11 @@ def command(cfg: VllmConfig) -> list[str]:
 
 
 def kv_transfer_config(cfg: VllmConfig, role: str, worker_id: str, host: str, kv_port: int,
-                       secret_file: str) -> dict[str, Any] | None:
-    """The `--kv-transfer-config` JSON object for one worker, or None without a connector."""
+                       secret_file: str, *, rdma: bool = False, nvlink: bool = False
+                       ) -> dict[str, Any] | None:
+    """The `--kv-transfer-config` JSON object for one worker, or None without a connector.
+    With `kv_transfer = "auto"` the host facts the decode side picks a transport by go along
+    (`rdma`: an active RDMA port on this host; `nvlink`: the worker's GPUs have NVLink)."""
     if cfg.kv_connector == "none":
         return None
     out: dict[str, Any] = {"kv_role": KV_ROLES[role], "engine_id": worker_id,
@@ -105,8 +110,11 @@ def kv_transfer_config(cfg: VllmConfig, role: str, worker_id: str, host: str, kv
     if cfg.kv_connector == "nixl":
         return {"kv_connector": "NixlConnector", **out,
                 "kv_connector_extra_config": dict(cfg.kv_connector_extra)}
-    extra = {"transport": cfg.kv_transfer, "host": host, "port": kv_port,
-             "secret_file": secret_file, **cfg.kv_connector_extra}
+    extra: dict[str, Any] = {"transport": cfg.kv_transfer, "host": host, "port": kv_port,
+                             "secret_file": secret_file}
+    if cfg.kv_transfer == "auto":
+        extra |= {"rdma": rdma, "nvlink": nvlink}
+    extra |= cfg.kv_connector_extra
     return {"kv_connector": MESHD_CONNECTOR, **out,
             "kv_connector_module_path": MESHD_CONNECTOR_MODULE, "kv_connector_extra_config": extra}
 
@@ -135,9 +143,10 @@ def moe_args(cfg: VllmConfig) -> list[str]:
 def visible_gpus(cfg: VllmConfig, own: tuple[int, ...], agent_gpus: Sequence[int]
                  ) -> tuple[int, ...]:
     """`CUDA_VISIBLE_DEVICES` for a worker: its own GPUs (vLLM uses the first TP-size ones);
-    with the meshd connector over `cuda_ipc`, then every other agent GPU, because a CUDA IPC
+    with the meshd connector over `cuda_ipc` (or `auto`, which may pick it), then every other
+    agent GPU, because a CUDA IPC
     consumer maps its peer's memory by GPU UUID and must see that GPU."""
-    if cfg.kv_connector != "meshd" or cfg.kv_transfer != "cuda_ipc":
+    if cfg.kv_connector != "meshd" or cfg.kv_transfer not in ("cuda_ipc", "auto"):
         return own
     return (*own, *(g for g in agent_gpus if g not in own))
 
@@ -158,9 +167,11 @@ def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tupl
 
 
 def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
-               secret_file: str | Path | None = None) -> list[WorkerSpec]:
+               secret_file: str | Path | None = None,
+               rdma: Sequence[Rdma] = ()) -> list[WorkerSpec]:
     """One `WorkerSpec` per configured vLLM worker. `host` is the address workers bind and report;
-    `gpus` is the capability probe's list; `secret_file` overrides `cfg.kv_secret_file`.
+    `gpus` and `rdma` are the capability probe's lists; `secret_file` overrides
+    `cfg.kv_secret_file`.
     Raises ValueError (naming the `vllm.` field) when the host cannot satisfy the config."""
     secret = str(secret_file or cfg.kv_secret_file)
     _check(cfg.kv_connector != "meshd" or cfg.count == 0 or bool(secret), "kv_secret_file",
@@ -177,7 +188,11 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
                 "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor"]
         if cfg.tensor_parallel_size > 1:
             argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
-        kv = kv_transfer_config(cfg, role, worker_id, host, ports.kv, secret)
+        nvlink = any(g.nvlink_peers for g in gpus if g.index in gpu_indices)
+        kv = kv_transfer_config(cfg, role, worker_id, host, ports.kv, secret,
+                                rdma=any(r.state.upper() == "ACTIVE"
+                                         and r.link_layer in RDMA_LINK_LAYERS for r in rdma),
+                                nvlink=nvlink)
         if kv is not None:
             argv += ["--kv-transfer-config", _json(kv)]
         if cfg.kv_events:

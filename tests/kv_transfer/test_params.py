@@ -80,6 +80,9 @@ def test_hma_nested_block_list() -> None:
     (make_params(meshd_prompt_digest=123), "bad_prompt_digest"),
     (make_params(meshd_transport="nccl"), "unsupported_transport"),
     (make_params(meshd_transport=None), "unsupported_transport"),
+    (make_params(meshd_transports="tcp"), "bad_transports"),
+    (make_params(meshd_transports=["tcp", 3]), "bad_transports"),
+    (make_params(meshd_host=["a"]), "bad_host"),
 ])
 def test_parse_reasons(params: dict[str, Any] | None, reason: str) -> None:
     assert RemotePrefill.parse(params, allowed_transports=ALL) == reason
@@ -91,3 +94,19 @@ def test_prompt_digest_is_stable() -> None:
     no_prompt = prefill_params(request_id="r", block_ids=[1], engine_id="p", peer=Peer("h", 1),
                                transport="tcp", num_tokens=3)
     assert "meshd_prompt_digest" not in no_prompt
+
+
+def test_several_transports_and_host_facts() -> None:
+    """A prefill side serving several transports on one port lists them and its host facts;
+    names this side does not know are dropped."""
+    params = prefill_params(request_id="r", block_ids=[1], engine_id="p", peer=Peer("h", 1),
+                            transport="tcp", num_tokens=4, offered=["tcp", "shm", "rdma"],
+                            host={"hostname": "h", "rdma": False})
+    assert params["meshd_transports"] == ["tcp", "shm", "rdma"]
+    remote = RemotePrefill.parse(params, allowed_transports=ALL)
+    assert isinstance(remote, RemotePrefill)
+    assert remote.transports() == ("tcp", "shm") and remote.host == {"hostname": "h",
+                                                                       "rdma": False}
+    single = RemotePrefill.parse(make_params(), allowed_transports=ALL)
+    assert isinstance(single, RemotePrefill)
+    assert single.transports() == ("shm",) and single.host is None

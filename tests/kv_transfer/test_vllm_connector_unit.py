@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -275,3 +276,51 @@ def test_block_major_transfer_over_tcp() -> None:
         assert mixed.error.code == ErrorCode.PROTOCOL
     finally:
         server.close()
+
+
+def test_auto_serves_what_can_help_a_peer() -> None:
+    from meshd.kv_transfer.select import HostFacts
+    from meshd.kv_transfer.vllm_params import serve_list
+
+    plain, ib = HostFacts("a", gpus=True), HostFacts("a", gpus=True, rdma=True)
+    assert serve_list("nccl", "cuda", plain, False) == ["nccl"]  # explicit: as configured
+    assert serve_list("auto", "cpu", plain, True) == ["tcp", "shm"]
+    assert serve_list("auto", "cuda", plain, True) == ["tcp", "cuda_ipc"]
+    assert serve_list("auto", "cuda", ib, True) == ["tcp", "cuda_ipc", "nccl"]
+    assert serve_list("auto", "cuda", ib, False) == ["tcp", "cuda_ipc"]  # no cupy
+
+
+def test_decode_picks_per_pair_from_the_offer() -> None:
+    from meshd.kv_transfer.select import HostFacts
+    from meshd.kv_transfer.vllm_params import pull_transport
+
+    me = HostFacts("d-host", gpus=True, rdma=True)
+
+    def offer(host: dict[str, Any] | None, offered: list[str]) -> RemotePrefill:
+        params = prefill_params(request_id="r", block_ids=[1], engine_id="p",
+                                peer=Peer("h", 1), transport=offered[0], num_tokens=4,
+                                offered=offered if len(offered) > 1 else (), host=host)
+        parsed = RemotePrefill.parse(params, allowed_transports=TRANSPORTS)
+        assert isinstance(parsed, RemotePrefill)
+        return parsed
+
+    same = {"hostname": "d-host", "gpus": True}
+    ib = {"hostname": "p-host", "gpus": True, "rdma": True}
+    assert pull_transport(offer(same, ["tcp", "cuda_ipc"]), me, "cuda").name == "cuda_ipc"
+    assert pull_transport(offer(ib, ["tcp", "cuda_ipc", "nccl"]), me, "cuda").name == "nccl"
+    assert pull_transport(offer(ib, ["tcp", "cuda_ipc"]), me, "cuda").name == "tcp"
+    assert pull_transport(offer({"hostname": 5}, ["tcp", "shm"]), me, "cpu").name == "tcp"
+    assert pull_transport(offer(same, ["tcp", "shm"]), me, "cpu").name == "shm"
+    only = pull_transport(offer(None, ["nccl"]), me, "cuda")
+    assert only == ("nccl", "the only transport offered")
+
+
+def test_settings_host_facts() -> None:
+    s = ConnectorSettings.parse({"secret_file": "/s", "transport": "auto", "hostname": "gpu7",
+                                 "rdma": "true", "nvlink": False, "advertise_host": "10.0.0.7"},
+                                producer=False)
+    assert s.facts("cuda").to_dict() == {"hostname": "gpu7", "address": "10.0.0.7",
+                                         "gpus": True, "rdma": True, "nvlink": False}
+    assert s.facts("cpu").gpus is False
+    with pytest.raises(ValueError, match="rdma: must be true or false"):
+        ConnectorSettings.parse({"secret_file": "/s", "rdma": "yes"}, producer=False)

@@ -105,7 +105,7 @@ def test_gpu_groups_and_tensor_parallel(kw: dict[str, Any], n_gpus: int,
     assert {flag(s, "--tensor-parallel-size") for s in specs} == {tp_flag}
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm", "nccl", "cuda_ipc"])
+@pytest.mark.parametrize("transport", ["tcp", "shm", "nccl", "cuda_ipc", "auto"])
 def test_connector_transport_reaches_the_connector(transport: str) -> None:
     specs = make_specs(4, prefill=1, decode=1, kv_transfer=transport)
     assert [flag_json(s, "--kv-transfer-config")["kv_connector_extra_config"]["transport"]
@@ -118,11 +118,29 @@ def test_connector_transport_reaches_the_connector(transport: str) -> None:
     ("tcp", ["0,1", "2,3", "4,5"]),
     ("nccl", ["0,1", "2,3", "4,5"]),
     ("cuda_ipc", ["0,1,2,3,4,5", "2,3,0,1,4,5", "4,5,0,1,2,3"]),  # own first, then the rest
+    ("auto", ["0,1,2,3,4,5", "2,3,0,1,4,5", "4,5,0,1,2,3"]),  # may pick cuda_ipc
 ])
 def test_cuda_ipc_workers_see_every_agent_gpu(transport: str, visible: list[str]) -> None:
     specs = make_specs(8, prefill=1, decode=2, tensor_parallel_size=2, kv_transfer=transport)
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == visible
     assert [s.worker.gpu_indices for s in specs] == [(0, 1), (2, 3), (4, 5)]
+
+
+def test_auto_passes_the_host_facts() -> None:
+    from meshd.capabilities import Rdma
+
+    cfg = VllmConfig(model="m", kv_secret_file=SECRET, prefill=1, decode=1, kv_transfer="auto")
+    gpus = (Gpu(0, "H100", "GPU-0", 80 << 30, nvlink_peers=("x",)), Gpu(1, "H100", "GPU-1", 1))
+    ib = (Rdma("mlx5_0", 1, "ACTIVE", "InfiniBand"),)
+    p, d = vllm_specs(cfg, "n1", HOST, gpus, rdma=ib)
+    extra = [flag_json(s, "--kv-transfer-config")["kv_connector_extra_config"] for s in (p, d)]
+    assert [(e["transport"], e["rdma"], e["nvlink"]) for e in extra] == [
+        ("auto", True, True), ("auto", True, False)]  # NVLink is per worker's GPUs
+    down = (Rdma("mlx5_0", 1, "DOWN", "InfiniBand"),)
+    (p, _) = vllm_specs(cfg, "n1", HOST, gpus, rdma=down)
+    assert flag_json(p, "--kv-transfer-config")["kv_connector_extra_config"]["rdma"] is False
+    (p,) = make_specs(0, prefill=1, device="cpu", block_size=32, kv_transfer="tcp")
+    assert "rdma" not in flag_json(p, "--kv-transfer-config")["kv_connector_extra_config"]
 
 
 @pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])

@@ -6,7 +6,8 @@ and D (`kv_consumer`), ~2 x 1.9 GB RSS, and always kills both process groups. Th
 proxy (vLLM's toy_proxy_server protocol): P gets the prompt with `max_tokens=1` and
 `kv_transfer_params.do_remote_decode`, D gets the original request with P's returned params.
 
-P serves KV over meshd's shared-memory transport, the fake peers over TCP. Checked: D's greedy
+P serves `auto` (TCP and shared memory on one port) and D picks shared memory; the fake
+peers serve TCP. Checked: D's greedy
 tokens equal P doing the whole request; D loaded the prompt's KV from P
 (`vllm:external_prefix_cache_hits` and the connector's log) rather than recomputing it; P frees
 the blocks once D read them, and after the lease timeout when nobody reads them; a broken
@@ -37,9 +38,10 @@ MODEL = "tiny-llama"
 SECRET = "meshd-test-secret-0123456789abcdef"
 LEASE_S = 8.0
 RECOVERED = r"Recovered from KV load failure"  # vLLM's scheduler, policy "recompute"
-# P serves shared memory (both instances are on this host); the fake peers below serve TCP, so D
-# pulls over both. The mesh suite (test_vllm_mesh.py) runs the launcher's default, tcp.
-TRANSPORT = "shm"
+# P serves `auto` (tcp and shm on one port, with its host facts); D, on the same host, picks shm.
+# The fake peers below serve plain TCP, so D pulls over both. The mesh suite
+# (test_vllm_mesh.py) runs an explicit single transport, tcp.
+TRANSPORT = "auto"
 
 pytestmark = [
     pytest.mark.vllm,
@@ -207,7 +209,9 @@ def test_pd_output_equals_single_instance_and_kv_is_loaded(pd: PD) -> None:
     assert params["remote_port"] == pd.kv_port and params["remote_host"] == "127.0.0.1"
     assert len(params["remote_block_ids"]) == -(-len(prompt) // pd.cap.BLOCK_SIZE)
     assert params["remote_engine_id"] == "meshd-p" and params["tp_size"] == 1
-    assert params["meshd_transport"] == TRANSPORT and params["meshd_prompt_digest"]
+    assert params["meshd_transport"] == "tcp" and params["meshd_prompt_digest"]
+    assert params["meshd_transports"] == ["tcp", "shm"]
+    assert params["meshd_host"]["hostname"] and params["meshd_host"]["gpus"] is False
     t0 = time.monotonic()
     out = pd.decode(prompt, params)
     t_decode = time.monotonic() - t0
@@ -220,7 +224,7 @@ def test_pd_output_equals_single_instance_and_kv_is_loaded(pd: PD) -> None:
     hits = pd.metric(pd.d, "vllm:external_prefix_cache_hits_total") - hits0
     assert hits == len(prompt), hits
     assert pd.wait_log(pd.d, rf"meshd: pulled {len(params['remote_block_ids'])} blocks .* "
-                             rf"via {TRANSPORT}\+vllm-BHNC "
+                             r"via shm\+vllm-BHNC "
                              rf"\(remote {re.escape(params['remote_request_id'])}\)", 10)
     # P freed the blocks as soon as D confirmed the copy (well before the lease timeout).
     assert pd.wait_log(pd.p, rf"lease of {re.escape(params['remote_request_id'])} ended", 5)
