@@ -15,7 +15,9 @@ Same host: equal hostnames, or equal non-empty addresses. (Containers on one mac
 own hostnames count as different hosts, which is what shared memory and CUDA IPC need: their
 /dev/shm and IPC namespaces differ.)
 
-`pick` applies the rule to what a prefill side actually offers, falling back to `tcp`.
+`pick` applies the rule to what a prefill side actually offers, falling back to `tcp`;
+`offer` is what a prefill side configured with `auto` serves, and `pull_transport` is the decode
+side's choice from a prefill response (both the vLLM connector and the embedded engine).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from meshd.capabilities import Capabilities
+from meshd.kv_transfer.params import RemotePrefill
 
 RDMA_LINK_LAYERS = ("InfiniBand", "Ethernet")  # Ethernet link layer on an RDMA port = RoCE
 
@@ -112,3 +115,30 @@ def pick(local: HostFacts, remote: HostFacts | None, kv_device: str,
     if "tcp" not in offered:
         raise ValueError(f"no usable transport: {reason}, and tcp is not offered either")
     return TransportChoice("tcp", reason)
+
+
+def offer(transport: str, kv_device: str, facts: HostFacts, nccl_importable: bool = False
+          ) -> list[str]:
+    """What a prefill side serves (`meshd_transports`): the configured transport, or for
+    `auto` everything that can help a peer, `tcp` first (the default any decode side can
+    use): CPU KV `tcp`, `shm`; CUDA KV `tcp`, `cuda_ipc`, and `nccl` when this host has an
+    RDMA port or NVLink and cupy is importable (a decode side picks nccl only between such
+    hosts)."""
+    if transport != "auto":
+        return [transport]
+    if kv_device != "cuda":
+        return ["tcp", "shm"]
+    extra = ["nccl"] if (facts.rdma or facts.nvlink) and nccl_importable else []
+    return ["tcp", "cuda_ipc", *extra]
+
+
+def pull_transport(remote: RemotePrefill, local: HostFacts, kv_device: str) -> TransportChoice:
+    """Which of the prefill side's transports to pull over: its only one, or `pick` over its
+    list with both sides' host facts."""
+    if not remote.offered:
+        return TransportChoice(remote.transport, "the only transport offered")
+    facts = HostFacts.from_dict(remote.host) if remote.host is not None else None
+    try:
+        return pick(local, facts, kv_device, remote.transports())
+    except ValueError as exc:
+        return TransportChoice(remote.transport, str(exc))

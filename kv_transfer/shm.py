@@ -152,11 +152,14 @@ class ShmServer:
                 if index - freed >= slots:
                     self._await_free(sock, freed % slots, deadline)
                     freed += 1
-                slot = views[index % slots][: nbytes(pieces)]
-                _copy([slot], pieces)
+                # released even when the peer is gone mid-copy: an exported slice would make
+                # the segment's close() fail (BufferError) and leak the mapping
+                with views[index % slots][: nbytes(pieces)] as slot:
+                    _copy([slot], pieces)
+                    crc = crc32([slot])
+                    length = len(slot)
                 send_msg(sock, {"t": "chunk", "index": index, "slot": index % slots,
-                                "length": len(slot), "crc": crc32([slot])}, deadline)
-                slot.release()
+                                "length": length, "crc": crc}, deadline)
             for _ in range(freed, count):
                 self._await_free(sock, freed % slots, deadline)
                 freed += 1

@@ -59,6 +59,7 @@ from meshd.kv_transfer.conn import ServerConfig
 from meshd.kv_transfer.leases import LeaseTable
 from meshd.kv_transfer.mux import MuxServer, make_mux_server
 from meshd.kv_transfer.params import RemotePrefill, prefill_params
+from meshd.kv_transfer.select import offer, pull_transport
 from meshd.kv_transfer.transport import (
     Peer,
     TransportClient,
@@ -74,8 +75,6 @@ from meshd.kv_transfer.vllm_params import (
     LoadPlan,
     RecvResults,
     plan_load,
-    pull_transport,
-    serve_list,
     tokens_to_load,
 )
 
@@ -121,8 +120,8 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._engine_id = str(ktc.engine_id)
         self._kv_device = "cuda" if str(vllm_config.device_config.device_type) == "cuda" else "cpu"
         self._facts = self._settings.facts(self._kv_device)
-        self._serves = serve_list(self._settings.transport, self._kv_device, self._facts,
-                                  importlib.util.find_spec("cupy") is not None)
+        self._serves = offer(self._settings.transport, self._kv_device, self._facts,
+                             importlib.util.find_spec("cupy") is not None)
         self._block_size = int(vllm_config.cache_config.block_size)
         self._tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []

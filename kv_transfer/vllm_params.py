@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.kv_transfer.params import RemotePrefill
-from meshd.kv_transfer.select import HostFacts, TransportChoice, pick
+from meshd.kv_transfer.select import HostFacts
 from meshd.kv_transfer.transport import Peer
 
 DEFAULT_LEASE_TIMEOUT_S = 30.0
@@ -42,8 +42,8 @@ class ConnectorSettings:
     `host`/`port`: where the prefill side's transfer server listens (port + TP rank per worker;
     required on a producer); `advertise_host`: what goes into `remote_host` (default `host`);
     `transport`: what this prefill side serves, one of TRANSPORTS or `auto` (all that can run
-    here on one port, see `serve_list`); the decode side pulls over what the prefill response
-    names, picking per pair from `auto`'s list (`pull_transport`); `hostname` (default: the
+    here on one port, see `select.offer`); the decode side pulls over what the prefill response
+    names, picking per pair from `auto`'s list (`select.pull_transport`); `hostname` (default: the
     machine's), `rdma`, `nvlink`: this host's facts for that pick (the launcher fills them from
     the capability report); `lease_timeout_s`, `pull_timeout_s`, `lookup_wait_s`."""
 
@@ -128,32 +128,6 @@ class ConnectorSettings:
         """This host as the transport pick sees it."""
         return HostFacts(self.hostname or socket.gethostname(), self.advertise_host,
                          gpus=kv_device == "cuda", rdma=self.rdma, nvlink=self.nvlink)
-
-
-def serve_list(transport: str, kv_device: str, facts: HostFacts, nccl_importable: bool
-               ) -> list[str]:
-    """What a prefill side serves: the configured transport, or for `auto` everything that
-    can help a peer, `tcp` first (the default any decode side can use): CPU KV `tcp`, `shm`;
-    CUDA KV `tcp`, `cuda_ipc`, and `nccl` when this host has an RDMA port or NVLink and cupy
-    is importable (a decode side picks nccl only between such hosts)."""
-    if transport != AUTO:
-        return [transport]
-    if kv_device != "cuda":
-        return ["tcp", "shm"]
-    extra = ["nccl"] if (facts.rdma or facts.nvlink) and nccl_importable else []
-    return ["tcp", "cuda_ipc", *extra]
-
-
-def pull_transport(remote: RemotePrefill, local: HostFacts, kv_device: str) -> TransportChoice:
-    """Which of the prefill side's transports to pull over: its only one, or `select.pick`
-    over its list with both sides' host facts."""
-    if not remote.offered:
-        return TransportChoice(remote.transport, "the only transport offered")
-    facts = HostFacts.from_dict(remote.host) if remote.host is not None else None
-    try:
-        return pick(local, facts, kv_device, remote.transports())
-    except ValueError as exc:
-        return TransportChoice(remote.transport, str(exc))
 
 
 # --------------------------------------------------------------------------------------------

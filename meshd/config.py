@@ -136,7 +136,7 @@ class WorkersConfig:
     base_port: int = 8100
     block_size: int = 16
     num_blocks: int = 512
-    kv_transfer: str = "tcp"  # tcp | shm
+    kv_transfer: str = "auto"  # tcp | shm | auto (both on one port; decode picks per pair)
     kv_secret_file: str = ""  # "" = <agent state dir>/kv_secret, created (0600) if missing
     lease_timeout_s: float = 30.0
     ready_timeout_s: float = 180.0
@@ -150,8 +150,8 @@ class WorkersConfig:
         _port(self.base_port, "workers.base_port", allow_zero=False)
         _check(self.base_port + 10 * self.count <= 65535, "workers.base_port",
                f"leaves no room for {self.count} workers (10 ports each)")
-        _check(self.kv_transfer in ("tcp", "shm"), "workers.kv_transfer",
-               f"must be 'tcp' or 'shm', got {self.kv_transfer!r}")
+        _check(self.kv_transfer in ("tcp", "shm", "auto"), "workers.kv_transfer",
+               f"must be 'tcp', 'shm' or 'auto', got {self.kv_transfer!r}")
         for name in ("block_size", "num_blocks"):
             _check(getattr(self, name) >= 1, f"workers.{name}", "must be >= 1")
         for name in ("lease_timeout_s", "ready_timeout_s"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from meshd.kv_transfer.auth import Authenticator
 from meshd.kv_transfer.layout import BlockLayout
 from meshd.kv_transfer.leases import LeaseStats, LeaseTable
 from meshd.kv_transfer.params import RemotePrefill
+from meshd.kv_transfer.select import HostFacts, pull_transport
 from meshd.kv_transfer.transport import TransportClient, available_transports, make_client
 from meshd.node_agent.engine.api import KVLayout
 from meshd.node_agent.engine.async_engine import AsyncEngine
@@ -52,6 +54,7 @@ class DisaggStats:
     pulls_ok: int = 0
     pull_failures: dict[str, int] = field(default_factory=dict)  # by ErrorCode value
     fallbacks: dict[str, int] = field(default_factory=dict)  # local prefill, by reason
+    pulls_by_transport: dict[str, int] = field(default_factory=dict)  # successful, by name
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, table: dict[str, int], key: str) -> None:
@@ -110,8 +113,9 @@ class Puller:
     """Decode side: pulls a prefill's blocks into import blocks. One per server."""
 
     def __init__(self, driver: AsyncEngine, auth: Authenticator, default_transport: str,
-                 timeout_s: float, stats: DisaggStats) -> None:
+                 timeout_s: float, stats: DisaggStats, facts: HostFacts | None = None) -> None:
         self._driver, self._auth = driver, auth
+        self._facts = facts or HostFacts(socket.gethostname())
         self._default, self._timeout_s, self._stats = default_transport, timeout_s, stats
         self._transports = frozenset(available_transports())
         self._clients: dict[str, TransportClient] = {}
@@ -149,10 +153,11 @@ class Puller:
             return False  # nothing to import: the last token is always computed here
         if len(remote.block_ids) < n:
             return self._fallback("too_few_blocks")
+        transport = pull_transport(remote, self._facts, "cpu").name
         try:
-            client = self._client(remote.transport)
+            client = self._client(transport)
         except ValueError as exc:
-            log.warning("transport %r unavailable (%s); prefilling locally", remote.transport, exc)
+            log.warning("transport %r unavailable (%s); prefilling locally", transport, exc)
             return self._fallback("transport_unavailable")
         alloc = asyncio.ensure_future(
             self._driver.call(lambda e: e.allocate_for_import(request_id, prompt)))
@@ -169,6 +174,7 @@ class Puller:
             self._stats.pull_seconds += result.seconds
             self._stats.pulls_ok += result.ok
         if result.ok:
+            self._stats.count(self._stats.pulls_by_transport, transport)
             return True
         code = result.error.code.value if result.error else "internal"
         log.warning("pull of %s from %s failed (%s); prefilling locally",

@@ -85,10 +85,14 @@ def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -
     with t.lock:
         pulled, secs, ok = t.pulled_bytes, t.pull_seconds, t.pulls_ok
         failures, fallbacks = dict(t.pull_failures), dict(t.fallbacks)
+        by_transport = dict(t.pulls_by_transport)
     w.one("meshd_engine_kv_transfer_pulled_bytes", "counter", "KV bytes pulled from prefill.",
           pulled)
     w.one("meshd_engine_kv_transfer_pull_seconds", "counter", "Seconds spent pulling KV.", secs)
     w.one("meshd_engine_kv_transfer_pulls", "counter", "Successful KV pulls.", ok)
+    w.metric("meshd_engine_kv_transfer_pulls_by_transport", "counter",
+             "Successful KV pulls, by the transport they used.",
+             [({"transport": k}, v) for k, v in sorted(by_transport.items())])
     w.metric("meshd_engine_kv_transfer_failures", "counter", "Failed KV pulls, by error code.",
              [({"code": k}, v) for k, v in sorted(failures.items())])
     w.metric("meshd_engine_local_prefill_fallbacks", "counter",

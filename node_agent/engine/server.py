@@ -17,6 +17,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ from aiohttp import web
 
 from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
+from meshd.kv_transfer.mux import MuxServer, make_mux_server
+from meshd.kv_transfer.select import HostFacts, offer
 from meshd.kv_transfer.transport import Peer, TransportServer, make_server
 from meshd.node_agent.engine.async_engine import AsyncEngine, EngineDeadError, Hooks
 from meshd.node_agent.engine.config import EngineConfig, tiny_model, tiny_moe_model
@@ -74,17 +77,23 @@ class WorkerServer:
                                    kv_config.transfer_timeout_s)
         auth = load_authenticator(secret=secret, node_key_file=cfg.kv_node_key,
                                   trusted_keys_file=cfg.kv_trusted_keys, node_id=cfg.engine_id)
-        self.kv_server: TransportServer | None = None
+        self.kv_server: TransportServer | MuxServer | None = None
         self.kv_peer = Peer("", 0)
+        # This host as the transport pick sees it, and what a prefill side here serves.
+        self.kv_facts = HostFacts(socket.gethostname(), cfg.kv_advertise_host)
+        self.kv_offer = offer(cfg.kv_transfer, "cpu", self.kv_facts)
         if cfg.role in ("prefill", "both"):
-            self.kv_server = make_server(cfg.kv_transfer, engine.kv_caches,
-                                         block_layout(engine.layout), auth, self.leases.table,
-                                         host=cfg.bind_kv_host, port=cfg.kv_port,
-                                         config=kv_config)
+            args = (engine.kv_caches, block_layout(engine.layout), auth, self.leases.table,
+                    cfg.bind_kv_host, cfg.kv_port)
+            if len(self.kv_offer) == 1:
+                self.kv_server = make_server(self.kv_offer[0], *args, config=kv_config)
+            else:
+                self.kv_server, _ = make_mux_server(self.kv_offer, *args, config=kv_config)
             bound = self.kv_server.address
             self.kv_peer = Peer(cfg.kv_advertise_host or bound.host, bound.port)
-        self.puller = (Puller(self.driver, auth, cfg.kv_transfer, cfg.pull_timeout_s,
-                              self.stats) if cfg.role in ("decode", "both") else None)
+        self.puller = (Puller(self.driver, auth, self.kv_offer[0], cfg.pull_timeout_s,
+                              self.stats, self.kv_facts)
+                       if cfg.role in ("decode", "both") else None)
         self.publisher: KVEventPublisher | None = None
         if cfg.kv_events_port is not None:
             host = "*" if cfg.host in ("0.0.0.0", "") else cfg.host

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = ("prefill", "decode", "both")
-TRANSPORTS = ("tcp", "shm")
+TRANSPORTS = ("tcp", "shm", "auto")  # auto: serve tcp and shm on one port; decode picks
 
 
 def _check(cond: bool, name: str, msg: str) -> None:

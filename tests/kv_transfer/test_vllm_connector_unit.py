@@ -279,20 +279,18 @@ def test_block_major_transfer_over_tcp() -> None:
 
 
 def test_auto_serves_what_can_help_a_peer() -> None:
-    from meshd.kv_transfer.select import HostFacts
-    from meshd.kv_transfer.vllm_params import serve_list
+    from meshd.kv_transfer.select import HostFacts, offer
 
     plain, ib = HostFacts("a", gpus=True), HostFacts("a", gpus=True, rdma=True)
-    assert serve_list("nccl", "cuda", plain, False) == ["nccl"]  # explicit: as configured
-    assert serve_list("auto", "cpu", plain, True) == ["tcp", "shm"]
-    assert serve_list("auto", "cuda", plain, True) == ["tcp", "cuda_ipc"]
-    assert serve_list("auto", "cuda", ib, True) == ["tcp", "cuda_ipc", "nccl"]
-    assert serve_list("auto", "cuda", ib, False) == ["tcp", "cuda_ipc"]  # no cupy
+    assert offer("nccl", "cuda", plain, False) == ["nccl"]  # explicit: as configured
+    assert offer("auto", "cpu", plain, True) == ["tcp", "shm"]
+    assert offer("auto", "cuda", plain, True) == ["tcp", "cuda_ipc"]
+    assert offer("auto", "cuda", ib, True) == ["tcp", "cuda_ipc", "nccl"]
+    assert offer("auto", "cuda", ib, False) == ["tcp", "cuda_ipc"]  # no cupy
 
 
 def test_decode_picks_per_pair_from_the_offer() -> None:
-    from meshd.kv_transfer.select import HostFacts
-    from meshd.kv_transfer.vllm_params import pull_transport
+    from meshd.kv_transfer.select import HostFacts, pull_transport
 
     me = HostFacts("d-host", gpus=True, rdma=True)
 

@@ -43,6 +43,7 @@ def servers() -> Iterator[dict[str, ServerProc]]:
     try:
         procs["tcp"] = make_server("--role", "prefill", "--kv-transfer", "tcp", *KV_ARGS)
         procs["shm"] = make_server("--role", "prefill", "--kv-transfer", "shm", *KV_ARGS)
+        procs["auto"] = make_server("--role", "prefill", "--kv-transfer", "auto", *KV_ARGS)
         procs["decode"] = make_server("--role", "decode", "--pull-timeout-s", "5", *KV_ARGS)
         yield procs
     finally:
@@ -81,6 +82,32 @@ def decode(srv: ServerProc, prompt: list[int], params: dict[str, Any], rid: str
 
 def reference(srv: ServerProc, prompt: list[int]) -> list[int]:
     return post(srv, body(prompt))["choices"][0]["token_ids"]  # type: ignore[no-any-return]
+
+
+def test_auto_prefill_offers_both_and_same_host_decode_picks_shm(
+        servers: dict[str, ServerProc]) -> None:
+    """A prefill server with `--kv-transfer auto` serves tcp and shm on one port and sends its
+    host facts; the decode server on the same host pulls over shm; a decode peer that only
+    speaks tcp still gets the blocks from the same port."""
+    p, d = servers["auto"], servers["decode"]
+    prompt = make_prompt(PROMPT_LEN, salt=77)
+    params = prefill(p, prompt, "auto-1")
+    assert params["meshd_transport"] == "tcp" and params["meshd_transports"] == ["tcp", "shm"]
+    assert params["meshd_host"]["hostname"] and params["meshd_host"]["gpus"] is False
+    shm_pulls = 'meshd_engine_kv_transfer_pulls_by_transport_total{transport="shm"}'
+    before = metrics(d.url).get(shm_pulls, 0.0)
+    tokens, pulled, _ = decode(d, prompt, params, "auto-1")
+    assert pulled and tokens == reference(p, prompt)
+    m = metrics(d.url)
+    assert m[shm_pulls] == before + 1
+    # Another host (its facts say so) picks tcp from the same port.
+    elsewhere = {**params, "meshd_host": {**params["meshd_host"], "hostname": "other-host"}}
+    prompt2 = make_prompt(PROMPT_LEN, salt=78)
+    params2 = {**prefill(p, prompt2, "auto-2"), "meshd_host": elsewhere["meshd_host"]}
+    tokens, pulled, _ = decode(d, prompt2, params2, "auto-2")
+    assert pulled and tokens == reference(p, prompt2)
+    m = metrics(d.url)
+    assert m['meshd_engine_kv_transfer_pulls_by_transport_total{transport="tcp"}'] >= 1
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
