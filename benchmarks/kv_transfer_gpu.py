@@ -5,7 +5,7 @@ device-to-device gather/scatter copy.
     python benchmarks/kv_transfer_gpu.py [--blocks 256] [--repeat 10] [--out results/kv_gpu.json]
 
 Each transport pulls `--blocks` blocks of a Llama-8B-like layout (32 layers, 8 KV heads,
-head_dim 128, bf16, block 16: 4 MiB per block over all layers) from a server
+head_dim 128, bf16, block 16: 2 MiB per block over all layers) from a server
 process (`tests/gpu/kv_server.py`) into this process; the baseline is the same gather+scatter
 inside one GPU. "vLLM views" rows use vLLM's per-layer `[B, H, N, C]` views over one strided
 buffer (what the vLLM connector registers). Prints a table and writes JSON. Without a GPU it

@@ -211,6 +211,7 @@ def serve_connection(
         stats.add(served=1, bytes_sent=sent)
     except KVTransferFailure as exc:
         stats.fail(exc.error.code)
+        log.warning("kv transfer: serving a fetch failed (%s)", exc.error)
 
 
 def run_fetch(
@@ -237,4 +238,8 @@ def run_fetch(
     except ValueError as exc:  # a non-positive timeout
         error = TransferError(ErrorCode.INTERNAL, str(exc))
         return TransferResult(False, 0, time.monotonic() - start, error)
+    except RuntimeError as exc:  # a CUDA/NCCL error or OOM inside the transport: data, too
+        log.warning("kv transfer: fetch of %r failed inside %s: %s", request_id, name, exc)
+        error = TransferError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return TransferResult(False, progress[0], time.monotonic() - start, error)
     return TransferResult(True, progress[0], time.monotonic() - start, None)

@@ -194,7 +194,10 @@ class CudaIpcClient:
         self._kv = GpuKV(kv_caches, layout, views)
         self.name = NAME + self._kv.wire_suffix
         self._auth = auth
-        self._mapped: dict[bytes, torch.Tensor] = {}
+        # keyed like torch's own IPC cache (handle, storage offset in the allocation) plus the
+        # view: separate layer tensors often share one caching-allocator segment (one handle)
+        self._mapped: dict[tuple[bytes, int, int, tuple[int, ...], tuple[int, ...]],
+                           torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -215,7 +218,8 @@ class CudaIpcClient:
         with self._lock:
             for share, like in zip(shares, self._kv.layers, strict=True):
                 share = check_share(share, self._kv)
-                key = share["handle"] + share["tensor_offset"].to_bytes(8)
+                key = (share["handle"], share["offset_bytes"], share["tensor_offset"],
+                       tuple(share["shape"]), tuple(share["stride"]))
                 if key not in self._mapped:
                     try:
                         self._mapped[key] = open_share(share, like)

@@ -7,7 +7,8 @@ Two kinds of per-layer views (`views`):
 - `"vllm"`: vLLM 0.32's per-layer views `[num_blocks, H, N, C]` (RFC #42082; any physical
   order, usually strided views of one backing buffer); blocks are axis 0. A transfer moves, per
   layer, `view.index_select(0, ids)`: a dense `[n, H, N, C]` in *logical* order, so both peers
-  agree whatever their physical layouts (the wire name says `+vllm-BHNC`).
+  agree whatever their physical layouts (the wire name says `+vllm-cuda-BHNC` on CUDA and
+  `+vllm-BHNC` on CPU: the backends give C different meanings).
 
 Both ends build the same per-layer buffers from their own block ids; the handshake compares
 `BlockLayout`s and wire names, so an engine peer never meets a vLLM peer.
@@ -15,8 +16,10 @@ Both ends build the same per-layer buffers from their own block ids; the handsha
 Memory: `GpuKV` keeps references to the engine's tensors (never copies or frees them); the
 tensors must outlive it and must not be reallocated. `gather` returns new device tensors owned
 by the caller; `scatter` writes only the named blocks, in place. All kernels are queued on the
-caller's current CUDA stream; nothing here synchronizes. Importing this module needs no torch;
-constructing `GpuKV` does. `device_type="cpu"` exists so the indexing is unit-tested on CPU.
+caller's current CUDA stream; nothing here waits for them (building an index tensor copies a
+short list from pageable host memory, which torch does synchronously on the current stream).
+Importing this module needs no torch; constructing `GpuKV` does. `device_type="cpu"` exists so
+the indexing is unit-tested on CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ if TYPE_CHECKING:
     import torch
 
 VIEWS = ("engine", "vllm")
-VLLM_SUFFIX = "+vllm-BHNC"  # logical [B, H, N, C]: what index_select(0) produces
+# Wire-name suffixes of vLLM views (logical [B, H, N, C], what index_select(0) produces). The
+# bytes of C mean different things per backend: CUDA backends (FlashAttention, Triton, flex)
+# split each token's C into K then V; vLLM's CPU backend reads a head's block as all K rows,
+# then all V rows. So a CUDA peer and a CPU peer never exchange vLLM KV (the handshake refuses).
+VLLM_SUFFIX = "+vllm-BHNC"
+VLLM_CUDA_SUFFIX = "+vllm-cuda-BHNC"
 
 
 class GpuKV:
@@ -48,7 +56,8 @@ class GpuKV:
         self.layout = layout
         self.views = views
         self.block_dim = 1 if views == "engine" else 0
-        self.wire_suffix = "" if views == "engine" else VLLM_SUFFIX
+        self.wire_suffix = ("" if views == "engine" else
+                            VLLM_CUDA_SUFFIX if device_type == "cuda" else VLLM_SUFFIX)
         first = kv_caches[0]
         self.num_blocks = int(first.shape[self.block_dim]) if first.dim() > self.block_dim else 0
         device = first.device
@@ -119,8 +128,12 @@ class GpuKV:
                     ) -> list[torch.Tensor]:
         """`gather` over another process's mapped tensors of the same views (CUDA IPC)."""
         out = []
+        local = self.index(block_ids)
+        by_device: dict[object, torch.Tensor] = {}
         for t in layers:
-            idx = self.index(block_ids).to(t.device)
+            idx = by_device.get(t.device)
+            if idx is None:
+                idx = by_device[t.device] = local.to(t.device)
             out.append(t.index_select(self.block_dim, idx))
         return out
 

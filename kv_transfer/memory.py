@@ -11,8 +11,10 @@
 `byte_memory` picks one from where the tensors live and which views they are (`views`: meshd's
 engine layout or vLLM's per-layer `[B, H, N, C]` views). The stream is the same for a direct CPU
 peer and a staged peer of the same views (vLLM views: when the direct peer's blocks are in BHNC
-order, vLLM's CPU layout), so a GPU prefill can feed a CPU decode over TCP; `wire_suffix` is
-part of the transport name the handshake compares, so differing streams never meet.
+order, vLLM's CPU layout), so for the engine's views a GPU prefill could feed a CPU decode over
+TCP. vLLM's CUDA and CPU backends give a block's bytes different meanings, so their views get
+different names (`gpu_blocks.VLLM_CUDA_SUFFIX`); `wire_suffix` is part of the transport name the
+handshake compares, so differing streams never meet.
 """
 
 from __future__ import annotations

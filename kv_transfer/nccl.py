@@ -70,7 +70,8 @@ UID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 MAX_COMMS = 64  # server side: pair communicators kept (LRU beyond that are destroyed)
 HELLO = {"comm_id": bytes}
 STREAM = {"total": int, "uid": bytes}
-_LIBNCCL = re.compile(r"(\S*/libnccl[^/\s]*\.so[.\d]*)$")
+# the core library only: NCCL's own plugins (libnccl-net.so, libnccl-tuner.so) are not copies
+_LIBNCCL = re.compile(r"(\S*/libnccl\.so(?:\.\d+)*)$")
 
 
 # --- which libnccl: pure helpers (tested on CPU) and the guard -------------------------------
@@ -82,17 +83,12 @@ def nccl_libraries(maps: str) -> list[str]:
     return sorted(found)
 
 
-def check_single_nccl(libraries: Sequence[str], torch_version: tuple[int, ...] | None,
-                      cupy_version: int | None) -> str | None:
-    """None when one NCCL serves torch and cupy; else why not. Versions: torch's
-    `torch.cuda.nccl.version()` (e.g. (2, 21, 5)) and cupy's `nccl.get_version()` (22105)."""
+def check_single_nccl(libraries: Sequence[str]) -> str | None:
+    """None when one libnccl file is mapped into the process (torch's and cupy's); else why not.
+    (Versions are not compared: `torch.cuda.nccl.version()` is the version torch was *built*
+    against, not the library loaded, so a mismatch there proves nothing.)"""
     if len(libraries) > 1:
         return f"{len(libraries)} libnccl copies are loaded: {', '.join(libraries)}"
-    if torch_version is not None and cupy_version is not None:
-        major, minor, patch = (*torch_version, 0, 0, 0)[:3]
-        if major * 10000 + minor * 100 + patch != cupy_version:
-            return (f"torch uses NCCL {major}.{minor}.{patch}, cupy NCCL code {cupy_version}: "
-                    f"they load different libnccl builds")
     return None
 
 
@@ -106,10 +102,13 @@ def load_nccl() -> Any:
     torch.cuda.init()
     from cupy.cuda import nccl
 
+    if not getattr(nccl, "available", True):  # cupy imports, but its NCCL binding did not load
+        raise RuntimeError("nccl transport: cupy's NCCL binding is not available (libnccl not "
+                           "found by cupy)")
+    nccl.get_version()  # make sure the library is loaded before looking at the mappings
     with open("/proc/self/maps") as f:
         libraries = nccl_libraries(f.read())
-    torch_version = tuple(torch.cuda.nccl.version()) if torch.cuda.nccl.is_available([]) else None
-    problem = check_single_nccl(libraries, torch_version, int(nccl.get_version()))
+    problem = check_single_nccl(libraries)
     if problem is not None:
         raise RuntimeError(f"nccl transport: {problem}. Install the nvidia-nccl-cu12 wheel "
                            f"matching torch, or LD_PRELOAD torch's libnccl.so.2")
@@ -158,19 +157,29 @@ class PairComm:
         with cupy.cuda.Device(self.device), torch.cuda.stream(self.stream):
             s = torch.cuda.current_stream().cuda_stream
             self.nccl.groupStart()
-            for buf in bufs:
-                op = self.comm.send if send else self.comm.recv
-                op(buf.data_ptr(), buf.numel() * buf.element_size(), self.nccl.NCCL_UINT8,
-                   peer, s)
-            self.nccl.groupEnd()
+            try:
+                for buf in bufs:
+                    op = self.comm.send if send else self.comm.recv
+                    op(buf.data_ptr(), buf.numel() * buf.element_size(), self.nccl.NCCL_UINT8,
+                       peer, s)
+            except Exception:
+                self.comm.abort()  # never leave this (pooled) thread inside an open group
+                raise
+            finally:
+                self.nccl.groupEnd()
         try:
             wait_stream(self.stream, deadline.at, f"nccl {'send' if send else 'recv'}")
         except KVTransferFailure:
             self.comm.abort()
             raise
 
-    def close(self) -> None:
-        self.comm.destroy()
+    def close(self, abort: bool = False) -> None:
+        """Destroy the communicator; `abort` when the peer may be gone or mid-operation
+        (`ncclCommDestroy` could wait for it; cupy's abort makes a later destroy a no-op)."""
+        if abort:
+            self.comm.abort()
+        else:
+            self.comm.destroy()
 
 
 class NcclServer:
@@ -237,7 +246,7 @@ class NcclServer:
                 bufs = self._kv.gather(block_ids)
             try:
                 pc.exchange(bufs, send=True, deadline=deadline)
-            except KVTransferFailure:
+            except BaseException:
                 self._drop(comm_id)
                 raise
         return total
@@ -253,7 +262,7 @@ class NcclServer:
         with self._comms_lock:
             pc = self._comms.pop(comm_id, None)
         if pc is not None:
-            pc.close()
+            pc.close(abort=True)
 
 
 class NcclClient:
@@ -301,24 +310,32 @@ class NcclClient:
         if stream["total"] != total:
             raise KVTransferFailure(ErrorCode.PROTOCOL,
                                     f"server announced {stream['total']} bytes, expected {total}")
-        if stream["uid"] or pc is None:  # the server (re)built the pair: so do we
-            if pc is not None:
-                pc.close()
-            pc = PairComm(self._nccl, uid_from_bytes(stream["uid"]), 1, self._kv.device_index)
-            self._pairs[peer] = (comm_id, pc, pair_lock)
         import torch
 
-        with torch.cuda.stream(pc.stream):
-            bufs = self._kv.empty(len(local_block_ids))
         try:
+            if stream["uid"] or pc is None:  # the server (re)built the pair: so do we
+                if pc is not None:
+                    pc.close(abort=True)
+                    pc = None
+                if not stream["uid"]:
+                    raise KVTransferFailure(ErrorCode.PROTOCOL,
+                                            "server reuses a pair communicator we do not have")
+                pc = PairComm(self._nccl, uid_from_bytes(stream["uid"]), 1,
+                              self._kv.device_index)
+                self._pairs[peer] = (comm_id, pc, pair_lock)
+            with torch.cuda.stream(pc.stream):
+                bufs = self._kv.empty(len(local_block_ids))
             pc.exchange(bufs, send=False, deadline=deadline)
-        except KVTransferFailure:
-            pc.close()
+            with torch.cuda.stream(pc.stream):
+                self._kv.scatter(local_block_ids, bufs)
+            wait_stream(pc.stream, deadline.at, "scatter into local blocks")
+        except BaseException:
+            # any failure (timeout, NCCL or CUDA error, OOM): drop the pair on our side; the
+            # next fetch sends a fresh comm_id, so the server builds a new one too
+            if pc is not None:
+                pc.close(abort=True)
             self._pairs[peer] = (os.urandom(16), None, pair_lock)
             raise
-        with torch.cuda.stream(pc.stream):
-            self._kv.scatter(local_block_ids, bufs)
-        wait_stream(pc.stream, deadline.at, "scatter into local blocks")
         progress[0] += total
         send_msg(sock, {"t": "ack", "ok": True, "message": ""}, deadline)
 

@@ -27,7 +27,8 @@ Design (see docs/vllm.md, "KV connector"):
   in place, or CUDA KV staged through pinned host buffers; `cuda_ipc` (one host) and `nccl`
   move CUDA KV device to device. The connector asks vLLM for the `LBHNC` cache layout
   (`get_required_kvcache_layout`), so each layer is a `[B, H, N, C]` view whose blocks are
-  dense; the wire names carry the view kind (`tcp+vllm-BHNC`), and the handshake refuses a
+  dense; the wire names carry the view kind (`tcp+vllm-BHNC` on CPU, `tcp+vllm-cuda-BHNC`,
+  `nccl+vllm-cuda-BHNC`... on CUDA, whose backends read C differently), and the handshake refuses a
   peer with another layout or transport.
 - **Failure**: any transfer error (auth, connect, unknown request, timeout, CRC, a transport
   this process cannot run) reports the request's local blocks in
