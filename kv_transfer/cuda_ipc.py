@@ -35,15 +35,10 @@ from typing import TYPE_CHECKING, Any, cast
 from meshd.kv_transfer.conn import (
     MIN_CHUNK,
     Handler,
-    Listener,
-    ServerConfig,
-    ServerStats,
     run_fetch,
-    serve_connection,
 )
 from meshd.kv_transfer.gpu_blocks import GpuKV, wait_stream
 from meshd.kv_transfer.transport import (
-    BlockSource,
     Deadline,
     ErrorCode,
     KVTransferFailure,
@@ -136,43 +131,21 @@ def local_index(device_uuid: str) -> int:
                             f"(CUDA_VISIBLE_DEVICES must include it)")
 
 
-class CudaIpcServer:
-    """Serves held blocks by handing out IPC shares of the engine's KV tensors.
+class CudaIpcSender:
+    """The CUDA IPC transport's serving half (a `mux.MuxServer` listens, authenticates and
+    checks the fetch): hands out IPC shares of the engine's KV tensors.
 
     Memory: exports the tensors once; never reads or writes them itself."""
 
-    name = NAME
-
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
-                 auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
-                 port: int = 0, config: ServerConfig | None = None,
-                 views: str = "engine", listen: bool = True) -> None:
+                 views: str = "engine") -> None:
         self._kv = GpuKV(kv_caches, layout, views)
         self.name = NAME + self._kv.wire_suffix
         self._shares = [export_share(t) for t in self._kv.layers]
-        self._auth, self._source = auth, source
-        self._config = config or ServerConfig()
-        self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve) if listen else None
-
-    @property
-    def address(self) -> Peer:
-        if self._listener is None:
-            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
-        return self._listener.address
-
-    @property
-    def handler(self) -> Handler:
-        """This transport's server half, for a `MuxServer` serving several on one port."""
-        return Handler(self._kv, self._stream)
+        self.handler = Handler(self._kv, self._stream)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-
-    def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
-                         self.stats, self._config)
+        pass  # consumers hold their own mappings; torch's ref counter keeps the memory
 
     def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
                 deadline: Deadline) -> int:
@@ -256,8 +229,6 @@ def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Au
     return CudaIpcClient(kv_caches, layout, auth, **options)
 
 
-def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
-                source: BlockSource, host: str, port: int,
-                config: ServerConfig | None = None, views: str = "engine",
-                listen: bool = True) -> CudaIpcServer:
-    return CudaIpcServer(kv_caches, layout, auth, source, host, port, config, views, listen)
+def make_sender(kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                **options: Any) -> CudaIpcSender:
+    return CudaIpcSender(kv_caches, layout, **options)

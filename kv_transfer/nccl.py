@@ -42,15 +42,10 @@ from typing import TYPE_CHECKING, Any
 from meshd.kv_transfer.conn import (
     MIN_CHUNK,
     Handler,
-    Listener,
-    ServerConfig,
-    ServerStats,
     run_fetch,
-    serve_connection,
 )
 from meshd.kv_transfer.gpu_blocks import GpuKV, wait_stream
 from meshd.kv_transfer.transport import (
-    BlockSource,
     Deadline,
     ErrorCode,
     KVTransferFailure,
@@ -182,49 +177,26 @@ class PairComm:
             self.comm.destroy()
 
 
-class NcclServer:
-    """Serves held blocks over NCCL; control on `host:port` (see the module docstring).
+class NcclSender:
+    """The NCCL transport's serving half (a `mux.MuxServer` listens, authenticates and checks
+    the fetch; see the module docstring): sends held blocks over a pair communicator.
 
     Memory: reads the engine's CUDA KV tensors (gather into temporary buffers); never writes."""
 
-    name = NAME
-
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
-                 auth: Authenticator, source: BlockSource, host: str = "127.0.0.1",
-                 port: int = 0, config: ServerConfig | None = None,
-                 views: str = "engine", listen: bool = True) -> None:
+                 views: str = "engine") -> None:
         self._kv = GpuKV(kv_caches, layout, views)  # refuses non-CUDA tensors first
         self._nccl = load_nccl()
         self.name = NAME + self._kv.wire_suffix
-        self._auth, self._source = auth, source
-        self._config = config or ServerConfig()
         self._comms: OrderedDict[bytes, PairComm] = OrderedDict()
         self._comms_lock = threading.Lock()
-        self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve) if listen else None
-
-    @property
-    def address(self) -> Peer:
-        if self._listener is None:
-            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
-        return self._listener.address
-
-    @property
-    def handler(self) -> Handler:
-        """This transport's server half, for a `MuxServer` serving several on one port."""
-        return Handler(self._kv, self._stream)
+        self.handler = Handler(self._kv, self._stream)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
         with self._comms_lock:
             for pc in self._comms.values():
                 pc.close()
             self._comms.clear()
-
-    def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
-                         self.stats, self._config)
 
     def _stream(self, sock: socket.socket, block_ids: list[int], _chunk: int,
                 deadline: Deadline) -> int:
@@ -345,8 +317,6 @@ def make_client(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Au
     return NcclClient(kv_caches, layout, auth, **options)
 
 
-def make_server(kv_caches: Sequence[torch.Tensor], layout: BlockLayout, auth: Authenticator,
-                source: BlockSource, host: str, port: int,
-                config: ServerConfig | None = None, views: str = "engine",
-                listen: bool = True) -> NcclServer:
-    return NcclServer(kv_caches, layout, auth, source, host, port, config, views, listen)
+def make_sender(kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                **options: Any) -> NcclSender:
+    return NcclSender(kv_caches, layout, **options)

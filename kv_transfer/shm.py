@@ -36,16 +36,11 @@ from meshd.kv_transfer.conn import (
     MAX_CHUNK,
     MIN_CHUNK,
     Handler,
-    Listener,
-    ServerConfig,
-    ServerStats,
     run_fetch,
-    serve_connection,
 )
 from meshd.kv_transfer.memory import byte_memory
 from meshd.kv_transfer.tcp import check_stream
 from meshd.kv_transfer.transport import (
-    BlockSource,
     Deadline,
     ErrorCode,
     KVTransferFailure,
@@ -81,52 +76,21 @@ def _copy(dst: Sequence[memoryview], src: Sequence[memoryview]) -> None:
                 di, doff = di + 1, 0
 
 
-class ShmServer:
-    """Serves held blocks to clients on the same host. Listens from construction to `close()`."""
+class ShmSender:
+    """The shared-memory transport's serving half (a `mux.MuxServer` listens, authenticates and
+    checks the fetch): streams held blocks through a staging ring to a client on this host."""
 
-    name = NAME
-
-    def __init__(
-        self,
-        kv_caches: Sequence[torch.Tensor],
-        layout: BlockLayout,
-        auth: Authenticator,
-        source: BlockSource,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        config: ServerConfig | None = None,
-        slots: int = DEFAULT_SLOTS,
-        views: str = "engine",
-        listen: bool = True,
-    ) -> None:
+    def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                 slots: int = DEFAULT_SLOTS, views: str = "engine") -> None:
         if slots < 1:
             raise ValueError(f"slots: must be >= 1, got {slots}")
         self._memory = byte_memory(kv_caches, layout, views)
         self.name = NAME + self._memory.wire_suffix
-        self._auth, self._source = auth, source
-        self._config = config or ServerConfig()
         self._slots = slots
-        self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve) if listen else None
-
-    @property
-    def address(self) -> Peer:
-        if self._listener is None:
-            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
-        return self._listener.address
-
-    @property
-    def handler(self) -> Handler:
-        """This transport's server half, for a `MuxServer` serving several on one port."""
-        return Handler(self._memory, self._stream)
+        self.handler = Handler(self._memory, self._stream)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-
-    def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
-                         self.stats, self._config)
+        pass  # each connection's segment is released by the connection itself
 
     def _stream(
         self, sock: socket.socket, block_ids: list[int], chunk_bytes: int, deadline: Deadline
@@ -298,16 +262,6 @@ def make_client(
     return ShmClient(kv_caches, layout, auth, **options)
 
 
-def make_server(
-    kv_caches: Sequence[torch.Tensor],
-    layout: BlockLayout,
-    auth: Authenticator,
-    source: BlockSource,
-    host: str,
-    port: int,
-    config: ServerConfig | None = None,
-    slots: int = DEFAULT_SLOTS,
-    views: str = "engine",
-    listen: bool = True,
-) -> ShmServer:
-    return ShmServer(kv_caches, layout, auth, source, host, port, config, slots, views, listen)
+def make_sender(kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                **options: Any) -> ShmSender:
+    return ShmSender(kv_caches, layout, **options)

@@ -30,15 +30,10 @@ from meshd.kv_transfer.conn import (
     MAX_CHUNK,
     MIN_CHUNK,
     Handler,
-    Listener,
-    ServerConfig,
-    ServerStats,
     run_fetch,
-    serve_connection,
 )
 from meshd.kv_transfer.memory import byte_memory
 from meshd.kv_transfer.transport import (
-    BlockSource,
     Deadline,
     ErrorCode,
     KVTransferFailure,
@@ -70,50 +65,20 @@ def check_stream(stream: dict[str, int], total: int) -> int:
     return chunk_bytes
 
 
-class TcpServer:
-    """Serves blocks held by the engine. Listens from construction until `close()`.
+class TcpSender:
+    """The TCP transport's serving half: streams held blocks in CRC-checked chunks. A
+    `mux.MuxServer` listens, authenticates and checks the fetch before calling it.
 
     Memory: reads the engine's KV tensors in place (views kept until `close`); never writes."""
 
-    name = NAME
-
-    def __init__(
-        self,
-        kv_caches: Sequence[torch.Tensor],
-        layout: BlockLayout,
-        auth: Authenticator,
-        source: BlockSource,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        config: ServerConfig | None = None,
-        views: str = "engine",
-        listen: bool = True,
-    ) -> None:
+    def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                 views: str = "engine") -> None:
         self._memory = byte_memory(kv_caches, layout, views)
         self.name = NAME + self._memory.wire_suffix
-        self._auth, self._source = auth, source
-        self._config = config or ServerConfig()
-        self.stats = ServerStats()
-        self._listener = Listener(host, port, self._serve) if listen else None
-
-    @property
-    def address(self) -> Peer:
-        if self._listener is None:
-            raise ValueError(f"{self.name} server has no listener of its own (see mux.py)")
-        return self._listener.address
-
-    @property
-    def handler(self) -> Handler:
-        """This transport's server half, for a `MuxServer` serving several on one port."""
-        return Handler(self._memory, self._stream)
+        self.handler = Handler(self._memory, self._stream)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-
-    def _serve(self, sock: socket.socket) -> None:
-        serve_connection(sock, {self.name: self.handler}, self._auth, self._source,
-                         self.stats, self._config)
+        pass  # holds nothing beyond views of the engine's tensors
 
     def _stream(
         self, sock: socket.socket, block_ids: list[int], chunk_bytes: int, deadline: Deadline
@@ -205,15 +170,6 @@ def make_client(
     return TcpClient(kv_caches, layout, auth, **options)
 
 
-def make_server(
-    kv_caches: Sequence[torch.Tensor],
-    layout: BlockLayout,
-    auth: Authenticator,
-    source: BlockSource,
-    host: str,
-    port: int,
-    config: ServerConfig | None = None,
-    views: str = "engine",
-    listen: bool = True,
-) -> TcpServer:
-    return TcpServer(kv_caches, layout, auth, source, host, port, config, views, listen)
+def make_sender(kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                **options: Any) -> TcpSender:
+    return TcpSender(kv_caches, layout, **options)

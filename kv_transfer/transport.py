@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     import torch
 
     from meshd.kv_transfer.auth import Authenticator
+    from meshd.kv_transfer.conn import ServerConfig
     from meshd.kv_transfer.layout import BlockLayout
+    from meshd.kv_transfer.mux import Sender
 
 
 class ErrorCode(StrEnum):
@@ -146,7 +148,8 @@ class TransportServer(Protocol):
 
 # name -> module under meshd.kv_transfer. Each module defines
 #   make_client(kv_caches, layout, auth, **options) -> TransportClient
-#   make_server(kv_caches, layout, auth, source, host, port, **options) -> TransportServer
+#   make_sender(kv_caches, layout, **options) -> mux.Sender: the serving half (wire name,
+#       `conn.Handler`, close); `mux.MuxServer` listens and authenticates for one or several
 _REGISTRY: dict[str, str] = {
     "tcp": "meshd.kv_transfer.tcp",
     "shm": "meshd.kv_transfer.shm",
@@ -180,6 +183,13 @@ def make_client(
     return client
 
 
+def make_sender(name: str, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
+                **options: Any) -> Sender:
+    """The serving half of transport `name` over the engine's KV tensors (no listener)."""
+    sender: Sender = _load(name).make_sender(kv_caches, layout, **options)
+    return sender
+
+
 def make_server(
     name: str,
     kv_caches: Sequence[torch.Tensor],
@@ -188,10 +198,17 @@ def make_server(
     source: BlockSource,
     host: str = "127.0.0.1",
     port: int = 0,
+    *,
+    config: ServerConfig | None = None,
     **options: Any,
 ) -> TransportServer:
-    """Start the prefill-side server of transport `name`; it listens until `close()`."""
-    server: TransportServer = _load(name).make_server(
-        kv_caches, layout, auth, source, host, port, **options
-    )
-    return server
+    """Start the prefill-side server of transport `name`; it listens until `close()`. (A
+    `mux.MuxServer` with one sender; `mux.make_mux_server` serves several on one port.)"""
+    from meshd.kv_transfer.mux import MuxServer
+
+    sender = make_sender(name, kv_caches, layout, **options)
+    try:
+        return MuxServer([sender], [name], auth, source, host, port, config)
+    except BaseException:
+        sender.close()
+        raise

@@ -123,6 +123,9 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._facts = self._settings.facts(self._kv_device)
         self._serves = offer(self._settings.transport, self._kv_device, self._facts,
                              importlib.util.find_spec("cupy") is not None)
+        several = len(self._serves) > 1  # then prefill params list them, with our host facts
+        self._offered = tuple(self._serves) if several else ()
+        self._host = self._facts.to_dict() if several else None
         self._block_size = int(vllm_config.cache_config.block_size)
         self._tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
@@ -250,8 +253,7 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             peer=Peer(self._settings.remote_host, self._settings.port), tp_size=self._tp_size,
             num_tokens=len(request.prompt_token_ids or []), transport=self._serves[0],
             prompt=request.prompt_token_ids or [],
-            offered=self._serves if len(self._serves) > 1 else (),
-            host=self._facts.to_dict() if len(self._serves) > 1 else None,
+            offered=self._offered, host=self._host,
         )
 
     # ==========================================================================================

@@ -193,10 +193,7 @@ class CompletionHandler:
         return prefill_params(request_id=c.request_id, block_ids=held,
                               engine_id=self.s.cfg.engine_id, peer=self.s.kv_peer,
                               transport=self.s.kv_offer[0], num_tokens=len(prompt),
-                              prompt=prompt,
-                              offered=self.s.kv_offer if len(self.s.kv_offer) > 1 else (),
-                              host=self.s.kv_facts.to_dict() if len(self.s.kv_offer) > 1
-                              else None)
+                              prompt=prompt, offered=self.s.kv_offered, host=self.s.kv_host)
 
     async def _stream(self, request: web.Request, ctx: _Ctx, choices: list[Choice],
                       first: tuple[int, RequestOutput],

@@ -82,6 +82,10 @@ class WorkerServer:
         # This host as the transport pick sees it, and what a prefill side here serves.
         self.kv_facts = HostFacts(socket.gethostname(), cfg.kv_advertise_host)
         self.kv_offer = offer(cfg.kv_transfer, "cpu", self.kv_facts)
+        # what prefill responses carry beyond the default transport (only when several)
+        several = len(self.kv_offer) > 1
+        self.kv_offered = tuple(self.kv_offer) if several else ()
+        self.kv_host = self.kv_facts.to_dict() if several else None
         if cfg.role in ("prefill", "both"):
             args = (engine.kv_caches, block_layout(engine.layout), auth, self.leases.table,
                     cfg.bind_kv_host, cfg.kv_port)

@@ -71,14 +71,19 @@ def test_transports_that_cannot_run_here_are_skipped() -> None:
         make_mux_server(["cuda_ipc"], src, LAYOUT, AUTH, DictSource({}))
 
 
-def test_built_without_a_listener_a_server_says_so() -> None:
-    from meshd.kv_transfer.transport import make_server
+def test_one_transport_is_a_mux_of_one_and_senders_must_differ() -> None:
+    from meshd.kv_transfer.mux import MuxServer
+    from meshd.kv_transfer.transport import make_sender, make_server
 
-    server = make_server("tcp", make_kv(LAYOUT, 4, None), LAYOUT, AUTH, DictSource({}),
-                         listen=False)
-    with pytest.raises(ValueError, match="no listener of its own"):
-        _ = server.address
-    server.close()
+    kv = make_kv(LAYOUT, 4, None)
+    server = make_server("tcp", kv, LAYOUT, AUTH, DictSource({}))
+    try:
+        assert (server.name, server.offered) == ("tcp", ["tcp"])  # type: ignore[attr-defined]
+    finally:
+        server.close()
+    a, b = make_sender("tcp", kv, LAYOUT), make_sender("tcp", kv, LAYOUT)
+    with pytest.raises(ValueError, match="distinct names"):
+        MuxServer([a, b], ["tcp", "tcp"], AUTH, DictSource({}))
 
 
 A = HostFacts("a", "10.0.0.1", gpus=True, rdma=True)

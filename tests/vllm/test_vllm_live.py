@@ -6,14 +6,12 @@ Starts one server (~25-75 s to ready on 2 cores, ~1.9 GB RSS), always kills its 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from support.vllm_pd import capture_module
 
 from meshd.scheduler.kv_events import BlockStored, decode_batch
 
@@ -27,20 +25,10 @@ pytestmark = [
 ]
 
 
-def _capture_module() -> ModuleType:
-    path = ROOT / "scripts" / "capture_vllm_payloads.py"
-    spec = importlib.util.spec_from_file_location("capture_vllm_payloads", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.timeout(600)
 def test_live_completion_and_kv_events(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    cap = _capture_module()
+    cap = capture_module()
     model = cap.build_tiny_models(tmp_path, ["llama"])["llama"]
     sub = cap.KVEventSubscriber()
     server = cap.VllmServer(model, "tiny-llama", vllm_python=VLLM_PY, kv_events=sub.config(),
