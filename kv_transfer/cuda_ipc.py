@@ -18,18 +18,23 @@ reusing the block while a consumer maps it. `rebuild_cuda_tensor` calls `cudaIpc
 (once per handle per process; torch caches it) and rebuilds a tensor over the mapping.
 
 Memory: the server exports views of the engine's tensors once, at construction; the engine must
-not free them before `close()`. The client holds mappings until `close()`, reads only the named
-remote blocks and writes only the named local blocks. CUDA IPC works only between processes on
-one host (a process cannot open its own handle), and the producer's GPU must be visible to the
-consumer: shares name the GPU by UUID and the consumer maps it to its own index (the vLLM
-launcher gives cuda_ipc workers every agent GPU, their own first).
+not free them before `close()`. The client keeps one peer's mappings while that peer sends the
+same shares (`Mappings`: replaced when they change, as after a prefill restart; at most
+`MAX_PEERS` peers), reads only the named remote blocks and writes only the named local blocks,
+one layer and at most `gpu_blocks.GPU_CHUNK_BYTES` at a time (a copy from another GPU is
+gathered there first, so that GPU gets up to one step of temporary memory). CUDA IPC works
+only between processes on one host (a process cannot open its own handle), and the producer's
+GPU must be visible to the consumer: shares name the GPU by UUID and the consumer maps it to its
+own index (the vLLM launcher gives cuda_ipc workers every agent GPU, their own first).
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from meshd.kv_transfer.conn import (
@@ -37,7 +42,8 @@ from meshd.kv_transfer.conn import (
     Handler,
     run_fetch,
 )
-from meshd.kv_transfer.gpu_blocks import GpuKV, wait_stream
+from meshd.kv_transfer.gpu_blocks import GPU_CHUNK_BYTES, GpuKV
+from meshd.kv_transfer.streams import settle, wait_stream
 from meshd.kv_transfer.transport import (
     Deadline,
     ErrorCode,
@@ -54,6 +60,7 @@ if TYPE_CHECKING:
     from meshd.kv_transfer.layout import BlockLayout
 
 NAME = "cuda_ipc"
+MAX_PEERS = 32  # client side: peers whose mappings are kept (least recently used dropped)
 STREAM = {"total": int, "layers": list}
 SHARE = {"device": int, "handle": bytes, "size_bytes": int, "offset_bytes": int,
          "ref_handle": bytes, "ref_offset": int, "event_handle": bytes, "event_sync": bool,
@@ -131,6 +138,55 @@ def local_index(device_uuid: str) -> int:
                             f"(CUDA_VISIBLE_DEVICES must include it)")
 
 
+def share_key(share: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies one mapped view: torch's own IPC cache key (handle, storage offset in the
+    allocation) plus the view (separate layer tensors often share one allocator segment)."""
+    return (share["handle"], share["offset_bytes"], share["tensor_offset"],
+            tuple(share["shape"]), tuple(share["stride"]))
+
+
+class Mappings:
+    """The client's mapped peer tensors, per peer. A peer's mappings are reused while it sends
+    the same shares and replaced when they change (a restarted prefill exports new handles; the
+    old tensors are dropped, so torch closes those mappings); beyond `max_peers` the least
+    recently used peer's are dropped. Dropping is safe while a copy from them is queued: torch's
+    IPC storage keeps the mapping until the tensors are collected, and a running fetch holds
+    them. `open_share` is the mapping function (injected for tests)."""
+
+    def __init__(self, open_share: Callable[[dict[str, Any]], Any],
+                 max_peers: int = MAX_PEERS) -> None:
+        self._open = open_share
+        self._max = max_peers
+        self._peers: OrderedDict[Peer, tuple[tuple[Any, ...], list[Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, peer: Peer, shares: Sequence[dict[str, Any]]) -> list[Any]:
+        key = tuple(share_key(s) for s in shares)
+        with self._lock:  # one mapping pass at a time, so a peer is mapped once
+            hit = self._peers.get(peer)
+            if hit is not None and hit[0] == key:
+                self._peers.move_to_end(peer)
+                return hit[1]
+            self._peers.pop(peer, None)
+            by_key: dict[tuple[Any, ...], Any] = {}
+            for k, share in zip(key, shares, strict=True):
+                if k not in by_key:
+                    by_key[k] = self._open(share)
+            mapped = [by_key[k] for k in key]
+            self._peers[peer] = (key, mapped)
+            while len(self._peers) > self._max:
+                self._peers.popitem(last=False)
+            return mapped
+
+    def peers(self) -> int:
+        with self._lock:
+            return len(self._peers)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._peers.clear()
+
+
 class CudaIpcSender:
     """The CUDA IPC transport's serving half (a `mux.MuxServer` listens, authenticates and
     checks the fetch): hands out IPC shares of the engine's KV tensors.
@@ -157,53 +213,47 @@ class CudaIpcSender:
 class CudaIpcClient:
     """Copies remote blocks from mapped peer tensors into local blocks (see `TransportClient`).
 
-    Memory: writes only the local blocks named in a fetch; mappings are cached per handle until
-    `close()`. Thread-safe: each fetch uses its own stream."""
+    Memory: writes only the local blocks named in a fetch; mappings are kept per peer
+    (`Mappings`) until `close()`. Thread-safe: each fetch uses its own stream."""
 
     name = NAME
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
-                 auth: Authenticator, views: str = "engine") -> None:
+                 auth: Authenticator, views: str = "engine",
+                 chunk_bytes: int = GPU_CHUNK_BYTES) -> None:
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
         self._kv = GpuKV(kv_caches, layout, views)
         self.name = NAME + self._kv.wire_suffix
         self._auth = auth
-        # keyed like torch's own IPC cache (handle, storage offset in the allocation) plus the
-        # view: separate layer tensors often share one caching-allocator segment (one handle)
-        self._mapped: dict[tuple[bytes, int, int, tuple[int, ...], tuple[int, ...]],
-                           torch.Tensor] = {}
-        self._lock = threading.Lock()
+        self._chunk_bytes = chunk_bytes
+        self._mappings = Mappings(self._open)
 
     def close(self) -> None:
-        with self._lock:
-            self._mapped.clear()
+        self._mappings.clear()
 
     def fetch(self, peer: Peer, remote_request_id: str, remote_block_ids: Sequence[int],
               local_block_ids: Sequence[int], timeout_s: float) -> TransferResult:
         request = (remote_request_id, remote_block_ids, local_block_ids)
-        return run_fetch(self.name, self._kv, self._auth, peer, request, timeout_s, self._pull)
+        return run_fetch(self.name, self._kv, self._auth, peer, request, timeout_s,
+                         functools.partial(self._pull, peer))
 
-    def _remote_layers(self, shares: list[Any]) -> list[torch.Tensor]:
+    def _open(self, share: dict[str, Any]) -> torch.Tensor:
+        try:
+            return open_share(share, self._kv.layers[0])
+        except RuntimeError as exc:  # cudaIpcOpenMemHandle failed
+            raise KVTransferFailure(ErrorCode.PEER_ERROR, f"cannot map peer KV: {exc}") from exc
+
+    def _remote_layers(self, peer: Peer, shares: list[Any]) -> list[torch.Tensor]:
         if len(shares) != len(self._kv.layers) or not all(isinstance(s, dict) for s in shares):
             raise KVTransferFailure(ErrorCode.PROTOCOL,
                                     f"ipc_stream: {len(shares)} shares for "
                                     f"{len(self._kv.layers)} layers")
-        out = []
-        with self._lock:
-            for share, like in zip(shares, self._kv.layers, strict=True):
-                share = check_share(share, self._kv)
-                key = (share["handle"], share["offset_bytes"], share["tensor_offset"],
-                       tuple(share["shape"]), tuple(share["stride"]))
-                if key not in self._mapped:
-                    try:
-                        self._mapped[key] = open_share(share, like)
-                    except RuntimeError as exc:  # cudaIpcOpenMemHandle failed
-                        raise KVTransferFailure(ErrorCode.PEER_ERROR,
-                                                f"cannot map peer KV: {exc}") from exc
-                out.append(self._mapped[key])
-        return out
+        return self._mappings.get(peer, [check_share(s, self._kv) for s in shares])
 
-    def _pull(self, sock: socket.socket, request_id: str, remote_block_ids: Sequence[int],
-              local_block_ids: Sequence[int], deadline: Deadline, progress: list[int]) -> None:
+    def _pull(self, peer: Peer, sock: socket.socket, request_id: str,
+              remote_block_ids: Sequence[int], local_block_ids: Sequence[int],
+              deadline: Deadline, progress: list[int]) -> None:
         import torch
 
         send_msg(sock, {"t": "fetch", "request_id": request_id,
@@ -213,13 +263,15 @@ class CudaIpcClient:
         if msg["total"] != total:
             raise KVTransferFailure(ErrorCode.PROTOCOL,
                                     f"server announced {msg['total']} bytes, expected {total}")
-        remote = self._remote_layers(msg["layers"])
+        remote = self._remote_layers(peer, msg["layers"])
         stream = torch.cuda.Stream(device=self._kv.device)
-        with torch.cuda.stream(stream):
-            # same GPU: one gather kernel per layer; another GPU: gather there, then a peer copy
-            # (torch orders it after the gather and before the index_copy_)
-            self._kv.scatter(local_block_ids, self._kv.gather_from(remote, remote_block_ids))
-        wait_stream(stream, deadline.at, "cuda_ipc copy")
+        try:
+            with torch.cuda.stream(stream):
+                self._kv.copy_from(remote, remote_block_ids, local_block_ids, self._chunk_bytes)
+            wait_stream(stream, deadline.at, "cuda_ipc copy")
+        except BaseException:
+            settle(stream, "cuda_ipc copy")  # no late writes after we report the failure
+            raise
         progress[0] += total
         send_msg(sock, {"t": "ack", "ok": True, "message": ""}, deadline)
 

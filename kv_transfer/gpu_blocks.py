@@ -16,8 +16,9 @@ Both ends build the same per-layer buffers from their own block ids; the handsha
 Memory: `GpuKV` keeps references to the engine's tensors (never copies or frees them); the
 tensors must outlive it and must not be reallocated. `gather` returns new device tensors owned
 by the caller; `scatter` writes only the named blocks, in place. All kernels are queued on the
-caller's current CUDA stream; nothing here waits for them (building an index tensor copies a
-short list from pageable host memory, which torch does synchronously on the current stream).
+caller's current CUDA stream; nothing here waits for them (an index tensor is copied from
+pinned host memory without a host sync, so a stalled transfer queued earlier on the stream
+cannot block the thread here; stream waits with deadlines are in `streams.py`).
 Importing this module needs no torch; constructing `GpuKV` does. `device_type="cpu"` exists so
 the indexing is unit-tested on CPU.
 """
@@ -40,6 +41,17 @@ VIEWS = ("engine", "vllm")
 # then all V rows. So a CUDA peer and a CPU peer never exchange vLLM KV (the handshake refuses).
 VLLM_SUFFIX = "+vllm-BHNC"
 VLLM_CUDA_SUFFIX = "+vllm-cuda-BHNC"
+# Device memory one transfer step may allocate (gather/receive buffers, all layers). vLLM runs
+# with most of the GPU given to its KV cache, so a transfer never sizes buffers to the request
+# (a 128k-token prompt of an 8B model is 16 GiB of KV): it moves at most this much per step.
+GPU_CHUNK_BYTES = 64 << 20
+
+
+def spans(n: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `step` covering range(n)."""
+    if step < 1:
+        raise ValueError(f"step: must be >= 1, got {step}")
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 class GpuKV:
@@ -114,58 +126,103 @@ class GpuKV:
     def stream_bytes(self, num_blocks: int) -> int:
         return num_blocks * self.layout.bytes_per_block
 
-    def index(self, block_ids: Sequence[int]) -> torch.Tensor:
+    def blocks_per_step(self, chunk_bytes: int, layers: int | None = None) -> int:
+        """How many blocks one step moves so that its buffers for `layers` layers (default:
+        all) stay within `chunk_bytes`; at least one. Peers that step together (NCCL) compute
+        it from the same `chunk_bytes` and the same (handshake-checked) layout."""
+        layers = self.layout.num_layers if layers is None else layers
+        return max(1, chunk_bytes // (layers * self.layout.bytes_per_block_per_layer))
+
+    def index(self, block_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Block ids as an index tensor on our device, copied from pinned host memory on the
+        current stream without a host sync (torch keeps the pinned buffer until the copy ran).
+        An index tensor is returned as is."""
         import torch
 
-        return torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        if isinstance(block_ids, torch.Tensor):
+            return block_ids
+        host = torch.tensor(list(block_ids), dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
-    def gather(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
-        """Per layer, a new dense buffer holding the blocks in list order (queued copy)."""
+    def gather(self, block_ids: Sequence[int] | torch.Tensor,
+               out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per layer, a dense buffer holding the blocks in list order (queued copy): new
+        buffers, or `out` (as from `empty`/`streams.step_buffers`) filled in place."""
+        import torch
+
         idx = self.index(block_ids)
-        return [t.index_select(self.block_dim, idx) for t in self.layers]
+        if out is None:
+            return [t.index_select(self.block_dim, idx) for t in self.layers]
+        for t, o in zip(self.layers, out, strict=True):
+            torch.index_select(t, self.block_dim, idx, out=o)
+        return list(out)
 
-    def gather_from(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int]
-                    ) -> list[torch.Tensor]:
-        """`gather` over another process's mapped tensors of the same views (CUDA IPC)."""
-        out = []
-        local = self.index(block_ids)
-        by_device: dict[object, torch.Tensor] = {}
-        for t in layers:
-            idx = by_device.get(t.device)
+    def copy_from(self, layers: Sequence[torch.Tensor], remote_ids: Sequence[int],
+                  local_ids: Sequence[int], chunk_bytes: int = GPU_CHUNK_BYTES) -> None:
+        """Copy blocks of another process's mapped tensors of the same views (CUDA IPC) into
+        ours, one layer and at most `chunk_bytes` at a time (queued; another GPU's blocks are
+        gathered there, then peer-copied: torch orders the copy after the gather on the
+        source's current stream and before our scatter on ours)."""
+        if len(remote_ids) != len(local_ids):
+            raise ValueError(f"{len(remote_ids)} remote ids for {len(local_ids)} local ids")
+        step = self.blocks_per_step(chunk_bytes, layers=1)
+        local = self.index(local_ids)
+        remote = self.index(remote_ids)
+        by_device: dict[object, torch.Tensor] = {self.device: remote}
+        for mine, theirs in zip(self.layers, layers, strict=True):
+            idx = by_device.get(theirs.device)
             if idx is None:
-                idx = by_device[t.device] = local.to(t.device)
-            out.append(t.index_select(self.block_dim, idx))
-        return out
+                idx = by_device[theirs.device] = remote.to(theirs.device)
+            for a, b in spans(len(local_ids), step):
+                part = theirs.index_select(self.block_dim, idx[a:b])
+                mine.index_copy_(self.block_dim, local[a:b], part.to(mine.device))
+                del part  # before the next step's allocation: one step of memory at a time
 
     def empty(self, num_blocks: int) -> list[torch.Tensor]:
-        """Per layer, an uninitialized receive buffer for `num_blocks` blocks on this device."""
+        """Per layer, an uninitialized buffer for `num_blocks` blocks on this device."""
         import torch
 
         shape = self.block_shape(num_blocks)
         return [torch.empty(shape, dtype=t.dtype, device=self.device) for t in self.layers]
 
-    def scatter(self, block_ids: Sequence[int], bufs: Sequence[torch.Tensor]) -> None:
+    # -- step buffers for transfers queued on a stream of their own (NCCL) --------------------
+
+    def step_buffers(self, max_blocks: int, used_on: torch.cuda.Stream) -> list[torch.Tensor]:
+        """Per layer, flat byte buffers for up to `max_blocks` blocks from the device's shared
+        pool, for use on `used_on` (`streams.step_buffers`); see `shaped`."""
+        import torch
+
+        from meshd.kv_transfer.streams import step_buffers
+
+        nbytes = max_blocks * self.layout.bytes_per_block_per_layer
+        return step_buffers([(nbytes,)] * len(self.layers), [torch.uint8] * len(self.layers),
+                            self.device_index, used_on)
+
+    def shaped(self, flat: Sequence[torch.Tensor], num_blocks: int) -> list[torch.Tensor]:
+        """Views of `step_buffers` as dense per-layer buffers of `num_blocks` blocks (a prefix
+        of each, so a shorter last step is still contiguous)."""
+        nbytes = num_blocks * self.layout.bytes_per_block_per_layer
+        shape = self.block_shape(num_blocks)
+        return [f[:nbytes].view(t.dtype).view(shape) for f, t in zip(flat, self.layers,
+                                                                      strict=True)]
+
+    def index_on(self, block_ids: Sequence[int], used_on: torch.cuda.Stream) -> torch.Tensor:
+        """`index` allocated from the shared pool and copied on `used_on` (current stream)."""
+        import torch
+
+        from meshd.kv_transfer.streams import step_buffers
+
+        host = torch.tensor(list(block_ids), dtype=torch.long).pin_memory()
+        (idx,) = step_buffers([tuple(host.shape)], [torch.long], self.device_index, used_on)
+        with torch.cuda.stream(used_on):
+            idx.copy_(host, non_blocking=True)
+        return idx
+
+    def scatter(self, block_ids: Sequence[int] | torch.Tensor,
+                bufs: Sequence[torch.Tensor]) -> None:
         """Write `bufs` (as from `gather`/`empty`) into the named blocks (queued copy)."""
         idx = self.index(block_ids)
         for t, buf in zip(self.layers, bufs, strict=True):
             t.index_copy_(self.block_dim, idx, buf.to(t.device))
-
-
-def wait_stream(stream: torch.cuda.Stream, deadline_s: float, on_timeout: str) -> None:
-    """Block until the work queued so far on `stream` has finished, polling (no blocking CUDA
-    sync) so a stalled peer cannot hold the thread past `deadline_s` (time.monotonic()).
-    Raises KVTransferFailure(TIMEOUT) with `on_timeout` in the message."""
-    import time
-
-    import torch
-
-    from meshd.kv_transfer.transport import ErrorCode, KVTransferFailure
-
-    event = torch.cuda.Event()
-    event.record(stream)
-    pause = 20e-6
-    while not event.query():
-        if time.monotonic() > deadline_s:
-            raise KVTransferFailure(ErrorCode.TIMEOUT, on_timeout)
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-3)

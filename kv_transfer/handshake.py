@@ -27,7 +27,7 @@ from meshd.kv_transfer.layout import BlockLayout
 from meshd.kv_transfer.transport import Deadline, ErrorCode, KVTransferFailure
 from meshd.kv_transfer.wire import recv_msg, send_error, send_msg
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: nccl_stream carries the step size; nccl_join before pair setup
 NONCE_BYTES = 32
 _TAG = b"meshd-kv-handshake-v1"
 

@@ -19,10 +19,13 @@ handshake compares, so differing streams never meet.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from meshd.kv_transfer.gpu_blocks import GpuKV, wait_stream
+from meshd.kv_transfer.gpu_blocks import GPU_CHUNK_BYTES, GpuKV, spans
+from meshd.kv_transfer.streams import settle, wait_stream
 
 if TYPE_CHECKING:
     import torch
@@ -86,14 +89,22 @@ class StagedKV:
     buffer of `GpuKV.gather` (engine views: K halves then V halves, as `KVMemory`; vLLM views:
     `[n, H, N, C]`, as `BlockMajorMemory` over the CPU's LBHNC layout).
 
-    Memory: never holds KV between calls; each `read`/`write` allocates its own buffers (pinned
-    on CUDA), so concurrent transfers do not share state. Waits poll against the deadline."""
+    Memory: never holds KV between calls; each `read`/`write` allocates its own host buffers
+    for the whole block list (pinned on CUDA), so concurrent transfers share no state. On the
+    device a call moves at most `chunk_bytes` of blocks per step, so its device memory does not
+    grow with the prompt (`chunk_bytes`: default `GPU_CHUNK_BYTES` on CUDA, one step elsewhere).
+    Waits poll against the deadline; after a failed commit, queued copies finish (bounded)
+    before the failure is reported."""
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], layout: BlockLayout,
-                 views: str = "engine") -> None:
+                 views: str = "engine", chunk_bytes: int | None = None) -> None:
         device_type = kv_caches[0].device.type if kv_caches else "cuda"
         self._kv = GpuKV(kv_caches, layout, views, device_type=device_type)
         self._cuda = device_type == "cuda"
+        if chunk_bytes is None:
+            chunk_bytes = (GPU_CHUNK_BYTES if self._cuda
+                           else max(1, self._kv.num_blocks) * layout.bytes_per_block)
+        self._step = self._kv.blocks_per_step(chunk_bytes)
         self.layout = layout
         self.num_blocks = self._kv.num_blocks
         self.wire_suffix = self._kv.wire_suffix
@@ -110,18 +121,35 @@ class StagedKV:
         shape = self._kv.block_shape(num_blocks)
         return [torch.empty(shape, dtype=t.dtype, pin_memory=self._cuda) for t in self._kv.layers]
 
-    def read(self, block_ids: Sequence[int], deadline: Deadline) -> list[memoryview]:
+    def _parts(self, whole: torch.Tensor, a: int, b: int, step_buf: torch.Tensor
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(part of `whole`, the matching part of a step's buffer) for blocks a..b, both
+        contiguous, so each copy is one memcpy (engine views: the K and V halves apart)."""
+        if self._kv.block_dim == 0:
+            return [(whole[a:b], step_buf)]
+        return [(whole[k, a:b], step_buf[k]) for k in range(whole.shape[0])]
+
+    def _stream(self) -> tuple[torch.cuda.Stream | None, AbstractContextManager[Any]]:
+        """A fresh CUDA stream and the context that makes it current (none on CPU)."""
         if not self._cuda:
-            return [_bytes(b) for b in self._kv.gather(block_ids)]
+            return None, contextlib.nullcontext()
         import torch
 
         stream = torch.cuda.Stream(device=self._kv.device)
-        with torch.cuda.stream(stream):
-            bufs = self._kv.gather(block_ids)
-            host = self._host(len(block_ids))
-            for h, b in zip(host, bufs, strict=True):
-                h.copy_(b, non_blocking=True)
-        wait_stream(stream, deadline.at, "device to host staging copy")
+        return stream, torch.cuda.stream(stream)
+
+    def read(self, block_ids: Sequence[int], deadline: Deadline) -> list[memoryview]:
+        ids = list(block_ids)
+        host = self._host(len(ids))
+        stream, on_stream = self._stream()
+        with on_stream:
+            for a, b in spans(len(ids), self._step):
+                for h, buf in zip(host, self._kv.gather(ids[a:b]), strict=True):
+                    for dst, src in self._parts(h, a, b, buf):
+                        dst.copy_(src, non_blocking=self._cuda)
+                del buf, src  # before the next step's: one step of device memory at a time
+        if stream is not None:
+            wait_stream(stream, deadline.at, "device to host staging copy")
         return [_bytes(h) for h in host]
 
     def write(self, block_ids: Sequence[int]) -> tuple[list[memoryview], Commit]:
@@ -129,15 +157,21 @@ class StagedKV:
         host = self._host(len(ids))
 
         def commit(deadline: Deadline) -> None:
-            if not self._cuda:
-                self._kv.scatter(ids, host)
-                return
-            import torch
-
-            stream = torch.cuda.Stream(device=self._kv.device)
-            with torch.cuda.stream(stream):
-                dev = [h.to(self._kv.device, non_blocking=True) for h in host]
-                self._kv.scatter(ids, dev)
-            wait_stream(stream, deadline.at, "host to device staging copy")
+            stream, on_stream = self._stream()
+            try:
+                with on_stream:
+                    for a, b in spans(len(ids), self._step):
+                        step_bufs = self._kv.empty(b - a)
+                        for h, buf in zip(host, step_bufs, strict=True):
+                            for src, dst in self._parts(h, a, b, buf):
+                                dst.copy_(src, non_blocking=self._cuda)
+                        self._kv.scatter(ids[a:b], step_bufs)
+                        del step_bufs, buf, dst  # one step of device memory at a time
+                if stream is not None:
+                    wait_stream(stream, deadline.at, "host to device staging copy")
+            except BaseException:
+                if stream is not None:
+                    settle(stream, "host to device staging copy")  # no late writes after this
+                raise
 
         return [_bytes(h) for h in host], commit

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from meshd.kv_transfer.layout import BlockLayout
-from meshd.kv_transfer.nccl import (
+from meshd.kv_transfer.nccl_pair import (
+    char_is_signed,
     check_single_nccl,
     nccl_libraries,
     uid_from_bytes,
@@ -59,9 +60,13 @@ def test_nccl_plugins_are_not_copies() -> None:
 
 
 def test_unique_id_round_trip() -> None:
-    uid = tuple(range(-128, 0))  # cupy hands out signed chars
-    assert len(uid_to_bytes(uid)) == 128
-    assert uid_from_bytes(uid_to_bytes(uid)) == uid
+    signed = tuple(range(-64, 64))  # cupy's C chars on x86_64
+    unsigned = tuple(v & 0xFF for v in signed)  # the same bytes where char is unsigned
+    assert uid_to_bytes(signed) == uid_to_bytes(unsigned) and len(uid_to_bytes(signed)) == 128
+    assert uid_from_bytes(uid_to_bytes(signed), signed=True) == signed
+    assert uid_from_bytes(uid_to_bytes(unsigned), signed=False) == unsigned
+    assert char_is_signed("x86_64") and not char_is_signed("aarch64")
+    assert not char_is_signed("ppc64le") and not char_is_signed("s390x")
 
 
 def test_modules_import_without_cupy() -> None:
@@ -85,7 +90,8 @@ def kv_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.
     if torch.cuda.device_count() < len(visible.split(",")):
         pytest.skip(f"{transport} test needs {len(visible.split(','))} GPUs")
     args = {"transport": transport, "views": views, "layout": LAYOUT.to_dict(),
-            "num_blocks": 32, "seed": 1, "secret": SECRET, "held": {"r1": [3, 1, 7, 8]}}
+            "num_blocks": 32, "seed": 1, "secret": SECRET,
+            "held": {"r1": [3, 1, 7, 8], "r2": [9, 4]}}
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible}
     proc = subprocess.Popen([sys.executable, str(SERVER), json.dumps(args)], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -97,6 +103,10 @@ def kv_server(request: pytest.FixtureRequest) -> Iterator[tuple[int, subprocess.
     finally:
         proc.kill()
         proc.wait()
+
+
+# small steps, so a 4-block fetch moves in several (one block per step on this layout)
+STEP_OPTIONS = {"nccl": {"chunk_bytes": 64 << 10}, "cuda_ipc": {"chunk_bytes": 20_000}}
 
 
 def fetch_and_compare(transport: str, views: str, port: int,
@@ -113,19 +123,23 @@ def fetch_and_compare(transport: str, views: str, port: int,
     local = make_gpu_kv(LAYOUT, 32, None, views)
     dim = 1 if views == "engine" else 0
     client = make_client(transport, local, LAYOUT,
-                         SharedSecretAuthenticator(bytes.fromhex(SECRET), "client"), views=views)
+                         SharedSecretAuthenticator(bytes.fromhex(SECRET), "client"), views=views,
+                         **STEP_OPTIONS.get(transport, {}))
     try:
-        res = client.fetch(Peer("127.0.0.1", port), "r1", [3, 1, 7, 8], [0, 5, 2, 3], 60.0)
-        assert res.ok, res.error
-        assert res.bytes == 4 * LAYOUT.bytes_per_block
+        # the second fetch reuses what the first set up (NCCL pair, IPC mappings)
+        for rid, remote_ids, local_ids in [("r1", [3, 1, 7, 8], [0, 5, 2, 3]),
+                                           ("r2", [9, 4], [6, 7])]:
+            res = client.fetch(Peer("127.0.0.1", port), rid, remote_ids, local_ids, 60.0)
+            assert res.ok, res.error
+            assert res.bytes == len(local_ids) * LAYOUT.bytes_per_block
+            assert proc.stdout is not None and proc.stdout.readline().split() == ["SENT", rid]
+        fetched = [0, 5, 2, 3, 6, 7]
         for mine, theirs in zip(local, expected, strict=True):
-            got = mine.index_select(dim, torch.tensor([0, 5, 2, 3], device="cuda"))
-            want = theirs.index_select(dim, torch.tensor([3, 1, 7, 8], device="cuda"))
+            got = mine.index_select(dim, torch.tensor(fetched, device="cuda"))
+            want = theirs.index_select(dim, torch.tensor([3, 1, 7, 8, 9, 4], device="cuda"))
             assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # bit for bit
-            untouched = torch.tensor([b for b in range(32) if b not in (0, 5, 2, 3)],
-                                     device="cuda")
+            untouched = torch.tensor([b for b in range(32) if b not in fetched], device="cuda")
             assert not mine.index_select(dim, untouched).any()
-        assert proc.stdout is not None and proc.stdout.readline().split() == ["SENT", "r1"]
     finally:
         client.close()
 

@@ -51,7 +51,7 @@ def test_a_transport_the_mux_does_not_serve_is_refused_by_name() -> None:
     try:
         res = shm.fetch(mux.address, "a", [1], [1], 5.0)
         assert not res.ok and res.error is not None
-        assert res.error.code == ErrorCode.PROTOCOL and "server tcp v1" in res.error.message
+        assert res.error.code == ErrorCode.PROTOCOL and "server tcp v2" in res.error.message
         res = wrong.fetch(mux.address, "a", [1], [1], 5.0)
         assert not res.ok and res.error is not None and res.error.code == ErrorCode.AUTH
         assert mux.stats.snapshot()["served"] == 0
