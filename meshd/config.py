@@ -108,10 +108,16 @@ class AgentConfig:
     attributes: dict[str, str] = field(default_factory=dict)  # zone, privacy class, ...
     rpc_timeout_s: float = 5.0
     reconnect_max_backoff_s: float = 10.0
+    # "process": workers are the agent's child processes; "ray": they run under a Ray actor
+    # pinned to the agent's Ray node (joins `ray.address`, "auto" when empty), so they show on
+    # the Ray dashboard
+    supervise: str = "process"
 
     def __post_init__(self) -> None:
         _check(":" in self.coordinator, "agent.coordinator",
                f"must be host:port, got {self.coordinator!r}")
+        _check(self.supervise in ("process", "ray"), "agent.supervise",
+               f"must be 'process' or 'ray', got {self.supervise!r}")
         _check(self.rpc_timeout_s > 0, "agent.rpc_timeout_s",
                f"must be > 0, got {self.rpc_timeout_s}")
         _check(self.reconnect_max_backoff_s > 0, "agent.reconnect_max_backoff_s",

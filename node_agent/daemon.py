@@ -20,7 +20,7 @@ from meshd.node_agent import probe
 from meshd.node_agent.agent import Agent
 from meshd.node_agent.identity import Identity
 from meshd.node_agent.launcher import SECRET_FILE, embedded_specs, ensure_secret
-from meshd.node_agent.supervisor import Supervisor, WorkerSpec
+from meshd.node_agent.supervisor import Supervisor, WorkerSpec, WorkerSupervisor
 from meshd.node_agent.vllm_launcher import vllm_specs
 
 
@@ -47,22 +47,60 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
 
 
 def make_supervisor(cfg: MeshConfig, ident: Identity,
-                    gpus: Sequence[Gpu] | None = None) -> Supervisor:
+                    gpus: Sequence[Gpu] | None = None, ray_node_id: str = ""
+                    ) -> WorkerSupervisor:
+    """Child processes of the agent, or (`agent.supervise = "ray"`) a Ray actor on
+    `ray_node_id` running the same supervisor."""
     state = Path(cfg.agent.state_dir).expanduser()
-    return Supervisor(worker_specs(cfg, ident.node_id, gpus), state / "logs")
+    specs = worker_specs(cfg, ident.node_id, gpus)
+    if cfg.agent.supervise == "ray":
+        from meshd.node_agent.ray_host import RaySupervisor
+
+        return RaySupervisor(specs, state / "logs", ray_node_id)
+    return Supervisor(specs, state / "logs")
+
+
+def join_ray(cfg: MeshConfig) -> tuple[str, bool]:
+    """`agent.supervise = "ray"`: join the cluster (unless this process already did, as under
+    `meshd up`). Returns (this host's Ray node id, whether we joined and must shut down)."""
+    import ray
+
+    from meshd import raylocal
+    from meshd.node_agent.ray_host import HostError
+
+    joined = False
+    if not ray.is_initialized():
+        address = cfg.ray.address or "auto"
+        try:
+            raylocal.init(cfg.ray, cfg.agent.state_dir, address=address)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise HostError(f"agent.supervise = 'ray': cannot join the Ray cluster at "
+                            f"{address!r} ({exc}); start Ray on this host (`ray start "
+                            f"--address=<head>:6379`) or set ray.address") from exc
+        joined = True
+    return str(ray.get_runtime_context().get_node_id()), joined
 
 
 async def run(cfg: MeshConfig, ident: Identity, stop: asyncio.Event,
-              on_supervisor: Callable[[Supervisor], None] | None = None) -> None:
-    """Serve until `stop` is set (raises AgentRefused if the coordinator refuses this node)."""
-    sup = make_supervisor(cfg, ident)
-    if on_supervisor:
-        on_supervisor(sup)
-    a = cfg.agent
-    agent = Agent(a, ident, lambda: probe.probe(address=a.host, attributes=a.attributes),
-                  workers=sup.ready_workers)
-    await sup.start()
+              on_supervisor: Callable[[WorkerSupervisor], None] | None = None) -> None:
+    """Serve until `stop` is set (raises AgentRefused if the coordinator refuses this node,
+    ray_host.HostError if `supervise = "ray"` cannot run)."""
+    ray_node_id, joined = join_ray(cfg) if cfg.agent.supervise == "ray" else ("", False)
     try:
-        await agent.run(stop)
+        sup = make_supervisor(cfg, ident, ray_node_id=ray_node_id)
+        if on_supervisor:
+            on_supervisor(sup)
+        a = cfg.agent
+        agent = Agent(a, ident, lambda: probe.probe(address=a.host, attributes=a.attributes,
+                                                    ray_node_id=ray_node_id),
+                      workers=sup.ready_workers)
+        await sup.start()
+        try:
+            await agent.run(stop)
+        finally:
+            await sup.stop()
     finally:
-        await sup.stop()
+        if joined:
+            import ray
+
+            ray.shutdown()

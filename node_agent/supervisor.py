@@ -14,13 +14,14 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from meshd.capabilities import Worker
 
@@ -38,6 +39,23 @@ class WorkerSpec:
     max_backoff_s: float = 30.0
 
 
+class WorkerSupervisor(Protocol):
+    """What the agent needs from a supervisor: `Supervisor` (child processes of the agent) or
+    `ray_host.RaySupervisor` (the same, inside a Ray actor on the agent's node)."""
+
+    def ready_workers(self) -> tuple[Worker, ...]: ...
+
+    def all_ready(self) -> bool: ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+    async def start(self) -> None: ...
+
+    async def wait_ready(self, timeout_s: float) -> bool: ...
+
+    async def stop(self, grace_s: float = 10.0) -> None: ...
+
+
 @dataclass(slots=True)
 class WorkerState:
     spec: WorkerSpec
@@ -47,6 +65,29 @@ class WorkerState:
     started_at: float = 0.0
     last_exit: int | None = None
     log_file: IO[bytes] | None = None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """For the child, before exec (Linux): get SIGTERM when the supervising thread's process
+    dies, so a crashed agent (or a killed Ray worker-host actor) does not leave its workers
+    running and holding their ports. prctl is looked up here, in the parent: the child only
+    calls it (nothing that could take a lock between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_pdeathsig() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_pdeathsig
 
 
 def _group_alive(pgid: int) -> bool:
@@ -112,7 +153,7 @@ class Supervisor:
         st.proc = await asyncio.create_subprocess_exec(
             *spec.argv, stdout=st.log_file, stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **spec.env},
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_parent())
         st.started_at = time.monotonic()
         st.ready = False
         log.info("worker %s started (pid %d): %s", spec.worker.worker_id, st.proc.pid,

@@ -10,6 +10,7 @@ from meshd.commands import CommandError
 from meshd.config import MeshConfig
 from meshd.node_agent import daemon, identity
 from meshd.node_agent.agent import AgentRefused
+from meshd.node_agent.ray_host import HostError
 
 
 async def serve(cfg: MeshConfig, ident: identity.Identity) -> None:
@@ -29,6 +30,6 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
           f"{cfg.workers.count} worker(s)", flush=True)
     try:
         asyncio.run(serve(cfg, ident))
-    except AgentRefused as e:
+    except (AgentRefused, HostError) as e:
         raise CommandError(str(e)) from None
     return 0

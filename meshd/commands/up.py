@@ -26,7 +26,7 @@ from meshd.coordinator import actors
 from meshd.coordinator.gateway import actor as gateways
 from meshd.coordinator.store import Store
 from meshd.node_agent import daemon, identity
-from meshd.node_agent.supervisor import Supervisor
+from meshd.node_agent.supervisor import WorkerSupervisor
 
 
 def _trust_local_agent(cfg: MeshConfig) -> identity.Identity:
@@ -58,9 +58,9 @@ async def _serve(cfg: MeshConfig, duration: float, dashboard: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    box: dict[str, Supervisor] = {}
+    box: dict[str, WorkerSupervisor] = {}
 
-    def keep(sup: Supervisor) -> None:
+    def keep(sup: WorkerSupervisor) -> None:
         box["s"] = sup
 
     agent = asyncio.create_task(daemon.run(cfg, ident, stop, keep))

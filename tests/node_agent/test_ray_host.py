@@ -1,0 +1,143 @@
+"""Workers hosted by a Ray actor pinned to the agent's node (`agent.supervise = "ray"`), on the
+shared real Ray instance: the actor is placed on our node, the supervisor inside it runs a real
+worker process with a real health endpoint, readiness reaches the agent side, and stop ends
+both the worker and the actor. A node that does not exist is a clear error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.control import wait_for
+from support.net import free_port
+
+from meshd.capabilities import Worker
+from meshd.config import AgentConfig, ConfigError
+from meshd.node_agent.ray_host import HostError, RaySupervisor, actor_name
+from meshd.node_agent.supervisor import WorkerSpec
+
+SERVER = """
+import http.server, os, sys, threading, time
+port = int(sys.argv[1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", port), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+print("serving", os.getpid(), flush=True)
+time.sleep(120)
+"""
+
+
+def spec(tmp: Path) -> WorkerSpec:
+    port = free_port()
+    script = tmp / "srv.py"
+    script.write_text(SERVER)
+    return WorkerSpec(Worker("w0", f"http://127.0.0.1:{port}", "both", "tiny"),
+                      (sys.executable, str(script), str(port)),
+                      f"http://127.0.0.1:{port}/health", health_interval_s=0.2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_workers_run_under_an_actor_on_our_node(ray_session: Any, tmp_path: Path) -> None:
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    sup = RaySupervisor([spec(tmp_path)], tmp_path / "logs", node_id, refresh_s=0.2)
+    await sup.start()
+    try:
+        assert sup.where["node_id"] == node_id and sup.where["pid"] != os.getpid()
+        assert ray.get_actor(actor_name(node_id)) is not None  # named, so the dashboard shows it
+        assert await sup.wait_ready(30)
+        assert [w.worker_id for w in sup.ready_workers()] == ["w0"]
+        await wait_for(lambda: bool(sup.describe()) and sup.describe()[0]["pid"], 10)
+        pid = sup.describe()[0]["pid"]
+        assert alive(pid)
+        assert (tmp_path / "logs" / "w0.log").read_text().startswith("serving")
+    finally:
+        await sup.stop(grace_s=5)
+    assert sup.ready_workers() == ()
+    await wait_for(lambda: not alive(pid), 10)
+    with pytest.raises(ValueError):
+        ray.get_actor(actor_name(node_id))  # the actor is gone too
+
+
+async def test_an_unknown_node_is_a_clear_error(ray_session: Any, tmp_path: Path) -> None:
+    sup = RaySupervisor([spec(tmp_path)], tmp_path / "logs", "ab" * 28, start_timeout_s=3)
+    with pytest.raises(HostError, match="could not start on Ray node abab"):
+        await sup.start()
+    await sup.stop()  # nothing left to stop: a no-op
+
+
+def test_supervise_mode_is_validated() -> None:
+    assert AgentConfig(supervise="ray").supervise == "ray"
+    with pytest.raises(ConfigError, match=r"agent\.supervise"):
+        AgentConfig(supervise="systemd")
+
+
+async def test_agent_daemon_reports_ray_hosted_workers(ray_session: Any, tmp_path: Path) -> None:
+    """`meshd agent` with supervise = "ray": a real embedded engine worker runs under the actor
+    on our node, and the coordinator sees it, with the agent's Ray node id, in the report."""
+    import asyncio
+    import dataclasses
+
+    import ray
+    from support.control import control_server, make_config
+
+    from meshd.config import MeshConfig, WorkersConfig
+    from meshd.node_agent import daemon
+    from meshd.node_agent.identity import Identity
+
+    node_id = ray.get_runtime_context().get_node_id()
+    async with control_server(make_config(tmp_path / "coord")) as run:
+        ident = Identity.generate()
+        run.store.add_key(ident.public_key, ident.node_id)
+        base = MeshConfig()
+        cfg = dataclasses.replace(
+            base,
+            agent=AgentConfig(coordinator=run.address, state_dir=str(tmp_path / "agent"),
+                              host="127.0.0.1", supervise="ray", rpc_timeout_s=2.0,
+                              reconnect_max_backoff_s=0.5),
+            workers=WorkersConfig(both=1, base_port=free_port(), num_blocks=64))
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(cfg, ident, stop))
+        table = run.server.plane.table
+        try:
+            await wait_for(lambda: ident.node_id in table.nodes
+                           and bool(table.nodes[ident.node_id].capabilities.workers), 90)
+            report = table.nodes[ident.node_id].capabilities
+            assert report.ray_node_id == node_id
+            assert [w.role for w in report.workers] == ["both"]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+        assert ray.is_initialized()  # the agent joined the test's Ray, so it left it running
+
+
+async def test_workers_die_with_a_killed_actor(ray_session: Any, tmp_path: Path) -> None:
+    """An ungraceful end (Ray kills the actor, as when the agent dies) does not orphan the
+    workers: they get SIGTERM from the kernel (PR_SET_PDEATHSIG)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    sup = RaySupervisor([spec(tmp_path)], tmp_path / "logs", node_id, refresh_s=0.2)
+    await sup.start()
+    try:
+        assert await sup.wait_ready(30)
+        pid = sup.describe()[0]["pid"]
+        ray.kill(ray.get_actor(actor_name(node_id)))
+        await wait_for(lambda: not alive(pid), 15)
+        await wait_for(lambda: sup.ready_workers() == (), 10)  # the refresh notices
+    finally:
+        await sup.stop(grace_s=1)
