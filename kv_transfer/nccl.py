@@ -144,7 +144,7 @@ class NcclSender:
                     raise KVTransferFailure(ErrorCode.PEER_ERROR, "nccl pair was evicted")
             try:
                 transfer(self._kv, pc, block_ids, step, True, deadline,
-                          peer_check(sock, any_data=False))
+                         peer_check(sock, any_data=False))
             except BaseException:
                 self._drop(comm_id)
                 raise
