@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -70,6 +71,7 @@ class WorkerState:
 _PR_SET_PDEATHSIG = 1
 
 
+@functools.cache
 def _die_with_parent() -> Callable[[], None] | None:
     """For the child, before exec (Linux): get SIGTERM when the supervising thread's process
     dies, so a crashed agent (or a killed Ray worker-host actor) does not leave its workers

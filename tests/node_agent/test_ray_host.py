@@ -6,55 +6,24 @@ both the worker and the actor. A node that does not exist is a clear error, not 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.control import wait_for
 from support.net import free_port
+from support.workers import health_worker, pid_alive
 
-from meshd.capabilities import Worker
 from meshd.config import AgentConfig, ConfigError
 from meshd.node_agent.ray_host import HostError, RaySupervisor, actor_name
-from meshd.node_agent.supervisor import WorkerSpec
-
-SERVER = """
-import http.server, os, sys, threading, time
-port = int(sys.argv[1])
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
-    def log_message(self, *a): pass
-srv = http.server.HTTPServer(("127.0.0.1", port), H)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-print("serving", os.getpid(), flush=True)
-time.sleep(120)
-"""
-
-
-def spec(tmp: Path) -> WorkerSpec:
-    port = free_port()
-    script = tmp / "srv.py"
-    script.write_text(SERVER)
-    return WorkerSpec(Worker("w0", f"http://127.0.0.1:{port}", "both", "tiny"),
-                      (sys.executable, str(script), str(port)),
-                      f"http://127.0.0.1:{port}/health", health_interval_s=0.2)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_workers_run_under_an_actor_on_our_node(ray_session: Any, tmp_path: Path) -> None:
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    sup = RaySupervisor([spec(tmp_path)], tmp_path / "logs", node_id, refresh_s=0.2)
+    sup = RaySupervisor([health_worker(tmp_path, life=120.0)], tmp_path / "logs", node_id,
+                        refresh_s=0.2)
     await sup.start()
     try:
         assert sup.where["node_id"] == node_id and sup.where["pid"] != os.getpid()
@@ -63,18 +32,19 @@ async def test_workers_run_under_an_actor_on_our_node(ray_session: Any, tmp_path
         assert [w.worker_id for w in sup.ready_workers()] == ["w0"]
         await wait_for(lambda: bool(sup.describe()) and sup.describe()[0]["pid"], 10)
         pid = sup.describe()[0]["pid"]
-        assert alive(pid)
+        assert pid_alive(pid)
         assert (tmp_path / "logs" / "w0.log").read_text().startswith("serving")
     finally:
         await sup.stop(grace_s=5)
     assert sup.ready_workers() == ()
-    await wait_for(lambda: not alive(pid), 10)
+    await wait_for(lambda: not pid_alive(pid), 10)
     with pytest.raises(ValueError):
         ray.get_actor(actor_name(node_id))  # the actor is gone too
 
 
 async def test_an_unknown_node_is_a_clear_error(ray_session: Any, tmp_path: Path) -> None:
-    sup = RaySupervisor([spec(tmp_path)], tmp_path / "logs", "ab" * 28, start_timeout_s=3)
+    sup = RaySupervisor([health_worker(tmp_path, life=120.0)], tmp_path / "logs", "ab" * 28,
+                        start_timeout_s=3)
     with pytest.raises(HostError, match="could not start on Ray node abab"):
         await sup.start()
     await sup.stop()  # nothing left to stop: a no-op
@@ -131,13 +101,14 @@ async def test_workers_die_with_a_killed_actor(ray_session: Any, tmp_path: Path)
     import ray
 
     node_id = ray.get_runtime_context().get_node_id()
-    sup = RaySupervisor([spec(tmp_path)], tmp_path / "logs", node_id, refresh_s=0.2)
+    sup = RaySupervisor([health_worker(tmp_path, life=120.0)], tmp_path / "logs", node_id,
+                        refresh_s=0.2)
     await sup.start()
     try:
         assert await sup.wait_ready(30)
         pid = sup.describe()[0]["pid"]
         ray.kill(ray.get_actor(actor_name(node_id)))
-        await wait_for(lambda: not alive(pid), 15)
+        await wait_for(lambda: not pid_alive(pid), 15)
         await wait_for(lambda: sup.ready_workers() == (), 10)  # the refresh notices
     finally:
         await sup.stop(grace_s=1)

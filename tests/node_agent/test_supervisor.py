@@ -4,40 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from pathlib import Path
 
 from support.control import wait_for
-from support.net import free_port
+from support.workers import health_worker
 
-from meshd.capabilities import Worker
 from meshd.node_agent.supervisor import Supervisor, WorkerSpec
-
-SERVER = """
-import http.server, os, sys, threading, time
-port, life = int(sys.argv[1]), float(sys.argv[2])
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
-    def log_message(self, *a): pass
-srv = http.server.HTTPServer(("127.0.0.1", port), H)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-print("serving", os.getpid(), flush=True)
-time.sleep(life)
-"""
-
-
-def spec(tmp: Path, life: float, **kw: float) -> WorkerSpec:
-    port = free_port()
-    script = tmp / "srv.py"
-    script.write_text(SERVER)
-    return WorkerSpec(Worker("w0", f"http://127.0.0.1:{port}", "both", "tiny"),
-                      (sys.executable, str(script), str(port), str(life)),
-                      f"http://127.0.0.1:{port}/health", health_interval_s=0.2, **kw)
 
 
 async def test_ready_restart_and_stop(tmp_path: Path) -> None:
-    sup = Supervisor([spec(tmp_path, life=1.5, max_backoff_s=0.5)], tmp_path / "logs")
+    sup = Supervisor([health_worker(tmp_path, life=1.5, max_backoff_s=0.5)], tmp_path / "logs")
     await sup.start()
     try:
         assert await sup.wait_ready(20)
@@ -56,7 +32,7 @@ async def test_ready_restart_and_stop(tmp_path: Path) -> None:
 
 
 async def test_never_ready_is_restarted_and_stop_kills_the_group(tmp_path: Path) -> None:
-    s = spec(tmp_path, life=60, ready_timeout_s=0.5, max_backoff_s=0.2)
+    s = health_worker(tmp_path, life=60, ready_timeout_s=0.5, max_backoff_s=0.2)
     bad = WorkerSpec(s.worker, s.argv, s.health_url.replace("/health", "/nope"),
                      health_interval_s=0.2, ready_timeout_s=0.5, max_backoff_s=0.2)
     sup = Supervisor([bad], tmp_path / "logs")
