@@ -48,8 +48,8 @@ def rss_mb(pid: int) -> float:
 def serve(state_dir: str, port: int, metrics_port: int) -> None:
     """Child process: run the control server until killed."""
     from meshd.config import CoordinatorConfig
+    from meshd.coordinator.grpc_server import ControlServer
     from meshd.coordinator.metrics import ControlMetrics
-    from meshd.coordinator.server import ControlServer
     from meshd.coordinator.store import Store
 
     cfg = CoordinatorConfig(grpc_port=port, metrics_port=metrics_port, state_dir=state_dir,

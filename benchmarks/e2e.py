@@ -140,11 +140,12 @@ async def run_load(url: str, items: list[str], concurrency: int, max_tokens: int
 
 async def measure(layout: str, workers: list[Any], runs: list[tuple[str, list[str], int]],
                   max_tokens: int) -> list[dict[str, Any]]:
-    from meshd.config import GatewaySettings
+    from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
     from meshd.coordinator.gateway.runtime import GatewayRuntime
+    from meshd.scheduler.pd import PDConfig
 
-    settings = GatewaySettings(port=free_port(), replicas=1,
-                               pd_min_uncached_tokens=0 if layout == "disaggregated" else 1 << 30)
+    pd = PDConfig(min_uncached_tokens=0 if layout == "disaggregated" else 1 << 30)
+    settings = GatewayConfig(port=free_port(), replicas=1, routing=RoutingConfig(pd=pd))
 
     async def members() -> list[tuple[str, Any]]:
         return [("bench", w) for w in workers]

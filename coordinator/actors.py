@@ -17,8 +17,8 @@ from typing import Any
 import ray
 
 from meshd.config import CoordinatorConfig
+from meshd.coordinator.grpc_server import ControlServer
 from meshd.coordinator.metrics import ControlMetrics
-from meshd.coordinator.server import ControlServer
 from meshd.coordinator.store import Store
 from meshd.node_agent import identity
 

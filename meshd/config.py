@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from meshd import env
+from meshd.coordinator.gateway.config import MOVED, GatewayConfig
+
+__all__ = ["GatewayConfig"]  # the [gateway] section, defined beside the gateway
 
 DEFAULT_STATE_DIR = "~/.local/state/meshd"
 
@@ -266,54 +269,6 @@ class VllmConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class GatewaySettings:
-    """The OpenAI gateway: replicas sharing one port, deadlines, routing knobs.
-
-    `static_workers` fronts servers the operator already runs: `URL` or `ROLE=URL` for vLLM
-    (and meshd engine) servers, which take part in disaggregated serving (role prefill|decode|
-    both, default both); `openai=URL` for any other OpenAI-compatible server, which the gateway
-    proxies requests to as they are. Models come from each server's `/v1/models`.
-    `api_keys` maps tenant -> key (empty: no auth). `hash_seed` must equal the workers'
-    PYTHONHASHSEED (vLLM) / prefix hash seed (embedded engine) for prefix-aware routing.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: int = 2  # gateway processes sharing the port (SO_REUSEPORT)
-    api_keys: dict[str, str] = field(default_factory=dict)
-    static_workers: tuple[str, ...] = ()
-    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer dir
-    hash_seed: str = "0"
-    pd_min_uncached_tokens: int = 512  # shorter uncached prefills stay on the decode worker
-    total_timeout_s: float = 300.0
-    prefill_timeout_s: float = 30.0
-    first_token_timeout_s: float = 60.0
-    inter_token_timeout_s: float = 20.0
-    max_body_bytes: int = 8 << 20
-    membership_interval_s: float = 1.0
-    scrape_interval_s: float = 0.5
-
-    def __post_init__(self) -> None:
-        _port(self.port, "gateway.port")
-        _check(0 <= self.replicas <= 64, "gateway.replicas", f"must be in 0..64, got "
-               f"{self.replicas}")
-        for tenant, key in self.api_keys.items():
-            _check(len(key) >= 8, f"gateway.api_keys.{tenant}", "keys need >= 8 characters")
-        for entry in self.static_workers:
-            role, _, url = entry.rpartition("=")
-            _check(url.startswith(("http://", "https://")) and role in ("", "prefill",
-                                                                        "decode", "both",
-                                                                        "openai"),
-                   "gateway.static_workers", f"entries are URL or ROLE=URL, got {entry!r}")
-        _check(self.pd_min_uncached_tokens >= 0, "gateway.pd_min_uncached_tokens",
-               "must be >= 0")
-        for name in ("total_timeout_s", "prefill_timeout_s", "first_token_timeout_s",
-                     "inter_token_timeout_s", "membership_interval_s", "scrape_interval_s"):
-            _check(getattr(self, name) > 0, f"gateway.{name}", "must be > 0")
-        _check(self.max_body_bytes >= 1024, "gateway.max_body_bytes", "must be >= 1024")
-
-
-@dataclass(frozen=True, slots=True)
 class MeshConfig:
     """The root config: one section per component, in one TOML file."""
 
@@ -321,7 +276,7 @@ class MeshConfig:
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
-    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self) -> None:
@@ -369,6 +324,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
+    if origin is dict and typing.get_args(tp)[1] is Any:  # free-form tables (profiles)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a table, got {value!r}")
+        return _plain(value)
     if origin is dict:
         if isinstance(value, str):  # env/flag form: "k=v,k2=v2"
             pairs = [p for p in value.split(",") if p.strip()]
@@ -390,12 +349,23 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported field type {tp!r}")
 
 
+def _plain(value: Any) -> Any:
+    """TOML tables and arrays as plain dicts and lists (a deep copy)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
     """Build the dataclass `cls` from `values`, coercing each field; unknown keys are errors."""
     assert dataclasses.is_dataclass(cls)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
+    if unknown and prefix == "gateway." and unknown[0] in MOVED:
+        raise ConfigError(f"gateway.{unknown[0]}: moved to gateway.{MOVED[unknown[0]]}")
     if unknown:
         valid = ", ".join(sorted(fields))
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field (valid: {valid})")
@@ -408,14 +378,34 @@ def build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
             kwargs[key] = build(typing.cast(type, tp), value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own check; make sure it names the full field
+        msg = str(e)
+        if prefix and not msg.startswith(prefix.split(".", 1)[0] + "."):
+            msg = prefix + msg
+        raise ConfigError(msg) from None
+
+
+def _paths(cls: type) -> tuple[str, ...]:
+    """Field paths of a section, nested sections dotted (`deadlines.total_s`)."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(f"{f.name}.{p}" for p in _paths(typing.cast(type, tp)))
+        else:
+            out.append(f.name)
+    return tuple(out)
 
 
 def sections() -> dict[str, tuple[str, ...]]:
-    """Section name -> field names, for env-var lookup and CLI help."""
+    """Section name -> field paths (nested ones dotted), for env-var lookup and CLI help."""
     hints = typing.get_type_hints(MeshConfig)
-    return {s.name: tuple(f.name for f in dataclasses.fields(hints[s.name]))
-            for s in dataclasses.fields(MeshConfig)}
+    return {s.name: _paths(hints[s.name]) for s in dataclasses.fields(MeshConfig)}
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

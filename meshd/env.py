@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 PREFIX = "MESHD_"
 # Variables that are not config fields.
@@ -21,19 +22,29 @@ def config_file(environ: Mapping[str, str] | None = None) -> str | None:
     return env.get(CONFIG_FILE_VAR) or None
 
 
+def var_name(section: str, path: str) -> str:
+    """`gateway`, `deadlines.total_s` -> `MESHD_GATEWAY_DEADLINES_TOTAL_S`."""
+    return f"{PREFIX}{section}_{path.replace('.', '_')}".upper()
+
+
 def overrides(sections: Mapping[str, tuple[str, ...]],
-              environ: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
-    """Collect `MESHD_<SECTION>_<FIELD>` variables for the known sections and fields.
+              environ: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Collect `MESHD_<SECTION>_<FIELD>` variables for the known sections and field paths
+    (a nested section's field `deadlines.total_s` is `MESHD_GATEWAY_DEADLINES_TOTAL_S`).
 
     A variable that names no known section/field is ignored here; `unknown()` reports them.
     """
     env = os.environ if environ is None else environ
-    out: dict[str, dict[str, str]] = {}
-    for section, fields in sections.items():
-        for field in fields:
-            var = f"{PREFIX}{section}_{field}".upper()
+    out: dict[str, dict[str, Any]] = {}
+    for section, paths in sections.items():
+        for path in paths:
+            var = var_name(section, path)
             if var in env:
-                out.setdefault(section, {})[field] = env[var]
+                node = out.setdefault(section, {})
+                *parents, leaf = path.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = env[var]
     return out
 
 
@@ -41,6 +52,6 @@ def unknown(sections: Mapping[str, tuple[str, ...]],
             environ: Mapping[str, str] | None = None) -> list[str]:
     """`MESHD_*` variables that match no config field (typos an operator should hear about)."""
     env = os.environ if environ is None else environ
-    known = {f"{PREFIX}{s}_{f}".upper() for s, fs in sections.items() for f in fs}
+    known = {var_name(s, f) for s, fs in sections.items() for f in fs}
     known.add(CONFIG_FILE_VAR)
     return sorted(v for v in env if v.startswith(PREFIX) and v not in known)

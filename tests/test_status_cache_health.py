@@ -16,10 +16,10 @@ from support.control import control_server, make_config
 from support.net import free_port
 
 from meshd.capabilities import Worker
-from meshd.config import GatewaySettings
 from meshd.coordinator.actors import ensure_admin_key
+from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
-from meshd.node_agent.engine.kv_events import BlockStored, KVEventPublisher
+from meshd.node_agent.engine.kv_publisher import BlockStored, KVEventPublisher
 from meshd.scheduler.block_hash import block_hashes, to_int64
 
 
@@ -44,7 +44,7 @@ async def test_status_prints_cache_routing_section(tmp_path: Path) -> None:
         return [("n-1", w)]
 
     port = free_port()
-    rt = GatewayRuntime(GatewaySettings(port=port, membership_interval_s=60), members)
+    rt = GatewayRuntime(GatewayConfig(port=port, membership_interval_s=60), members)
     tokens = list(range(32))
     hashes = [to_int64(h) for h in block_hashes(tokens, 16, "0")]
     async with control_server(make_config(tmp_path / "coord")) as run:

@@ -1,41 +1,15 @@
-"""OpenAI-compatible gateway: HTTP server, request validation, worker client pool, SSE.
+"""The OpenAI gateway: one replica's HTTP front, request serving and worker view.
 
-Map: `server` (GatewayServer) + `server_conn` (one client connection) + `responder` (answering
-one request) + `routes`/`openapi` (what is served); `openai_api` (body validation into typed
-requests); `handler` (the `Handler` protocol and `ApiRequest`, the seam for the lifecycle);
-`backend` + `backend_conn` (keep-alive client pool to workers); `sse`; `proxy` (default
-round-robin handler); `errors`; `stats`; `config`.
+    http/     the client side: server, connection (parsing, pipelining, deadlines), responder,
+              sse, routes, openapi, errors, request validation (`openai_api`), `ApiRequest`
+    serving/  one request: the mesh handler, the per-choice run, the lifecycle state machine,
+              `failures` (worker failure -> lifecycle action -> client error), prompts at the
+              edge, response shapes, the plain proxy, request metrics
+    workers/  the workers: pool (membership, health, views), HTTP client, KV event feed, load
+              scraping, static workers, cache-routing health monitor
+    config    the `[gateway]` config tree; `runtime` assembles a replica; `actor` runs
+              replicas as Ray actors; `__main__` runs one without Ray
+
+Imports point down the list: `http` knows nothing of serving or workers; `serving` uses
+`http`'s request types and `workers`; `workers` uses neither.
 """
-
-from meshd.coordinator.gateway.backend import (
-    BackendConnectError,
-    BackendError,
-    BackendHTTPError,
-    BackendPool,
-    BackendProtocolError,
-    BackendTimeout,
-    JsonResponse,
-    RawResponse,
-    SseStream,
-)
-from meshd.coordinator.gateway.config import GatewayConfig
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.handler import ApiRequest, Endpoint, Handler
-from meshd.coordinator.gateway.openai_api import (
-    ChatMessage,
-    ChatRequest,
-    CompletionRequest,
-    Limits,
-    Sampling,
-)
-from meshd.coordinator.gateway.proxy import ProxyHandler, to_api_error
-from meshd.coordinator.gateway.responder import Responder
-from meshd.coordinator.gateway.server import GatewayServer
-
-__all__ = [
-    "ApiError", "ApiRequest", "BackendConnectError", "BackendError", "BackendHTTPError",
-    "BackendPool", "BackendProtocolError", "BackendTimeout", "ChatMessage", "ChatRequest",
-    "CompletionRequest", "Endpoint", "GatewayConfig", "GatewayServer", "Handler",
-    "JsonResponse", "Limits", "ProxyHandler", "RawResponse", "Responder", "Sampling",
-    "SseStream", "to_api_error",
-]

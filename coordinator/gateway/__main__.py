@@ -12,10 +12,10 @@ import argparse
 import asyncio
 import signal
 
-from meshd.coordinator.gateway.backend import BackendPool
 from meshd.coordinator.gateway.config import GatewayConfig
-from meshd.coordinator.gateway.proxy import ProxyHandler
-from meshd.coordinator.gateway.server import GatewayServer
+from meshd.coordinator.gateway.http.server import GatewayServer
+from meshd.coordinator.gateway.serving.proxy import ProxyHandler
+from meshd.coordinator.gateway.workers.client import BackendPool
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,20 +30,26 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-async def serve_mesh(ns: argparse.Namespace) -> None:
-    from meshd.config import GatewaySettings
-    from meshd.coordinator.gateway.runtime import GatewayRuntime
+def _config(ns: argparse.Namespace) -> GatewayConfig:
+    return GatewayConfig(host=ns.host, port=ns.port, static_workers=tuple(ns.backend),
+                         api_keys=dict(s.split("=", 1) for s in ns.api_key))
 
-    settings = GatewaySettings(host=ns.host, port=ns.port, static_workers=tuple(ns.backend),
-                               api_keys=dict(s.split("=", 1) for s in ns.api_key))
-    rt = GatewayRuntime(settings)
-    await rt.start()
+
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"meshd gateway (mesh) listening on {ns.host}:{ns.port}", flush=True)
     await stop.wait()
+
+
+async def serve_mesh(ns: argparse.Namespace) -> None:
+    from meshd.coordinator.gateway.runtime import GatewayRuntime
+
+    rt = GatewayRuntime(_config(ns))
+    await rt.start()
+    print(f"meshd gateway (mesh) listening on {ns.host}:{ns.port}", flush=True)
+    await _until_signalled()
     await rt.stop()
 
 
@@ -51,18 +57,12 @@ async def serve(ns: argparse.Namespace) -> None:
     if ns.mesh:
         await serve_mesh(ns)
         return
-    keys = tuple((t, k) for t, _, k in (s.partition("=") for s in ns.api_key))
-    cfg = GatewayConfig(host=ns.host, port=ns.port, models=tuple(ns.model), api_keys=keys)
     pools = [BackendPool.from_url(u, max_connections=ns.max_connections) for u in ns.backend]
     handler = ProxyHandler(pools, ns.model)
-    server = GatewayServer(cfg, handler)
+    server = GatewayServer(_config(ns), handler, models=handler.models)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     print(f"meshd gateway listening on {ns.host}:{server.port}", flush=True)
-    await stop.wait()
+    await _until_signalled()
     await server.shutdown()
     await handler.close()
 

@@ -17,8 +17,9 @@ from typing import Any
 import ray
 
 from meshd.capabilities import Worker
-from meshd.config import GatewaySettings, build
+from meshd.config import build
 from meshd.coordinator import actors
+from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread
 
 log = logging.getLogger("meshd.gateway")
@@ -33,9 +34,9 @@ def _worker(row: dict[str, Any]) -> tuple[str, Worker]:
 
 
 class _GatewayActor:
-    def __init__(self, settings: dict[str, Any], namespace: str, replica: int = 0) -> None:
+    def __init__(self, config: dict[str, Any], namespace: str, replica: int = 0) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.settings = build(GatewaySettings, settings, "gateway.")
+        self.config = build(GatewayConfig, config, "gateway.")
         registry = actors.find(namespace)
         snapshot = _sibling_snapshot(namespace, replica)
 
@@ -46,7 +47,7 @@ class _GatewayActor:
             return [_worker(r) for r in rows]
 
         self.thread, self.loop, self.runtime = run_in_thread(
-            lambda: GatewayRuntime(self.settings, membership, snapshot))
+            lambda: GatewayRuntime(self.config, membership, snapshot))
         self._mirror = threading.Thread(target=self._mirror_metrics, daemon=True,
                                         name="meshd-gateway-ray-metrics")
         self._mirror.start()
@@ -123,14 +124,14 @@ def _sibling_snapshot(namespace: str, replica: int, timeout_s: float = 5.0) -> b
 GatewayActor: Any = ray.remote(num_cpus=0, max_restarts=-1)(_GatewayActor)
 
 
-def deploy(settings: GatewaySettings, namespace: str = "meshd", timeout_s: float = 60.0
+def deploy(config: GatewayConfig, namespace: str = "meshd", timeout_s: float = 60.0
            ) -> list[Any]:
-    """Start `settings.replicas` gateway actors (or find running ones) and wait until each
+    """Start `config.replicas` gateway actors (or find running ones) and wait until each
     serves; returns their handles."""
     handles = [GatewayActor.options(name=f"{PREFIX}{i}", namespace=namespace,
                                     lifetime="detached", get_if_exists=True)
-               .remote(dataclasses.asdict(settings), namespace, i)
-               for i in range(settings.replicas)]
+               .remote(dataclasses.asdict(config), namespace, i)
+               for i in range(config.replicas)]
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     return handles
 

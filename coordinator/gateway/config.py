@@ -1,48 +1,204 @@
-"""`GatewayConfig`: one frozen, validated config for a gateway replica."""
+"""The `[gateway]` config tree: one frozen dataclass per section, composed into `GatewayConfig`.
+
+    [gateway]            listening address, replicas, auth, static workers, tokenizers
+    [gateway.http]       the client side: sizes and deadlines of connections (`http/`)
+    [gateway.deadlines]  the request lifecycle's step deadlines and attempts (`serving/`)
+    [gateway.limits]     caps on what a request may ask for, checked before any worker sees it
+    [gateway.routing]    profiles, the P/D decider, load scraping (`workers/`, `scheduler/`)
+
+Each component reads its own section and nothing renames a field on the way. Plain data: no
+I/O, nothing heavy imported, so `meshd.config` composes it into the root config. Validation
+raises `ValueError` naming the field (`gateway.deadlines.total_s: must be > 0`). Every field is
+documented in docs/operations.md.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from meshd.coordinator.gateway.openai_api import Limits
+from meshd.scheduler.pd import PDConfig
+
+# Seeds the workers accept (vLLM: torch.long; the embedded engine: the same range).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def _positive(obj: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not v > 0:
+            raise ValueError(f"gateway.{section}{name}: must be > 0, got {v}")
 
 
 @dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    """Listening address, limits and deadlines (seconds). Every wait on a client has one:
-    `header_timeout` from a request's first byte to the end of its headers, `body_timeout` for
-    the body after that, `keepalive_timeout` for an idle connection, `write_timeout` for a slow
-    reader to drain a stream, `handler_timeout` for the whole handler, `shutdown_timeout` for
-    draining in-flight requests. `api_keys` maps tenant name -> key; empty means no auth."""
+class HttpConfig:
+    """Client connections. Every wait on a client has a deadline: `header_timeout_s` from a
+    request's first byte to the end of its headers, `body_timeout_s` for the body after that,
+    `keepalive_timeout_s` for an idle connection, `write_timeout_s` for a slow reader to drain
+    a stream, `shutdown_timeout_s` for draining in-flight requests. A handler runs at most the
+    request deadline (`deadlines.total_s`) plus `handler_grace_s`."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
     reuse_port: bool = True
     backlog: int = 2048
     max_body_bytes: int = 8 << 20
     max_header_bytes: int = 64 << 10
     max_pipelined: int = 16
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keepalive_timeout: float = 75.0
-    write_timeout: float = 30.0
-    handler_timeout: float = 600.0
-    shutdown_timeout: float = 30.0
-    sweep_interval: float = 0.5
-    api_keys: tuple[tuple[str, str], ...] = ()
-    models: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    write_timeout_s: float = 30.0
+    handler_grace_s: float = 5.0
+    shutdown_timeout_s: float = 30.0
+    sweep_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_bytes", "max_pipelined", "backlog"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gateway.http.{name}: must be >= 1")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"gateway.http.max_body_bytes: must be >= 1024, got "
+                             f"{self.max_body_bytes}")
+        _positive(self, "http.", ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s",
+                                  "write_timeout_s", "handler_grace_s", "shutdown_timeout_s",
+                                  "sweep_interval_s"))
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """The request lifecycle's limits, in seconds: the whole request, the remote prefill's
+    answer, decode's first token (includes the KV pull or a local prefill), the gap between two
+    streamed tokens; and how many prefill and decode attempts one choice may make."""
+
+    total_s: float = 300.0
+    prefill_s: float = 30.0
+    first_token_s: float = 60.0
+    inter_token_s: float = 20.0
+    max_prefill_attempts: int = 2
+    max_decode_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        _positive(self, "deadlines.", ("total_s", "prefill_s", "first_token_s",
+                                       "inter_token_s", "max_prefill_attempts",
+                                       "max_decode_attempts"))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask for, enforced at the edge before any worker sees it, so a
+    worker never rejects what the gateway accepted. `max_inflight` caps the requests one
+    replica serves at once (429 past it)."""
+
+    max_tokens: int = 131072
+    max_n: int = 128
+    max_stop: int = 4
+    max_prompt_tokens: int = 1 << 20
+    max_logprobs: int = 20  # chat `top_logprobs` and completions `logprobs` (vLLM's default)
+    max_inflight: int = 1024
+
+    def __post_init__(self) -> None:
+        _positive(self, "limits.", ("max_tokens", "max_n", "max_stop", "max_prompt_tokens",
+                                    "max_inflight"))
+        if not 0 <= self.max_logprobs <= 20:
+            raise ValueError(f"gateway.limits.max_logprobs: must be in 0..20, got "
+                             f"{self.max_logprobs}")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    """How the router is built and fed. `decode` / `prefill` name the profiles that pick the
+    decode and prefill worker: a built-in (`scheduler/profiles.py`: decode, prefill,
+    round_robin, least_loaded, random_p2c, approx_tree) or one defined under `profiles`
+    (`{filters, scorers, picker}` tables, see docs/operations.md). `pd` is the P/D decider.
+    Load comes from each worker's `/metrics` every `scrape_interval_s`; a worker a request
+    failed on is left out for `failure_backoff_s`."""
+
+    decode: str = "decode"
+    prefill: str = "prefill"
+    profiles: dict[str, Any] = field(default_factory=dict)
+    pd: PDConfig = field(default_factory=PDConfig)
+    scrape_interval_s: float = 0.5
+    scrape_timeout_s: float = 2.0
+    failure_backoff_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "routing.", ("scrape_interval_s", "scrape_timeout_s",
+                                     "failure_backoff_s"))
+        from meshd.scheduler.profiles import BUILTIN, build_selector
+
+        for name, spec in self.profiles.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"gateway.routing.profiles.{name}: must be a table")
+            try:
+                build_selector(spec, name)
+            except (ValueError, TypeError, KeyError) as e:
+                raise ValueError(f"gateway.routing.profiles.{name}: {e}") from None
+        for role in ("decode", "prefill"):
+            name = getattr(self, role)
+            if name not in self.profiles and name not in BUILTIN:
+                valid = ", ".join(sorted({*BUILTIN, *self.profiles}))
+                raise ValueError(f"gateway.routing.{role}: unknown profile {name!r} "
+                                 f"(valid: {valid})")
+
+    def profile(self, name: str) -> dict[str, Any]:
+        """The config of profile `name` (a user-defined one shadows a built-in)."""
+        from meshd.scheduler.profiles import BUILTIN
+
+        return dict(self.profiles.get(name) or BUILTIN[name])
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The OpenAI gateway: replicas sharing one port and the sections above.
+
+    `static_workers` fronts servers the operator already runs: `URL` or `ROLE=URL` for vLLM
+    (and meshd engine) servers, which take part in disaggregated serving (role prefill|decode|
+    both, default both); `openai=URL` for any other OpenAI-compatible server, which the gateway
+    proxies requests to as they are. Models come from each server's `/v1/models`.
+    `api_keys` maps tenant -> key (empty: no auth). `hash_seed` must equal the workers'
+    PYTHONHASHSEED (vLLM) / prefix hash seed (embedded engine) for prefix-aware routing.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 2  # gateway processes sharing the port (SO_REUSEPORT)
+    api_keys: dict[str, str] = field(default_factory=dict)
+    static_workers: tuple[str, ...] = ()
+    tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer dir
+    hash_seed: str = "0"
+    membership_interval_s: float = 1.0
+    http: HttpConfig = field(default_factory=HttpConfig)
+    deadlines: Deadlines = field(default_factory=Deadlines)
     limits: Limits = field(default_factory=Limits)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
-        for name in ("max_body_bytes", "max_header_bytes", "max_pipelined", "backlog"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1")
-        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "write_timeout",
-                     "handler_timeout", "shutdown_timeout", "sweep_interval"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0")
-        for tenant, key in self.api_keys:
+            raise ValueError(f"gateway.port: must be in 0..65535, got {self.port}")
+        if not 0 <= self.replicas <= 64:
+            raise ValueError(f"gateway.replicas: must be in 0..64, got {self.replicas}")
+        for tenant, key in self.api_keys.items():
             if not tenant or len(key) < 8:
-                raise ValueError("api_keys: each needs a tenant name and a key of >= 8 chars")
+                raise ValueError(f"gateway.api_keys.{tenant}: keys need >= 8 characters")
+        for entry in self.static_workers:
+            role, _, url = entry.rpartition("=")
+            if not (url.startswith("http://")
+                    and role in ("", "prefill", "decode", "both", "openai")):
+                raise ValueError(f"gateway.static_workers: entries are http://HOST:PORT or "
+                                 f"ROLE=http://HOST:PORT, got {entry!r}")
+        _positive(self, "", ("membership_interval_s",))
+
+    @property
+    def handler_timeout_s(self) -> float:
+        return self.deadlines.total_s + self.http.handler_grace_s
+
+
+# Fields that moved into a section (the loader names the new place instead of "unknown").
+MOVED = {"total_timeout_s": "deadlines.total_s", "prefill_timeout_s": "deadlines.prefill_s",
+         "first_token_timeout_s": "deadlines.first_token_s",
+         "inter_token_timeout_s": "deadlines.inter_token_s",
+         "max_body_bytes": "http.max_body_bytes",
+         "pd_min_uncached_tokens": "routing.pd.min_uncached_tokens",
+         "scrape_interval_s": "routing.scrape_interval_s"}
+
+SECTIONS = tuple(f.name for f in fields(GatewayConfig)
+                 if f.name in ("http", "deadlines", "limits", "routing"))

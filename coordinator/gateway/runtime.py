@@ -12,98 +12,64 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from meshd.capabilities import Worker
-from meshd.config import GatewaySettings
-from meshd.coordinator.gateway.backend import BackendError, BackendPool
-from meshd.coordinator.gateway.config import GatewayConfig
-from meshd.coordinator.gateway.health import CacheHealthMonitor
-from meshd.coordinator.gateway.mesh import MeshHandler
-from meshd.coordinator.gateway.mesh_metrics import MeshMetrics
-from meshd.coordinator.gateway.prompts import PromptBuilder
-from meshd.coordinator.gateway.server import GatewayServer
-from meshd.coordinator.gateway.workers import WorkerPool
-from meshd.coordinator.lifecycle import Deadlines
-from meshd.scheduler.pd import PDConfig, PDDecider
+from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
+from meshd.coordinator.gateway.http.server import GatewayServer
+from meshd.coordinator.gateway.serving.mesh import MeshHandler
+from meshd.coordinator.gateway.serving.prompts import PromptBuilder
+from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
+from meshd.coordinator.gateway.workers.pool import WorkerPool
+from meshd.coordinator.gateway.workers.static import discover_static
+from meshd.scheduler.pd import PDDecider
 from meshd.scheduler.prefix_index import IndexSnapshot, PrefixIndex
-from meshd.scheduler.profiles import builtin
+from meshd.scheduler.profiles import build_selector
 from meshd.scheduler.router import Router
 
 log = logging.getLogger("meshd.gateway")
 Membership = Callable[[], Awaitable[list[tuple[str, Worker]]]]
 
 
-def make_router(settings: GatewaySettings, index: PrefixIndex) -> Router:
-    return Router(decode=builtin("decode"), prefill=builtin("prefill"),
-                  pd=PDDecider(PDConfig(min_uncached_tokens=settings.pd_min_uncached_tokens)),
-                  index=index)
-
-
-async def discover_static(entries: Sequence[str], timeout_s: float = 5.0
-                          ) -> list[tuple[str, Worker]]:
-    """Static workers (`URL` or `ROLE=URL`) with the models their `/v1/models` lists.
-    An unreachable one is skipped this round (and retried on the next)."""
-    out: list[tuple[str, Worker]] = []
-    for i, entry in enumerate(entries):
-        role, _, url = entry.rpartition("=")
-        pool = BackendPool.from_url(url)
-        try:
-            r = await pool.request("GET", "/v1/models", timeout=timeout_s)
-            models = [m["id"] for m in orjson.loads(r.body).get("data", [])]
-        except (BackendError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            log.warning("static worker %s: %s", url, e)
-            continue
-        finally:
-            await pool.close()
-        for model in models[:1]:
-            plain = role == "openai"
-            out.append(("static", Worker(f"static-{i}", url.rstrip("/"),
-                                         "both" if plain else (role or "both"), model,
-                                         engine="openai" if plain else "static")))
-    return out
+def make_router(config: RoutingConfig, index: PrefixIndex) -> Router:
+    """The router `[gateway.routing]` describes, over the replica's prefix index."""
+    return Router(decode=build_selector(config.profile(config.decode), config.decode),
+                  prefill=build_selector(config.profile(config.prefill), config.prefill),
+                  pd=PDDecider(config.pd), index=index)
 
 
 @dataclass
 class GatewayRuntime:
-    settings: GatewaySettings
+    config: GatewayConfig
     membership: Membership | None = None  # the registry's routing set
     snapshot: bytes | None = None  # a sibling replica's prefix index to start from
 
     def __post_init__(self) -> None:
-        s = self.settings
+        c = self.config
         # A new replica starts from a sibling's index snapshot plus the event stream: each
         # worker's feed continues at the snapshot's next seq (replaying what came since).
         self.index = (PrefixIndex.restore(IndexSnapshot.from_bytes(self.snapshot))
                       if self.snapshot else PrefixIndex())
-        self.health = CacheHealthMonitor(s.hash_seed)
-        self.pool = WorkerPool(self.index, scrape_interval_s=s.scrape_interval_s,
-                               health=self.health)
+        self.health = CacheHealthMonitor(c.hash_seed)
+        self.pool = WorkerPool(self.index, c.routing, health=self.health)
         self.metrics = MeshMetrics()
         self.metrics.watch_workers(self.pool)
         self.metrics.watch_health(self.health)
-        deadlines = Deadlines(total_s=s.total_timeout_s, prefill_s=s.prefill_timeout_s,
-                              first_token_s=s.first_token_timeout_s,
-                              inter_token_s=s.inter_token_timeout_s)
-        self.handler = MeshHandler(self.pool, make_router(s, self.index),
-                                   PromptBuilder(s.tokenizers, s.hash_seed), deadlines,
-                                   self.metrics)
+        self.handler = MeshHandler(self.pool, make_router(c.routing, self.index),
+                                   PromptBuilder(c.tokenizers, c.hash_seed), c.deadlines,
+                                   self.metrics, max_inflight=c.limits.max_inflight)
         self.handler.on_runs = self.health.observe_runs
-        self.server = GatewayServer(
-            GatewayConfig(host=s.host, port=s.port, max_body_bytes=s.max_body_bytes,
-                          api_keys=tuple(sorted(s.api_keys.items())),
-                          handler_timeout=s.total_timeout_s + 5),
-            self.handler, registry=self.metrics.registry, models=self.handler.models,
-            cache_health=self.health.to_json)
+        self.server = GatewayServer(c, self.handler, registry=self.metrics.registry,
+                                    models=self.handler.models,
+                                    cache_health=self.health.to_json)
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
         members = await self.membership() if self.membership else []
-        members += await discover_static(self.settings.static_workers)
+        members += await discover_static(self.config.static_workers)
         self.pool.update(members)
 
     async def start(self) -> None:
@@ -117,7 +83,7 @@ class GatewayRuntime:
 
     async def _membership_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.membership_interval_s)
+            await asyncio.sleep(self.config.membership_interval_s)
             try:
                 await self.refresh()
             except Exception:  # keep serving with the last known membership
@@ -137,7 +103,7 @@ class GatewayRuntime:
 
     def describe(self) -> dict[str, Any]:
         return {"workers": sorted(self.pool.entries), "models": self.pool.models(),
-                "port": self.settings.port, "from_snapshot": self.snapshot is not None}
+                "port": self.config.port, "from_snapshot": self.snapshot is not None}
 
 
 def run_in_thread(runtime_factory: Callable[[], GatewayRuntime], ready_timeout_s: float = 30.0

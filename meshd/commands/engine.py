@@ -16,7 +16,7 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
         worker = from_args(args)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    from meshd.node_agent.engine.server import serve  # imports torch: only when serving
+    from meshd.node_agent.engine.worker_server import serve  # imports torch: only when serving
 
     asyncio.run(serve(worker))
     return 0

@@ -32,7 +32,7 @@ from meshd.node_agent.engine.openai_io import (
 )
 
 if TYPE_CHECKING:
-    from meshd.node_agent.engine.server import WorkerServer
+    from meshd.node_agent.engine.worker_server import WorkerServer
 
 
 @dataclass(slots=True)

@@ -12,10 +12,10 @@ Modules: `trace` (loaders, block hashes), `cost` (analytic cost model, calibrati
 """
 
 from meshd.scheduler.sim.cluster import ClusterConfig
-from meshd.scheduler.sim.cost import CostModel, calibrate, h100_llama3_8b
 from meshd.scheduler.sim.metrics import Summary, ideal_hit_rate, summarize
 from meshd.scheduler.sim.records import RequestRecord, WorkerStats
 from meshd.scheduler.sim.sim import RoutingPolicy, SimResult, Simulator
+from meshd.scheduler.sim.timing import CostModel, calibrate, h100_llama3_8b
 from meshd.scheduler.sim.trace import TraceRequest, block_hashes, load, load_csv, load_mooncake
 
 __all__ = [

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshd.scheduler.sim.cache import BlockCache
-from meshd.scheduler.sim.cost import CostModel, h100_llama3_8b
 from meshd.scheduler.sim.engine import SimWorker
+from meshd.scheduler.sim.timing import CostModel, h100_llama3_8b
 from meshd.scheduler.sim.trace import TRACE_BLOCK_TOKENS
 from meshd.scheduler.types import Role, WorkerView
 

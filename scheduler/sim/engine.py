@@ -18,8 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from meshd.scheduler.sim.cache import BlockCache
-from meshd.scheduler.sim.cost import CostModel
 from meshd.scheduler.sim.records import RequestRecord, WorkerStats
+from meshd.scheduler.sim.timing import CostModel
 from meshd.scheduler.types import Role
 
 

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from meshd.scheduler.sim.cost import CostModel
 from meshd.scheduler.sim.records import RequestRecord
 from meshd.scheduler.sim.sim import SimResult
+from meshd.scheduler.sim.timing import CostModel
 from meshd.scheduler.sim.trace import TraceRequest, block_hashes
 
 

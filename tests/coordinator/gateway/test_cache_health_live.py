@@ -14,16 +14,15 @@ from support.mesh import engines
 from support.net import free_port
 
 from meshd.capabilities import Worker
-from meshd.config import GatewaySettings
-from meshd.coordinator.gateway.config import GatewayConfig
-from meshd.coordinator.gateway.health import CacheHealthMonitor
-from meshd.coordinator.gateway.mesh import MeshHandler
-from meshd.coordinator.gateway.mesh_metrics import MeshMetrics
-from meshd.coordinator.gateway.prompts import PromptBuilder
+from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
+from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.runtime import GatewayRuntime, make_router
-from meshd.coordinator.gateway.server import GatewayServer
-from meshd.coordinator.gateway.workers import WorkerPool
-from meshd.node_agent.engine.kv_events import BlockStored, KVEventPublisher
+from meshd.coordinator.gateway.serving.mesh import MeshHandler
+from meshd.coordinator.gateway.serving.prompts import PromptBuilder
+from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
+from meshd.coordinator.gateway.workers.pool import WorkerPool
+from meshd.node_agent.engine.kv_publisher import BlockStored, KVEventPublisher
 from meshd.scheduler.block_hash import block_hashes, to_int64
 from meshd.scheduler.cache_health import CacheHealthConfig
 from meshd.scheduler.prefix_index import PrefixIndex
@@ -77,11 +76,11 @@ async def make_gateway(workers: Sequence[Worker]
                        ) -> AsyncIterator[tuple[str, CacheHealthMonitor]]:
     health = CacheHealthMonitor("0", FAST)
     index = PrefixIndex()
-    pool = WorkerPool(index, scrape_interval_s=0.05, health=health)
+    pool = WorkerPool(index, RoutingConfig(scrape_interval_s=0.05), health=health)
     pool.update(("n-test", w) for w in workers)
     metrics = MeshMetrics()
     metrics.watch_health(health)
-    handler = MeshHandler(pool, make_router(GatewaySettings(), index), PromptBuilder(),
+    handler = MeshHandler(pool, make_router(RoutingConfig(), index), PromptBuilder(),
                           metrics=metrics)
     handler.on_runs = health.observe_runs
     server = GatewayServer(GatewayConfig(port=free_port()), handler, registry=metrics.registry,
@@ -194,10 +193,11 @@ async def test_embedded_engine_through_the_gateway_stays_healthy(tmp_path: Path)
         async def members() -> list[tuple[str, Worker]]:
             return [("n-test", e0.worker)]
 
-        rt = GatewayRuntime(GatewaySettings(port=free_port(), scrape_interval_s=0.1,
-                                            membership_interval_s=60), members)
+        rt = GatewayRuntime(GatewayConfig(port=free_port(),
+                                          routing=RoutingConfig(scrape_interval_s=0.1),
+                                          membership_interval_s=60), members)
         await rt.start()
-        url = f"http://127.0.0.1:{rt.settings.port}"
+        url = f"http://127.0.0.1:{rt.config.port}"
         try:
             prompt = "The quick brown fox jumps over the lazy dog. " * 6
             async with aiohttp.ClientSession() as s:

@@ -8,13 +8,13 @@ from typing import Any
 import ray
 from support.net import free_port
 
-from meshd.config import GatewaySettings
 from meshd.coordinator.gateway import actor
+from meshd.coordinator.gateway.config import GatewayConfig
 
 
 def test_replicas_share_the_port_and_bootstrap_from_a_sibling(ray_session: Any) -> None:
     port = free_port()
-    handles = actor.deploy(GatewaySettings(port=port, replicas=2), namespace="meshd-gw-test")
+    handles = actor.deploy(GatewayConfig(port=port, replicas=2), namespace="meshd-gw-test")
     try:
         infos = ray.get([h.info.remote() for h in handles], timeout=30)
         assert [i["port"] for i in infos] == [port, port]

@@ -8,9 +8,9 @@ from support.control import wait_for
 from support.net import free_port
 
 from meshd.capabilities import Worker
-from meshd.config import GatewaySettings
+from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
-from meshd.node_agent.engine.kv_events import BlockStored, KVEventPublisher
+from meshd.node_agent.engine.kv_publisher import BlockStored, KVEventPublisher
 
 
 def stored(*hashes: int, parent: int | None = None) -> BlockStored:
@@ -32,7 +32,7 @@ async def test_new_replica_starts_from_snapshot_then_follows_the_stream() -> Non
     async def members() -> list[tuple[str, Worker]]:
         return [("n1", worker)]
 
-    first = GatewayRuntime(GatewaySettings(port=free_port()), members)
+    first = GatewayRuntime(GatewayConfig(port=free_port()), members)
     await first.start()
     second = None
     try:
@@ -43,7 +43,7 @@ async def test_new_replica_starts_from_snapshot_then_follows_the_stream() -> Non
         first.index.add_worker(gone.worker_id)  # stale entry: must not survive into the copy
         snap = first.index_snapshot()
 
-        second = GatewayRuntime(GatewaySettings(port=free_port()), members, snap)
+        second = GatewayRuntime(GatewayConfig(port=free_port()), members, snap)
         await second.start()
         # Known at once, although the ring no longer holds batches 0-1 to replay.
         assert second.index.match([10, 11, 12, 13]) == {"w1": 4}

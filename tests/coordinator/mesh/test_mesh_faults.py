@@ -15,7 +15,7 @@ import openai
 import pytest
 from support.mesh import EngineProc, engines, gateway, start_engine, wait_ready
 
-from meshd.coordinator.lifecycle import Deadlines
+from meshd.coordinator.gateway.config import Deadlines
 
 PROMPT = "Disaggregated serving must survive failures of any single piece. " * 4
 FAST = Deadlines(total_s=30, prefill_s=2.0, first_token_s=5.0, inter_token_s=2.0)

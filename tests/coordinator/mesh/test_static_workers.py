@@ -10,8 +10,9 @@ import openai
 from support.mesh import engines
 from support.net import free_port
 
-from meshd.config import GatewaySettings
+from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
+from meshd.scheduler.pd import PDConfig
 
 
 def load_fake_backend() -> Any:
@@ -29,8 +30,10 @@ async def test_vllm_protocol_and_plain_openai_static_workers(tmp_path: Path) -> 
     fake = load_fake_backend().FakeBackend(chunks=3)
     fake_port = await fake.start()
     with engines([("p0", "prefill"), ("d0", "decode")], tmp_path) as (p0, d0):
-        settings = GatewaySettings(port=free_port(), pd_min_uncached_tokens=0, static_workers=(
-            f"prefill={p0.url}", f"decode={d0.url}", f"openai=http://127.0.0.1:{fake_port}"))
+        settings = GatewayConfig(
+            port=free_port(), routing=RoutingConfig(pd=PDConfig(min_uncached_tokens=0)),
+            static_workers=(f"prefill={p0.url}", f"decode={d0.url}",
+                            f"openai=http://127.0.0.1:{fake_port}"))
         rt = GatewayRuntime(settings)
         await rt.start()
         try:
@@ -58,8 +61,8 @@ async def test_admission_limit_answers_429_with_retry_after() -> None:
 
     fake = load_fake_backend().FakeBackend(chunks=20)
     fake_port = await fake.start()
-    settings = GatewaySettings(port=free_port(),
-                               static_workers=(f"openai=http://127.0.0.1:{fake_port}",))
+    settings = GatewayConfig(port=free_port(),
+                             static_workers=(f"openai=http://127.0.0.1:{fake_port}",))
     rt = GatewayRuntime(settings)
     rt.handler.max_inflight = 1
     await rt.start()

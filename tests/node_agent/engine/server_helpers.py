@@ -48,10 +48,10 @@ class ServerProc:
 
 
 def make_server(*args: str, timeout_s: float = 60.0) -> ServerProc:
-    """Start `python -m meshd.node_agent.engine.server --port 0 ...` and wait for ready."""
+    """Start `python -m meshd.node_agent.engine.worker_server --port 0 ...` and wait for ready."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshd.node_agent.engine.server", "--port", "0", *args],
+        [sys.executable, "-m", "meshd.node_agent.engine.worker_server", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     lines: list[str] = []

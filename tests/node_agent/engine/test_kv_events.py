@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import zmq
 
-from meshd.node_agent.engine.kv_events import (
+from meshd.node_agent.engine.kv_publisher import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

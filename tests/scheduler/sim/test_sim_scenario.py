@@ -9,8 +9,8 @@ import pytest
 from meshd.scheduler.profiles import builtin
 from meshd.scheduler.router import Router
 from meshd.scheduler.sim import ClusterConfig, Simulator, TraceRequest, ideal_hit_rate, summarize
-from meshd.scheduler.sim.cost import linear
 from meshd.scheduler.sim.sim import SimResult
+from meshd.scheduler.sim.timing import linear
 from meshd.scheduler.types import Decision, RequestView, WorkerView
 
 # prefill 1 ms per uncached token, a decode step 10 ms, a transfer 0.1 ms per token

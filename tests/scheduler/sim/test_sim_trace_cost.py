@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd.scheduler.sim.cost import CostModel, calibrate, h100_llama3_8b
+from meshd.scheduler.sim.timing import CostModel, calibrate, h100_llama3_8b
 from meshd.scheduler.sim.trace import (
     TraceRequest,
     block_hashes,

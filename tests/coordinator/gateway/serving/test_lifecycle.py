@@ -1,6 +1,6 @@
 import pytest
 
-from meshd.coordinator.lifecycle import (
+from meshd.coordinator.gateway.serving.lifecycle import (
     Action,
     Deadlines,
     Failure,

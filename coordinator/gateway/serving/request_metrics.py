@@ -18,10 +18,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
-    from meshd.coordinator.gateway.choice import ChoiceRun
-    from meshd.coordinator.gateway.health import CacheHealthMonitor
-    from meshd.coordinator.gateway.shapes import Delta
-    from meshd.coordinator.gateway.workers import WorkerPool
+    from meshd.coordinator.gateway.serving.choice import ChoiceRun
+    from meshd.coordinator.gateway.serving.shapes import Delta
+    from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
+    from meshd.coordinator.gateway.workers.pool import WorkerPool
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _WORKER_SUMS = {

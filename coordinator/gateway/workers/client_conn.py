@@ -14,7 +14,7 @@ from typing import cast
 
 import httptools
 
-from meshd.coordinator.gateway.sse import SseDecoder
+from meshd.coordinator.gateway.http.sse import SseDecoder
 
 _MAX_QUEUED_EVENTS = 128  # pause reading from the worker above this (consumer is slow)
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Protocol
 
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.sse import LAST_CHUNK, chunk_frame, done_frame, error_event
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.http.sse import LAST_CHUNK, chunk_frame, done_frame, error_event
 
 JSON = b"application/json"
 _STATUS = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}

@@ -11,17 +11,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from meshd.coordinator.gateway import errors
-from meshd.coordinator.gateway.backend import (
+from meshd.coordinator.gateway.http import errors
+from meshd.coordinator.gateway.http.api_request import ApiRequest
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.workers.client import (
     BackendConnectError,
     BackendError,
     BackendHTTPError,
     BackendPool,
     BackendTimeout,
 )
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.handler import ApiRequest
-from meshd.coordinator.gateway.responder import Responder
 
 
 def to_api_error(e: BackendError) -> ApiError:

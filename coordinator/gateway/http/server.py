@@ -25,16 +25,16 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from meshd.coordinator.gateway import errors
 from meshd.coordinator.gateway.config import GatewayConfig
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.handler import ApiRequest, Endpoint, Handler
-from meshd.coordinator.gateway.openai_api import parse_chat, parse_completion
-from meshd.coordinator.gateway.openapi import SPEC_BYTES
-from meshd.coordinator.gateway.responder import Responder
-from meshd.coordinator.gateway.routes import AUTHENTICATED, Route
-from meshd.coordinator.gateway.server_conn import HttpConnection, Pending
-from meshd.coordinator.gateway.stats import GatewayStats, StatsCollector
+from meshd.coordinator.gateway.http import errors
+from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint, Handler
+from meshd.coordinator.gateway.http.connection import HttpConnection, Pending
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.http.openai_api import parse_chat, parse_completion
+from meshd.coordinator.gateway.http.openapi import SPEC_BYTES
+from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.http.routes import AUTHENTICATED, Route
+from meshd.coordinator.gateway.http.stats import GatewayStats, StatsCollector
 
 log = logging.getLogger(__name__)
 _RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
@@ -43,8 +43,8 @@ _HEALTH_OK, _HEALTH_DRAIN = b'{"status":"ok"}', b'{"status":"draining"}'
 
 
 class GatewayServer:
-    """One gateway replica. `models` lists model ids for GET /v1/models (default: the
-    config's `models`). `registry` is exported on /metrics; the gateway's own counters are
+    """One gateway replica. `models` lists model ids for GET /v1/models (default: none).
+    `registry` is exported on /metrics; the gateway's own counters are
     added to it. `cache_health` answers GET /debug/cache-health (None: 404). Use from one
     event loop."""
 
@@ -57,9 +57,9 @@ class GatewayServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.stats = GatewayStats()
         self.registry.register(StatsCollector(self.stats))
-        self._models = models or (lambda: config.models)
+        self._models = models or tuple
         self._cache_health = cache_health
-        self._keys = [(t, k.encode()) for t, k in config.api_keys]
+        self._keys = [(t, k.encode()) for t, k in sorted(config.api_keys.items())]
         self.conns: set[HttpConnection] = set()
         self.now = time.monotonic()
         self.draining = False
@@ -75,7 +75,7 @@ class GatewayServer:
         self.now = loop.time()
         self._server = await loop.create_server(
             lambda: HttpConnection(self), self.config.host, self.config.port,
-            reuse_port=self.config.reuse_port, backlog=self.config.backlog)
+            reuse_port=self.config.http.reuse_port, backlog=self.config.http.backlog)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweeper = loop.create_task(self._sweep())
 
@@ -91,7 +91,7 @@ class GatewayServer:
                 c.responder.keep_alive = False
             if c.is_idle():
                 c.close()
-        deadline = time.monotonic() + (timeout or self.config.shutdown_timeout)
+        deadline = time.monotonic() + (timeout or self.config.http.shutdown_timeout_s)
         while self.conns and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.conns):
@@ -105,11 +105,12 @@ class GatewayServer:
         await asyncio.sleep(0)
 
     async def _sweep(self) -> None:
-        """Enforce every client-side deadline once per `sweep_interval`."""
-        cfg = self.config
+        """Enforce every client-side deadline once per `sweep_interval_s`."""
+        cfg = self.config.http
+        handler_timeout = self.config.handler_timeout_s
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(cfg.sweep_interval)
+            await asyncio.sleep(cfg.sweep_interval_s)
             now = self.now = loop.time()
             for c in list(self.conns):
                 if c.read_deadline and now > c.read_deadline:
@@ -120,7 +121,7 @@ class GatewayServer:
                     else:
                         c.abort()
                 elif c.task is not None:
-                    if now - c.task_started > cfg.handler_timeout and not c.timed_out:
+                    if now - c.task_started > handler_timeout and not c.timed_out:
                         c.timed_out = True
                         self.stats.handler_timeouts += 1
                         c.task.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from meshd.coordinator.gateway import GatewayConfig
+from meshd.coordinator.gateway.config import GatewayConfig
 
 Stack = Any
 
@@ -86,7 +86,7 @@ def test_models(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def keyed(stack_factory: Any) -> Stack:
-    return stack_factory(GatewayConfig(api_keys=(("team-a", "sk-secret-a1"),)))
+    return stack_factory(GatewayConfig(api_keys={"team-a": "sk-secret-a1"}))
 
 
 def test_api_key(keyed: Stack) -> None:

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from meshd.capabilities import Worker
-from meshd.coordinator.gateway.backend import BackendError, BackendPool
-from meshd.coordinator.kv_events import KVEventFeed
-from meshd.coordinator.worker_metrics import WorkerLoad, parse
+from meshd.coordinator.gateway.config import RoutingConfig
+from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
+from meshd.coordinator.gateway.workers.kv_event_feed import KVEventFeed
+from meshd.coordinator.gateway.workers.load import WorkerLoad, parse
 from meshd.scheduler.prefix_index import PrefixIndex
 from meshd.scheduler.types import Role, WorkerView
 
 if TYPE_CHECKING:
-    from meshd.coordinator.gateway.health import CacheHealthMonitor
+    from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
 
 log = logging.getLogger("meshd.gateway.workers")
 _ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "both": Role.BOTH}
@@ -45,18 +46,19 @@ class Entry:
 
 
 class WorkerPool:
-    def __init__(self, index: PrefixIndex | None = None, scrape_interval_s: float = 0.5,
-                 scrape_timeout_s: float = 2.0, failure_backoff_s: float = 5.0,
+    def __init__(self, index: PrefixIndex | None = None, routing: RoutingConfig | None = None,
                  follow_events: bool = True, health: CacheHealthMonitor | None = None) -> None:
-        """`health`, if given, is told of joins, leaves, event batches and scraped counters."""
+        """`routing` gives the scrape interval and timeout and the failure backoff; `health`,
+        if given, is told of joins, leaves, event batches and scraped counters."""
         self.index = index if index is not None else PrefixIndex()
         self.health = health
         self.feed = KVEventFeed(
             self.index, on_batch=health.on_batch if health else None,
             clock=health.clock if health else None) if follow_events else None
-        self.scrape_interval_s = scrape_interval_s
-        self.scrape_timeout_s = scrape_timeout_s
-        self.failure_backoff_s = failure_backoff_s
+        r = routing or RoutingConfig()
+        self.scrape_interval_s = r.scrape_interval_s
+        self.scrape_timeout_s = r.scrape_timeout_s
+        self.failure_backoff_s = r.failure_backoff_s
         self.entries: dict[str, Entry] = {}
         self._views: list[WorkerView] | None = None
         self._views_until = math.inf  # the cached views expire when a failure backoff ends

@@ -1,6 +1,6 @@
 import pytest
 
-from meshd.coordinator.worker_metrics import WorkerLoad, parse
+from meshd.coordinator.gateway.workers.load import WorkerLoad, parse
 
 VLLM = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -6,8 +6,8 @@ import asyncio
 
 from support.control import wait_for
 
-from meshd.coordinator.kv_events import KVEventFeed
-from meshd.node_agent.engine.kv_events import BlockRemoved, BlockStored, KVEventPublisher
+from meshd.coordinator.gateway.workers.kv_event_feed import KVEventFeed
+from meshd.node_agent.engine.kv_publisher import BlockRemoved, BlockStored, KVEventPublisher
 from meshd.scheduler.prefix_index import PrefixIndex
 
 

@@ -21,17 +21,17 @@ from typing import Any
 
 import orjson
 
-from meshd.coordinator.gateway.backend import (
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.serving.lifecycle import Action, Failure, Lifecycle, Phase
+from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, SeamText, parse_delta
+from meshd.coordinator.gateway.workers.client import (
     BackendConnectError,
     BackendError,
     BackendHTTPError,
     BackendProtocolError,
     BackendTimeout,
 )
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.shapes import ChoiceOutput, Delta, SeamText, parse_delta
-from meshd.coordinator.gateway.workers import WorkerPool
-from meshd.coordinator.lifecycle import Action, Failure, Lifecycle, Phase
+from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.router import Router
 from meshd.scheduler.types import Decision, NoWorkerAvailable, RequestView
 

@@ -13,10 +13,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from meshd.coordinator.gateway import ApiRequest, GatewayConfig, GatewayServer, Responder
-from meshd.coordinator.gateway.errors import rate_limited
+from meshd.coordinator.gateway.config import GatewayConfig
+from meshd.coordinator.gateway.http.api_request import ApiRequest
+from meshd.coordinator.gateway.http.errors import rate_limited
+from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.http.server import GatewayServer
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def stream_request(extra: dict[str, Any]) -> bytes:

@@ -12,21 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.coordinator.gateway.errors import invalid
+from meshd.coordinator.gateway.config import Limits
+from meshd.coordinator.gateway.http.errors import invalid
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 _EMPTY: dict[str, Any] = {}
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Caps the gateway enforces before any worker sees a request."""
-
-    max_tokens: int = 131072
-    max_n: int = 128
-    max_stop: int = 4
-    max_prompt_tokens: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

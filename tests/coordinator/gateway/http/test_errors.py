@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meshd.coordinator.gateway import GatewayConfig
+from meshd.coordinator.gateway.config import GatewayConfig, HttpConfig
 
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 M = [{"role": "user", "content": "hi"}]
@@ -84,7 +84,7 @@ def test_bad_input(stack: Any, method: str, path: str, body: bytes, ctype: str |
 
 
 def test_oversized_body_413(stack_factory: Any) -> None:
-    s = stack_factory(GatewayConfig(max_body_bytes=1000))
+    s = stack_factory(GatewayConfig(http=HttpConfig(max_body_bytes=1024)))
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
     conn.request("POST", CHAT, body=chat(user="x" * 5000),
                  headers={"content-type": "application/json"})
@@ -94,7 +94,7 @@ def test_oversized_body_413(stack_factory: Any) -> None:
     with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sk:  # chunked too
         sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
                    b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
-                   + b"400\r\n" + b"x" * 1024 + b"\r\n")
+                   + b"800\r\n" + b"x" * 2048 + b"\r\n")
         assert sk.recv(65536).startswith(b"HTTP/1.1 413")
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
     conn.request("POST", CHAT, body=chat(), headers={"content-type": "application/json"})
@@ -119,7 +119,7 @@ def test_malformed_http_and_pipelining(stack: Any) -> None:
 
 
 def test_header_timeout_408(stack_factory: Any) -> None:
-    s = stack_factory(GatewayConfig(header_timeout=0.3, sweep_interval=0.05))
+    s = stack_factory(GatewayConfig(http=HttpConfig(header_timeout_s=0.3, sweep_interval_s=0.05)))
     with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sk:
         t0 = time.monotonic()
         sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
@@ -128,7 +128,7 @@ def test_header_timeout_408(stack_factory: Any) -> None:
 
 
 def test_rate_limit_helpers() -> None:
-    from meshd.coordinator.gateway import errors
+    from meshd.coordinator.gateway.http import errors
 
     assert errors.rate_limited().status == 429
     assert errors.unavailable().status == 503

@@ -14,10 +14,10 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from meshd.coordinator.gateway.openai_api import ChatRequest, CompletionRequest
+from meshd.coordinator.gateway.http.openai_api import ChatRequest, CompletionRequest
 
 if TYPE_CHECKING:
-    from meshd.coordinator.gateway.responder import Responder
+    from meshd.coordinator.gateway.http.responder import Responder
 
 
 class Endpoint(enum.Enum):

@@ -8,8 +8,8 @@ from typing import Any
 
 from openapi_spec_validator import validate
 
-from meshd.coordinator.gateway import routes
-from meshd.coordinator.gateway.openapi import SPEC
+from meshd.coordinator.gateway.http import routes
+from meshd.coordinator.gateway.http.openapi import SPEC
 
 
 def test_spec_is_valid_openapi_31() -> None:

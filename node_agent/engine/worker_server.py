@@ -1,6 +1,6 @@
 """The embedded engine's worker server: the subset of vLLM's OpenAI server the gateway uses.
 
-    python -m meshd.node_agent.engine.server --port 8000 [--role prefill --kv-secret ...]
+    python -m meshd.node_agent.engine.worker_server --port 8000 [--role prefill --kv-secret ...]
     meshd engine serve ...
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
@@ -36,7 +36,7 @@ from meshd.node_agent.engine.config import EngineConfig, tiny_model, tiny_moe_mo
 from meshd.node_agent.engine.disagg import DisaggStats, EngineLeases, Puller, block_layout
 from meshd.node_agent.engine.engine import Engine
 from meshd.node_agent.engine.handlers import CompletionHandler
-from meshd.node_agent.engine.kv_events import KVEventPublisher, to_u64
+from meshd.node_agent.engine.kv_publisher import KVEventPublisher, to_u64
 from meshd.node_agent.engine.metrics import ServerSnapshot, render
 from meshd.node_agent.engine.openai_io import APIError, ModelInfo
 from meshd.node_agent.engine.worker_config import WorkerConfig, add_serve_flags, from_args

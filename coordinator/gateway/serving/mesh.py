@@ -14,18 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meshd.coordinator.gateway import errors
-from meshd.coordinator.gateway.backend import BackendError, BackendHTTPError
-from meshd.coordinator.gateway.choice import ChoiceRun, Counters
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.handler import ApiRequest
-from meshd.coordinator.gateway.mesh_metrics import MeshMetrics
-from meshd.coordinator.gateway.openai_api import ChatRequest
-from meshd.coordinator.gateway.prompts import PromptBuilder
-from meshd.coordinator.gateway.responder import Responder
-from meshd.coordinator.gateway.shapes import ChoiceOutput, Delta, Shaper, usage
-from meshd.coordinator.gateway.workers import WorkerPool
-from meshd.coordinator.lifecycle import Deadlines, Lifecycle
+from meshd.coordinator.gateway.config import Deadlines
+from meshd.coordinator.gateway.http import errors
+from meshd.coordinator.gateway.http.api_request import ApiRequest
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.http.openai_api import ChatRequest
+from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.serving.choice import ChoiceRun, Counters
+from meshd.coordinator.gateway.serving.lifecycle import Lifecycle
+from meshd.coordinator.gateway.serving.prompts import PromptBuilder
+from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, Shaper, usage
+from meshd.coordinator.gateway.workers.client import BackendError, BackendHTTPError
+from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.router import Router
 from meshd.scheduler.types import RequestView
 

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from meshd.coordinator.gateway.errors import ApiError, invalid, too_large
-from meshd.coordinator.gateway.responder import Responder
-from meshd.coordinator.gateway.routes import ROUTES, Route
+from meshd.coordinator.gateway.http.errors import ApiError, invalid, too_large
+from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.http.routes import ROUTES, Route
 
 if TYPE_CHECKING:
-    from meshd.coordinator.gateway.server import GatewayServer
+    from meshd.coordinator.gateway.http.server import GatewayServer
 
 _HDR = {b"content-type": 0, b"authorization": 1, b"x-request-id": 2, b"expect": 3,
         b"content-length": 4}
@@ -51,7 +51,7 @@ class _Fatal(Exception):
 class HttpConnection(asyncio.Protocol):
     def __init__(self, srv: GatewayServer) -> None:
         self.srv = srv
-        self.cfg = srv.config
+        self.cfg = srv.config.http
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
@@ -66,7 +66,7 @@ class HttpConnection(asyncio.Protocol):
         self.task_started = 0.0
         self.timed_out = False
         self.read_deadline = 0.0  # 0: not reading a request
-        self.idle_deadline = srv.now + self.cfg.keepalive_timeout
+        self.idle_deadline = srv.now + self.cfg.keepalive_timeout_s
         self._begin()
 
     def _begin(self) -> None:
@@ -118,7 +118,7 @@ class HttpConnection(asyncio.Protocol):
     # ---- httptools callbacks
     def on_message_begin(self) -> None:
         self._begin()
-        self.read_deadline = self.srv.now + self.cfg.header_timeout
+        self.read_deadline = self.srv.now + self.cfg.header_timeout_s
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -132,7 +132,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         cfg = self.cfg
-        self.read_deadline = self.srv.now + cfg.body_timeout
+        self.read_deadline = self.srv.now + cfg.body_timeout_s
         url = self.url
         path = url.split(b"?", 1)[0] if b"?" in url else url
         methods = ROUTES.get(path)
@@ -215,7 +215,7 @@ class HttpConnection(asyncio.Protocol):
         if self.queue:
             self.pump()
         if self.task is None and not self.queue:
-            self.idle_deadline = self.srv.now + self.cfg.keepalive_timeout
+            self.idle_deadline = self.srv.now + self.cfg.keepalive_timeout_s
             if self.close_when_idle:
                 self.close()
 
@@ -229,7 +229,7 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             self.close()
         else:
-            self.idle_deadline = self.srv.now + self.cfg.keepalive_timeout
+            self.idle_deadline = self.srv.now + self.cfg.keepalive_timeout_s
 
     def close(self) -> None:
         """Close after the buffered writes are flushed (a graceful end of the connection)."""
@@ -249,7 +249,7 @@ class HttpConnection(asyncio.Protocol):
             return
         fut = self._drain_waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(fut, self.cfg.write_timeout)
+            await asyncio.wait_for(fut, self.cfg.write_timeout_s)
         except TimeoutError:
             self.abort()
         finally:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.handler import ApiRequest
-from meshd.coordinator.gateway.openai_api import ChatRequest
+from meshd.coordinator.gateway.http.api_request import ApiRequest
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.http.openai_api import ChatRequest
 from meshd.node_agent.engine.tokenizer import Tokenizer, load_tokenizer
 from meshd.scheduler.block_hash import BlockHasher, to_int64
 

@@ -10,7 +10,7 @@ its first token, so the gateway sees it as the wait for the first decode token);
 tokens. A colocated request goes admitted → decode. Recovery re-enters a phase: prefill on another
 worker, or decode on another worker with the prompt plus the tokens already streamed.
 
-Plain data with a passed-in clock: the gateway's driver (`coordinator.gateway.driver`) performs
+Plain data with a passed-in clock: the choice run (`serving/choice.py`) performs
 the I/O and calls `advance`/`fail`; `recovery` says what to do after a failure.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from meshd.coordinator.gateway.config import Deadlines
 
 
 class Phase(enum.Enum):
@@ -56,23 +58,6 @@ class Action(enum.Enum):
     LOCAL_PREFILL = "local_prefill"  # skip remote prefill: the decode worker prefills itself
     CONTINUE_DECODE = "continue_decode"  # decode elsewhere: prompt + tokens so far
     GIVE_UP = "give_up"
-
-
-@dataclass(frozen=True, slots=True)
-class Deadlines:
-    """Per-step limits in seconds."""
-
-    total_s: float = 300.0  # the whole request
-    prefill_s: float = 30.0  # remote prefill answer
-    first_token_s: float = 60.0  # decode's first token (includes the KV pull or local prefill)
-    inter_token_s: float = 20.0  # between two streamed tokens
-    max_prefill_attempts: int = 2
-    max_decode_attempts: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("total_s", "prefill_s", "first_token_s", "inter_token_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"gateway.deadlines.{name}: must be > 0")
 
 
 class InvalidTransition(Exception):

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from meshd.coordinator.gateway.backend import (
+from meshd.coordinator.gateway.http.sse import SseDecoder, chunk_frame, encode_event
+from meshd.coordinator.gateway.workers.client import (
     BackendConnectError,
     BackendHTTPError,
     BackendPool,
     BackendTimeout,
 )
-from meshd.coordinator.gateway.sse import SseDecoder, chunk_frame, encode_event
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 

@@ -29,7 +29,8 @@ from typing import Any
 
 import orjson
 
-from meshd.coordinator.gateway.backend_conn import (
+from meshd.coordinator.gateway.http.sse import DONE
+from meshd.coordinator.gateway.workers.client_conn import (
     BackendConnectError,
     BackendError,
     BackendHTTPError,
@@ -37,7 +38,6 @@ from meshd.coordinator.gateway.backend_conn import (
     BackendTimeout,
     Conn,
 )
-from meshd.coordinator.gateway.sse import DONE
 
 __all__ = ["BackendConnectError", "BackendError", "BackendHTTPError", "BackendPool",
            "BackendProtocolError", "BackendTimeout", "JsonResponse", "RawResponse", "SseStream"]

@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from meshd.coordinator.worker_metrics import WorkerLoad
+from meshd.coordinator.gateway.workers.load import WorkerLoad
 from meshd.scheduler.block_hash import hash_block, none_hash, to_int64
 from meshd.scheduler.cache_health import CacheHealthChecker, CacheHealthConfig, CacheHealthReport
 from meshd.scheduler.kv_events import KVEventBatch
 
 if TYPE_CHECKING:
-    from meshd.coordinator.gateway.choice import ChoiceRun
+    from meshd.coordinator.gateway.serving.choice import ChoiceRun
 
 DEFAULT_CONFIG = CacheHealthConfig(silence_needs_activity=True)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from meshd.coordinator.gateway.handler import ApiRequest, Endpoint
+from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint
 
 
 @dataclass(slots=True)

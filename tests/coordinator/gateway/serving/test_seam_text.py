@@ -1,6 +1,6 @@
 """Seamless text across a mid-stream move to another worker (byte-level tokenizer)."""
 
-from meshd.coordinator.gateway.shapes import Delta, SeamText
+from meshd.coordinator.gateway.serving.shapes import Delta, SeamText
 from meshd.node_agent.engine.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from meshd.coordinator.gateway.errors import ApiError
-from meshd.coordinator.gateway.openai_api import (
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.http.openai_api import (
     ChatMessage,
     Limits,
     Sampling,

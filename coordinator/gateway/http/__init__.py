@@ -1,0 +1,1 @@
+"""The gateway's client side: HTTP/1.1 server, connections, responses, validation."""

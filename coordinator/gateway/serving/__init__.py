@@ -1,0 +1,1 @@
+"""Serving one request: mesh handler, choice runs, lifecycle, failures, prompts, shapes."""

@@ -1,0 +1,42 @@
+"""Static workers: servers the operator already runs, named by URL in `[gateway] static_workers`.
+
+`URL` or `ROLE=URL` is a vLLM-protocol server (vLLM or a meshd engine) that takes part in
+disaggregated serving; `openai=URL` any other OpenAI-compatible server, which the gateway
+proxies to as it is. Their models come from their `/v1/models`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import orjson
+
+from meshd.capabilities import Worker
+from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
+
+log = logging.getLogger("meshd.gateway.workers")
+
+
+async def discover_static(entries: Sequence[str], timeout_s: float = 5.0
+                          ) -> list[tuple[str, Worker]]:
+    """`(node id "static", Worker)` for each entry's first model. An unreachable one is skipped
+    this round (and retried on the next)."""
+    out: list[tuple[str, Worker]] = []
+    for i, entry in enumerate(entries):
+        role, _, url = entry.rpartition("=")
+        pool = BackendPool.from_url(url)
+        try:
+            r = await pool.request("GET", "/v1/models", timeout=timeout_s)
+            models = [m["id"] for m in orjson.loads(r.body).get("data", [])]
+        except (BackendError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            log.warning("static worker %s: %s", url, e)
+            continue
+        finally:
+            await pool.close()
+        for model in models[:1]:
+            plain = role == "openai"
+            out.append(("static", Worker(f"static-{i}", url.rstrip("/"),
+                                         "both" if plain else (role or "both"), model,
+                                         engine="openai" if plain else "static")))
+    return out
