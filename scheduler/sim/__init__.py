@@ -15,11 +15,11 @@ from meshd.scheduler.sim.cluster import ClusterConfig
 from meshd.scheduler.sim.metrics import Summary, ideal_hit_rate, summarize
 from meshd.scheduler.sim.records import RequestRecord, WorkerStats
 from meshd.scheduler.sim.sim import RoutingPolicy, SimResult, Simulator
-from meshd.scheduler.sim.timing import CostModel, calibrate, h100_llama3_8b
+from meshd.scheduler.sim.timing import EngineTiming, calibrate, h100_llama3_8b
 from meshd.scheduler.sim.trace import TraceRequest, block_hashes, load, load_csv, load_mooncake
 
 __all__ = [
-    "ClusterConfig", "CostModel", "RequestRecord", "RoutingPolicy", "SimResult", "Simulator",
+    "ClusterConfig", "EngineTiming", "RequestRecord", "RoutingPolicy", "SimResult", "Simulator",
     "Summary", "TraceRequest", "WorkerStats", "block_hashes", "calibrate", "h100_llama3_8b",
     "ideal_hit_rate", "load", "load_csv", "load_mooncake", "summarize",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from meshd.scheduler.sim.cache import BlockCache
 from meshd.scheduler.sim.engine import SimWorker
-from meshd.scheduler.sim.timing import CostModel, h100_llama3_8b
+from meshd.scheduler.sim.timing import EngineTiming, h100_llama3_8b
 from meshd.scheduler.sim.trace import TRACE_BLOCK_TOKENS
 from meshd.scheduler.types import Role, WorkerView
 
@@ -28,7 +28,7 @@ class ClusterConfig:
     """
 
     roles: tuple[Role, ...]
-    cost: CostModel = field(default_factory=h100_llama3_8b)
+    cost: EngineTiming = field(default_factory=h100_llama3_8b)
     block_size: int = TRACE_BLOCK_TOKENS
     kv_tokens: int = DEFAULT_KV_TOKENS
     host_cache_tokens: int = 0

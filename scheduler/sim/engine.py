@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from meshd.scheduler.sim.cache import BlockCache
 from meshd.scheduler.sim.records import RequestRecord, WorkerStats
-from meshd.scheduler.sim.timing import CostModel
+from meshd.scheduler.sim.timing import EngineTiming
 from meshd.scheduler.types import Role
 
 
@@ -56,7 +56,7 @@ def _blocks(tokens: int, block_size: int) -> int:
 class SimWorker:
     """Queues, running batch and cache of one worker. Mutated only by the `Simulator`."""
 
-    def __init__(self, worker_id: str, role: Role, cache: BlockCache, cost: CostModel,
+    def __init__(self, worker_id: str, role: Role, cache: BlockCache, cost: EngineTiming,
                  token_budget: int, max_num_seqs: int, max_chunk_steps: int) -> None:
         self.worker_id = worker_id
         self.role = role

@@ -19,7 +19,7 @@ import numpy as np
 
 from meshd.scheduler.sim.records import RequestRecord
 from meshd.scheduler.sim.sim import SimResult
-from meshd.scheduler.sim.timing import CostModel
+from meshd.scheduler.sim.timing import EngineTiming
 from meshd.scheduler.sim.trace import TraceRequest, block_hashes
 
 
@@ -44,7 +44,7 @@ def ideal_hit_rate(trace: Sequence[TraceRequest], block_size: int) -> float:
     return hit / total if total else 0.0
 
 
-def feasible_fraction(trace: Sequence[TraceRequest], cost: CostModel, ttft_slo_s: float = 2.0,
+def feasible_fraction(trace: Sequence[TraceRequest], cost: EngineTiming, ttft_slo_s: float = 2.0,
                       itl_slo_s: float = 0.1) -> float:
     """Fraction of requests that could meet the SLO at all: alone on an idle worker, without a
     cache hit (a prompt whose bare prefill exceeds the TTFT target misses at any load)."""

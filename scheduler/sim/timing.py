@@ -30,7 +30,7 @@ import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
-class CostModel:
+class EngineTiming:
     """Coefficients of the formulae in the module docstring; all must be >= 0."""
 
     prefill_overhead_s: float = 0.0
@@ -87,12 +87,12 @@ class CostModel:
 
 
 def h100_llama3_8b(mfu: float = 0.5, hbm_efficiency: float = 0.7,
-                   link_bytes_per_s: float = 50e9) -> CostModel:
+                   link_bytes_per_s: float = 50e9) -> EngineTiming:
     """Roofline defaults for Llama-3-8B fp16 on one H100 (see the module docstring)."""
     params, layers, d_model = 8.0e9, 32, 4096
     weight_bytes, kv_bytes = 16e9, 32 * 8 * 128 * 2 * 2
     flops, hbm = 989e12 * mfu, 3.35e12 * hbm_efficiency
-    return CostModel(
+    return EngineTiming(
         prefill_overhead_s=0.002,
         prefill_s_per_token=2 * params / flops,
         attn_s_per_token_pair=4 * layers * d_model / flops,
@@ -106,9 +106,9 @@ def h100_llama3_8b(mfu: float = 0.5, hbm_efficiency: float = 0.7,
 
 
 def linear(prefill_s_per_token: float, decode_step_s: float,
-           transfer_s_per_token: float = 0.0) -> CostModel:
+           transfer_s_per_token: float = 0.0) -> EngineTiming:
     """A cost model without overheads or context terms, for hand-checkable tests."""
-    return CostModel(prefill_s_per_token=prefill_s_per_token, decode_overhead_s=decode_step_s,
+    return EngineTiming(prefill_s_per_token=prefill_s_per_token, decode_overhead_s=decode_step_s,
                      kv_bytes_per_token=1.0,
                      link_bytes_per_s=1.0 / transfer_s_per_token if transfer_s_per_token else 1e30)
 
@@ -119,9 +119,9 @@ def _fit(columns: list[list[float]], seconds: Sequence[float]) -> list[float]:
     return [max(0.0, float(c)) for c in coef]
 
 
-def calibrate(base: CostModel,
+def calibrate(base: EngineTiming,
               prefill: Sequence[tuple[int, int, float]] = (),
-              decode: Sequence[tuple[int, int, float]] = ()) -> CostModel:
+              decode: Sequence[tuple[int, int, float]] = ()) -> EngineTiming:
     """Fit the prefill and/or decode coefficients of `base` to measured points.
 
     `prefill` holds (new_tokens, cached_tokens, seconds) for single-request prefills, `decode`

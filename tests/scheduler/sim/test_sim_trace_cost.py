@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd.scheduler.sim.timing import CostModel, calibrate, h100_llama3_8b
+from meshd.scheduler.sim.timing import EngineTiming, calibrate, h100_llama3_8b
 from meshd.scheduler.sim.trace import (
     TraceRequest,
     block_hashes,
@@ -81,21 +81,21 @@ def test_h100_roofline_figures() -> None:
 
 
 def test_calibrate_recovers_coefficients() -> None:
-    truth = CostModel(prefill_overhead_s=0.003, prefill_s_per_token=2e-5,
+    truth = EngineTiming(prefill_overhead_s=0.003, prefill_s_per_token=2e-5,
                       attn_s_per_token_pair=1e-9, decode_overhead_s=0.008,
                       decode_s_per_seq=1e-4, decode_s_per_ctx_token=5e-8)
     prefill = [(n, c, truth.prefill_s(n, c)) for n, c in
                [(128, 0), (1024, 0), (4096, 0), (2048, 2048), (8192, 512)]]
     decode = [(b, ctx, truth.decode_step_s(b, ctx)) for b, ctx in
               [(1, 1000), (8, 8000), (32, 4000), (64, 100000)]]
-    fit = calibrate(CostModel(), prefill, decode)
+    fit = calibrate(EngineTiming(), prefill, decode)
     for name in ("prefill_overhead_s", "prefill_s_per_token", "attn_s_per_token_pair",
                  "decode_overhead_s", "decode_s_per_seq", "decode_s_per_ctx_token"):
         assert getattr(fit, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
     with pytest.raises(ValueError, match="prefill"):
-        calibrate(CostModel(), prefill[:2])
+        calibrate(EngineTiming(), prefill[:2])
 
 
 def test_cost_rejects_negative() -> None:
     with pytest.raises(ValueError, match=r"cost\.decode_s_per_seq"):
-        CostModel(decode_s_per_seq=-1.0)
+        EngineTiming(decode_s_per_seq=-1.0)
