@@ -25,7 +25,7 @@ def test_meshd_up_serves_the_openai_api_and_stops_cleanly(tmp_path: Path) -> Non
            "MESHD_AGENT_STATE_DIR": str(tmp_path / "agent"), "MESHD_RAY_INCLUDE_DASHBOARD": "0",
            "MESHD_RAY_NUM_CPUS": "1", "MESHD_RAY_NAMESPACE": "meshd-up-test",
            "MESHD_WORKERS_BASE_PORT": str(20000 + base % 20000),
-           "MESHD_GATEWAY_PD_MIN_UNCACHED_TOKENS": "0"}
+           "MESHD_GATEWAY_ROUTING_PD_MIN_UNCACHED_TOKENS": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "meshd", "up", "--duration", "600",
                              "--grpc-port", str(grpc_port), "--metrics-port", "0",
                              "--port", str(port)],

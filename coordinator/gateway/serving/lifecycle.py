@@ -10,8 +10,8 @@ its first token, so the gateway sees it as the wait for the first decode token);
 tokens. A colocated request goes admitted → decode. Recovery re-enters a phase: prefill on another
 worker, or decode on another worker with the prompt plus the tokens already streamed.
 
-Plain data with a passed-in clock: the choice run (`serving/choice.py`) performs
-the I/O and calls `advance`/`fail`; `recovery` says what to do after a failure.
+Plain data with a passed-in clock: the choice run (`serving/choice.py`) performs the I/O and
+calls `advance`/`fail`; `serving/failures.py` says what to do after a failure.
 """
 
 from __future__ import annotations
@@ -114,20 +114,3 @@ class Lifecycle:
     def finish_failed(self, now: float, outcome: str) -> None:
         self.advance(Phase.FAILED, now, outcome)
         self.outcome = outcome
-
-    def recovery(self, failure: Failure, now: float) -> Action:
-        """What to do after `failure` in the current phase. Pure: no state change."""
-        if failure in (Failure.BAD_REQUEST, Failure.CANCELLED, Failure.DEADLINE):
-            return Action.GIVE_UP
-        if self.remaining(now) <= 0:
-            return Action.GIVE_UP
-        d = self.deadlines
-        if self.phase is Phase.PREFILL:
-            if self.prefill_attempts < d.max_prefill_attempts and failure is not Failure.NO_WORKER:
-                return Action.RETRY_PREFILL
-            return Action.LOCAL_PREFILL
-        if self.phase in (Phase.TRANSFER, Phase.DECODE):
-            if self.decode_attempts < d.max_decode_attempts:
-                return Action.CONTINUE_DECODE
-            return Action.GIVE_UP
-        return Action.GIVE_UP

@@ -2,8 +2,8 @@
 
 Non-streaming: the worker's status and body go to the client unchanged. Streaming: each worker
 SSE payload is re-framed to the client as it arrives; a worker error before the first event is
-returned with the worker's status and body. The lifecycle replaces this with prefill/decode;
-`to_api_error` is the mapping it can reuse for backend failures.
+returned with the worker's status and body; other failures map through
+`failures.passthrough_error`. The mesh handler replaces this with prefill/decode.
 """
 
 from __future__ import annotations
@@ -11,31 +11,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from meshd.coordinator.gateway.http import errors
 from meshd.coordinator.gateway.http.api_request import ApiRequest
-from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.serving import failures
 from meshd.coordinator.gateway.workers.client import (
-    BackendConnectError,
     BackendError,
     BackendHTTPError,
     BackendPool,
-    BackendTimeout,
 )
-
-
-def to_api_error(e: BackendError) -> ApiError:
-    """Client-facing error for a failed worker exchange (the worker's own message for HTTP
-    errors is kept when it is OpenAI-shaped; see ProxyHandler for pass-through)."""
-    if isinstance(e, BackendTimeout):
-        return errors.gateway_timeout(f"Worker {e.backend} timed out.")
-    if isinstance(e, BackendConnectError):
-        return errors.unavailable(f"Worker {e.backend} is unreachable.")
-    if isinstance(e, BackendHTTPError):
-        return ApiError(502 if e.status < 500 else e.status,
-                        f"Worker {e.backend} answered HTTP {e.status}.",
-                        err_type="server_error", code="worker_error")
-    return errors.bad_gateway(f"Worker {e.backend} failed: {e}")
 
 
 class ProxyHandler:
@@ -67,10 +50,10 @@ class ProxyHandler:
                 await responder.end_stream()
         except BackendHTTPError as e:
             if responder.started:
-                raise to_api_error(e) from None
+                raise failures.passthrough_error(e) from None
             responder.send(e.status, e.body)
         except BackendError as e:
-            raise to_api_error(e) from None
+            raise failures.passthrough_error(e) from None
 
     async def close(self) -> None:
         for p in self.pools:

@@ -50,6 +50,10 @@ class _Timing:
             self.m.itl.observe((now - self.last) / len(d.token_ids))
         self.last = now
 
+    async def emit(self, d: Delta) -> None:
+        """An `Emit` for non-streamed choices: timing only."""
+        self.token(d)
+
     def done(self, outcome: str) -> None:
         self.m.e2e.observe(time.monotonic() - self.start)
         self.m.requests.labels(outcome).inc()

@@ -1,8 +1,9 @@
 import pytest
 
+from meshd.coordinator.gateway.config import Deadlines
+from meshd.coordinator.gateway.serving.failures import recovery
 from meshd.coordinator.gateway.serving.lifecycle import (
     Action,
-    Deadlines,
     Failure,
     InvalidTransition,
     Lifecycle,
@@ -50,14 +51,14 @@ def test_recovery_table(phase: Phase, attempts: int, failure: Failure, expected:
     lc.phase = phase
     lc.prefill_attempts = attempts
     lc.decode_attempts = attempts
-    assert lc.recovery(failure, 110.0) is expected
+    assert recovery(lc, failure, 110.0) is expected
 
 
 def test_no_recovery_past_the_deadline_and_step_timeouts_are_capped() -> None:
     lc = make(total_s=10.0, prefill_s=30.0)
     lc.advance(Phase.PREFILL, 101.0)
     assert lc.step_timeout(101.0, lc.deadlines.prefill_s) == 9.0
-    assert lc.recovery(Failure.TIMEOUT, 111.0) is Action.GIVE_UP
+    assert recovery(lc, Failure.TIMEOUT, 111.0) is Action.GIVE_UP
     lc.finish_failed(111.0, "deadline")
     assert lc.phase is Phase.FAILED and lc.outcome == "deadline"
 

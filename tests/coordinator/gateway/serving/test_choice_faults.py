@@ -1,0 +1,275 @@
+"""The choice run's failure logic, table-driven against a scripted `WorkerSource`.
+
+Each row: the workers (id -> role), a fault script per worker (what its successive calls do),
+and the expected lifecycle history, counters, text and error. Workers "generate" the same
+sequence (token k at output position k), so a continuation anywhere must give the same text
+with no gap and no duplicate. Runs in milliseconds; the real-process fault tests are
+tests/coordinator/mesh/test_mesh_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+import pytest
+
+from meshd.coordinator.gateway.config import Deadlines
+from meshd.coordinator.gateway.http.errors import ApiError
+from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
+from meshd.coordinator.gateway.serving.mesh import run_all
+from meshd.coordinator.gateway.serving.shapes import Delta
+from meshd.coordinator.gateway.workers.client import (
+    BackendConnectError,
+    BackendHTTPError,
+    BackendProtocolError,
+    BackendTimeout,
+)
+from meshd.scheduler.pd import PDConfig, PDDecider
+from meshd.scheduler.prefix_index import PrefixIndex
+from meshd.scheduler.profiles import builtin
+from meshd.scheduler.router import Router
+from meshd.scheduler.types import RequestView, Role, WorkerView
+
+PROMPT = tuple(range(100, 164))  # 64 tokens: four full blocks, worth disaggregating
+MAX_TOKENS = 12
+FAST = Deadlines(total_s=2.0, prefill_s=0.2, first_token_s=0.2, inter_token_s=0.1)
+
+
+def text_of(ids: Sequence[int]) -> str:
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+EXPECTED = text_of(range(MAX_TOKENS))
+BAD = b'{"error": {"message": "seed out of range", "type": "invalid_request_error", ' \
+      b'"param": "seed", "code": null}}'
+
+
+@dataclass
+class ScriptedSource:
+    """Workers whose calls follow a script: per worker, one step per call (the last repeats).
+
+    prefill steps: "ok" | "connect" | "reject" | "stall". stream steps: "ok" | "connect" |
+    "reject" | ("die", k) | ("stall", k) | ("error_event", k) | ("short", k): k tokens first."""
+
+    roles: dict[str, Role]
+    script: dict[str, list[Any]]
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+    open_streams: int = 0
+
+    def views(self) -> Sequence[WorkerView]:
+        return [WorkerView(w, r, "m", healthy=w not in self.failed)
+                for w, r in sorted(self.roles.items())]
+
+    def mark_failed(self, worker_id: str) -> None:
+        self.failed.add(worker_id)
+
+    def _step(self, worker_id: str, kind: str) -> Any:
+        self.calls.append((kind, worker_id))
+        steps = self.script.get(worker_id, ["ok"])
+        n = sum(1 for k, w in self.calls if w == worker_id)
+        return steps[min(n, len(steps)) - 1]
+
+    async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
+                      timeout_s: float) -> Any:
+        step = self._step(worker_id, "prefill")
+        assert body["max_tokens"] == 1 and body["kv_transfer_params"]["do_remote_decode"]
+        if step == "connect":
+            raise BackendConnectError("refused", worker_id)
+        if step == "reject":
+            raise BackendHTTPError(400, BAD, worker_id)
+        if step == "stall":  # what the pool does when the answer does not come in time
+            await asyncio.sleep(timeout_s)
+            raise BackendTimeout(f"no data within {timeout_s:g}s", worker_id)
+        return {"kv_transfer_params": {"remote_engine_id": worker_id, "remote_block_ids": [1]}}
+
+    @contextlib.asynccontextmanager
+    async def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
+                     timeout_s: float) -> AsyncIterator[AsyncIterator[bytes]]:
+        step = self._step(worker_id, "stream")
+        if step == "connect":
+            raise BackendConnectError("refused", worker_id)
+        if step == "reject":
+            raise BackendHTTPError(400, BAD, worker_id)
+        done = len(body["prompt"]) - len(PROMPT)  # tokens the client already has
+        assert list(body["prompt"][len(PROMPT):]) == list(range(done))
+        assert body["max_tokens"] == MAX_TOKENS - done
+        self.open_streams += 1
+        try:
+            yield self._events(worker_id, step, done)
+        finally:
+            self.open_streams -= 1
+
+    async def _events(self, worker_id: str, step: Any, done: int) -> AsyncIterator[bytes]:
+        kind, k = (step, MAX_TOKENS) if step == "ok" else step
+        for i in range(done, MAX_TOKENS):
+            if i - done == k:
+                if kind == "die":
+                    raise BackendProtocolError("worker closed mid-response", worker_id)
+                if kind == "stall":
+                    await asyncio.sleep(10)
+                if kind == "error_event":
+                    yield b'{"error": {"message": "engine dead"}}'
+                if kind == "short":
+                    return
+            finish = "length" if i == MAX_TOKENS - 1 else None
+            yield orjson.dumps({"choices": [{"index": 0, "text": text_of([i]),
+                                             "token_ids": [i], "finish_reason": finish}]})
+            await asyncio.sleep(0)
+
+
+def make_router() -> Router:
+    return Router(decode=builtin("decode"), prefill=builtin("prefill"),
+                  pd=PDDecider(PDConfig(min_uncached_tokens=0)), index=PrefixIndex())
+
+
+def make_run(source: ScriptedSource, deadlines: Deadlines = FAST, index: int = 0,
+             counters: Counters | None = None) -> ChoiceRun:
+    view = RequestView("r1", "m", len(PROMPT), (), max_tokens=MAX_TOKENS)
+    spec = ChoiceSpec("r1", index, view, PROMPT, {"model": "m"}, MAX_TOKENS, (), text_of)
+    return ChoiceRun(spec, source, make_router(), deadlines, counters or Counters(),
+                     time.monotonic)
+
+
+P, D, B = Role.PREFILL, Role.DECODE, Role.BOTH
+A, PF, TR, DE, DN, FL = "admitted", "prefill", "transfer", "decode", "done", "failed"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    roles: dict[str, Role]
+    script: dict[str, list[Any]]
+    history: list[tuple[str, str]]  # (phase, note) after admitted; "" note: not checked
+    counters: dict[str, int]
+    error: int | None = None  # expected status, else EXPECTED text
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ROWS = [
+    Row("colocated", {"b0": B}, {}, [(DE, "b0"), (DN, "")], {"local_prefill": 1}),
+    Row("disaggregated", {"p0": P, "d0": D}, {},
+        [(PF, "p0"), (TR, "d0"), (DE, "first token"), (DN, "")], {"disaggregated": 1}),
+    Row("prefill refused, retried on another prefill worker",
+        {"p0": P, "p1": P, "d0": D}, {"p0": ["connect"]},
+        [(PF, "p0"), (PF, "p1"), (TR, "d0"), (DE, "first token"), (DN, "")],
+        {"disaggregated": 1, "prefill_retries": 1}),
+    Row("prefill stalls on the only prefill worker: decode prefills locally",
+        {"p0": P, "d0": D}, {"p0": ["stall"]},
+        [(PF, "p0"), (DE, "d0"), (DN, "")], {"prefill_fallbacks": 1, "prefill_retries": 1}),
+    Row("prefill rejected (4xx): the worker's error, no retry", {"p0": P, "d0": D},
+        {"p0": ["reject"]}, [(PF, "p0"), (FL, "bad_request")], {}, error=400),
+    Row("decode dies mid-stream: continued on the other decode worker",
+        {"p0": P, "d0": D, "d1": D}, {"d0": [("die", 5)]},
+        [(PF, "p0"), (TR, "d0"), (DE, "first token"), (DE, "d1"), (DN, "")],
+        {"disaggregated": 1, "continuations": 1}),
+    Row("decode dies mid-stream, only the prefill worker left: continued there",
+        {"p0": P, "d0": D}, {"d0": [("die", 5)]},
+        [(PF, "p0"), (TR, "d0"), (DE, "first token"), (DE, "p0"), (DN, "")],
+        {"disaggregated": 1, "continuations": 1}),
+    Row("decode stalls past inter_token_s: continued elsewhere", {"d0": D, "d1": D},
+        {"d0": [("stall", 3)]}, [(DE, "d0"), (DE, "d1"), (DN, "")],
+        {"local_prefill": 1, "continuations": 1}),
+    Row("error event mid-stream: continued elsewhere", {"b0": B, "b1": B},
+        {"b0": [("error_event", 4)]}, [(DE, "b0"), (DE, "b1"), (DN, "")],
+        {"local_prefill": 1, "continuations": 1}),
+    Row("transfer fails before the first token: another worker prefills itself",
+        {"p0": P, "d0": D, "d1": D}, {"d0": ["connect"]},
+        [(PF, "p0"), (TR, "d0"), (DE, "transfer failed"), (DE, "d1"), (DN, "")],
+        {"disaggregated": 1, "continuations": 1}),
+    Row("every worker dies: 503 after max_decode_attempts", {"b0": B, "b1": B, "b2": B},
+        {w: [("die", 1)] for w in ("b0", "b1", "b2")},
+        [(DE, "b0"), (DE, "b1"), (DE, "b2"), (FL, "worker_failed")],
+        {"local_prefill": 1, "continuations": 2}, error=503),
+    Row("stream ends early without a finish: 503", {"b0": B}, {"b0": [("short", 4)]},
+        [(DE, "b0"), (FL, "worker_failed")], {"local_prefill": 1}, error=503),
+    Row("decode rejected (4xx): the worker's error", {"b0": B, "b1": B}, {"b0": ["reject"]},
+        [(DE, "b0"), (FL, "bad_request")], {"local_prefill": 1}, error=400),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=str)
+async def test_fault_table(row: Row) -> None:
+    source = ScriptedSource(row.roles, row.script)
+    counters = Counters()
+    run = make_run(source, counters=counters)
+    got: list[Delta] = []
+
+    async def emit(d: Delta) -> None:
+        got.append(d)
+
+    if row.error is None:
+        out = await run.run(emit)
+        assert "".join(out.text) == EXPECTED and out.token_ids == list(range(MAX_TOKENS))
+        assert "".join(d.text for d in got) == EXPECTED
+        assert out.finish_reason == "length"
+    else:
+        with pytest.raises(ApiError) as info:
+            await run.run(emit)
+        assert info.value.status == row.error
+        if row.error == 400:
+            assert info.value.message == "seed out of range" and info.value.param == "seed"
+    history = [(ph.value, note) for ph, _, note in run.lc.history[1:]]
+    assert len(history) == len(row.history), history
+    for (ph, note), (want_ph, want_note) in zip(history, row.history, strict=True):
+        assert ph == want_ph and (not want_note or note == want_note), history
+    assert {k: v for k, v in vars(counters).items() if v} == row.counters
+    assert source.open_streams == 0
+
+
+async def test_request_deadline_is_a_504_and_never_overrun() -> None:
+    source = ScriptedSource({"b0": B, "b1": B}, {"b0": [("stall", 2)], "b1": [("stall", 2)]})
+    dl = replace(FAST, total_s=0.3, inter_token_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(ApiError) as info:
+        await make_run(source, dl).run(lambda d: asyncio.sleep(0))
+    assert info.value.status == 504 and info.value.code == "timeout"
+    assert time.monotonic() - t0 < 0.3 + 0.15
+    assert source.open_streams == 0
+
+
+async def test_a_failed_choice_ends_its_siblings_on_every_worker() -> None:
+    """n choices; one is rejected: the others' worker streams are all closed before the
+    error is raised (nothing keeps generating for a request that already failed)."""
+    n = 8
+    roles = {"b0": B, "b1": B}
+    source = ScriptedSource(roles, {"b0": [("stall", 2)] * 2 * n, "b1": [("stall", 2)] * 2 * n})
+    slow = replace(FAST, inter_token_s=5.0, first_token_s=5.0)
+    counters = Counters()
+    runs = [make_run(source, slow, i, counters) for i in range(n)]
+
+    async def ignore(d: Delta) -> None:
+        return None
+
+    async def fail_after_siblings_started() -> Any:
+        while source.open_streams < n - 1:
+            await asyncio.sleep(0.005)
+        raise ApiError(400, "choice 7 rejected")
+
+    coros = [r.run(ignore) for r in runs[:-1]] + [fail_after_siblings_started()]
+    t0 = time.monotonic()
+    with pytest.raises(ApiError, match="choice 7 rejected"):
+        await run_all(coros)
+    assert time.monotonic() - t0 < 1.0
+    assert source.open_streams == 0
+
+
+async def test_cancelling_the_request_ends_every_choice() -> None:
+    source = ScriptedSource({"b0": B}, {"b0": [("stall", 1)] * 8})
+    slow = replace(FAST, inter_token_s=5.0)
+    runs = [make_run(source, slow, i) for i in range(4)]
+    task = asyncio.ensure_future(run_all([r.run(lambda d: asyncio.sleep(0)) for r in runs]))
+    while source.open_streams < 4:
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert source.open_streams == 0
