@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.net import free_port
@@ -16,56 +22,189 @@ from support.net import free_port
 from meshd.coordinator.store import Store
 
 
-def test_meshd_up_serves_the_openai_api_and_stops_cleanly(tmp_path: Path) -> None:
-    """The README's first command: a local mesh answering the `openai` client."""
-    import openai
+PROMPT = "A request must survive the death of its decode worker. " * 4
 
+
+@dataclass
+class Up:
+    """A running `meshd up` (its own Ray, registry, two gateway replicas, one agent with a
+    prefill and a decode embedded worker), as a process tree."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    worker_base: int
+    tmp: Path
+    out: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, timeout: float = 60) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0,
+                             timeout=timeout)
+
+    def worker_pid(self, role: str) -> int | None:
+        """The pid of the agent's worker process with `role` (workers are the up process's
+        descendants: `meshd engine serve ... --role ROLE`)."""
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in argv and b"--role" in argv and \
+                    argv[argv.index(b"--role") + 1] == role.encode():
+                return pid
+            todo.extend(int(k) for k in kids)
+        return None
+
+    def worker_metric(self, index: int, name: str) -> float:
+        """A sample of worker `index`'s own /metrics (0: prefill, 1: decode)."""
+        url = f"http://127.0.0.1:{self.worker_base + 10 * index}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+def _start_up(tmp: Path) -> Up:
     port, grpc_port, base = free_port(), free_port(), free_port()
-    env = {**os.environ, "MESHD_COORDINATOR_STATE_DIR": str(tmp_path / "coord"),
-           "MESHD_AGENT_STATE_DIR": str(tmp_path / "agent"), "MESHD_RAY_INCLUDE_DASHBOARD": "0",
+    worker_base = 20000 + base % 20000
+    env = {**os.environ, "MESHD_COORDINATOR_STATE_DIR": str(tmp / "coord"),
+           "MESHD_AGENT_STATE_DIR": str(tmp / "agent"), "MESHD_RAY_INCLUDE_DASHBOARD": "0",
            "MESHD_RAY_NUM_CPUS": "1", "MESHD_RAY_NAMESPACE": "meshd-up-test",
-           "MESHD_WORKERS_BASE_PORT": str(20000 + base % 20000),
-           "MESHD_GATEWAY_ROUTING_PD_MIN_UNCACHED_TOKENS": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "meshd", "up", "--duration", "600",
+           "MESHD_WORKERS_BASE_PORT": str(worker_base),
+           "MESHD_GATEWAY_ROUTING_PD_MIN_UNCACHED_TOKENS": "0",
+           "MESHD_GATEWAY_ROUTING_FAILURE_BACKOFF_S": "1",
+           "MESHD_GATEWAY_DEADLINES_FIRST_TOKEN_S": "10",
+           "MESHD_GATEWAY_DEADLINES_INTER_TOKEN_S": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "meshd", "up", "--duration", "900",
                              "--grpc-port", str(grpc_port), "--metrics-port", "0",
                              "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    out: list[str] = []
+    up = Up(proc, port, worker_base, tmp, [])
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        up.out.append(line)
+        if "meshd is up" in line:
+            return up
+    proc.kill()
+    raise AssertionError("meshd up did not come up:\n" + "".join(up.out))
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    u = _start_up(tmp_path_factory.mktemp("up"))
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            out.append(line)
-            if "meshd is up" in line:
-                break
-        assert any("meshd is up" in li for li in out), "".join(out)
-        assert f"http://127.0.0.1:{port}/v1" in "".join(out)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                               max_retries=0, timeout=60)
-        chat = client.chat.completions.create(
-            model="meshd-tiny", messages=[{"role": "user", "content": "hello mesh " * 20}],
-            max_tokens=6, temperature=0)
-        assert chat.usage is not None and chat.usage.completion_tokens >= 1
-        comp = client.completions.create(model="meshd-tiny", prompt="hello " * 30,
-                                         max_tokens=4, temperature=0, stream=True)
-        assert sum(len(c.choices) for c in comp) >= 1
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        rest, _ = proc.communicate(timeout=90)
-        out.append(rest)
+        yield u
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = "".join(out)
-    assert proc.returncode == 0, text
+        if u.proc.poll() is None:
+            u.proc.kill()
+            u.proc.wait(30)
+
+
+def test_meshd_up_serves_the_openai_api(up: Up) -> None:
+    """The README's first command: a local mesh answering the `openai` client."""
+    assert f"http://127.0.0.1:{up.port}/v1" in "".join(up.out)
+    client = up.client()
+    chat = client.chat.completions.create(
+        model="meshd-tiny", messages=[{"role": "user", "content": "hello mesh " * 20}],
+        max_tokens=6, temperature=0)
+    assert chat.usage is not None and chat.usage.completion_tokens >= 1
+    comp = client.completions.create(model="meshd-tiny", prompt="hello " * 30,
+                                     max_tokens=4, temperature=0, stream=True)
+    assert sum(len(c.choices) for c in comp) >= 1
+
+
+def _reference(up: Up, max_tokens: int) -> str:
+    """The prefill worker doing the whole request itself (greedy), straight to its port."""
+    body = json.dumps({"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": max_tokens,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{up.worker_base}/v1/completions", body,
+                                 {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return str(json.loads(r.read())["choices"][0]["text"])
+
+
+def _stream_with_fault(up: Up, max_tokens: int, fault: Callable[[int], None]) -> tuple[str, str]:
+    stream = up.client().completions.create(model="meshd-tiny", prompt=PROMPT,
+                                            max_tokens=max_tokens, temperature=0, stream=True)
+    text, finish = [], ""
+    for n, chunk in enumerate(stream):
+        for c in chunk.choices:
+            text.append(c.text)
+            finish = c.finish_reason or finish
+        if n == 20:
+            fault(n)
+    return "".join(text), finish
+
+
+def _wait_pd_resumes(up: Up, old_pid: int | None, timeout_s: float = 90) -> None:
+    """Until a decode worker (restarted by the supervisor, or continued) pulls KV again."""
+    deadline = time.monotonic() + timeout_s
+    client = up.client()
+    while time.monotonic() < deadline:
+        pid = up.worker_pid("decode")
+        if pid is not None and pid != old_pid:
+            with contextlib.suppress(OSError):
+                before = up.worker_metric(1, "meshd_engine_kv_transfer_pulls_total")
+                client.completions.create(model="meshd-tiny", prompt=PROMPT + str(time.time()),
+                                          max_tokens=2, temperature=0)
+                if up.worker_metric(1, "meshd_engine_kv_transfer_pulls_total") > before:
+                    return
+        time.sleep(0.5)
+    raise AssertionError("P/D did not resume after the decode worker came back")
+
+
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_decode_worker_death_mid_stream_loses_nothing(up: Up, fault: str) -> None:
+    """`meshd up`'s topology (one prefill, one decode worker): the decode worker is killed or
+    stopped during a 300-token stream; the stream goes on on the prefill worker with the full
+    text, fresh requests are served meanwhile, and P/D resumes once a decode worker is back."""
+    expected = _reference(up, 300)
+    pid = up.worker_pid("decode")
+    assert pid is not None
+    _wait_pd_resumes(up, None)  # the mesh disaggregates before the fault
+
+    def inject(n: int) -> None:
+        os.kill(pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+
+    try:
+        text, finish = _stream_with_fault(up, 300, inject)
+        assert text == expected and finish == "length"
+        again = up.client().completions.create(model="meshd-tiny", prompt=PROMPT,
+                                               max_tokens=12, temperature=0)
+        assert again.choices[0].text == expected[:len(again.choices[0].text)]
+        assert again.usage is not None and again.usage.completion_tokens == 12
+    finally:
+        if fault == "stall":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    _wait_pd_resumes(up, pid if fault == "kill" else None)
+
+
+def test_meshd_up_stops_cleanly(up: Up) -> None:
+    up.proc.send_signal(signal.SIGINT)  # Ctrl-C
+    rest, _ = up.proc.communicate(timeout=90)
+    up.out.append(rest)
+    text = "".join(up.out)
+    assert up.proc.returncode == 0, text
     assert text.rstrip().endswith("stopped"), text
-    store = Store(tmp_path / "coord")
+    store = Store(up.tmp / "coord")
     assert [n.state for n in store.nodes()] == ["left"]  # the agent deregistered on the way out
     store.close()
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):
-        s.connect(("127.0.0.1", 20000 + base % 20000))  # the workers are gone
+        s.connect(("127.0.0.1", up.worker_base))  # the workers are gone
 
 
 def test_agent_daemon_registers_and_leaves_on_sigterm(tmp_path: Path) -> None:
