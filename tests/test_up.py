@@ -21,7 +21,6 @@ from support.net import free_port
 
 from meshd.coordinator.store import Store
 
-
 PROMPT = "A request must survive the death of its decode worker. " * 4
 
 
@@ -158,7 +157,8 @@ def _wait_pd_resumes(up: Up, old_pid: int | None, timeout_s: float = 90) -> None
         if pid is not None and pid != old_pid:
             with contextlib.suppress(OSError):
                 before = up.worker_metric(1, "meshd_engine_kv_transfer_pulls_total")
-                client.completions.create(model="meshd-tiny", prompt=PROMPT + str(time.time()),
+                fresh = f"{time.time()} {PROMPT}"  # not cached anywhere: worth disaggregating
+                client.completions.create(model="meshd-tiny", prompt=fresh,
                                           max_tokens=2, temperature=0)
                 if up.worker_metric(1, "meshd_engine_kv_transfer_pulls_total") > before:
                     return
