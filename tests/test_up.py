@@ -200,6 +200,7 @@ def test_meshd_up_stops_cleanly(up: Up) -> None:
     text = "".join(up.out)
     assert up.proc.returncode == 0, text
     assert text.rstrip().endswith("stopped"), text
+    assert "fork_posix" not in text and "fork() handlers" not in text, text  # quiet gRPC
     store = Store(up.tmp / "coord")
     assert [n.state for n in store.nodes()] == ["left"]  # the agent deregistered on the way out
     store.close()
