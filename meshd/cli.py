@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from meshd import __version__
+from meshd import __version__, env
 from meshd.config import ConfigError, MeshConfig, load
 
 
@@ -112,6 +112,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    env.grpc_defaults()
     args = _parser().parse_args(argv)
     quiet = args.command == "up"  # `up` prints its own progress; -v shows the component logs
     logging.basicConfig(level=logging.DEBUG if args.verbose else (

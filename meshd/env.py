@@ -8,7 +8,7 @@ a nested override dict (`MESHD_COORDINATOR_GRPC_PORT=7000` -> {"coordinator": {"
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 PREFIX = "MESHD_"
@@ -55,3 +55,17 @@ def unknown(sections: Mapping[str, tuple[str, ...]],
     known = {var_name(s, f) for s, fs in sections.items() for f in fs}
     known.add(CONFIG_FILE_VAR)
     return sorted(v for v in env if v.startswith(PREFIX) and v not in known)
+
+
+# gRPC's fork handlers are for children that keep using gRPC after fork(); meshd's children
+# exec (workers, Ray's processes), and with the handlers on, every fork while a gRPC thread is
+# busy prints "fork_posix.cc ... skipping fork() handlers" into the console.
+GRPC_DEFAULTS = {"GRPC_ENABLE_FORK_SUPPORT": "0"}
+
+
+def grpc_defaults(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set meshd's gRPC defaults in the process environment (before gRPC is imported), unless
+    the operator set them; Ray and worker processes inherit them."""
+    env = os.environ if environ is None else environ
+    for k, v in GRPC_DEFAULTS.items():
+        env.setdefault(k, v)
