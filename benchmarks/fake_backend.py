@@ -5,6 +5,8 @@
   `"stream": true` an SSE stream of `--chunks` token chunks (+ a usage chunk when
   `stream_options.include_usage`) and `data: [DONE]`.
 - GET /v1/models, GET /health, GET /fake/stats (counters as JSON).
+With `return_token_ids` (vLLM's extension, what the mesh path asks for) each stream chunk also
+carries the token ids of its text (`t<i> ` -> three ids).
 Test knobs, read from the request body (unknown fields that a gateway passes through):
 `fake_delay` (seconds between stream chunks), `fake_chunks` (override), `fake_status` (answer
 that HTTP status with an OpenAI error body). `FakeBackend.stats["aborted"]` counts streams whose
@@ -44,12 +46,14 @@ def _completion(chat: bool, model: str, rid: str) -> bytes:
                          "usage": usage})
 
 
-def _chunk(chat: bool, model: str, rid: str, i: int, last: bool) -> bytes:
+def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = False) -> bytes:
     if chat:
         choice: dict[str, Any] = {"index": 0, "delta": {"content": f"t{i} "},
                                   "finish_reason": "stop" if last else None}
     else:
         choice = {"index": 0, "text": f"t{i} ", "finish_reason": "stop" if last else None}
+    if ids:  # vLLM's `return_token_ids`: the ids behind this chunk's text
+        choice["token_ids"] = [116, 48 + i % 10, 32]
     return orjson.dumps({"id": rid, "object": "chat.completion.chunk" if chat
                          else "text_completion", "created": 1700000000, "model": model,
                          "choices": [choice]})
@@ -149,12 +153,13 @@ class _Conn(asyncio.Protocol):
         t, be = self.transport, self.be
         assert t is not None
         n = int(req.get("fake_chunks", be.chunks))
+        ids = bool(req.get("return_token_ids"))
         delay = float(req.get("fake_delay", 0.0))
         be.stats["streams"] += 1
         self.streaming = True
         out = [_SSE_HEAD % conn]
         for i in range(n):
-            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1)))
+            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1, ids)))
             if delay:
                 t.write(b"".join(out))
                 out.clear()

@@ -126,7 +126,7 @@ def wait_ready(port: int, path: str, timeout: float, body: bytes | None = None) 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = log.open("wb")
-    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
 def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
