@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from meshd.kv_transfer.transport import Peer
@@ -50,6 +51,21 @@ def prefill_params(*, request_id: str, block_ids: Sequence[int], engine_id: str,
     return out
 
 
+class ParamsError(StrEnum):
+    """Why `kv_transfer_params` are unusable (`RemotePrefill.parse`). Metric label values."""
+
+    NOT_REMOTE_PREFILL = "not_remote_prefill"
+    BAD_PEER = "bad_peer"
+    BAD_REQUEST_ID = "bad_request_id"
+    BAD_BLOCK_IDS = "bad_block_ids"
+    BAD_TP_SIZE = "bad_tp_size"
+    BAD_NUM_TOKENS = "bad_num_tokens"
+    BAD_PROMPT_DIGEST = "bad_prompt_digest"
+    UNSUPPORTED_TRANSPORT = "unsupported_transport"
+    BAD_TRANSPORTS = "bad_transports"
+    BAD_HOST = "bad_host"
+
+
 @dataclass(frozen=True, slots=True)
 class RemotePrefill:
     """The decode side's view of a prefill response's `kv_transfer_params`."""
@@ -75,9 +91,9 @@ class RemotePrefill:
 
     @staticmethod
     def parse(params: Mapping[str, Any] | None, *, allowed_transports: Collection[str],
-              default_transport: str = "tcp") -> RemotePrefill | str:
-        """The parsed params, or why they are unusable. The reasons are metric label values
-        (keep them stable):
+              default_transport: str = "tcp") -> RemotePrefill | ParamsError:
+        """The parsed params, or why they are unusable (a `ParamsError`, whose values are
+        metric label values: keep them stable):
 
         - `not_remote_prefill`: no params, or `do_remote_prefill` is not set
         - `bad_peer`: `remote_host` not a non-empty string, or `remote_port` not in 1..65535
@@ -94,38 +110,38 @@ class RemotePrefill:
         - `bad_host`: `meshd_host` present but not a dict
         """
         if not params or not params.get("do_remote_prefill"):
-            return "not_remote_prefill"
+            return ParamsError.NOT_REMOTE_PREFILL
         host, port = params.get("remote_host"), params.get("remote_port")
         if (not isinstance(host, str) or not host or not isinstance(port, int)
                 or isinstance(port, bool) or not 0 < port < 65536):
-            return "bad_peer"
+            return ParamsError.BAD_PEER
         rid = params.get("remote_request_id")
         if not isinstance(rid, str) or not rid:
-            return "bad_request_id"
+            return ParamsError.BAD_REQUEST_ID
         blocks = params.get("remote_block_ids")
         if isinstance(blocks, list) and len(blocks) == 1 and isinstance(blocks[0], list):
             blocks = blocks[0]  # one KV cache group, HMA-style nesting
         if not isinstance(blocks, list) or not blocks or not all(
                 _is_int(b) and b >= 0 for b in blocks):
-            return "bad_block_ids"
+            return ParamsError.BAD_BLOCK_IDS
         tp = params.get("tp_size", 1)
         if not _is_int(tp) or tp < 1:
-            return "bad_tp_size"
+            return ParamsError.BAD_TP_SIZE
         num_tokens = params.get("remote_num_tokens")
         if num_tokens is not None and (not _is_int(num_tokens) or num_tokens < 0):
-            return "bad_num_tokens"
+            return ParamsError.BAD_NUM_TOKENS
         digest = params.get("meshd_prompt_digest")
         if digest is not None and not isinstance(digest, str):
-            return "bad_prompt_digest"
+            return ParamsError.BAD_PROMPT_DIGEST
         transport = params.get("meshd_transport", default_transport)
         if not isinstance(transport, str) or transport not in allowed_transports:
-            return "unsupported_transport"
+            return ParamsError.UNSUPPORTED_TRANSPORT
         offered = params.get("meshd_transports", [])
         if not isinstance(offered, list) or not all(isinstance(t, str) for t in offered):
-            return "bad_transports"
+            return ParamsError.BAD_TRANSPORTS
         facts = params.get("meshd_host")
         if facts is not None and not isinstance(facts, dict):
-            return "bad_host"
+            return ParamsError.BAD_HOST
         known = tuple(t for t in offered if t in allowed_transports)
         return RemotePrefill(Peer(host, port), rid, tuple(blocks),
                              str(params.get("remote_engine_id") or ""), tp, transport,

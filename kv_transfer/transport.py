@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,10 @@ if TYPE_CHECKING:
     from meshd.kv_transfer.auth import Authenticator
     from meshd.kv_transfer.conn import ServerConfig
     from meshd.kv_transfer.layout import BlockLayout
-    from meshd.kv_transfer.mux import Sender
+    from meshd.kv_transfer.mux import MuxServer, Sender
+
+ViewKind = Literal["engine", "vllm"]
+VIEW_KINDS: tuple[ViewKind, ...] = ("engine", "vllm")
 
 
 class ErrorCode(StrEnum):
@@ -100,6 +103,23 @@ class Deadline:
         if left <= 0:
             raise KVTransferFailure(ErrorCode.TIMEOUT, f"deadline passed during {self.what}")
         return left
+
+
+@dataclass(frozen=True, slots=True)
+class KVViews:
+    """The KV memory a transport reads (serving) or writes (pulling): the engine's per-layer
+    `tensors` (the engine owns them and must not reallocate them while a transport built over
+    them is open), their `layout`, and which views they are (`kind`, the transports' `views`
+    option): `engine` for meshd's `(2, B, N, H, D)` layers, `vllm` for vLLM's per-layer
+    `[B, H, N, C]` views."""
+
+    tensors: Sequence[torch.Tensor]
+    layout: BlockLayout
+    kind: ViewKind = "engine"
+
+    def __post_init__(self) -> None:
+        if self.kind not in VIEW_KINDS:
+            raise ValueError(f"KVViews.kind: must be one of {VIEW_KINDS}, got {self.kind!r}")
 
 
 class BlockSource(Protocol):
@@ -201,7 +221,7 @@ def make_server(
     *,
     config: ServerConfig | None = None,
     **options: Any,
-) -> TransportServer:
+) -> MuxServer:
     """Start the prefill-side server of transport `name`; it listens until `close()`. (A
     `mux.MuxServer` with one sender; `mux.make_mux_server` serves several on one port.)"""
     from meshd.kv_transfer.mux import MuxServer

@@ -20,9 +20,11 @@ Design (see docs/vllm.md, "KV connector"):
 - The decode engine (D, `kv_consumer`) sees `do_remote_prefill`: `get_num_new_matched_tokens`
   claims the prompt tokens not cached locally for an **async** load; after allocation,
   `update_state_after_alloc` plans remote -> local blocks; D's worker pulls the whole request on
-  a background thread over the transport P named (a client per transport, built on first use)
-  and reports it in `finished_recving`. Not layer-wise: the load runs between engine steps
-  while the request waits in WAITING_FOR_REMOTE_KVS.
+  a background thread over the transport P named (`puller.KVPuller`, shared with the embedded
+  engine: a client per transport, built on first use) and reports it in `finished_recving`.
+  Not layer-wise: the load runs between engine steps while the request waits in
+  WAITING_FOR_REMOTE_KVS. P's side is `offering.make_offer` (scheduler: what the params name)
+  and `offering.serve_kv` (worker: the one listening server), shared with the engine too.
 - **Transports** (`transport` in the extra config; what P serves): `tcp` and `shm` move CPU KV
   in place, or CUDA KV staged through pinned host buffers; `cuda_ipc` (one host) and `nccl`
   move CUDA KV device to device. The connector asks vLLM for the `LBHNC` cache layout
@@ -33,18 +35,19 @@ Design (see docs/vllm.md, "KV connector"):
 - **Failure**: any transfer error (auth, connect, unknown request, timeout, CRC, a transport
   this process cannot run) reports the request's local blocks in
   `get_block_ids_with_load_errors`; with `kv_load_failure_policy=recompute` vLLM recomputes
-  them locally.
+  them locally. The reason is typed (`puller.PullOutcome.reason`: an `ErrorCode` or a
+  `PullFailure`), counted by value in `RecvResults.errors`.
 - Auth: meshd's mutual handshake (HMAC mesh secret or Ed25519 node keys); msgpack frames, no
   pickle.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -58,16 +61,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
 from meshd.kv_transfer.leases import LeaseTable
-from meshd.kv_transfer.mux import MuxServer, make_mux_server
-from meshd.kv_transfer.params import RemotePrefill, prefill_params
-from meshd.kv_transfer.select import offer, pull_transport
-from meshd.kv_transfer.transport import (
-    Peer,
-    TransportClient,
-    TransportServer,
-    make_client,
-    make_server,
-)
+from meshd.kv_transfer.mux import MuxServer
+from meshd.kv_transfer.offering import make_offer, serve_kv
+from meshd.kv_transfer.params import RemotePrefill
+from meshd.kv_transfer.puller import KVPuller, PullFailure, PullOutcome
+from meshd.kv_transfer.select import pull_transport
+from meshd.kv_transfer.transport import KVViews, Peer
 from meshd.kv_transfer.vllm_layout import layout_of
 from meshd.kv_transfer.vllm_params import (
     TRANSFER_TIMEOUT_S,
@@ -89,12 +88,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-    from meshd.kv_transfer.layout import BlockLayout
-
 # Under "vllm." so records use vLLM's handler and format.
 log = logging.getLogger("vllm.meshd_connector")
-
-PULL_THREADS = 4
 
 
 class MeshdConnectorMetadata(KVConnectorMetadata):
@@ -121,11 +116,7 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._engine_id = str(ktc.engine_id)
         self._kv_device = "cuda" if str(vllm_config.device_config.device_type) == "cuda" else "cpu"
         self._facts = self._settings.facts(self._kv_device)
-        self._serves = offer(self._settings.transport, self._kv_device, self._facts,
-                             importlib.util.find_spec("cupy") is not None)
-        several = len(self._serves) > 1  # then prefill params list them, with our host facts
-        self._offered = tuple(self._serves) if several else ()
-        self._host = self._facts.to_dict() if several else None
+        self._offer = make_offer(self._settings.transport, self._kv_device, self._facts)
         self._block_size = int(vllm_config.cache_config.block_size)
         self._tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
@@ -140,7 +131,7 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             log.info("meshd connector (scheduler) engine=%s producer=%s consumer=%s "
                      "transfer server %s:%s serving %s (%s KV, host %s)", self._engine_id,
                      self._producer, self._consumer, self._settings.remote_host,
-                     self._settings.port, "|".join(self._serves), self._kv_device,
+                     self._settings.port, "|".join(self._offer.transports), self._kv_device,
                      self._facts.hostname)
         else:
             s = self._settings
@@ -151,12 +142,8 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             self._leases = LeaseTable(s.lease_timeout_s, transfer_timeout_s=TRANSFER_TIMEOUT_S,
                                       lookup_wait_s=s.lookup_wait_s)
             self._recv = RecvResults()
-            self._server: TransportServer | MuxServer | None = None
-            self._clients: dict[str, TransportClient | str] = {}  # transport -> client | error
-            self._clients_lock = threading.Lock()
-            self._views: list[torch.Tensor] = []
-            self._layout: BlockLayout | None = None
-            self._pool: ThreadPoolExecutor | None = None
+            self._server: MuxServer | None = None
+            self._puller: KVPuller | None = None  # a consumer's, from register_kv_caches
             self._inflight: set[str] = set()
             self._lock = threading.Lock()
             self._rank = 0
@@ -248,12 +235,11 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             return False, None  # EOS or abort: free now, the decode side prefills itself
         rid = request.request_id
         self._pending_leases[rid] = tuple(block_ids)
-        return True, prefill_params(
+        return True, self._offer.params(
             request_id=rid, block_ids=block_ids, engine_id=self._engine_id,
             peer=Peer(self._settings.remote_host, self._settings.port), tp_size=self._tp_size,
-            num_tokens=len(request.prompt_token_ids or []), transport=self._serves[0],
+            num_tokens=len(request.prompt_token_ids or []),
             prompt=request.prompt_token_ids or [],
-            offered=self._offered, host=self._host,
         )
 
     # ==========================================================================================
@@ -280,45 +266,23 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
             )
         layout = layout_of(layers, spec.num_kv_heads, spec.head_size, spec.block_size)
         self._rank = int(get_tensor_model_parallel_rank())
-        self._views, self._layout = layers, layout
+        views = KVViews(layers, layout, "vllm")
         if self._producer:
-            config = ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S)
-            port = self._settings.port + self._rank
-            if len(self._serves) == 1:
-                self._server = make_server(self._serves[0], layers, layout, self._auth,
-                                           self._leases, self._settings.host, port,
-                                           config=config, views="vllm")
-            else:
-                self._server, skipped = make_mux_server(
-                    self._serves, layers, layout, self._auth, self._leases,
-                    self._settings.host, port, config=config, views="vllm")
-                for name, why in skipped.items():
-                    log.warning("meshd: not serving %s (decode peers that pick it will "
-                                "recompute): %s", name, why)
+            serving = serve_kv(self._offer, views, self._auth, self._leases,
+                               Peer(self._settings.host, self._settings.port + self._rank),
+                               config=ServerConfig(transfer_timeout_s=TRANSFER_TIMEOUT_S))
+            self._server = serving.server
+            for name, why in serving.skipped.items():
+                log.warning("meshd: not serving %s (decode peers that pick it will "
+                            "recompute): %s", name, why)
         if self._consumer:
-            self._pool = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="meshd-kv-pull")
+            self._puller = KVPuller(views, self._auth, self._settings.pull_timeout_s, log=log)
         t = layers[0]
         log.info("meshd connector (worker rank %d): %d layers on %s, view %s strides %s; "
                  "%d blocks x %d B/block; server %s %s", self._rank, len(layers), t.device,
                  tuple(t.shape), t.stride(), num_blocks, layout.bytes_per_block,
-                 ("|".join(self._server.wire_names) if isinstance(self._server, MuxServer)
-                  else self._server.name) if self._server else "-",
+                 "|".join(self._server.wire_names) if self._server else "-",
                  self._server.address if self._server else "")
-
-    def _client(self, transport: str) -> TransportClient | str:
-        """The client for `transport` (built on first use), or why it cannot run here."""
-        with self._clients_lock:  # not self._lock: building one may take a while (NCCL)
-            client = self._clients.get(transport)
-            if client is None:
-                assert self._layout is not None
-                try:
-                    client = make_client(transport, self._views, self._layout, self._auth,
-                                         views="vllm")
-                except (ValueError, RuntimeError, ImportError) as exc:
-                    log.warning("meshd: cannot pull over %s here: %s", transport, exc)
-                    client = f"transport_unavailable: {transport}: {exc}"
-                self._clients[transport] = client
-            return client
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -331,42 +295,36 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
                 if plan.request_id in self._inflight:
                     continue
                 self._inflight.add(plan.request_id)
-            if not plan.remote_block_ids or self._pool is None:
-                self._done(plan, None)
+            if not plan.remote_block_ids or self._puller is None:
+                why = "no remote blocks" if self._puller else "not a kv_consumer"
+                self._landed(plan, PullOutcome.failed(PullFailure.NO_PLAN, why))
                 continue
-            self._pool.submit(self._pull, plan)
+            peer = Peer(plan.peer.host, plan.peer.port + self._rank)
+            fut = self._puller.submit(plan.transport, peer, plan.remote_request_id,
+                                      plan.remote_block_ids, plan.local_block_ids)
+            fut.add_done_callback(partial(self._pulled, plan, peer))
 
-    def _pull(self, plan: LoadPlan) -> None:
-        peer = Peer(plan.peer.host, plan.peer.port + self._rank)
-        try:
-            client = self._client(plan.transport)
-            if isinstance(client, str):
-                self._done(plan, client)
-                return
-            result = client.fetch(peer, plan.remote_request_id, plan.remote_block_ids,
-                                  plan.local_block_ids, self._settings.pull_timeout_s)
-        except Exception as exc:  # a caller bug must not strand the request
-            log.exception("meshd: pull of %s failed", plan.request_id)
-            self._done(plan, f"internal: {exc}")
-            return
-        if result.ok:
+    def _pulled(self, plan: LoadPlan, peer: Peer, fut: Future[PullOutcome]) -> None:
+        """A pull's future is done (on a pull thread; or here at once if it already was)."""
+        if fut.cancelled():
+            return  # shutdown() cancelled it before it started: the engine is going away
+        out = fut.result()  # KVPuller.fetch never raises
+        if out.ok:
             log.info("meshd: pulled %d blocks (%d B) for %s from %s:%d via %s (remote %s) in "
-                     "%.3f s", len(plan.local_block_ids), result.bytes, plan.request_id,
-                     peer.host, peer.port, client.name, plan.remote_request_id, result.seconds)
-            with self._lock:
-                self._inflight.discard(plan.request_id)
-            self._recv.succeeded(plan.request_id, result.bytes, result.seconds)
-        else:
-            self._done(plan, str(result.error))
+                     "%.3f s", len(plan.local_block_ids), out.result.bytes, plan.request_id,
+                     peer.host, peer.port, out.via, plan.remote_request_id, out.result.seconds)
+        self._landed(plan, out)
 
-    def _done(self, plan: LoadPlan, error: str | None) -> None:
-        """A failed (or impossible) load: its blocks are reported for recomputation."""
-        error = error or "no plan"
-        log.warning("meshd: KV load for %s failed (%s); %d blocks will be recomputed",
-                    plan.request_id, error, len(plan.local_block_ids))
+    def _landed(self, plan: LoadPlan, out: PullOutcome) -> None:
+        """Report a finished load; a failed (or impossible) one has its blocks recomputed."""
         with self._lock:
             self._inflight.discard(plan.request_id)
-        self._recv.failed(plan.request_id, plan.local_block_ids, error.split(":", 1)[0])
+        if out.reason is None:
+            self._recv.succeeded(plan.request_id, out.result.bytes, out.result.seconds)
+            return
+        log.warning("meshd: KV load for %s failed (%s); %d blocks will be recomputed",
+                    plan.request_id, out.describe(), len(plan.local_block_ids))
+        self._recv.failed(plan.request_id, plan.local_block_ids, out.reason)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads are whole-request and asynchronous (finished before scheduling)
@@ -393,8 +351,5 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         if self._role == KVConnectorRole.WORKER:
             if self._server is not None:
                 self._server.close()
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-            for client in self._clients.values():
-                if not isinstance(client, str):
-                    client.close()
+            if self._puller is not None:
+                self._puller.close()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.kv_transfer.params import RemotePrefill
+from meshd.kv_transfer.puller import PullReason
 from meshd.kv_transfer.select import HostFacts
 from meshd.kv_transfer.transport import Peer
 
@@ -200,7 +201,7 @@ class RecvResults:
     failed_total: int = 0
     bytes_total: int = 0
     seconds_total: float = 0.0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # failed loads by reason value
 
     def succeeded(self, request_id: str, nbytes: int, seconds: float) -> None:
         with self._lock:
@@ -209,11 +210,13 @@ class RecvResults:
             self.bytes_total += nbytes
             self.seconds_total += seconds
 
-    def failed(self, request_id: str, local_block_ids: Iterable[int], code: str) -> None:
+    def failed(self, request_id: str, local_block_ids: Iterable[int],
+               reason: PullReason) -> None:
+        """A load that did not land; `errors` counts by `reason.value`."""
         with self._lock:
             self._failed[request_id] = tuple(local_block_ids)
             self.failed_total += 1
-            self.errors[code] = self.errors.get(code, 0) + 1
+            self.errors[reason.value] = self.errors.get(reason.value, 0) + 1
 
     def take(self) -> tuple[set[str], set[str]]:
         """(finished ids, failed ids) since the last call; failed ones are among the finished

@@ -7,10 +7,11 @@ keyed by the engine-internal request id (`remote_request_id`) in the shared
 `EngineLeases` ties lease ends to the engine's held blocks. The response's
 `kv_transfer_params` come from `kv_transfer.params.prefill_params`.
 
-Decode side (`do_remote_prefill`): `Puller.pull` allocates import blocks, fetches them on a
-worker thread with a deadline and reports whether the request may run with `imported=True`;
-on any failure the import blocks are freed and the request is prefilled locally (counted by
-reason in `DisaggStats.fallbacks`). The client gets the same tokens either way.
+Decode side (`do_remote_prefill`): `Puller.pull` allocates import blocks, fetches them with the
+shared `kv_transfer.puller.KVPuller` (a worker thread, a deadline, a typed outcome) and reports
+whether the request may run with `imported=True`; on any failure the import blocks are freed
+and the request is prefilled locally (counted by reason in `DisaggStats.fallbacks`). The client
+gets the same tokens either way.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from enum import StrEnum
+from typing import Any, TypeAlias, TypeVar
 
 from meshd.kv_transfer.auth import Authenticator
 from meshd.kv_transfer.layout import BlockLayout
 from meshd.kv_transfer.leases import LeaseStats, LeaseTable
-from meshd.kv_transfer.params import RemotePrefill
+from meshd.kv_transfer.params import ParamsError, RemotePrefill
+from meshd.kv_transfer.puller import KVPuller, PullFailure, PullOutcome, PullReason, Unavailable
 from meshd.kv_transfer.select import HostFacts, pull_transport
-from meshd.kv_transfer.transport import TransportClient, available_transports, make_client
+from meshd.kv_transfer.transport import ErrorCode, KVViews, available_transports
 from meshd.node_agent.engine.api import KVLayout
 from meshd.node_agent.engine.async_engine import AsyncEngine
 from meshd.node_agent.engine.engine import Engine, NoFreeBlocksError
@@ -109,79 +111,92 @@ class EngineLeases:
             self._driver.run_locked(lambda e: e.release_held(request_id))
 
 
+class Fallback(StrEnum):
+    """The engine's own reasons to prefill a remote-prefill request locally (beside
+    `ParamsError`, `PullFailure` and a failed transfer's `ErrorCode`). Metric label values."""
+
+    PROMPT_MISMATCH = "prompt_mismatch"  # the params carry the digest of another prompt
+    TOO_FEW_BLOCKS = "too_few_blocks"  # fewer remote blocks than the prompt's full blocks
+    NO_FREE_BLOCKS = "no_free_blocks"  # no import blocks to pull into
+
+
+FallbackReason: TypeAlias = ParamsError | Fallback | PullReason
+
+
 class Puller:
-    """Decode side: pulls a prefill's blocks into import blocks. One per server."""
+    """Decode side: pulls a prefill's blocks into import blocks. One per server.
+
+    The pull itself (clients per transport, the fetch pool and deadline, typed outcomes) is
+    `kv_transfer.puller.KVPuller`, shared with the vLLM connector; this class adds the engine's
+    part: the import blocks (allocated before the fetch, freed after a failure or a cancel) and
+    `DisaggStats`."""
 
     def __init__(self, driver: AsyncEngine, auth: Authenticator, default_transport: str,
                  timeout_s: float, stats: DisaggStats, facts: HostFacts | None = None) -> None:
-        self._driver, self._auth = driver, auth
+        self._driver = driver
         self._facts = facts or HostFacts(socket.gethostname())
-        self._default, self._timeout_s, self._stats = default_transport, timeout_s, stats
+        self._default, self._stats = default_transport, stats
         self._transports = frozenset(available_transports())
-        self._clients: dict[str, TransportClient] = {}
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-pull")
+        engine = driver.engine
+        self._kv = KVPuller(KVViews(engine.kv_caches, block_layout(engine.layout)), auth,
+                            timeout_s, log=log)
         self._cleanups: set[asyncio.Future[bool]] = set()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for c in self._clients.values():
-            c.close()
-
-    def _client(self, name: str) -> TransportClient:
-        if name not in self._clients:
-            engine = self._driver.engine
-            self._clients[name] = make_client(name, engine.kv_caches,
-                                              block_layout(engine.layout), self._auth)
-        return self._clients[name]
+        self._kv.close()
 
     async def pull(self, request_id: str, prompt: tuple[int, ...],
                    params: dict[str, Any]) -> bool:
         """True if the prompt's full blocks were imported under `request_id` (then add the
         request with `imported=True`); False: prefill locally, the reason counted in
-        `stats.fallbacks`: one of `RemotePrefill.parse`'s reasons, `prompt_mismatch` (the params
-        are for another prompt), `too_few_blocks` (fewer remote blocks than the prompt's full
-        blocks), `transport_unavailable` (the transport cannot be built here),
-        `no_free_blocks`, or a failed transfer's `ErrorCode` value."""
+        `stats.fallbacks`: a `ParamsError` (`RemotePrefill.parse`), a `Fallback`,
+        `transport_unavailable` (`PullFailure`: the transport cannot be built here), or a
+        failed transfer's `ErrorCode` (also counted in `stats.pull_failures`)."""
         remote = RemotePrefill.parse(params, allowed_transports=self._transports,
                                      default_transport=self._default)
-        if isinstance(remote, str):
+        if isinstance(remote, ParamsError):
             return self._fallback(remote)
         if not remote.matches(prompt):
-            return self._fallback("prompt_mismatch")
+            return self._fallback(Fallback.PROMPT_MISMATCH)
         n = (len(prompt) - 1) // self._driver.engine.config.block_size
         if n == 0:
             return False  # nothing to import: the last token is always computed here
         if len(remote.block_ids) < n:
-            return self._fallback("too_few_blocks")
+            return self._fallback(Fallback.TOO_FEW_BLOCKS)
         transport = pull_transport(remote, self._facts, "cpu").name
-        try:
-            client = self._client(transport)
-        except ValueError as exc:
-            log.warning("transport %r unavailable (%s); prefilling locally", transport, exc)
-            return self._fallback("transport_unavailable")
+        missing = self._kv.client(transport)
+        if isinstance(missing, Unavailable):
+            log.warning("transport %r unavailable (%s); prefilling locally", transport,
+                        missing.message)
+            return self._fallback(PullFailure.TRANSPORT_UNAVAILABLE)
         alloc = asyncio.ensure_future(
             self._driver.call(lambda e: e.allocate_for_import(request_id, prompt)))
         try:
             local = await self._shielded(alloc, request_id)
         except NoFreeBlocksError:
-            return self._fallback("no_free_blocks")
-        fetch = asyncio.get_running_loop().run_in_executor(
-            self._pool, client.fetch, remote.peer, remote.request_id, remote.block_ids[:n],
-            local, self._timeout_s)
-        result = await self._shielded(fetch, request_id)
+            return self._fallback(Fallback.NO_FREE_BLOCKS)
+        fetch = asyncio.wrap_future(self._kv.submit(transport, remote.peer, remote.request_id,
+                                                    remote.block_ids[:n], local))
+        out = await self._shielded(fetch, request_id)
+        return await self._settle(request_id, transport, remote, out)
+
+    async def _settle(self, request_id: str, transport: str, remote: RemotePrefill,
+                      out: PullOutcome) -> bool:
+        """Count a finished pull; after a failure free the import blocks (fall back)."""
+        result = out.result
         with self._stats.lock:
             self._stats.pulled_bytes += result.bytes
             self._stats.pull_seconds += result.seconds
-            self._stats.pulls_ok += result.ok
-        if result.ok:
+            self._stats.pulls_ok += out.ok
+        if out.reason is None:
             self._stats.count(self._stats.pulls_by_transport, transport)
             return True
-        code = result.error.code.value if result.error else "internal"
         log.warning("pull of %s from %s failed (%s); prefilling locally",
-                    remote.request_id, remote.peer, result.error)
-        self._stats.count(self._stats.pull_failures, code)
+                    remote.request_id, remote.peer, out.describe())
+        if isinstance(out.reason, ErrorCode):
+            self._stats.count(self._stats.pull_failures, out.reason.value)
         await self._driver.call(lambda e: e.free_import(request_id))
-        return self._fallback(code)
+        return self._fallback(out.reason)
 
     async def _shielded(self, fut: asyncio.Future[T], request_id: str) -> T:
         """Await `fut`; if we are cancelled (client gone), free the import blocks once `fut`
@@ -198,6 +213,6 @@ class Puller:
             fut.add_done_callback(cleanup)
             raise
 
-    def _fallback(self, reason: str) -> bool:
-        self._stats.count(self._stats.fallbacks, reason)
+    def _fallback(self, reason: FallbackReason) -> bool:
+        self._stats.count(self._stats.fallbacks, reason.value)
         return False

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from meshd.kv_transfer.params import RemotePrefill, prefill_params, prompt_digest
+from meshd.kv_transfer.params import ParamsError, RemotePrefill, prefill_params, prompt_digest
 from meshd.kv_transfer.transport import Peer
 
 PROMPT = (5, 6, 7, 8, 9)
@@ -85,7 +85,8 @@ def test_hma_nested_block_list() -> None:
     (make_params(meshd_host=["a"]), "bad_host"),
 ])
 def test_parse_reasons(params: dict[str, Any] | None, reason: str) -> None:
-    assert RemotePrefill.parse(params, allowed_transports=ALL) == reason
+    got = RemotePrefill.parse(params, allowed_transports=ALL)
+    assert isinstance(got, ParamsError) and got.value == reason  # a typed reason, stable value
 
 
 def test_prompt_digest_is_stable() -> None:

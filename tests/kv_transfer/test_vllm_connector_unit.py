@@ -19,6 +19,7 @@ from meshd.kv_transfer.auth import (
 from meshd.kv_transfer.conn import ServerConfig
 from meshd.kv_transfer.leases import LeaseTable
 from meshd.kv_transfer.params import RemotePrefill, prefill_params
+from meshd.kv_transfer.puller import PullFailure
 from meshd.kv_transfer.tcp import TcpClient
 from meshd.kv_transfer.transport import ErrorCode, Peer, make_client, make_server
 from meshd.kv_transfer.vllm_layout import BlockMajorMemory, block_order, layout_of
@@ -168,12 +169,15 @@ def test_plan_load_maps_the_uncached_tail() -> None:
 def test_recv_results_report_failures_once() -> None:
     recv = RecvResults()
     recv.succeeded("a", 1024, 0.01)
-    recv.failed("b", [7, 8], "auth")
+    recv.failed("b", [7, 8], ErrorCode.AUTH)
     finished, failed = recv.take()
     assert finished == {"a", "b"} and failed == {"b"}
     assert recv.take_bad_blocks() == {7, 8}
     assert recv.take() == (set(), set()) and recv.take_bad_blocks() == set()
-    assert (recv.ok_total, recv.failed_total, recv.errors) == (1, 1, {"auth": 1})
+    recv.failed("c", [9], PullFailure.TRANSPORT_UNAVAILABLE)
+    assert recv.take() == ({"c"}, {"c"}) and recv.take_bad_blocks() == {9}
+    assert (recv.ok_total, recv.failed_total, recv.errors) == (
+        1, 2, {"auth": 1, "transport_unavailable": 1})
 
 
 # ------------------------------------------------------------------------------------ layout

@@ -7,9 +7,14 @@ unauthenticated, unknown request) must fall back to local prefill with identical
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -136,8 +141,6 @@ def test_streamed_decode_after_pull(servers: dict[str, ServerProc]) -> None:
     status, text, _ = http(d.url + "/v1/completions",
                            body(prompt, kv_transfer_params=params, stream=True))
     assert status == 200 and text.rstrip().endswith("data: [DONE]")
-    import json
-
     events = [json.loads(line[6:]) for line in text.splitlines()
               if line.startswith("data: {")]
     tokens = [t for e in events for c in e["choices"] for t in c["token_ids"]]
@@ -225,6 +228,7 @@ def test_imported_kv_is_really_used(servers: dict[str, ServerProc]) -> None:
     ({"remote_block_ids": [0]}, "too_few_blocks"),  # the prompt has 2 full blocks
     ({"meshd_transport": "carrier-pigeon"}, "unsupported_transport"),
     ({"meshd_prompt_digest": 7}, "bad_prompt_digest"),
+    ({"meshd_transport": "cuda_ipc"}, "transport_unavailable"),  # needs CUDA KV
 ])
 def test_unusable_params_fall_back_by_reason(servers: dict[str, ServerProc],
                                              change: dict[str, Any], reason: str | None) -> None:
@@ -238,6 +242,41 @@ def test_unusable_params_fall_back_by_reason(servers: dict[str, ServerProc],
     tokens, pulled, _ = decode(d, prompt, params, "u")
     assert not pulled and fallbacks(d, label) == before + 1
     assert tokens == reference(d, prompt)
+
+
+def test_cancelled_pull_frees_its_import_blocks_after_the_transfer(
+        servers: dict[str, ServerProc]) -> None:
+    """A client that disconnects mid-pull cancels the request, but its import blocks stay
+    allocated while the transfer thread may still write them; they are freed once the fetch
+    returned (here at the decode side's 5 s pull deadline, against a peer that never answers)."""
+    d = servers["decode"]
+    free0 = http(d.url + "/debug/kv")[1]["free_blocks"]
+    timeouts0 = fallbacks(d, "timeout")
+    stall = socket.create_server(("127.0.0.1", 0))  # accepts connects, never answers
+    params = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "slow",
+              "remote_block_ids": [0, 1, 2], "remote_request_id": "slow",
+              "remote_host": "127.0.0.1", "remote_port": stall.getsockname()[1], "tp_size": 1}
+    u = urlparse(d.url)
+    conn = HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("POST", "/v1/completions",
+                     json.dumps(body(make_prompt(PROMPT_LEN, salt=95), kv_transfer_params=params)),
+                     {"Content-Type": "application/json"})
+
+        def free() -> int:
+            return int(http(d.url + "/debug/kv")[1]["free_blocks"])
+
+        assert wait_for(lambda: free() == free0 - 2, 5), "two import blocks allocated"
+        conn.sock.close()  # the client goes away mid-pull
+        conn.close()
+        time.sleep(1.0)
+        assert free() == free0 - 2, "not freed while the transfer thread may write them"
+        assert wait_for(lambda: free() == free0, 10), "freed after the fetch returned"
+        assert http(d.url + "/debug/kv")[1]["integrity"] == "ok"
+        assert fallbacks(d, "timeout") == timeouts0, "cancelled: no fallback, no local prefill"
+    finally:
+        conn.close()
+        stall.close()
 
 
 def test_params_for_another_prompt_are_refused(servers: dict[str, ServerProc]) -> None:
