@@ -140,6 +140,7 @@ async def run_load(url: str, items: list[str], concurrency: int, max_tokens: int
 
 async def measure(layout: str, workers: list[Any], runs: list[tuple[str, list[str], int]],
                   max_tokens: int) -> list[dict[str, Any]]:
+    from meshd.capabilities import Member
     from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
     from meshd.coordinator.gateway.runtime import GatewayRuntime
     from meshd.scheduler.pd import PDConfig
@@ -147,8 +148,8 @@ async def measure(layout: str, workers: list[Any], runs: list[tuple[str, list[st
     pd = PDConfig(min_uncached_tokens=0 if layout == "disaggregated" else 1 << 30)
     settings = GatewayConfig(port=free_port(), replicas=1, routing=RoutingConfig(pd=pd))
 
-    async def members() -> list[tuple[str, Any]]:
-        return [("bench", w) for w in workers]
+    async def members() -> list[Any]:
+        return [Member("bench", w) for w in workers]
 
     rt = GatewayRuntime(settings, members)
     await rt.start()

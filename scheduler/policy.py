@@ -127,9 +127,11 @@ class Profile:
         if not cands:
             raise NoWorkerAvailable(f"profile {self.name}: no worker passed the filters for "
                                     f"request {request.request_id} (model {request.model})")
-        if pool is None or self._shortlist is None or request.num_prompt_tokens < 0:
+        if (pool is None or self._shortlist is None or request.num_prompt_tokens < 0
+                or len(cands) <= self._shortlist):  # nothing to prune
             total = self._score(request, cands)
-            return Selection(self._pick(request, total), total)
+            wid = self._pick(request, total)
+            return Selection(wid, total, pool.by_id().get(wid) if pool is not None else None)
         short = pool.shortlist(request.cached_blocks, self._shortlist, self.scorers)
         if short is None:
             total = self._score(request, cands)

@@ -15,7 +15,7 @@ from typing import Any
 from support.control import control_server, make_config
 from support.net import free_port
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, Worker
 from meshd.coordinator.actors import ensure_admin_key
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
@@ -40,8 +40,8 @@ async def test_status_prints_cache_routing_section(tmp_path: Path) -> None:
                kv_events_endpoint=pub.endpoint,
                kv_events_replay_endpoint=pub.replay_endpoint or "")
 
-    async def members() -> list[tuple[str, Worker]]:
-        return [("n-1", w)]
+    async def members() -> list[Member]:
+        return [Member("n-1", w)]
 
     port = free_port()
     rt = GatewayRuntime(GatewayConfig(port=port, membership_interval_s=60), members)

@@ -3,6 +3,9 @@
 Each replica is its own process running a `GatewayRuntime` on a uvloop event loop in a thread;
 all replicas bind the same port with SO_REUSEPORT, so the kernel spreads connections over them
 and the gateway uses every core. Membership comes from the registry actor's routing set.
+Replica i serves its own metrics on a port of its own and publishes it (`metrics_address`), so
+/metrics on the shared port merges every replica's (`fleet.py`); `_mirror_metrics` copies its
+own samples into `ray.util.metrics` (Ray tags them by actor).
 """
 
 from __future__ import annotations
@@ -16,21 +19,15 @@ from typing import Any
 
 import ray
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, member_from_dict
 from meshd.config import build
 from meshd.coordinator import actors
 from meshd.coordinator.gateway.config import GatewayConfig
+from meshd.coordinator.gateway.fleet import Peer, Peers, connect_host
 from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread
 
 log = logging.getLogger("meshd.gateway")
 PREFIX = "meshd-gateway-"
-
-
-def _worker(row: dict[str, Any]) -> tuple[str, Worker]:
-    row = dict(row)
-    node_id = str(row.pop("node_id"))
-    row["gpu_indices"] = tuple(row.get("gpu_indices") or ())
-    return node_id, Worker(**row)
 
 
 class _GatewayActor:
@@ -40,14 +37,19 @@ class _GatewayActor:
         registry = actors.find(namespace)
         snapshot = _sibling_snapshot(namespace, replica)
 
-        async def membership() -> list[tuple[str, Worker]]:
+        async def membership() -> list[Member]:
             if registry is None:
                 return []
             rows = await asyncio.to_thread(ray.get, registry.workers.remote(), timeout=10)
-            return [_worker(r) for r in rows]
+            return [member_from_dict(r) for r in rows]
 
+        peers = (None if self.config.metrics_port else
+                 _ray_peers(namespace, self.config, replica))
         self.thread, self.loop, self.runtime = run_in_thread(
-            lambda: GatewayRuntime(self.config, membership, snapshot))
+            lambda: GatewayRuntime(self.config, membership, snapshot, replica, peers))
+        host = self.config.host  # bound to every address: siblings may be on other nodes
+        self._metrics_host = (ray.util.get_node_ip_address() if connect_host(host) != host
+                              else host)
         self._mirror = threading.Thread(target=self._mirror_metrics, daemon=True,
                                         name="meshd-gateway-ray-metrics")
         self._mirror.start()
@@ -73,6 +75,11 @@ class _GatewayActor:
                     except ValueError:  # label set changed shape; skip this sample
                         continue
             time.sleep(period_s)
+
+    def metrics_address(self) -> tuple[str, int]:
+        """(host, port) of this replica's own /metrics, for the siblings' fleet view."""
+        assert self.runtime.fleet is not None
+        return self._metrics_host, self.runtime.fleet.port
 
     def snapshot(self) -> bytes:
         """This replica's prefix index (msgpack), for a sibling that starts later."""
@@ -119,6 +126,50 @@ def _sibling_snapshot(namespace: str, replica: int, timeout_s: float = 5.0) -> b
         log.info("starting from replica %d's prefix index snapshot (%d bytes)", i, len(snap))
         return snap
     return None
+
+
+def _ray_peers(namespace: str, config: GatewayConfig, replica: int) -> Peers:
+    """The siblings' metrics ports as their actors publish them (free ports move when Ray
+    restarts a replica, so they are asked at every fleet scrape). A replica that does not
+    answer in time keeps its last known address."""
+    known: dict[int, Peer] = {}
+
+    async def peers() -> list[Peer]:
+        try:
+            known.update(await asyncio.to_thread(
+                _metrics_addresses, namespace, config.replicas, replica,
+                config.metrics_timeout_s / 4))
+        except Exception as e:  # Ray busy or down: the last known addresses
+            log.info("gateway metrics addresses: %s", e)
+        return list(known.values())
+
+    return peers
+
+
+def _metrics_addresses(namespace: str, replicas: int, me: int, timeout_s: float
+                       ) -> dict[int, Peer]:
+    refs: dict[int, Any] = {}
+    for i in range(replicas):
+        if i == me:
+            continue
+        try:
+            refs[i] = ray.get_actor(f"{PREFIX}{i}", namespace=namespace
+                                    ).metrics_address.remote()
+        except ValueError:  # not running (yet)
+            continue
+    if not refs:
+        return {}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    out = {}
+    for i, ref in refs.items():
+        if ref in done:
+            try:
+                host, port = ray.get(ref, timeout=0)
+            except Exception:  # that replica failed its call: skip it
+                continue
+            out[i] = Peer(i, str(host), int(port))
+    return out
 
 
 GatewayActor: Any = ray.remote(num_cpus=0, max_restarts=-1)(_GatewayActor)

@@ -85,8 +85,11 @@ class Deadlines:
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What one request may ask for, enforced at the edge before any worker sees it, so a
-    worker never rejects what the gateway accepted. `max_inflight` caps the requests one
-    replica serves at once (429 past it)."""
+    worker never rejects what the gateway accepted. Each cap is bounded by what every worker
+    accepts: `max_n` by the embedded engine's 128 (vLLM: 16384), `max_tokens` by the engine's
+    2^31 (a model's context length is the worker's to enforce), `max_logprobs` by vLLM's default
+    `max_logprobs` of 20. `max_inflight` caps the requests one replica serves at once (429
+    past it)."""
 
     max_tokens: int = 131072
     max_n: int = 128
@@ -98,9 +101,26 @@ class Limits:
     def __post_init__(self) -> None:
         _positive(self, "limits.", ("max_tokens", "max_n", "max_stop", "max_prompt_tokens",
                                     "max_inflight"))
-        if not 0 <= self.max_logprobs <= 20:
-            raise ValueError(f"gateway.limits.max_logprobs: must be in 0..20, got "
-                             f"{self.max_logprobs}")
+        for name, hi in (("max_logprobs", 20), ("max_n", 128), ("max_tokens", 2**31)):
+            if not 0 <= getattr(self, name) <= hi:
+                raise ValueError(f"gateway.limits.{name}: must be in 0..{hi}, got "
+                                 f"{getattr(self, name)}")
+
+
+def _check_cost(model: str, params: Any) -> None:
+    from meshd.scheduler.cost_model import CostModel
+
+    name = f"gateway.routing.cost.{model}"
+    if not isinstance(params, dict):
+        raise ValueError(f"{name}: must be a table of cost-model parameters")
+    for key, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+            raise ValueError(f"{name}.{key}: must be a number >= 0, got {v!r}")
+    try:
+        CostModel.from_params(params)
+    except ValueError as e:
+        valid = ", ".join(CostModel.__dataclass_fields__)
+        raise ValueError(f"{name}: {e} (valid: {valid})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +130,11 @@ class RoutingConfig:
     round_robin, least_loaded, random_p2c, approx_tree) or one defined under `profiles`
     (`{filters, scorers, picker}` tables, see docs/operations.md). `pd` is the P/D decider.
     Load comes from each worker's `/metrics` every `scrape_interval_s`; a worker a request
-    failed on is left out for `failure_backoff_s`."""
+    failed on is left out for `failure_backoff_s`. `cost` gives the SLO scorer's cost-model
+    parameters per model (`{model = {prefill_ms_per_token = 0.05, ...}}`, keys of
+    `scheduler/cost_model.py`; "*" for every model without its own); with `calibrate_cost`
+    `prefill_ms_per_token` and `decode_base_ms` are measured per worker from its histograms
+    once it has served (`workers/calibration.py`) and replace the configured figures."""
 
     decode: str = "decode"
     prefill: str = "prefill"
@@ -119,10 +143,14 @@ class RoutingConfig:
     scrape_interval_s: float = 0.5
     scrape_timeout_s: float = 2.0
     failure_backoff_s: float = 5.0
+    cost: dict[str, Any] = field(default_factory=dict)
+    calibrate_cost: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "routing.", ("scrape_interval_s", "scrape_timeout_s",
                                      "failure_backoff_s"))
+        for model, params in self.cost.items():
+            _check_cost(model, params)
         from meshd.scheduler.profiles import BUILTIN, build_selector
 
         for name, spec in self.profiles.items():
@@ -156,6 +184,9 @@ class GatewayConfig:
     proxies requests to as they are. Models come from each server's `/v1/models`.
     `api_keys` maps tenant -> key (empty: no auth). `hash_seed` must equal the workers'
     PYTHONHASHSEED (vLLM) / prefix hash seed (embedded engine) for prefix-aware routing.
+    Replica i serves its own `/metrics` on `metrics_port + i` (0: a free port, published
+    through its Ray actor); `/metrics` on `port` is the fleet's, merged from every replica's
+    own, waiting at most `metrics_timeout_s` for them (`gateway/fleet.py`).
     """
 
     host: str = "127.0.0.1"
@@ -166,6 +197,8 @@ class GatewayConfig:
     tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer dir
     hash_seed: str = "0"
     membership_interval_s: float = 1.0
+    metrics_port: int = 0  # replica i's own /metrics at metrics_port + i; 0: a free port each
+    metrics_timeout_s: float = 2.0  # the shared port's /metrics waits this long for siblings
     http: HttpConfig = field(default_factory=HttpConfig)
     deadlines: Deadlines = field(default_factory=Deadlines)
     limits: Limits = field(default_factory=Limits)
@@ -185,7 +218,17 @@ class GatewayConfig:
                     and role in ("", "prefill", "decode", "both", "openai")):
                 raise ValueError(f"gateway.static_workers: entries are http://HOST:PORT or "
                                  f"ROLE=http://HOST:PORT, got {entry!r}")
-        _positive(self, "", ("membership_interval_s",))
+        _positive(self, "", ("membership_interval_s", "metrics_timeout_s"))
+        self._check_metrics_ports()
+
+    def _check_metrics_ports(self) -> None:
+        top = self.metrics_port + max(self.replicas, 1) - 1
+        if self.metrics_port < 0 or top > 65535:
+            raise ValueError(f"gateway.metrics_port: replica ports {self.metrics_port}..{top} "
+                             f"must lie in 0..65535")
+        if self.metrics_port and self.port and self.metrics_port <= self.port <= top:
+            raise ValueError(f"gateway.metrics_port: replica ports {self.metrics_port}..{top} "
+                             f"include gateway.port {self.port}")
 
     @property
     def handler_timeout_s(self) -> float:

@@ -4,6 +4,9 @@
 membership current (the registry's routing set via `membership`, plus static workers from the
 config, whose models are read from their `/v1/models`), and serves the OpenAI API on the shared
 port. Run it on its own event loop (`run_in_thread`) inside the Ray actor, or directly in tests.
+A runtime given its `replica` index also serves its own metrics on a port of its own and
+answers /metrics on the shared port with the fleet's (`fleet.py`); without one, /metrics is
+its own.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member
 from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
+from meshd.coordinator.gateway.fleet import FleetMetrics, Peers
 from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
@@ -31,7 +35,7 @@ from meshd.scheduler.profiles import build_selector
 from meshd.scheduler.router import Router
 
 log = logging.getLogger("meshd.gateway")
-Membership = Callable[[], Awaitable[list[tuple[str, Worker]]]]
+Membership = Callable[[], Awaitable[list[Member]]]
 
 
 def make_router(config: RoutingConfig, index: PrefixIndex) -> Router:
@@ -46,6 +50,8 @@ class GatewayRuntime:
     config: GatewayConfig
     membership: Membership | None = None  # the registry's routing set
     snapshot: bytes | None = None  # a sibling replica's prefix index to start from
+    replica: int | None = None  # index in the fleet: own metrics port + fleet /metrics
+    peers: Peers | None = None  # where the siblings' metrics ports are (default: port rule)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -62,9 +68,12 @@ class GatewayRuntime:
                                    PromptBuilder(c.tokenizers, c.hash_seed), c.deadlines,
                                    self.metrics, max_inflight=c.limits.max_inflight)
         self.handler.on_runs = self.health.observe_runs
+        self.fleet = (None if self.replica is None else
+                      FleetMetrics(c, self.replica, self.metrics.registry, self.peers))
         self.server = GatewayServer(c, self.handler, registry=self.metrics.registry,
                                     models=self.handler.models,
-                                    cache_health=self.health.to_json)
+                                    cache_health=self.health.to_json,
+                                    fleet=self.fleet.exposition if self.fleet else None)
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
@@ -78,6 +87,8 @@ class GatewayRuntime:
             if worker_id not in self.pool.entries:
                 self.index.remove_worker(worker_id)
         await self.pool.start()
+        if self.fleet is not None:
+            await self.fleet.start()
         await self.server.start()
         self._task = asyncio.get_running_loop().create_task(self._membership_loop())
 
@@ -95,6 +106,8 @@ class GatewayRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.server.shutdown(timeout_s)
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.pool.close()
 
     def index_snapshot(self) -> bytes:
@@ -103,7 +116,8 @@ class GatewayRuntime:
 
     def describe(self) -> dict[str, Any]:
         return {"workers": sorted(self.pool.entries), "models": self.pool.models(),
-                "port": self.config.port, "from_snapshot": self.snapshot is not None}
+                "port": self.config.port, "from_snapshot": self.snapshot is not None,
+                "replica": self.replica, "metrics_port": self.fleet.port if self.fleet else None}
 
 
 def run_in_thread(runtime_factory: Callable[[], GatewayRuntime], ready_timeout_s: float = 30.0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshd.node_agent.engine.timings import HistogramSnapshot
+
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
@@ -133,3 +135,5 @@ class EngineStats:
     preemptions: int
     steps: int
     expert_counts: tuple[tuple[int, ...], ...] = ()  # per layer, per expert (MoE only)
+    num_waiting_tokens: int = 0  # prompt tokens queued for prefill (Scheduler.queued_...)
+    histograms: tuple[tuple[str, HistogramSnapshot], ...] = ()  # (vLLM name, timings)

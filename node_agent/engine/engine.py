@@ -34,6 +34,7 @@ from meshd.node_agent.engine.sampler import logprobs_of, sample
 from meshd.node_agent.engine.scheduler import ScheduledSeq, Scheduler
 from meshd.node_agent.engine.sequence import Sequence
 from meshd.node_agent.engine.stopping import check_stop, take_text_delta
+from meshd.node_agent.engine.timings import RequestTimings
 from meshd.node_agent.engine.tokenizer import Tokenizer, load_tokenizer
 from meshd.node_agent.engine.weights import load_hf_model, random_model
 from meshd.scheduler.block_hash import BlockHasher
@@ -69,6 +70,7 @@ class Engine:
         self._counters = {"prompt": 0, "generation": 0, "forwarded": 0, "steps": 0}
         e = model_cfg.num_experts
         self._expert_counts = torch.zeros(model_cfg.num_layers, e, dtype=torch.int64)
+        self.timings = RequestTimings()  # vLLM's request timing histograms
 
     # -- accessors ---------------------------------------------------------------------------
     @property
@@ -97,7 +99,8 @@ class Engine:
             prefix_queries=self.blocks.stats.queries, prefix_hits=self.blocks.stats.hits,
             prompt_tokens=c["prompt"], generation_tokens=c["generation"],
             forwarded_tokens=c["forwarded"], preemptions=self.scheduler.num_preemptions,
-            steps=c["steps"],
+            steps=c["steps"], num_waiting_tokens=self.scheduler.queued_prefill_tokens(),
+            histograms=self.timings.snapshot(),
             expert_counts=tuple(tuple(r) for r in self._expert_counts.tolist()))
 
     # -- requests ----------------------------------------------------------------------------
@@ -143,6 +146,7 @@ class Engine:
         A running/waiting request yields a final "abort" output on the next `step()`."""
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
+            self.timings.forget(request_id)
             self.scheduler.remove(seq)
             self.scheduler.release(seq)
             seq.finish_reason = "abort"
@@ -189,7 +193,9 @@ class Engine:
         moe = self.model_config.is_moe and self.config.record_experts
         chunks = [Chunk(s.seq.token_ids[s.seq.num_computed:s.seq.num_computed + s.num_new],
                         s.seq.num_computed, s.seq.block_table, s.samples) for s in sched]
+        self.timings.scheduled(sched)
         result = self.runner.execute(chunks, record_routes=moe)
+        self.timings.stepped()
         self._counters["steps"] += 1
         self._counters["forwarded"] += plan.num_tokens
         if result.routes is not None:
@@ -212,11 +218,13 @@ class Engine:
         seq.token_ids.append(token)
         self.hasher.extend(seq.block_hashes, seq.token_ids)
         self._counters["generation"] += 1
+        self.timings.token(seq, first)
         if first:
             self._counters["prompt"] += seq.num_prompt
         check_stop(seq, token, self.eos_token_id, self.tokenizer, self.model_config.max_model_len)
         held: tuple[int, ...] | None = None
         if seq.finish_reason is not None:
+            self.timings.forget(seq.request_id)
             self.scheduler.remove(seq)
             del self._seqs[seq.request_id]
             if seq.request.hold_blocks_on_finish and seq.finish_reason == "length":

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from meshd.api_errors import invalid, loads_body
 from meshd.kv_transfer.params import prefill_params
 from meshd.node_agent.engine.api import EngineRequest, RequestOutput, TokenLogprob
 from meshd.node_agent.engine.openai_io import (
-    APIError,
     ParsedRequest,
+    choice_seed,
     logprobs_chat,
     logprobs_completion,
     parse_request,
@@ -45,7 +46,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     last: RequestOutput | None = None
-    experts: tuple[int, ...] = ()
+    experts: dict[int, int] = field(default_factory=dict)  # top experts -> prompt tokens
     text_offset: int = 0
 
     def add(self, out: RequestOutput, top_experts: int) -> None:
@@ -53,7 +54,8 @@ class Choice:
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.logprobs or ())
         if out.prompt_expert_counts is not None:
-            self.experts = out.top_experts(top_experts)
+            totals = [sum(col) for col in zip(*out.prompt_expert_counts, strict=True)]
+            self.experts = {e: totals[e] for e in out.top_experts(top_experts)}
         self.last = out
 
 
@@ -103,11 +105,7 @@ class CompletionHandler:
 
     async def _handle(self, request: web.Request, chat: bool) -> web.StreamResponse:
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(f"malformed JSON body: {e}") from None
-        req = parse_request(body, chat, self.s.info)
+        req = parse_request(loads_body(await request.read()), chat, self.s.info)
         kvp = req.kv_transfer_params or {}
         producer, consumer = bool(kvp.get("do_remote_decode")), bool(kvp.get("do_remote_prefill"))
         self._check_disagg(req, producer, consumer)
@@ -143,7 +141,7 @@ class CompletionHandler:
         body["kv_transfer_params"] = (self._prefill_params(choices, req.prompt) if producer
                                       else None)
         extra: dict[str, Any] = {"engine_id": self.s.cfg.engine_id,
-                                 "experts": list(choices[0].experts)}
+                                 "experts": choices[0].experts}
         if pulled is not None:
             extra["kv_pulled"] = pulled
         body["meshd"] = extra
@@ -152,24 +150,24 @@ class CompletionHandler:
     def _check_disagg(self, req: ParsedRequest, producer: bool, consumer: bool) -> None:
         role = self.s.cfg.role
         if producer and consumer:
-            raise APIError("kv_transfer_params: do_remote_decode and do_remote_prefill are "
-                           "exclusive", param="kv_transfer_params")
+            raise invalid("kv_transfer_params: do_remote_decode and do_remote_prefill are "
+                          "exclusive", param="kv_transfer_params")
         if (producer or consumer) and req.n != 1:
-            raise APIError("n > 1 is not supported with kv_transfer_params", param="n")
+            raise invalid("n > 1 is not supported with kv_transfer_params", param="n")
         if producer and req.stream:
-            raise APIError("do_remote_decode needs stream=false: kv_transfer_params come back "
-                           "in the response body", param="stream")
+            raise invalid("do_remote_decode needs stream=false: kv_transfer_params come back "
+                          "in the response body", param="stream")
         if producer and role == "decode":
-            raise APIError("this engine has role decode; do_remote_decode needs prefill",
-                           param="kv_transfer_params")
+            raise invalid("this engine has role decode; do_remote_decode needs prefill",
+                          param="kv_transfer_params")
         if consumer and role == "prefill":
-            raise APIError("this engine has role prefill; do_remote_prefill needs decode",
-                           param="kv_transfer_params")
+            raise invalid("this engine has role prefill; do_remote_prefill needs decode",
+                          param="kv_transfer_params")
 
     @staticmethod
     def _sampling(req: ParsedRequest, i: int) -> Any:
         p = req.sampling
-        return replace(p, seed=p.seed + i) if p.seed is not None and i else p
+        return replace(p, seed=choice_seed(p.seed, i)) if p.seed is not None and i else p
 
     @staticmethod
     async def _first(stream: Merged) -> tuple[int, RequestOutput]:
@@ -177,7 +175,7 @@ class CompletionHandler:
             return await anext(stream)
         except ValueError as e:
             await stream.aclose()
-            raise APIError(str(e)) from None
+            raise invalid(str(e)) from None
 
     def _add(self, choices: list[Choice], item: tuple[int, RequestOutput]) -> None:
         choices[item[0]].add(item[1], self.s.cfg.top_experts)
@@ -259,10 +257,10 @@ class _Ctx:
              tok: Any) -> dict[str, Any] | None:
         if self.req.sampling.logprobs is None or not lps:
             return None
+        as_ids = self.req.return_tokens_as_token_ids
         if self.chat:
-            return logprobs_chat(tok, lps)
-        out = logprobs_completion(tok, lps, c.text_offset)
-        c.text_offset += sum(len(t) for t in out["tokens"])
+            return logprobs_chat(tok, lps, as_ids)
+        out, c.text_offset = logprobs_completion(tok, lps, c.text_offset, as_ids)
         return out
 
     def delta_choice(self, c: Choice, out: RequestOutput, tok: Any) -> dict[str, Any]:

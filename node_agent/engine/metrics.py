@@ -15,6 +15,7 @@ from typing import Any
 from meshd.kv_transfer.leases import LeaseStats
 from meshd.node_agent.engine.async_engine import DriverStats
 from meshd.node_agent.engine.disagg import DisaggStats
+from meshd.node_agent.engine.timings import HistogramSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,13 @@ class ServerSnapshot:
     kv_server: Mapping[str, Any]  # ServerStats.snapshot() of the prefill-side server
     events_published: int
     events_dropped: int
+
+
+_HISTOGRAM_DOCS = {
+    "vllm:request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+    "vllm:request_prompt_tokens": "Number of prefill tokens processed.",
+    "vllm:inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+}
 
 
 def _labels(base: Mapping[str, str], extra: Mapping[str, str] | None = None) -> str:
@@ -50,6 +58,17 @@ class _Writer:
     def one(self, name: str, kind: str, doc: str, value: float) -> None:
         self.metric(name, kind, doc, [(None, value)])
 
+    def histogram(self, name: str, doc: str, h: HistogramSnapshot) -> None:
+        self.lines.append(f"# HELP {name} {doc}")
+        self.lines.append(f"# TYPE {name} histogram")
+        total = 0
+        bounds = [repr(float(b)) for b in h.bounds] + ["+Inf"]
+        for le, n in zip(bounds, h.counts, strict=True):
+            total += n
+            self.lines.append(f"{name}_bucket{_labels(self.base, {'le': le})} {float(total)!r}")
+        self.lines.append(f"{name}_sum{_labels(self.base)} {float(h.sum)!r}")
+        self.lines.append(f"{name}_count{_labels(self.base)} {float(h.observations)!r}")
+
 
 def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -> str:
     """The /metrics body."""
@@ -61,6 +80,9 @@ def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -
           e.num_waiting)
     w.one("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
           e.kv_usage)
+    w.one("meshd_engine_queued_prefill_tokens", "gauge",
+          "Prompt tokens queued for prefill: waiting prompts plus the rest of those being "
+          "prefilled.", e.num_waiting_tokens)
     w.one("vllm:prefix_cache_queries", "counter",
           "Prefix cache queries, in terms of number of queried tokens.", e.prefix_queries)
     w.one("vllm:prefix_cache_hits", "counter",
@@ -77,6 +99,8 @@ def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -
     w.one("meshd_engine_forwarded_tokens", "counter", "Tokens run through the model.",
           e.forwarded_tokens)
     w.one("meshd_engine_aborts", "counter", "Requests aborted (cancel, disconnect).", d.aborts)
+    for name, h in e.histograms:
+        w.histogram(name, _HISTOGRAM_DOCS.get(name, name), h)
     if e.expert_counts:
         w.metric("meshd_engine_moe_expert_tokens", "counter",
                  "Tokens routed to each expert, per layer.",

@@ -68,6 +68,18 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table = []
 
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to prefill: the uncomputed tokens of every waiting sequence
+        (whole prompts, or what a preempted or imported one still needs) plus the uncomputed
+        rest of running sequences that have not sampled their first token since (re)starting
+        (the gauge vLLM lacks, `meshd_engine_queued_prefill_tokens`). O(sequences)."""
+        n = sum(s.num_tokens - s.num_computed for s in self.waiting)
+        for s in self.running:
+            rest = s.num_tokens - s.num_computed
+            if rest > 1 or s.num_output == 0:  # a decoding sequence has exactly 1 left
+                n += rest
+        return n
+
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.bs)
 

@@ -2,7 +2,8 @@
 
 `load_tokenizer(path, vocab_size)`: a HF `tokenizers` tokenizer from `path/tokenizer.json` if
 present, else `ByteTokenizer` (ids 0..255 are bytes, then special tokens). Both implement the
-`Tokenizer` protocol: `encode`, `decode` (special tokens skipped), `apply_chat_template`.
+`Tokenizer` protocol: `encode`, `decode` (special tokens skipped), `token_bytes` (one token's raw
+bytes, for logprobs), `apply_chat_template`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` adds to decoded text, whole even where they are not valid
+        UTF-8 alone (a byte-level BPE token holding part of a character): decoding the
+        concatenated bytes of a sequence of tokens gives `decode` of that sequence. Special
+        tokens (skipped by `decode`) and unknown ids give b""."""
+        ...
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
                             add_generation_prompt: bool = True) -> list[int]: ...
@@ -74,6 +82,9 @@ class ByteTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return bytes(t for t in token_ids if 0 <= t < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes((token_id,)) if 0 <= token_id < 256 else b""
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
                             add_generation_prompt: bool = True) -> list[int]:
@@ -128,6 +139,41 @@ class ChatTemplate:
             raise ValueError(f"chat template: {e}") from None
 
 
+def _gpt2_byte_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes for the code points 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    kept = set(keep)
+    out = {chr(b): b for b in keep}
+    extra = 256
+    for b in range(256):
+        if b not in kept:
+            out[chr(extra)] = b
+            extra += 1
+    return out
+
+
+_BYTE_CHARS = _gpt2_byte_chars()
+
+
+def byte_level_bytes(piece: str) -> bytes | None:
+    """The bytes a byte-level BPE token string stands for; None if it is not one."""
+    try:
+        return bytes(_BYTE_CHARS[c] for c in piece)
+    except KeyError:
+        return None
+
+
+def _is_byte_level(decoder: object) -> bool:
+    if not isinstance(decoder, dict):
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    parts = decoder.get("decoders") if decoder.get("type") == "Sequence" else None
+    return isinstance(parts, list) and any(_is_byte_level(d) for d in parts)
+
+
 class HFTokenizer:
     """Wraps `tokenizers.Tokenizer` from a local `tokenizer.json`.
 
@@ -139,6 +185,10 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         self._tok = _Tok.from_file(str(path / "tokenizer.json"))
+        spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        self._byte_level = _is_byte_level(spec.get("decoder"))
+        self._special_ids = frozenset(t["id"] for t in spec.get("added_tokens") or ()
+                                      if isinstance(t, dict) and t.get("special"))
         cfg_path = path / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         self.bos_token_id = self._id(cfg.get("bos_token"))
@@ -160,6 +210,23 @@ class HFTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """Byte-level BPE (GPT-2 style): the token's characters mapped back to bytes;
+        SentencePiece byte fallback `<0xNN>`: that byte; otherwise the decoded text."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None or token_id in self._special_ids:
+            return b""
+        if self._byte_level:
+            raw = byte_level_bytes(piece)
+            if raw is not None:
+                return raw
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes((int(piece[3:5], 16),))
+            except ValueError:
+                pass
+        return self.decode([token_id]).encode("utf-8")
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
                             add_generation_prompt: bool = True) -> list[int]:

@@ -26,11 +26,13 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from meshd.api_errors import ApiError
 from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
-from meshd.kv_transfer.mux import MuxServer, make_mux_server
-from meshd.kv_transfer.select import HostFacts, offer
-from meshd.kv_transfer.transport import Peer, TransportServer, make_server
+from meshd.kv_transfer.mux import MuxServer
+from meshd.kv_transfer.offering import make_offer, serve_kv
+from meshd.kv_transfer.select import HostFacts
+from meshd.kv_transfer.transport import KVViews, Peer
 from meshd.node_agent.engine.async_engine import AsyncEngine, EngineDeadError, Hooks
 from meshd.node_agent.engine.config import EngineConfig, tiny_model, tiny_moe_model
 from meshd.node_agent.engine.disagg import DisaggStats, EngineLeases, Puller, block_layout
@@ -38,7 +40,7 @@ from meshd.node_agent.engine.engine import Engine
 from meshd.node_agent.engine.handlers import CompletionHandler
 from meshd.node_agent.engine.kv_publisher import KVEventPublisher, to_u64
 from meshd.node_agent.engine.metrics import ServerSnapshot, render
-from meshd.node_agent.engine.openai_io import APIError, ModelInfo
+from meshd.node_agent.engine.openai_io import ModelInfo
 from meshd.node_agent.engine.worker_config import WorkerConfig, add_serve_flags, from_args
 
 log = logging.getLogger(__name__)
@@ -77,24 +79,18 @@ class WorkerServer:
                                    kv_config.transfer_timeout_s)
         auth = load_authenticator(secret=secret, node_key_file=cfg.kv_node_key,
                                   trusted_keys_file=cfg.kv_trusted_keys, node_id=cfg.engine_id)
-        self.kv_server: TransportServer | MuxServer | None = None
+        self.kv_server: MuxServer | None = None
         self.kv_peer = Peer("", 0)
-        # This host as the transport pick sees it, and what a prefill side here serves.
+        # This host as the transport pick sees it, and what a prefill side here serves
+        # (`kv_offered`, `kv_host`: what prefill responses carry beyond the default transport).
         self.kv_facts = HostFacts(socket.gethostname(), cfg.kv_advertise_host)
-        self.kv_offer = offer(cfg.kv_transfer, "cpu", self.kv_facts)
-        # what prefill responses carry beyond the default transport (only when several)
-        several = len(self.kv_offer) > 1
-        self.kv_offered = tuple(self.kv_offer) if several else ()
-        self.kv_host = self.kv_facts.to_dict() if several else None
+        offer = make_offer(cfg.kv_transfer, "cpu", self.kv_facts)
+        self.kv_offer, self.kv_offered, self.kv_host = offer.transports, offer.offered, offer.host
         if cfg.role in ("prefill", "both"):
-            args = (engine.kv_caches, block_layout(engine.layout), auth, self.leases.table,
-                    cfg.bind_kv_host, cfg.kv_port)
-            if len(self.kv_offer) == 1:
-                self.kv_server = make_server(self.kv_offer[0], *args, config=kv_config)
-            else:
-                self.kv_server, _ = make_mux_server(self.kv_offer, *args, config=kv_config)
-            bound = self.kv_server.address
-            self.kv_peer = Peer(cfg.kv_advertise_host or bound.host, bound.port)
+            views = KVViews(engine.kv_caches, block_layout(engine.layout))
+            serving = serve_kv(offer, views, auth, self.leases.table,
+                               Peer(cfg.bind_kv_host, cfg.kv_port), config=kv_config)
+            self.kv_server, self.kv_peer = serving.server, serving.peer(cfg.kv_advertise_host)
         self.puller = (Puller(self.driver, auth, self.kv_offer[0], cfg.pull_timeout_s,
                               self.stats, self.kv_facts)
                        if cfg.role in ("decode", "both") else None)
@@ -141,7 +137,8 @@ class WorkerServer:
 
     async def health(self, request: web.Request) -> web.Response:
         if self.driver.dead is not None:
-            raise APIError(f"engine failed: {self.driver.dead}", 503, "ServiceUnavailable")
+            raise ApiError(503, f"engine failed: {self.driver.dead}",
+                           err_type="ServiceUnavailable")
         return web.Response(status=200)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -177,20 +174,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure leaves as an OpenAI-shaped error; never a traceback."""
     try:
         return await handler(request)
-    except APIError as e:
-        return web.json_response(e.body(), status=e.status)
+    except ApiError as e:
+        return error_response(e)
     except EngineDeadError as e:
-        return web.json_response(APIError(str(e), 503, "ServiceUnavailable").body(), status=503)
+        return error_response(ApiError(503, str(e), err_type="ServiceUnavailable"))
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        err = APIError(e.reason, e.status, "NotFoundError" if e.status == 404 else
-                       "invalid_request_error")
-        return web.json_response(err.body(), status=e.status)
+        return error_response(ApiError(e.status, e.reason, err_type="NotFoundError"
+                                       if e.status == 404 else "invalid_request_error"))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        err = APIError("internal server error", 500, "InternalServerError")
-        return web.json_response(err.body(), status=500)
+        return error_response(ApiError(500, "internal server error",
+                                       err_type="InternalServerError"))
+
+
+def error_response(e: ApiError) -> web.Response:
+    return web.Response(body=e.body(), status=e.status, content_type="application/json")
 
 
 async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:

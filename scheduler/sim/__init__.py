@@ -8,7 +8,8 @@
 Modules: `trace` (loaders, block hashes), `cost` (analytic cost model, calibration), `cache`
 (per-worker LRU block pool emitting KV events), `engine` (one continuous-batching worker),
 `cluster` (cluster shape, `WorkerView` snapshots), `sim` (event loop), `records`, `metrics`,
-`policies` (the named policy set the comparison runs). See docs/simulator.md.
+`policies` (the named policy set the comparison runs), `moe` (the MoE scenario: requests with
+expert statistics, the expert hit rate). See docs/simulator.md.
 """
 
 from meshd.scheduler.sim.cluster import ClusterConfig

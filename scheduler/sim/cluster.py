@@ -10,6 +10,7 @@ from meshd.scheduler.sim.engine import SimWorker
 from meshd.scheduler.sim.timing import EngineTiming, h100_llama3_8b
 from meshd.scheduler.sim.trace import TRACE_BLOCK_TOKENS
 from meshd.scheduler.types import Role, WorkerView
+from meshd.scheduler.views import LoadSample, WorkerFacts, build_view
 
 # H100 80 GB with 16 GB of Llama-3-8B weights and ~12 GB activations/overheads leaves ~52 GB of
 # KV: 52e9 / 131072 bytes per token ~ 400k tokens.
@@ -24,7 +25,8 @@ class ClusterConfig:
     `kv_tokens` each worker's KV capacity in HBM; `host_cache_tokens` extra prefix-cache room per
     worker in a host-memory tier (evicted prefixes stay matchable); `token_budget` the tokens one
     mixed iteration may process (vLLM `max_num_batched_tokens`); `max_num_seqs` the running-batch
-    limit.
+    limit; `experts[i]` the MoE experts worker i hosts (empty set or `()`: all), which only the
+    expert-affinity scorer reads (the timing model has no cost for a miss).
     """
 
     roles: tuple[Role, ...]
@@ -36,6 +38,7 @@ class ClusterConfig:
     max_num_seqs: int = 256
     max_chunk_steps: int = 1024
     model: str = "llama-3-8b"
+    experts: tuple[frozenset[int], ...] = ()  # per worker: MoE experts hosted (() = all)
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -53,6 +56,9 @@ class ClusterConfig:
         for name in ("token_budget", "max_num_seqs", "max_chunk_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"cluster.{name}: must be > 0")
+        if self.experts and len(self.experts) != len(self.roles):
+            raise ValueError(f"cluster.experts: one set per worker ({len(self.roles)}), got "
+                             f"{len(self.experts)}")
 
     @staticmethod
     def colocated(n: int, **kw: object) -> ClusterConfig:
@@ -80,15 +86,21 @@ class ClusterConfig:
                 for wid, role in zip(self.worker_ids(), self.roles, strict=True)]
 
 
-def worker_view(w: SimWorker, model: str, cost: Mapping[str, float]) -> WorkerView:
+def worker_facts(cluster: ClusterConfig, workers: Sequence[SimWorker],
+                 cost: Mapping[str, float]) -> list[WorkerFacts]:
+    """The static part of each worker's view (built once per run; `cost` shared)."""
+    experts = cluster.experts or (frozenset(),) * len(workers)
+    return [WorkerFacts(worker_id=w.worker_id, role=w.role, model=cluster.model,
+                        block_size=w.cache.block_size, kv_capacity_blocks=w.cache.capacity,
+                        experts=e, cost=cost)
+            for w, e in zip(workers, experts, strict=True)]
+
+
+def worker_view(facts: WorkerFacts, w: SimWorker) -> WorkerView:
     """The `WorkerView` a scrape of `w`'s metrics would give the scheduler now."""
     running, waiting = w.load()
-    return WorkerView(worker_id=w.worker_id, role=w.role, model=model, num_running=running,
-                      num_waiting=waiting, kv_usage=w.cache.usage(),
-                      kv_capacity_blocks=w.cache.capacity, block_size=w.cache.block_size,
-                      cost=cost, num_waiting_tokens=w.queued_tokens)
+    return build_view(facts, LoadSample(running, waiting, w.queued_tokens, w.cache.usage()))
 
 
-def views(workers: Sequence[SimWorker], model: str, cost: Mapping[str, float]
-          ) -> list[WorkerView]:
-    return [worker_view(w, model, cost) for w in workers]
+def views(facts: Sequence[WorkerFacts], workers: Sequence[SimWorker]) -> list[WorkerView]:
+    return [worker_view(f, w) for f, w in zip(facts, workers, strict=True)]

@@ -1,10 +1,12 @@
 """Discrete-event loop: replays a trace through a routing policy and a simulated cluster.
 
 Events live in one heap ordered by (time, insertion number), so runs are deterministic. Kinds:
-an arrival (the policy decides at that instant from fresh `WorkerView`s and the prefix index), a
-worker's iteration end, and a KV transfer's end. After every change to a worker's cache its KV
-events are applied to the prefix index the policy reads, instantly and in order, as a live
-worker's would be. The loop stops when the heap is empty or after `max_events` events.
+an arrival (the policy decides at that instant from fresh `WorkerView`s — built by
+`scheduler.views.build_view`, as the live gateway's are — the prefix index and, for MoE
+requests, their expert statistics), a worker's iteration end, and a KV transfer's end. After
+every change to a worker's cache its KV events are applied to the prefix index the policy reads,
+instantly and in order, as a live worker's would be. The loop stops when the heap is empty or
+after `max_events` events.
 
 Disaggregated flow (P prefills, D decodes): P finishes the prompt (its token is the first token);
 D pins the prompt's blocks when they fit (FIFO), pulls only the blocks it does not cache over P's
@@ -20,13 +22,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meshd.scheduler.prefix_index import PrefixIndex
-from meshd.scheduler.sim.cluster import ClusterConfig, views
+from meshd.scheduler.sim.cluster import ClusterConfig, views, worker_facts
 from meshd.scheduler.sim.engine import Job, SimWorker
 from meshd.scheduler.sim.records import RequestRecord, WorkerStats
 from meshd.scheduler.sim.trace import TraceRequest, block_hashes
 from meshd.scheduler.types import Decision, NoWorkerAvailable, RequestView, WorkerView
 
 _ARRIVAL, _ITER_END, _XFER_END = 0, 1, 2
+_NO_EXPERTS: dict[int, int] = {}
 
 
 class RoutingPolicy(Protocol):
@@ -65,7 +68,8 @@ class Simulator:
         self.max_events = max_events
         self.workers = cluster.build()
         self._by_id = {w.worker_id: w for w in self.workers}
-        self._cost_view = cluster.cost.view_params(typical_prompt_tokens)
+        self._facts = worker_facts(cluster, self.workers,
+                                   cluster.cost.view_params(typical_prompt_tokens))
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._link_free = {w.worker_id: 0.0 for w in self.workers}
@@ -105,10 +109,10 @@ class Simulator:
         hashes = block_hashes(req, self.cluster.block_size)
         view = RequestView(request_id=req.request_id, model=self.cluster.model,
                            num_prompt_tokens=req.input_tokens, block_hashes=hashes,
-                           max_tokens=req.output_tokens)
+                           max_tokens=req.output_tokens,
+                           experts=dict(req.experts) if req.experts else _NO_EXPERTS)
         try:
-            d = self.policy.decide(view, views(self.workers, self.cluster.model,
-                                               self._cost_view))
+            d = self.policy.decide(view, views(self._facts, self.workers))
         except NoWorkerAvailable as e:
             rec.dropped = f"no worker: {e}"
             return

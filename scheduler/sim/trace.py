@@ -27,13 +27,16 @@ _MASK = (1 << 61) - 1
 
 @dataclass(frozen=True, slots=True)
 class TraceRequest:
-    """One request of a trace; `hash_ids` is empty where the trace has no prefix information."""
+    """One request of a trace; `hash_ids` is empty where the trace has no prefix information.
+    `experts` (MoE traces, `sim.moe`): (expert id, prompt tokens routed to it) pairs, the
+    statistics a live prefill answer carries; empty for dense models."""
 
     request_id: str
     arrival_s: float
     input_tokens: int
     output_tokens: int
     hash_ids: tuple[int, ...] = ()
+    experts: tuple[tuple[int, int], ...] = ()
 
 
 def _chain(parent: int, value: int) -> int:

@@ -68,7 +68,7 @@ async def test_actor_is_named_detached_and_serves(registry: Any, state_dir: Path
     task = asyncio.create_task(agent.run(stop))
     await wait_for(lambda: agent.status.heartbeats >= 1, 15)
     routing = await handle.workers.remote()
-    assert [(r["node_id"], r["worker_id"], r["role"]) for r in routing] == [
+    assert [(r["node_id"], r["worker"]["worker_id"], r["worker"]["role"]) for r in routing] == [
         (ident.node_id, "w0", "decode")]
     status = await asyncio.to_thread(
         meshd, "status", "--state-dir", str(state_dir), "--coordinator",

@@ -48,3 +48,45 @@ def test_engine_cli_accepts_the_launcher_flags(tmp_path: Path) -> None:
 def test_workers_config_errors(env: dict[str, str], msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
         load(environ=env)
+
+
+def test_expert_placement_becomes_report_records() -> None:
+    from meshd.capabilities import Experts
+    from meshd.node_agent.launcher import embedded_experts
+
+    cfg = WorkersConfig(prefill=1, decode=2, moe=True, model_name="meshd-tiny-moe",
+                        experts=("*", "0-3", "4+5+6+7"))
+    records = embedded_experts(cfg, "n-1")
+    layers = 4  # the built-in tiny MoE model
+    assert records == tuple(r for layer in range(layers) for r in (
+        Experts("meshd-tiny-moe", "n-1-d1", layer, (0, 1, 2, 3)),
+        Experts("meshd-tiny-moe", "n-1-d2", layer, (4, 5, 6, 7))))  # the `*` worker: none
+    assert embedded_experts(WorkersConfig(decode=1, moe=True), "n-1") == ()
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"decode": 2, "experts": ("0-3", "4-7")}, "workers.experts: needs an MoE model"),
+    ({"decode": 2, "moe": True, "experts": ("*",)}, r"one entry per worker \(2\), got 1"),
+    ({"decode": 1, "moe": True, "experts": ("0-x",)}, r"workers.experts\[0\]: expected"),
+    ({"decode": 1, "moe": True, "experts": ("3-1",)}, r"workers.experts\[0\]: bad range"),
+])
+def test_expert_placement_config_errors(kw: dict[str, object], msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        WorkersConfig(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("experts", "msg"), [
+    (("0-3", "4-6"), r"experts \[7\] are hosted by no worker"),
+    (("0-3", "4-9"), r"n-1-d1: experts \[8, 9\] outside 0..7"),
+])
+def test_expert_placement_checked_against_the_model(experts: tuple[str, ...], msg: str) -> None:
+    from meshd.node_agent.launcher import embedded_experts
+
+    with pytest.raises(ValueError, match=msg):
+        embedded_experts(WorkersConfig(decode=2, moe=True, experts=experts), "n-1")
+
+
+def test_expert_placement_from_the_env_form() -> None:
+    cfg = load(environ={"MESHD_WORKERS_DECODE": "2", "MESHD_WORKERS_MOE": "true",
+                        "MESHD_WORKERS_EXPERTS": "0+1+2+3,4-7"})
+    assert cfg.workers.experts == ("0+1+2+3", "4-7")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, Worker
 from meshd.coordinator.gateway.config import Deadlines, GatewayConfig, RoutingConfig
 from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
@@ -117,13 +117,14 @@ def make_router(min_uncached_tokens: int = 0) -> Router:
 
 
 @contextlib.asynccontextmanager
-async def gateway(workers: Sequence[Worker], deadlines: Deadlines | None = None,
+async def gateway(workers: Sequence[Worker | Member], deadlines: Deadlines | None = None,
                   min_uncached_tokens: int = 0, api_keys: dict[str, str] | None = None
                   ) -> AsyncIterator[tuple[str, MeshHandler]]:
+    """A gateway over `workers` (a bare `Worker` is a member of node "n-test")."""
     router = make_router(min_uncached_tokens)
     assert router.index is not None
     pool = WorkerPool(router.index, RoutingConfig(scrape_interval_s=0.2))
-    pool.update(("n-test", w) for w in workers)
+    pool.update(w if isinstance(w, Member) else Member("n-test", w) for w in workers)
     metrics = MeshMetrics()
     metrics.watch_workers(pool)
     handler = MeshHandler(pool, router, PromptBuilder(), deadlines, metrics)

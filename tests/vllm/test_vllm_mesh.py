@@ -256,7 +256,7 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             # The agent reports them: the registry's routing set, exactly the launcher's records.
             plane = run.server.plane
             await wait_until(lambda: len(plane.routable_workers()) == 2, 30, "routing set")
-            routed = {w.worker_id: w for _, w in plane.routable_workers()}
+            routed = {m.worker.worker_id: m.worker for m in plane.routable_workers()}
             assert routed == {wid: s.worker for wid, s in specs.items()}
             for w in routed.values():
                 assert (w.engine, w.kv_block_size, w.model) == ("vllm", BLOCK, MODEL)
@@ -265,7 +265,7 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             assert routed[p_id].role == "prefill" and routed[d_id].role == "decode"
             assert routed[p_id].kv_transfer_endpoint.startswith("tcp://127.0.0.1:")
 
-            async def membership() -> list[tuple[str, Any]]:
+            async def membership() -> list[Any]:
                 return list(plane.routable_workers())
 
             settings = config.GatewayConfig(

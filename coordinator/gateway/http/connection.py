@@ -7,6 +7,11 @@ Deadlines are fields (`read_deadline`, `idle_deadline`, `task_started`) that the
 sweeper checks every `sweep_interval`, so the hot path sets no timers. When the client goes
 away (EOF or reset), `connection_lost` cancels the running handler task: that is how a client
 disconnect reaches the request lifecycle and, through it, the workers.
+
+A request answered with an error whatever its body says (unknown route, method not allowed)
+has its body read and dropped only up to `_DRAIN_BYTES` (never past `max_body_bytes`), so the
+connection can serve the next request; a longer body (declared, chunked, or `Expect:
+100-continue`) is not read: the error goes out at once and the connection closes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 _HDR = {b"content-type": 0, b"authorization": 1, b"x-request-id": 2, b"expect": 3,
         b"content-length": 4}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DRAIN_BYTES = 64 << 10  # the most of a refused request's body read to keep the connection
 
 
 class Pending:
@@ -137,11 +143,11 @@ class HttpConnection(asyncio.Protocol):
         path = url.split(b"?", 1)[0] if b"?" in url else url
         methods = ROUTES.get(path)
         if methods is None:
-            self.err = self.srv.not_found(path)
+            self._refuse(self.srv.not_found(path))
             return
         route = methods.get(self.parser.get_method())
         if route is None:
-            self.err = self.srv.method_not_allowed(self.parser.get_method(), path)
+            self._refuse(self.srv.method_not_allowed(self.parser.get_method(), path))
             return
         self.route = route
         cl = self.hdrs[4]  # llhttp has checked it is a number
@@ -151,10 +157,25 @@ class HttpConnection(asyncio.Protocol):
         if self.hdrs[3] is not None and self.hdrs[3].lower() == b"100-continue":
             self.write(_CONTINUE)
 
+    def _refuse(self, err: ApiError) -> None:
+        """Answer `err` for this request; read its body only if it is short (see above)."""
+        self.err = err
+        expect, length = self.hdrs[3], self.hdrs[4]
+        if (expect is not None and expect.lower() == b"100-continue") or (
+                length is not None and int(length) > self._drain_limit()):
+            self.fatal(err)
+            raise _Fatal
+
+    def _drain_limit(self) -> int:
+        return min(_DRAIN_BYTES, self.cfg.max_body_bytes)
+
     def on_body(self, body: bytes) -> None:
-        if self.err is not None:
-            return
         self.body_size += len(body)
+        if self.err is not None:
+            if self.body_size > self._drain_limit():  # chunked: too long to drain
+                self.fatal(self.err)
+                raise _Fatal
+            return
         if self.body_size > self.cfg.max_body_bytes:
             self.fatal(too_large(self.cfg.max_body_bytes))
             raise _Fatal

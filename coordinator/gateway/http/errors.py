@@ -2,46 +2,18 @@
 
 Raise `ApiError` (or use the helpers) anywhere between request parsing and the first byte of a
 response; the server encodes it as ``{"error": {"message", "type", "param", "code"}}`` with the
-given status. The lifecycle uses `rate_limited`, `unavailable` and `gateway_timeout` for 429,
-503 and 504.
+given status. The class lives in `meshd.api_errors` (the embedded engine's worker server raises
+the same one) and is re-exported here with the gateway's helpers. The lifecycle uses
+`rate_limited`, `unavailable` and `gateway_timeout` for 429, 503 and 504.
 """
 
 from __future__ import annotations
 
-import orjson
+from meshd.api_errors import ApiError, invalid
 
-
-class ApiError(Exception):
-    """A client-visible error. `status` is the HTTP status; `param` names the offending field."""
-
-    __slots__ = ("code", "err_type", "message", "param", "retry_after", "status")
-
-    def __init__(self, status: int, message: str, *, err_type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.err_type = err_type
-        self.param = param
-        self.code = code
-        self.retry_after = retry_after
-
-    def to_dict(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.err_type,
-                          "param": self.param, "code": self.code}}
-
-    def body(self) -> bytes:
-        """The JSON body bytes (fresh each call; cheap)."""
-        return orjson.dumps(self.to_dict())
-
-    def __repr__(self) -> str:
-        return f"ApiError({self.status}, {self.message!r}, param={self.param!r})"
-
-
-def invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    """400 invalid_request_error naming `param`."""
-    return ApiError(400, message, param=param, code=code)
+__all__ = ["ApiError", "bad_gateway", "gateway_timeout", "internal", "invalid",
+           "method_not_allowed", "not_found", "rate_limited", "too_large", "unauthorized",
+           "unavailable", "unsupported_media_type"]
 
 
 def unauthorized() -> ApiError:

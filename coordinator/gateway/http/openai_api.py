@@ -5,19 +5,53 @@ not mutated, not copied) and return `ChatRequest` / `CompletionRequest`, or rais
 (400, `param` naming the field). Fields we do not know are kept in `extra` for the engines;
 `tools`, `tool_choice` and `response_format` are type-checked at the top level only and passed
 through untouched. The original body bytes are kept by the server in `ApiRequest.raw`.
+
+What this accepts is a subset of what every worker accepts (vLLM's OpenAI server and the
+embedded engine's `openai_io.parse_request`), field by field, including the vLLM fields kept in
+`extra` that are forwarded to workers as sent (`_check_forwarded`), so a worker's 4xx is never
+the gateway's oversight. What only the served model can decide (context length, token ids past
+the vocabulary) stays the worker's to refuse. `tests/coordinator/gateway/http/
+test_accepted_subset.py` holds the two front ends to this, boundary value by boundary value.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.coordinator.gateway.config import Limits
+from meshd.coordinator.gateway.config import SEED_MAX, SEED_MIN, Limits
 from meshd.coordinator.gateway.http.errors import invalid
+from meshd.coordinator.gateway.http.fields import (
+    TOKEN_ID_MAX,
+    logit_bias,
+    opt_bool,
+    opt_float,
+    opt_int,
+    opt_str,
+    stop,
+    token_ids,
+)
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
-_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+UNSEEDED = -1  # vLLM reads seed -1 as "no seed"; so does the engine
+_SEED_SPAN = SEED_MAX - SEED_MIN + 1
 _EMPTY: dict[str, Any] = {}
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice `index` of a request with `seed` (for `n > 1`, each choice is its own
+    worker request): `seed + index` wrapped into the workers' int64 range, stepping over -1
+    (which a worker would read as "no seed"). Choice 0 keeps `seed`; different indexes give
+    different seeds. The engine derives its own choices' seeds the same way
+    (`openai_io.choice_seed`), so `n` through the gateway samples what `n` on one engine does."""
+    if index == 0:
+        return seed
+    off, skip = seed - SEED_MIN, UNSEEDED - SEED_MIN
+    pos = off + index
+    if off < skip <= pos or off < skip + _SEED_SPAN <= pos:
+        pos += 1
+    return pos % _SEED_SPAN + SEED_MIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,41 +112,6 @@ _CHAT_KNOWN = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_l
 _COMPLETION_KNOWN = _COMMON | {"prompt", "logprobs"}
 
 
-def _is_int(v: object) -> bool:
-    return type(v) is int
-
-
-def _is_num(v: object) -> bool:
-    return type(v) is float or type(v) is int
-
-
-def _opt_int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    v = obj.get(key)
-    if v is None:
-        return None
-    if not _is_int(v):
-        raise invalid(f"'{key}' must be an integer.", key)
-    if not lo <= v <= hi:
-        raise invalid(f"'{key}' must be between {lo} and {hi}, got {v}.", key)
-    return int(v)
-
-
-def _opt_str(obj: dict[str, Any], key: str) -> str | None:
-    v = obj.get(key)
-    if v is None or type(v) is str:
-        return v
-    raise invalid(f"'{key}' must be a string.", key)
-
-
-def _opt_bool(obj: dict[str, Any], key: str) -> bool:
-    v = obj.get(key)
-    if v is None:
-        return False
-    if type(v) is not bool:
-        raise invalid(f"'{key}' must be a boolean.", key)
-    return v
-
-
 def _model(obj: dict[str, Any]) -> str:
     m = obj.get("model")
     if type(m) is not str or not m:
@@ -121,7 +120,7 @@ def _model(obj: dict[str, Any]) -> str:
 
 
 def _stream(obj: dict[str, Any]) -> tuple[bool, bool]:
-    stream = _opt_bool(obj, "stream")
+    stream = opt_bool(obj, "stream")
     so = obj.get("stream_options")
     if so is None:
         return stream, False
@@ -137,45 +136,40 @@ def _stream(obj: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(iu)
 
 
-def _stop(obj: dict[str, Any], limit: int) -> tuple[str, ...]:
-    v = obj.get("stop")
-    if v is None:
-        return ()
-    if type(v) is str:
-        return (v,)
-    if type(v) is not list or any(type(s) is not str for s in v):
-        raise invalid("'stop' must be a string or a list of strings.", "stop")
-    if len(v) > limit:
-        raise invalid(f"'stop' may hold at most {limit} sequences.", "stop")
-    return tuple(v)
-
-
-def _float(obj: dict[str, Any], key: str, lo: float, hi: float, lo_open: bool) -> float | None:
-    v = obj.get(key)
-    if v is None:
-        return None
-    if not _is_num(v):
-        raise invalid(f"'{key}' must be a number.", key)
-    if v > hi or v < lo or (lo_open and v == lo):
-        lo_s = f"({lo}" if lo_open else f"[{lo}"
-        raise invalid(f"'{key}' must be in {lo_s}, {hi}], got {v}.", key)
-    return float(v)
-
-
 def _sampling(obj: dict[str, Any], lim: Limits, chat: bool) -> Sampling:
-    max_tokens = _opt_int(obj, "max_tokens", 1, lim.max_tokens)
+    max_tokens = opt_int(obj, "max_tokens", 1, lim.max_tokens)
     if chat:
-        mct = _opt_int(obj, "max_completion_tokens", 1, lim.max_tokens)
+        mct = opt_int(obj, "max_completion_tokens", 1, lim.max_tokens)
         if mct is not None:
             max_tokens = mct
+    seed = opt_int(obj, "seed", SEED_MIN, SEED_MAX)  # vLLM: torch.long; the engine: int64
     return Sampling(
-        n=_opt_int(obj, "n", 1, lim.max_n) or 1,
-        stop=_stop(obj, lim.max_stop),
-        seed=_opt_int(obj, "seed", _INT64_MIN, _UINT64_MAX),
-        temperature=_float(obj, "temperature", 0.0, 2.0, False),
-        top_p=_float(obj, "top_p", 0.0, 1.0, True),
+        n=opt_int(obj, "n", 1, lim.max_n) or 1,
+        stop=stop(obj, lim.max_stop),
+        seed=None if seed == UNSEEDED else seed,
+        temperature=opt_float(obj, "temperature", 0.0, 2.0),
+        top_p=opt_float(obj, "top_p", 0.0, 1.0, lo_open=True),
         max_tokens=max_tokens,
     )
+
+
+def _check_forwarded(obj: dict[str, Any], lim: Limits, max_tokens: int | None) -> None:
+    """vLLM sampling fields the gateway passes to workers as sent (they stay in `extra`):
+    refused here in the ranges vLLM refuses them (`vllm/sampling_params.py` `_verify_args`)."""
+    opt_int(obj, "top_k", -1, TOKEN_ID_MAX)  # -1 or 0: off
+    opt_float(obj, "min_p", 0.0, 1.0)
+    opt_float(obj, "presence_penalty", -2.0, 2.0)
+    opt_float(obj, "frequency_penalty", -2.0, 2.0)
+    opt_float(obj, "repetition_penalty", 0.0, math.inf, lo_open=True)
+    min_tokens = opt_int(obj, "min_tokens", 0, lim.max_tokens)
+    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+        raise invalid(f"'min_tokens' ({min_tokens}) must not exceed the maximum number of "
+                      f"tokens ({max_tokens}).", "min_tokens")
+    token_ids(obj, "stop_token_ids")
+    logit_bias(obj)
+    for key in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                "return_token_ids", "return_tokens_as_token_ids", "echo"):
+        opt_bool(obj, key)
 
 
 def _content(v: object, i: int) -> str | None:
@@ -236,8 +230,8 @@ def parse_chat(obj: object, lim: Limits) -> ChatRequest:
     if type(msgs) is not list or not msgs:
         raise invalid("'messages' must be a non-empty list.", "messages")
     stream, include_usage = _stream(body)
-    logprobs = _opt_bool(body, "logprobs")
-    top = _opt_int(body, "top_logprobs", 0, 20)
+    logprobs = opt_bool(body, "logprobs")
+    top = opt_int(body, "top_logprobs", 0, lim.max_logprobs)
     if top is not None and not logprobs:
         raise invalid("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
     tools, tool_choice, rf = body.get("tools"), body.get("tool_choice"), body.get("response_format")
@@ -247,25 +241,27 @@ def parse_chat(obj: object, lim: Limits) -> ChatRequest:
         raise invalid("'tool_choice' must be a string or an object.", "tool_choice")
     if rf is not None and type(rf) is not dict:
         raise invalid("'response_format' must be an object.", "response_format")
+    sampling = _sampling(body, lim, True)
+    _check_forwarded(body, lim, sampling.max_tokens)
     return ChatRequest(
         model=model, messages=tuple(_message(m, i) for i, m in enumerate(msgs)),
-        stream=stream, include_usage=include_usage, sampling=_sampling(body, lim, True),
-        logprobs=logprobs, top_logprobs=top, user=_opt_str(body, "user"), tools=tools,
+        stream=stream, include_usage=include_usage, sampling=sampling,
+        logprobs=logprobs, top_logprobs=top, user=opt_str(body, "user"), tools=tools,
         tool_choice=tool_choice, response_format=rf, extra=_extra(body, _CHAT_KNOWN))
 
 
 def _prompt(v: object, lim: Limits) -> str | tuple[int, ...]:
-    if type(v) is str:
+    if type(v) is str and v:
         return v
     if type(v) is list and v:
-        if all(type(t) is int and 0 <= t < 2**31 for t in v):
+        if all(type(t) is int and 0 <= t <= TOKEN_ID_MAX for t in v):
             if len(v) > lim.max_prompt_tokens:
                 raise invalid(f"'prompt' exceeds {lim.max_prompt_tokens} tokens.", "prompt")
             return tuple(v)
         if all(type(t) is str for t in v):
             raise invalid("Batched prompts (a list of strings) are not supported; send one "
                           "request per prompt.", "prompt")
-    raise invalid("'prompt' must be a string or a non-empty list of token ids "
+    raise invalid("'prompt' must be a non-empty string or a non-empty list of token ids "
                   "(integers in [0, 2^31)).", "prompt")
 
 
@@ -277,8 +273,10 @@ def parse_completion(obj: object, lim: Limits) -> CompletionRequest:
         raise invalid("'prompt' is required.", "prompt")
     prompt = _prompt(body["prompt"], lim)
     stream, include_usage = _stream(body)
+    sampling = _sampling(body, lim, False)
+    _check_forwarded(body, lim, sampling.max_tokens)
     return CompletionRequest(
         model=model, prompt=prompt, stream=stream, include_usage=include_usage,
-        sampling=_sampling(body, lim, False), logprobs=_opt_int(body, "logprobs", 0, 5),
-        user=_opt_str(body, "user"), extra=_extra(body, _COMPLETION_KNOWN))
+        sampling=sampling, logprobs=opt_int(body, "logprobs", 0, lim.max_logprobs),
+        user=opt_str(body, "user"), extra=_extra(body, _COMPLETION_KNOWN))
 

@@ -21,9 +21,10 @@ _COMMON_PROPS: dict[str, Any] = {
     "stream_options": {"type": ["object", "null"],
                        "properties": {"include_usage": {"type": "boolean"}}},
     "n": {"type": ["integer", "null"], "minimum": 1},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "null"},
-                       {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-    "seed": {"type": ["integer", "null"]},
+    "stop": {"oneOf": [{"type": "string", "minLength": 1}, {"type": "null"},
+                       {"type": "array", "items": {"type": "string", "minLength": 1},
+                        "maxItems": 4}]},
+    "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
     "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
     "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
     "max_tokens": {"type": ["integer", "null"], "minimum": 1},
@@ -61,10 +62,10 @@ _COMPLETION_REQ = {
     "type": "object", "required": ["model", "prompt"], "additionalProperties": True,
     "properties": {
         **_COMMON_PROPS,
-        "prompt": {"oneOf": [{"type": "string"},
+        "prompt": {"oneOf": [{"type": "string", "minLength": 1},
                              {"type": "array", "minItems": 1,
                               "items": {"type": "integer", "minimum": 0}}]},
-        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5},
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
     },
 }
 

@@ -6,8 +6,9 @@ requests finish until `shutdown_timeout`, then cancels what is left. Per request
 checks route, method, API key, content type and size, decodes and validates the JSON into an
 `ApiRequest`, and runs `handler.handle(req, responder)` in a task (see `handler.py` for the
 contract). Everything else (errors, /v1/models, /health, /metrics, /openapi.json) is answered
-inline, as is GET /debug/cache-health (the `cache_health` callable's JSON). Nothing is
-logged per request; counters are in `stats` and on GET /metrics.
+inline, as is GET /debug/cache-health (the `cache_health` callable's JSON); with a `fleet`
+view, GET /metrics runs in a task (it asks the sibling replicas). Nothing is logged per
+request; counters are in `stats` and on GET /metrics.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meshd.api_errors import loads_body
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.http import errors
 from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint, Handler
@@ -40,18 +42,23 @@ log = logging.getLogger(__name__)
 _RID_OK = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _JSON_CT = b"application/json"
 _HEALTH_OK, _HEALTH_DRAIN = b'{"status":"ok"}', b'{"status":"draining"}'
+_PROM_CT = CONTENT_TYPE_LATEST.encode()
+# This replica's exposition in, the fleet's out (`gateway/fleet.py`); never raises, bounded.
+FleetView = Callable[[bytes], Awaitable[bytes]]
 
 
 class GatewayServer:
     """One gateway replica. `models` lists model ids for GET /v1/models (default: none).
     `registry` is exported on /metrics; the gateway's own counters are
-    added to it. `cache_health` answers GET /debug/cache-health (None: 404). Use from one
-    event loop."""
+    added to it. `fleet`, if given, turns /metrics into the fleet's view: it gets this
+    registry's exposition and answers the merged one. `cache_health` answers
+    GET /debug/cache-health (None: 404). Use from one event loop."""
 
     def __init__(self, config: GatewayConfig, handler: Handler, *,
                  registry: CollectorRegistry | None = None,
                  models: Callable[[], Sequence[str]] | None = None,
-                 cache_health: Callable[[], dict[str, Any]] | None = None) -> None:
+                 cache_health: Callable[[], dict[str, Any]] | None = None,
+                 fleet: FleetView | None = None) -> None:
         self.config = config
         self.handler = handler
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -59,6 +66,7 @@ class GatewayServer:
         self.registry.register(StatsCollector(self.stats))
         self._models = models or tuple
         self._cache_health = cache_health
+        self._fleet = fleet
         self._keys = [(t, k.encode()) for t, k in sorted(config.api_keys.items())]
         self.conns: set[HttpConnection] = set()
         self.now = time.monotonic()
@@ -151,7 +159,7 @@ class GatewayServer:
                 responder.send(503 if self.draining else 200,
                                _HEALTH_DRAIN if self.draining else _HEALTH_OK)
             elif route is Route.METRICS:
-                responder.send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST.encode())
+                self._metrics(conn, responder)
             elif route is Route.OPENAPI:
                 responder.send(200, SPEC_BYTES)
             elif route is Route.CACHE_HEALTH:
@@ -165,18 +173,24 @@ class GatewayServer:
         ct = p.ctype
         if ct is not None and not ct.lower().startswith(_JSON_CT):
             raise errors.unsupported_media_type(ct.decode("latin-1"))
-        if not p.body:
-            raise errors.invalid("The request body is empty; send a JSON object.")
-        try:
-            obj = orjson.loads(p.body)
-        except orjson.JSONDecodeError as e:
-            raise errors.invalid(f"Malformed JSON body: {e}") from None
+        obj = loads_body(p.body)  # the engine's worker server decodes with the same rules
         lim = self.config.limits
         if route is Route.CHAT:
             return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
                               asyncio.get_running_loop().time())
         return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
                           tenant, asyncio.get_running_loop().time())
+
+    def _metrics(self, conn: HttpConnection, responder: Responder) -> None:
+        local = generate_latest(self.registry)  # before the scrape itself is in flight
+        if self._fleet is None:
+            responder.send(200, local, _PROM_CT)
+        else:
+            conn.start_task(self._fleet_metrics(self._fleet, local, responder), responder)
+
+    @staticmethod
+    async def _fleet_metrics(fleet: FleetView, local: bytes, responder: Responder) -> None:
+        responder.send(200, await fleet(local), _PROM_CT)
 
     def _authenticate(self, auth: bytes | None) -> str:
         """Constant-time check of the bearer token against every key; returns the tenant."""

@@ -25,9 +25,11 @@ from typing import Any
 import orjson
 
 from meshd.coordinator.gateway.config import Deadlines
+from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.serving import failures
 from meshd.coordinator.gateway.serving.lifecycle import Action, Failure, Lifecycle, Phase
 from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, SeamText, parse_delta
+from meshd.coordinator.gateway.serving.step_timer import StepTimer
 from meshd.coordinator.gateway.serving.worker_source import WorkerSource
 from meshd.coordinator.gateway.workers.client import (
     BackendError,
@@ -84,6 +86,7 @@ class ChoiceRun:
         self.excluded: set[str] = set()
         self.seam: SeamText | None = None
         self.decision: Decision | None = None  # the first routing decision (cache health)
+        self.cached = 0  # prompt tokens the decode worker caches (when it prefills itself)
 
     @property
     def view(self) -> RequestView:
@@ -92,7 +95,9 @@ class ChoiceRun:
     # -- routing ----------------------------------------------------------------------------
 
     def _decide(self, view: RequestView | None = None) -> Decision:
-        workers = [w for w in self.source.views() if w.worker_id not in self.excluded]
+        views = self.source.views()
+        excluded = self.excluded
+        workers = [w for w in views if w.worker_id not in excluded] if excluded else views
         try:
             return self.router.decide(view or self.spec.view, workers)
         except NoWorkerAvailable:
@@ -120,6 +125,7 @@ class ChoiceRun:
             params, decision = await self._prefill(decision)
         else:
             self.counters.local_prefill += 1
+        self.cached = decision.cached_tokens if not decision.disaggregated else 0
         await self._decode(decision.decode, params, emit)
         return self.out
 
@@ -133,7 +139,8 @@ class ChoiceRun:
             timeout = self.lc.step_timeout(self.clock(), self.lc.deadlines.prefill_s)
             try:
                 data = await self.source.prefill(decision.prefill, body,
-                                                 f"{spec.request_id}-p", max(timeout, 1e-3))
+                                                 f"{spec.request_id}-p", max(timeout, 1e-3),
+                                                 len(spec.prompt) - decision.cached_tokens)
             except BackendError as e:
                 failure = failures.classify(e)
                 if isinstance(e, BackendHTTPError) and failure is Failure.BAD_REQUEST:
@@ -198,12 +205,17 @@ class ChoiceRun:
             raise self._give_up(failure, detail) from None
         if self._failed(worker_id, failure, detail) is not Action.CONTINUE_DECODE:
             raise self._give_up(failure, detail) from None
+        try:
+            d = self._decide()
+        except ApiError:  # every worker that could continue has failed this request
+            raise self._give_up(failure, detail) from None
         self.counters.continuations += 1
         decode = self.spec.decode_text
         if decode is not None:
             pending = SeamText.pending(decode, self.out.token_ids, "".join(self.out.text))
             self.seam = SeamText(decode, pending, self.spec.stops)
-        nxt = self._decide().decode
+        nxt = d.decode
+        self.cached = d.cached_tokens if d.prefill == nxt else 0
         if self.lc.phase is Phase.TRANSFER:
             self.lc.advance(Phase.DECODE, self.clock(), "transfer failed")
         self.lc.redecode(self.clock(), nxt)
@@ -224,18 +236,20 @@ class ChoiceRun:
             body["max_tokens"] = remaining
         if params:
             body["kv_transfer_params"] = params
-        loop = asyncio.get_running_loop()
         first = self.lc.decode_attempts <= 1
-        # One timer, moved after every chunk: first token within first_token_s, then each
-        # next one within inter_token_s, never past the request's deadline.
-        async with asyncio.timeout(None) as step:
-            step.reschedule(loop.time() + self.lc.step_timeout(self.clock(), d.first_token_s))
-            async with self.source.stream(worker_id, body, f"{spec.request_id}-d",
-                                          d.first_token_s) as events:
-                async for data in events:
+        # One timer for the stream: first token within first_token_s, then each next one
+        # within inter_token_s, never past the request's deadline.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lc.remaining(self.clock())
+        # Without P's KV the worker prefills the prompt (and the tokens so far) itself.
+        queued = 0 if params else len(body["prompt"]) - self.cached
+        async with StepTimer(d.first_token_s, d.inter_token_s, deadline) as step, \
+                self.source.stream(worker_id, body, f"{spec.request_id}-d",
+                                   d.first_token_s, queued) as events:
+            while batch := await events.next_batch():
+                for data in batch:
                     await self._chunk(worker_id, data, first, emit)
-                    step.reschedule(loop.time() + self.lc.step_timeout(self.clock(),
-                                                                       d.inter_token_s))
+                step.touch()  # after forwarding: a slow client's drain is not a worker stall
 
     async def _chunk(self, worker_id: str, data: bytes, first: bool, emit: Emit) -> None:
         try:

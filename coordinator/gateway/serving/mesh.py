@@ -16,17 +16,23 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from meshd.coordinator.gateway.config import SEED_MAX, SEED_MIN, Deadlines
+from meshd.coordinator.gateway.config import Deadlines
 from meshd.coordinator.gateway.http import errors
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
-from meshd.coordinator.gateway.http.openai_api import ChatRequest
+from meshd.coordinator.gateway.http.openai_api import ChatRequest, choice_seed
 from meshd.coordinator.gateway.http.responder import Responder
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
 from meshd.coordinator.gateway.serving.passthrough import passthrough
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
-from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, Shaper, usage
+from meshd.coordinator.gateway.serving.shapes import (
+    ChoiceOutput,
+    Delta,
+    Shaper,
+    TokenVocab,
+    usage,
+)
 from meshd.coordinator.gateway.serving.worker_source import PoolSource
 from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.router import Router
@@ -36,13 +42,8 @@ T = TypeVar("T")
 # Client fields the gateway owns: never forwarded from the client's body to a worker.
 _RESERVED = frozenset({"kv_transfer_params", "return_token_ids", "prompt", "messages",
                        "stream", "stream_options", "n", "max_tokens", "max_completion_tokens",
-                       "logprobs", "top_logprobs", "echo", "model"})
-_SEED_SPAN = SEED_MAX - SEED_MIN + 1
-
-
-def choice_seed(seed: int, index: int) -> int:
-    """Choice `index`'s seed: distinct, reproducible, and inside the workers' int64 range."""
-    return (seed - SEED_MIN + index) % _SEED_SPAN + SEED_MIN
+                       "logprobs", "top_logprobs", "echo", "model",
+                       "return_tokens_as_token_ids"})
 
 
 async def run_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -114,14 +115,14 @@ class MeshHandler:
         start = self.clock()
         runs = self._runs(req, view, prompt.token_ids, start)
         timing = self.metrics.request(start)
+        tok = self.prompts.tokenizer(body.model)
+        shaper = Shaper(req, vocab=TokenVocab(tok.decode, tok.token_bytes))
         try:
             if body.stream:
-                await self._stream(runs, Shaper(req), responder, req, timing,
-                                   len(prompt.token_ids))
+                await self._stream(runs, shaper, responder, req, timing, len(prompt.token_ids))
             else:
                 outputs = await run_all([r.run(timing.emit) for r in runs])
-                responder.send(200, Shaper(req).body(outputs,
-                                                     usage(len(prompt.token_ids), outputs)))
+                responder.send(200, shaper.body(outputs, usage(len(prompt.token_ids), outputs)))
             timing.done("ok")
         except ApiError as e:
             timing.done("timeout" if e.status == 504 else "error")
@@ -167,6 +168,8 @@ class MeshHandler:
                 out["logprobs"] = body.top_logprobs or 0
         elif body.logprobs is not None:
             out["logprobs"] = body.logprobs
+        if "logprobs" in out:  # keyed by token id: tokens that decode alike stay apart
+            out["return_tokens_as_token_ids"] = True
         if body.user:
             out["user"] = body.user
         return out

@@ -13,9 +13,15 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+
+from meshd.coordinator.gateway.serving.loop_metrics import (
+    LoopCounter,
+    LoopHistogram,
+    LoopMetricsCollector,
+)
 
 if TYPE_CHECKING:
     from meshd.coordinator.gateway.serving.choice import ChoiceRun
@@ -56,7 +62,7 @@ class _Timing:
 
     def done(self, outcome: str) -> None:
         self.m.e2e.observe(time.monotonic() - self.start)
-        self.m.requests.labels(outcome).inc()
+        self.m.requests.inc(outcome)
 
 
 class _WorkerSums:
@@ -110,25 +116,23 @@ class _CacheHealth:
 
 
 class MeshMetrics:
+    """The serving figures. Mutated only from the replica's event loop (`loop_metrics`)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.ttft = Histogram("meshd_ttft_seconds", "Time to first token.", buckets=_LATENCY,
-                              registry=r)
-        self.itl = Histogram("meshd_inter_token_seconds", "Inter-token latency.",
-                             buckets=_LATENCY, registry=r)
-        self.e2e = Histogram("meshd_e2e_seconds", "End-to-end request latency.",
-                             buckets=_LATENCY, registry=r)
-        self.requests = Counter("meshd_requests", "Requests by outcome.", ["outcome"],
-                                registry=r)
-        self.prefill = Counter("meshd_prefill", "Choices by where the prompt was prefilled.",
-                               ["mode"], registry=r)
-        self.continuations = Counter("meshd_decode_continuations",
-                                     "Decodes continued on another worker after a failure.",
-                                     registry=r)
-        self.cached_tokens = Counter("meshd_prefix_cache_hit_tokens",
-                                     "Prompt tokens served from a worker's prefix cache.",
-                                     registry=r)
+        self.ttft = LoopHistogram("meshd_ttft_seconds", "Time to first token.", _LATENCY)
+        self.itl = LoopHistogram("meshd_inter_token_seconds", "Inter-token latency.", _LATENCY)
+        self.e2e = LoopHistogram("meshd_e2e_seconds", "End-to-end request latency.", _LATENCY)
+        self.requests = LoopCounter("meshd_requests", "Requests by outcome.", "outcome")
+        self.prefill = LoopCounter("meshd_prefill", "Choices by where the prompt was prefilled.",
+                                   "mode")
+        self.continuations = LoopCounter("meshd_decode_continuations",
+                                         "Decodes continued on another worker after a failure.")
+        self.cached_tokens = LoopCounter("meshd_prefix_cache_hit_tokens",
+                                         "Prompt tokens served from a worker's prefix cache.")
+        self.registry.register(LoopMetricsCollector((
+            self.ttft, self.itl, self.e2e, self.requests, self.prefill, self.continuations,
+            self.cached_tokens)))
         self._workers_registered = False
 
     def watch_workers(self, pool: WorkerPool) -> None:
@@ -150,7 +154,8 @@ class MeshMetrics:
                     f[0].value == "prefill" for f in lc.failures) else "disaggregated"
             else:
                 mode = "local"
-            self.prefill.labels(mode).inc()
+            self.prefill.inc(mode)
             if lc.decode_attempts > 1:
-                self.continuations.inc(lc.decode_attempts - 1)
-            self.cached_tokens.inc(run.out.cached_tokens)
+                self.continuations.inc(amount=lc.decode_attempts - 1)
+            if run.out.cached_tokens:
+                self.cached_tokens.inc(amount=run.out.cached_tokens)

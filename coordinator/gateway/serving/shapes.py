@@ -3,19 +3,28 @@
 The gateway always talks to workers through `/v1/completions` with token-id prompts and
 `return_token_ids`, and builds the client's response itself, so a request can move between
 workers mid-stream without the client seeing a seam. `Delta` is one worker chunk's worth of
-one choice; logprobs are kept in completions form and converted for chat.
+one choice; logprobs are kept in completions form and converted for the client.
+
+Logprobs: workers are asked for completions-form logprobs with `return_tokens_as_token_ids`
+(vLLM's flag; the engine has it too), so every token is named `token_id:<id>` and two ids that
+decode alike stay two entries. With the model's `TokenVocab`, `chat_logprobs` builds OpenAI's
+chat form (exactly `top_logprobs` alternatives per position, highest first, each with its
+text and its own `bytes`) and `completion_logprobs` OpenAI's completions form (tokens as text,
+`text_offset` counted in the choice's text). Names that are not `token_id:<id>` (a worker
+without the flag) are taken as the token's text.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint
+from meshd.coordinator.gateway.http.openai_api import ChatRequest
 
 
 @dataclass(slots=True)
@@ -28,10 +37,16 @@ class Delta:
 
 
 def parse_delta(choice: Mapping[str, Any]) -> Delta:
-    """One choice of a worker's completion chunk (or full response)."""
-    return Delta(text=str(choice.get("text") or ""), token_ids=list(choice.get("token_ids") or ()),
-                 logprobs=choice.get("logprobs"), finish_reason=choice.get("finish_reason"),
-                 stop_reason=choice.get("stop_reason"))
+    """One choice of a worker's completion chunk (or full response); the Delta takes over the
+    decoded chunk's objects (no copies on the hot path)."""
+    text = choice.get("text")
+    if type(text) is not str:
+        text = str(text or "")
+    ids = choice.get("token_ids")
+    if type(ids) is not list:
+        ids = list(ids or ())
+    return Delta(text, ids, choice.get("logprobs"), choice.get("finish_reason"),
+                 choice.get("stop_reason"))
 
 
 class SeamText:
@@ -86,7 +101,44 @@ class ChoiceOutput:
     cached_tokens: int = 0
 
 
-def _chat_logprobs(lp: Mapping[str, Any] | None) -> dict[str, Any] | None:
+class TokenVocab(NamedTuple):
+    """The served model's tokenizer as logprobs need it (`node_agent.engine.tokenizer`):
+    `decode(ids)` for a token's text, `token_bytes(id)` for its raw bytes."""
+
+    decode: Callable[[Sequence[int]], str]
+    token_bytes: Callable[[int], bytes]
+
+
+TOKEN_ID_PREFIX = "token_id:"
+
+
+def token_id_of(name: str) -> int | None:
+    """The id in a `token_id:<id>` token name, or None if `name` is not one."""
+    if not name.startswith(TOKEN_ID_PREFIX):
+        return None
+    digits = name[len(TOKEN_ID_PREFIX):]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def _text(name: str, vocab: TokenVocab | None) -> tuple[str, bytes]:
+    """A worker's token name as (text, bytes)."""
+    tid = token_id_of(name) if vocab is not None else None
+    if tid is None or vocab is None:
+        return name, name.encode("utf-8", "replace")
+    return vocab.decode([tid]), vocab.token_bytes(tid)
+
+
+def _entry(name: str, logprob: float, vocab: TokenVocab | None, as_ids: bool) -> dict[str, Any]:
+    text, raw = _text(name, vocab)
+    return {"token": name if as_ids else text, "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(lp: Mapping[str, Any] | None, top_n: int, vocab: TokenVocab | None = None,
+                  as_ids: bool = False) -> dict[str, Any] | None:
+    """Completions-form logprobs -> chat form: per position the sampled token and its
+    `top_n` most likely alternatives (fewer only if the worker sent fewer), highest first
+    (ties keep the worker's order). `as_ids` keeps the `token_id:<id>` names (the client asked
+    for `return_tokens_as_token_ids`)."""
     if not lp:
         return None
     content = []
@@ -94,10 +146,35 @@ def _chat_logprobs(lp: Mapping[str, Any] | None) -> dict[str, Any] | None:
     for i, (tok, val) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [],
                                        strict=False)):
         top = tops[i] if i < len(tops) and tops[i] else {}
-        content.append({"token": tok, "logprob": val, "bytes": list(str(tok).encode()),
-                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
-                                         for t, v in top.items()]})
-    return {"content": content}
+        ranked = sorted(top.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({**_entry(str(tok), val, vocab, as_ids),
+                        "top_logprobs": [_entry(t, v, vocab, as_ids) for t, v in ranked]})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(lp: Mapping[str, Any] | None, vocab: TokenVocab | None = None,
+                        offset: int = 0, as_ids: bool = False
+                        ) -> tuple[dict[str, Any] | None, int]:
+    """Completions-form logprobs as OpenAI defines them for `/v1/completions` clients: tokens
+    as text, `top_logprobs` dicts keyed by text (two ids that decode alike share a key, the
+    higher logprob kept), `text_offset` from `offset`; and the offset after the last token."""
+    if not lp:
+        return None, offset
+    tokens, offsets, tops = [], [], []
+    for name in lp.get("tokens") or []:
+        text = _text(str(name), vocab)[0]
+        tokens.append(str(name) if as_ids else text)
+        offsets.append(offset)
+        offset += len(text)
+    for top in lp.get("top_logprobs") or []:
+        out: dict[str, float] = {}
+        for name, v in (top or {}).items():
+            key = name if as_ids else _text(name, vocab)[0]
+            if key not in out or v > out[key]:
+                out[key] = v
+        tops.append(out)
+    return ({"tokens": tokens, "token_logprobs": list(lp.get("token_logprobs") or []),
+             "top_logprobs": tops, "text_offset": offsets}, offset)
 
 
 def _merge_logprobs(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -114,9 +191,16 @@ def _merge_logprobs(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
 class Shaper:
     """Builds the client's chunks and bodies for one request."""
 
-    def __init__(self, req: ApiRequest, created: int | None = None) -> None:
+    def __init__(self, req: ApiRequest, created: int | None = None,
+                 vocab: TokenVocab | None = None) -> None:
+        """`vocab`: the model's tokenizer, to name and measure `token_id:<id>` logprobs."""
         self.req = req
         self.chat = req.endpoint is Endpoint.CHAT
+        self.vocab = vocab
+        body = req.body
+        self.top_n = (body.top_logprobs or 0) if isinstance(body, ChatRequest) else 0
+        self.as_ids = body.extra.get("return_tokens_as_token_ids") is True
+        self._offsets: dict[int, int] = {}
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + req.request_id
         self.created = int(time.time()) if created is None else created
         self.model = req.body.model
@@ -136,10 +220,12 @@ class Shaper:
             if index not in self._role_sent:
                 self._role_sent.add(index)
                 delta = {"role": "assistant", "content": d.text}
-            choice = {"index": index, "delta": delta, "logprobs": _chat_logprobs(d.logprobs),
-                      "finish_reason": d.finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": chat_logprobs(
+                d.logprobs, self.top_n, self.vocab, self.as_ids), "finish_reason": d.finish_reason}
         else:
-            choice = {"index": index, "text": d.text, "logprobs": d.logprobs,
+            lp, self._offsets[index] = completion_logprobs(
+                d.logprobs, self.vocab, self._offsets.get(index, 0), self.as_ids)
+            choice = {"index": index, "text": d.text, "logprobs": lp,
                       "finish_reason": d.finish_reason}
         return orjson.dumps(self._envelope([choice]))
 
@@ -153,10 +239,12 @@ class Shaper:
             lp = _merge_logprobs(o.logprobs)
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": _chat_logprobs(lp), "finish_reason": o.finish_reason})
-            else:
-                choices.append({"index": i, "text": text, "logprobs": lp,
+                                "logprobs": chat_logprobs(lp, self.top_n, self.vocab,
+                                                          self.as_ids),
                                 "finish_reason": o.finish_reason})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": completion_logprobs(
+                    lp, self.vocab, 0, self.as_ids)[0], "finish_reason": o.finish_reason})
         obj = "chat.completion" if self.chat else "text_completion"
         return orjson.dumps({"id": self.id, "object": obj, "created": self.created,
                              "model": self.model, "choices": choices, "usage": usage})

@@ -6,22 +6,36 @@ worker a request failed on. `PoolSource` is the live source over `workers.pool.W
 (vLLM's protocol: `POST /v1/completions`); tests give a scripted one, so the failure logic is
 tested table-driven in milliseconds beside the real-process fault tests.
 
+`queued_tokens` is the prompt work the call puts on the worker (what it must prefill: the
+prompt minus the prefix it caches; 0 for a decode that pulls its KV): the live source counts it
+as queued on that worker until the prefill answer or the first event comes back, so the load
+the router sees includes prefills this replica just sent (vLLM exports no such figure).
+
 Contract: `prefill` returns the worker's parsed JSON answer or raises a `BackendError`
-subclass (`workers.client`); `stream` is an async context manager whose iteration yields each
-SSE `data:` payload and raises a `BackendError` on failure. Cancellation anywhere aborts the
+subclass (`workers.client`); `stream` is an async context manager giving `EventBatches`: each
+`next_batch()` returns the SSE `data:` payloads that arrived (at least one; `[]` at the end of
+the stream) and raises a `BackendError` on failure. Cancellation anywhere aborts the
 worker connection, so the worker sees the client go away and frees the request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 from typing import Any, Protocol
 
+from meshd.coordinator.gateway.workers.client import SseStream
 from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.types import WorkerView
 
 PATH = "/v1/completions"
+
+
+class EventBatches(Protocol):
+    async def next_batch(self) -> list[bytes]:
+        """The payloads that have arrived (waiting for one if none has); [] at the end."""
+        ...
 
 
 class WorkerSource(Protocol):
@@ -34,12 +48,13 @@ class WorkerSource(Protocol):
         ...
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float) -> Any:
+                      timeout_s: float, queued_tokens: int = 0) -> Any:
         """The worker's JSON answer to a non-streamed completion."""
         ...
 
     def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-               timeout_s: float) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+               timeout_s: float, queued_tokens: int = 0
+               ) -> AbstractAsyncContextManager[EventBatches]:
         """A streamed completion; `timeout_s` bounds the headers and each gap between events."""
         ...
 
@@ -57,13 +72,56 @@ class PoolSource:
         self.pool.mark_failed(worker_id)
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float) -> Any:
-        r = await self.pool.pool(worker_id).post_json(
-            PATH, body, headers=(("x-request-id", request_id),), timeout=timeout_s)
+                      timeout_s: float, queued_tokens: int = 0) -> Any:
+        pool = self.pool
+        handle = pool.prefill_started(worker_id, queued_tokens) if queued_tokens else 0
+        try:
+            r = await pool.pool(worker_id).post_json(
+                PATH, body, headers=(("x-request-id", request_id),), timeout=timeout_s)
+        finally:
+            if handle:
+                pool.prefill_done(handle)
         return r.data
 
     def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-               timeout_s: float) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        return self.pool.pool(worker_id).stream(PATH, body,
-                                                headers=(("x-request-id", request_id),),
-                                                timeout=timeout_s)
+               timeout_s: float, queued_tokens: int = 0
+               ) -> AbstractAsyncContextManager[EventBatches]:
+        stream = self.pool.pool(worker_id).stream(PATH, body,
+                                                  headers=(("x-request-id", request_id),),
+                                                  timeout=timeout_s)
+        if not queued_tokens:
+            return stream
+        return _Queued(stream, self.pool, worker_id, queued_tokens)
+
+
+class _Queued:
+    """A decode stream whose worker prefills first: its prompt counts as queued there until
+    the first event (or the end of the stream, whichever comes first)."""
+
+    def __init__(self, stream: SseStream, pool: WorkerPool, worker_id: str, tokens: int
+                 ) -> None:
+        self.stream, self.pool = stream, pool
+        self.handle = pool.prefill_started(worker_id, tokens)
+
+    async def __aenter__(self) -> _Queued:
+        try:
+            await self.stream.__aenter__()
+        except BaseException:
+            self._done()
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._done()
+        await self.stream.__aexit__(et, e, tb)
+
+    async def next_batch(self) -> list[bytes]:
+        batch = await self.stream.next_batch()
+        self._done()
+        return batch
+
+    def _done(self) -> None:
+        if self.handle:
+            self.pool.prefill_done(self.handle)
+            self.handle = 0

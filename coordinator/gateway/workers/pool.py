@@ -1,10 +1,14 @@
 """The gateway's view of the workers it routes to: membership, load, health, prefix index.
 
-Membership comes from `update()` — the registry actor's routing set (workers of alive nodes)
-plus static workers from the config. For every worker the pool keeps a keep-alive
-`BackendPool`, scrapes `/metrics` (vLLM's names) for load, follows its KV events into the
-global `PrefixIndex`, and builds the `WorkerView`s the scheduler decides on. The view list is
-rebuilt only when something changed, so the scheduler's per-view caches stay warm.
+Membership comes from `update()`: the registry's routing set (each worker with its node's
+attributes and expert placement) plus static workers. For every worker the pool keeps a
+keep-alive `BackendPool`, scrapes `/metrics` (vLLM's names) for load and cost calibration,
+follows its KV events into the global `PrefixIndex`, and builds the `WorkerView`s with
+`scheduler.views.build_view` (the simulator's builder) from the member's facts (`members.py`)
+and the latest load. Queued prefill tokens: the worker's `meshd_engine_queued_prefill_tokens`
+gauge, or (vLLM) the prompt tokens this replica sent it to prefill and not yet seen answered
+(`prefill_started`/`prefill_done`); with both, the larger (the gauge is a scrape old). Views
+are rebuilt only for workers whose facts or load changed (the scheduler's caches stay warm).
 """
 
 from __future__ import annotations
@@ -18,72 +22,100 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, Worker
 from meshd.coordinator.gateway.config import RoutingConfig
+from meshd.coordinator.gateway.workers.calibration import Calibration
 from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
 from meshd.coordinator.gateway.workers.kv_event_feed import KVEventFeed
 from meshd.coordinator.gateway.workers.load import WorkerLoad, parse
+from meshd.coordinator.gateway.workers.members import configured_cost, facts_of
+from meshd.coordinator.gateway.workers.prefill_ledger import PrefillLedger
+from meshd.scheduler.cost_model import CostModel
 from meshd.scheduler.prefix_index import PrefixIndex
-from meshd.scheduler.types import Role, WorkerView
+from meshd.scheduler.types import WorkerView
+from meshd.scheduler.views import LoadSample, WorkerFacts, build_view
 
 if TYPE_CHECKING:
     from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
 
 log = logging.getLogger("meshd.gateway.workers")
-_ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "both": Role.BOTH}
+QUEUED_RESOLUTION = 256  # prompt tokens: views' queued-token figures are this accurate
 
 
 @dataclass(slots=True)
 class Entry:
-    worker: Worker
-    node_id: str
+    member: Member
     pool: BackendPool
+    facts: WorkerFacts
     load: WorkerLoad = field(default_factory=WorkerLoad)
     healthy: bool = True
     misses: int = 0
     failed_until: float = 0.0  # excluded after a request failure until this time
     metrics_text: str = ""
+    calibration: Calibration = field(default_factory=Calibration)
+    view: WorkerView | None = None  # built from facts + load; None: rebuild on next views()
+
+    @property
+    def worker(self) -> Worker:
+        return self.member.worker
+
+    @property
+    def node_id(self) -> str:
+        return self.member.node_id
 
 
 class WorkerPool:
     def __init__(self, index: PrefixIndex | None = None, routing: RoutingConfig | None = None,
-                 follow_events: bool = True, health: CacheHealthMonitor | None = None) -> None:
-        """`routing` gives the scrape interval and timeout and the failure backoff; `health`,
-        if given, is told of joins, leaves, event batches and scraped counters."""
+                 follow_events: bool = True, health: CacheHealthMonitor | None = None,
+                 ledger: PrefillLedger | None = None) -> None:
+        """`routing` gives the scrape interval and timeout, the failure backoff and the cost
+        parameters; `health`, if given, is told of joins, leaves, event batches and scraped
+        counters; `ledger` holds the queued-prefill estimate (a fresh one by default)."""
         self.index = index if index is not None else PrefixIndex()
         self.health = health
         self.feed = KVEventFeed(
             self.index, on_batch=health.on_batch if health else None,
             clock=health.clock if health else None) if follow_events else None
-        r = routing or RoutingConfig()
+        self.routing = r = routing or RoutingConfig()
         self.scrape_interval_s = r.scrape_interval_s
         self.scrape_timeout_s = r.scrape_timeout_s
         self.failure_backoff_s = r.failure_backoff_s
+        self.ledger = ledger or PrefillLedger()
         self.entries: dict[str, Entry] = {}
+        self._order: list[str] = []  # entry ids, sorted (the views' order)
         self._views: list[WorkerView] | None = None
         self._views_until = math.inf  # the cached views expire when a failure backoff ends
         self._task: asyncio.Task[None] | None = None
         # Per model, derived once per membership change (the request path only looks up):
-        # the block size prompts are hashed with (the first worker's by id) and whether only
-        # plain OpenAI workers serve it.
+        # the block size prompts are hashed with (the first worker's by id), whether only
+        # plain OpenAI workers serve it, and its configured cost parameters.
         self._block_size: dict[str, int] = {}
         self._passthrough: dict[str, bool] = {}
+        self._cost: dict[str, dict[str, float]] = {}
 
     # -- membership -------------------------------------------------------------------------
 
-    def update(self, workers: Iterable[tuple[str, Worker]]) -> None:
-        """Replace the membership with `(node_id, worker)` pairs; unchanged workers keep state."""
-        wanted = {w.worker_id: (nid, w) for nid, w in workers}
+    def update(self, members: Iterable[Member]) -> None:
+        """Replace the membership; unchanged workers keep their state (a member whose worker
+        record changed is replaced, one whose attributes or experts changed is updated)."""
+        wanted = {m.worker.worker_id: m for m in members}
         for wid in list(self.entries):
-            if wid not in wanted or wanted[wid][1] != self.entries[wid].worker:
+            if wid not in wanted or wanted[wid].worker != self.entries[wid].worker:
                 self._drop(wid)
-        for wid, (nid, w) in wanted.items():
-            if wid not in self.entries:
-                self.entries[wid] = Entry(w, nid, BackendPool.from_url(w.endpoint))
+        for wid, m in wanted.items():
+            e = self.entries.get(wid)
+            if e is None:
+                w = m.worker
+                self.entries[wid] = Entry(m, BackendPool.from_url(w.endpoint),
+                                          facts_of(m, self._model_cost(w.model)))
                 if self.feed is not None and w.kv_events_endpoint:
                     self.feed.add(wid, w.kv_events_endpoint, w.kv_events_replay_endpoint)
                 self._views = None
                 log.info("worker %s (%s, %s) joined the routing set", wid, w.role, w.endpoint)
+            elif m != e.member:
+                e.member = m
+                self._refacts(e)
+        self._order = sorted(self.entries)
         self._derive_models()
         if self.health is not None:
             for wid, e in self.entries.items():  # plain OpenAI workers are not prefix-routed
@@ -91,11 +123,29 @@ class WorkerPool:
                     self.health.add_worker(wid, self._block_size[e.worker.model],
                                            bool(e.worker.kv_events_endpoint))
 
+    def _model_cost(self, model: str) -> dict[str, float]:
+        cost = self._cost.get(model)
+        if cost is None:
+            cost = self._cost[model] = configured_cost(self.routing, model)
+        return cost
+
+    def _refacts(self, e: Entry) -> None:
+        """Rebuild `e`'s facts (member or calibration changed)."""
+        cost = self._model_cost(e.worker.model)
+        if e.calibration.published:
+            cost = {**cost, **e.calibration.published}
+        e.facts = facts_of(e.member, cost)
+        self._changed(e)
+
+    def _changed(self, e: Entry) -> None:
+        e.view = None
+        self._views = None
+
     def _derive_models(self) -> None:
         block_size: dict[str, int] = {}
         engines: dict[str, set[str]] = {}
-        for _, e in sorted(self.entries.items()):
-            w = e.worker
+        for wid in self._order:
+            w = self.entries[wid].worker
             block_size.setdefault(w.model, w.kv_block_size or 16)
             engines.setdefault(w.model, set()).add(w.engine)
         self._block_size = block_size
@@ -103,6 +153,8 @@ class WorkerPool:
 
     def _drop(self, wid: str) -> None:
         entry = self.entries.pop(wid)
+        self._order = sorted(self.entries)
+        self.ledger.drop_worker(wid)
         if self.feed is not None:
             self.feed.remove(wid)
         if self.health is not None:
@@ -129,6 +181,35 @@ class WorkerPool:
     def get(self, worker_id: str) -> Entry:
         return self.entries[worker_id]
 
+    # -- the queued-prefill estimate (called by the request path) ---------------------------
+
+    def prefill_started(self, worker_id: str, tokens: int) -> int:
+        """`tokens` prompt tokens were just sent to `worker_id` to prefill (a remote prefill,
+        or a decode that prefills locally: the prompt minus the prefix the worker caches).
+        Returns a handle for `prefill_done`. Cheap; never raises for an unknown worker."""
+        handle = self.ledger.start(worker_id, tokens)
+        e = self.entries.get(worker_id)
+        if e is not None and tokens > 0:
+            self._ledger_moved(worker_id, e)
+        return handle
+
+    def prefill_done(self, handle: int) -> None:
+        """The prefill answer (or first token) for `handle` came back, or the attempt failed.
+        Idempotent: a closed, expired or unknown handle is ignored."""
+        wid = self.ledger.done(handle)
+        e = self.entries.get(wid) if wid is not None else None
+        if e is not None and wid is not None:
+            self._ledger_moved(wid, e)
+
+    def _ledger_moved(self, wid: str, e: Entry) -> None:
+        """Rebuild `e`'s view only when its queued-token figure moved by QUEUED_RESOLUTION or
+        more: the load scorer weighs queued tokens on a scale of thousands, and a view rebuilt
+        per request would also rebuild the router's cached candidate pools per request."""
+        v = e.view
+        if v is None or abs(self._sample(wid, e).num_waiting_tokens - v.num_waiting_tokens) \
+                >= QUEUED_RESOLUTION:
+            self._changed(e)
+
     # -- health and load --------------------------------------------------------------------
 
     def mark_failed(self, worker_id: str) -> None:
@@ -136,7 +217,7 @@ class WorkerPool:
         entry = self.entries.get(worker_id)
         if entry is not None:
             entry.failed_until = time.monotonic() + self.failure_backoff_s
-            self._views = None
+            self._changed(entry)
 
     def views(self) -> Sequence[WorkerView]:
         now = time.monotonic()
@@ -144,20 +225,24 @@ class WorkerPool:
             return self._views
         views = []
         self._views_until = math.inf
-        for wid, e in sorted(self.entries.items()):
+        for wid in self._order:
+            e = self.entries[wid]
             if e.failed_until and e.failed_until <= now:
-                e.failed_until = 0.0
+                e.failed_until, e.view = 0.0, None
             if e.failed_until:
                 self._views_until = min(self._views_until, e.failed_until)
-            w, ld = e.worker, e.load
-            views.append(WorkerView(
-                worker_id=wid, role=_ROLES[w.role], model=w.model,
-                healthy=e.healthy and not e.failed_until, num_running=ld.num_running,
-                num_waiting=ld.num_waiting, kv_usage=ld.kv_usage,
-                kv_capacity_blocks=w.kv_capacity_blocks, block_size=w.kv_block_size or 16,
-                node_id=e.node_id))
+            if e.view is None:
+                e.view = build_view(e.facts, self._sample(wid, e))
+            views.append(e.view)
         self._views = views
         return views
+
+    def _sample(self, wid: str, e: Entry) -> LoadSample:
+        ld = e.load
+        own = self.ledger.tokens(wid)
+        queued = own if ld.num_waiting_tokens is None else max(ld.num_waiting_tokens, own)
+        return LoadSample(ld.num_running, ld.num_waiting, queued, ld.kv_usage,
+                          e.healthy and not e.failed_until)
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._scrape_loop())
@@ -172,9 +257,15 @@ class WorkerPool:
         for e in self.entries.values():
             await e.pool.close()
         self.entries.clear()
+        self._order = []
 
     async def scrape_once(self) -> None:
         await asyncio.gather(*(self._scrape(e) for e in list(self.entries.values())))
+        for wid in self.ledger.expire():
+            e = self.entries.get(wid)
+            if e is not None:
+                log.warning("worker %s: a queued-prefill handle was never closed", wid)
+                self._changed(e)
 
     async def _scrape_loop(self) -> None:
         while True:
@@ -187,7 +278,8 @@ class WorkerPool:
     def _alive_without_load(self, e: Entry) -> None:
         e.misses = 0
         if not e.healthy:
-            e.healthy, self._views = True, None
+            e.healthy = True
+            self._changed(e)
 
     async def _scrape(self, e: Entry) -> None:
         try:
@@ -207,13 +299,21 @@ class WorkerPool:
             e.misses += 1
             if e.misses >= 3 and e.healthy:
                 e.healthy = False
-                self._views = None
+                self._changed(e)
                 log.warning("worker %s unhealthy: %s", e.worker.worker_id, err)
             return
         e.misses = 0
         e.metrics_text = text
         if self.health is not None:
             self.health.observe_load(e.worker.worker_id, load)
+        if self.routing.calibrate_cost and self._calibrate(e, load):
+            self._refacts(e)
         if load != e.load or not e.healthy:
             e.load, e.healthy = load, True
-            self._views = None
+            self._changed(e)
+
+    def _calibrate(self, e: Entry, load: WorkerLoad) -> bool:
+        """Feed the scrape to `e`'s calibration; True when its published figures changed."""
+        f = e.facts
+        ctx = int(load.kv_usage * f.kv_capacity_blocks * f.block_size)
+        return e.calibration.observe(load, CostModel.from_params(f.cost), ctx)

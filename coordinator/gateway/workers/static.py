@@ -12,17 +12,16 @@ from collections.abc import Sequence
 
 import orjson
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, Worker
 from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
 
 log = logging.getLogger("meshd.gateway.workers")
 
 
-async def discover_static(entries: Sequence[str], timeout_s: float = 5.0
-                          ) -> list[tuple[str, Worker]]:
-    """`(node id "static", Worker)` for each entry's first model. An unreachable one is skipped
-    this round (and retried on the next)."""
-    out: list[tuple[str, Worker]] = []
+async def discover_static(entries: Sequence[str], timeout_s: float = 5.0) -> list[Member]:
+    """A member on node "static" (no attributes, no expert placement) for each entry's first
+    model. An unreachable one is skipped this round (and retried on the next)."""
+    out: list[Member] = []
     for i, entry in enumerate(entries):
         role, _, url = entry.rpartition("=")
         pool = BackendPool.from_url(url)
@@ -36,7 +35,7 @@ async def discover_static(entries: Sequence[str], timeout_s: float = 5.0
             await pool.close()
         for model in models[:1]:
             plain = role == "openai"
-            out.append(("static", Worker(f"static-{i}", url.rstrip("/"),
-                                         "both" if plain else (role or "both"), model,
-                                         engine="openai" if plain else "static")))
+            out.append(Member("static", Worker(f"static-{i}", url.rstrip("/"),
+                                               "both" if plain else (role or "both"), model,
+                                               engine="openai" if plain else "static")))
     return out

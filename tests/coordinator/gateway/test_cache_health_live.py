@@ -13,7 +13,7 @@ import aiohttp
 from support.mesh import engines
 from support.net import free_port
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, Worker
 from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
 from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.runtime import GatewayRuntime, make_router
@@ -77,7 +77,7 @@ async def make_gateway(workers: Sequence[Worker]
     health = CacheHealthMonitor("0", FAST)
     index = PrefixIndex()
     pool = WorkerPool(index, RoutingConfig(scrape_interval_s=0.05), health=health)
-    pool.update(("n-test", w) for w in workers)
+    pool.update(Member("n-test", w) for w in workers)
     metrics = MeshMetrics()
     metrics.watch_health(health)
     handler = MeshHandler(pool, make_router(RoutingConfig(), index), PromptBuilder(),
@@ -190,8 +190,8 @@ async def test_busy_worker_without_events_turns_silent() -> None:
 
 async def test_embedded_engine_through_the_gateway_stays_healthy(tmp_path: Path) -> None:
     with engines([("w0", "both")], tmp_path) as [e0]:
-        async def members() -> list[tuple[str, Worker]]:
-            return [("n-test", e0.worker)]
+        async def members() -> list[Member]:
+            return [Member("n-test", e0.worker)]
 
         rt = GatewayRuntime(GatewayConfig(port=free_port(),
                                           routing=RoutingConfig(scrape_interval_s=0.1),

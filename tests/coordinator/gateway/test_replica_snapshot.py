@@ -7,7 +7,7 @@ import asyncio
 from support.control import wait_for
 from support.net import free_port
 
-from meshd.capabilities import Worker
+from meshd.capabilities import Member, Worker
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
 from meshd.node_agent.engine.kv_publisher import BlockStored, KVEventPublisher
@@ -29,8 +29,8 @@ async def test_new_replica_starts_from_snapshot_then_follows_the_stream() -> Non
                     kv_events_replay_endpoint=ep(pub.replay_endpoint))
     gone = Worker("w-gone", f"http://127.0.0.1:{free_port()}", "both", "m")
 
-    async def members() -> list[tuple[str, Worker]]:
-        return [("n1", worker)]
+    async def members() -> list[Member]:
+        return [Member("n1", worker)]
 
     first = GatewayRuntime(GatewayConfig(port=free_port()), members)
     await first.start()

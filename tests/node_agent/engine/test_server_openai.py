@@ -15,6 +15,7 @@ import openai
 import pytest
 import zmq
 
+from meshd.node_agent.engine.tokenizer import ByteTokenizer
 from meshd.scheduler.kv_events import BlockRemoved, BlockStored, decode_batch
 
 from .server_helpers import (
@@ -132,7 +133,7 @@ def test_sync_streaming_completions(client: openai.OpenAI) -> None:
     assert all(c.id == chunks[0].id for c in chunks)
 
 
-BAD: list[tuple[str, str, Any, str]] = [
+BAD: list[tuple[str, str, Any, str | None]] = [
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, "model"),
     ("negative max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": -3}, "max_tokens"),
     ("absurd max_tokens", "/v1/completions", {"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
@@ -147,6 +148,26 @@ BAD: list[tuple[str, str, Any, str]] = [
     ("bad token id", "/v1/completions", {"prompt": [1, 99999]}, "prompt"),
     ("top_logprobs without logprobs", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("empty stop string", "/v1/completions", {"prompt": "x", "stop": ["a", ""]}, "stop"),
+    ("seed past int64", "/v1/completions", {"prompt": "x", "seed": 2**63}, "seed"),
+    ("top_p 0", "/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("presence_penalty past 2", "/v1/completions", {"prompt": "x", "presence_penalty": 2.5},
+     "presence_penalty"),
+    # bodies that made the worker answer 500 (issue 10): each is a clear 400 now
+    ("lone surrogate", "/v1/completions", b'{"prompt": "\\ud800"}', None),
+    ("lone surrogate in chat", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "a\\udfff"}]}', None),
+    ("10k-deep JSON", "/v1/completions", b"[" * 10_000 + b"]" * 10_000, None),
+    ("max_tokens 1e400", "/v1/completions", b'{"prompt": "x", "max_tokens": 1e400}', None),
+    ("400-digit max_tokens", "/v1/completions",
+     b'{"prompt": "x", "max_tokens": ' + b"9" * 400 + b"}", None),
+    ("5000-digit seed", "/v1/completions", b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}",
+     None),
+    ("300-digit temperature", "/v1/completions",
+     b'{"prompt": "x", "temperature": ' + b"9" * 300 + b"}", "temperature"),
+    ("NaN", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', None),
+    ("invalid UTF-8", "/v1/completions", b'{"prompt": "\xff\xfe"}', None),
+    ("empty body", "/v1/completions", b"", None),
 ]
 
 
@@ -287,3 +308,48 @@ def test_kv_events_match_block_table_and_replay(srv: ServerProc) -> None:
         sub.close(linger=0)
         ctx.destroy(linger=0)
 
+
+
+def test_chat_logprobs_as_token_ids(client: openai.OpenAI) -> None:
+    """`return_tokens_as_token_ids`: tokens are named `token_id:<id>`, so the top 5 are 5
+    distinct entries even where several decode alike (partial UTF-8 bytes all decode to
+    U+FFFD); `bytes` are each token's own, with or without the flag."""
+    tok = ByteTokenizer()
+    kw: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "bytes"}],
+                          "max_tokens": 8, "temperature": 0, "logprobs": True,
+                          "top_logprobs": 5, "extra_body": {"ignore_eos": True}}
+    plain = client.chat.completions.create(**kw)
+    kw["extra_body"] = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    named = client.chat.completions.create(**kw)
+    a, b = plain.choices[0].logprobs, named.choices[0].logprobs
+    assert a is not None and b is not None and a.content and b.content
+    for x, y in zip(a.content, b.content, strict=True):
+        tid = int(y.token.removeprefix("token_id:"))
+        assert x.token == tok.decode([tid]) and x.bytes == y.bytes == list(tok.token_bytes(tid))
+        tops = [int(t.token.removeprefix("token_id:")) for t in y.top_logprobs]
+        assert len(set(tops)) == 5
+        assert [t.logprob for t in y.top_logprobs] == sorted(
+            (t.logprob for t in y.top_logprobs), reverse=True)
+        assert [t.bytes for t in x.top_logprobs] == [list(tok.token_bytes(t)) for t in tops]
+    text = plain.choices[0].message.content
+    assert bytes(v for e in a.content for v in (e.bytes or [])).decode("utf-8", "replace") == text
+
+
+def test_completion_logprobs_as_token_ids_stream_and_not(srv: ServerProc) -> None:
+    tok = ByteTokenizer()
+    body = {"prompt": make_prompt(12, 5), "max_tokens": 8, "temperature": 0, "logprobs": 3,
+            "ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True}
+    c = complete(srv, **body)["choices"][0]
+    lp, ids = c["logprobs"], c["token_ids"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in ids]
+    assert all(3 <= len(top) <= 4 and all(k.startswith("token_id:") for k in top)
+               for top in lp["top_logprobs"])
+    lens = [len(tok.decode([t])) for t in ids]  # offsets count the text, not the names
+    assert lp["text_offset"] == [sum(lens[:i]) for i in range(len(ids))]
+    status, text, _ = http(srv.url + "/v1/completions", {"model": MODEL, **body, "stream": True})
+    assert status == 200
+    chunks = [json.loads(line[6:]) for line in text.splitlines()
+              if line.startswith("data: {")]
+    offsets = [o for ch in chunks for o in (ch["choices"][0]["logprobs"] or {}).get(
+        "text_offset", [])]
+    assert offsets == lp["text_offset"]

@@ -77,7 +77,7 @@ class ScriptedSource:
         return steps[min(n, len(steps)) - 1]
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float) -> Any:
+                      timeout_s: float, queued_tokens: int = 0) -> Any:
         step = self._step(worker_id, "prefill")
         assert body["max_tokens"] == 1 and body["kv_transfer_params"]["do_remote_decode"]
         if step == "connect":
@@ -91,7 +91,7 @@ class ScriptedSource:
 
     @contextlib.asynccontextmanager
     async def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-                     timeout_s: float) -> AsyncIterator[AsyncIterator[bytes]]:
+                     timeout_s: float, queued_tokens: int = 0) -> AsyncIterator[OneByOne]:
         step = self._step(worker_id, "stream")
         if step == "connect":
             raise BackendConnectError("refused", worker_id)
@@ -102,7 +102,7 @@ class ScriptedSource:
         assert body["max_tokens"] == MAX_TOKENS - done
         self.open_streams += 1
         try:
-            yield self._events(worker_id, step, done)
+            yield OneByOne(self._events(worker_id, step, done))
         finally:
             self.open_streams -= 1
 
@@ -122,6 +122,19 @@ class ScriptedSource:
             yield orjson.dumps({"choices": [{"index": 0, "text": text_of([i]),
                                              "token_ids": [i], "finish_reason": finish}]})
             await asyncio.sleep(0)
+
+
+class OneByOne:
+    """`EventBatches` over an async iterator: one event per batch (a slow worker)."""
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        self.events = events
+
+    async def next_batch(self) -> list[bytes]:
+        try:
+            return [await anext(self.events)]
+        except StopAsyncIteration:
+            return []
 
 
 def make_router() -> Router:
@@ -189,6 +202,9 @@ ROWS = [
         {w: [("die", 1)] for w in ("b0", "b1", "b2")},
         [(DE, "b0"), (DE, "b1"), (DE, "b2"), (FL, "worker_failed")],
         {"local_prefill": 1, "continuations": 2}, error=503),
+    Row("the only worker dies mid-stream: 503 worker_failed, not 'no worker'", {"b0": B},
+        {"b0": [("die", 3)]}, [(DE, "b0"), (FL, "worker_failed")], {"local_prefill": 1},
+        error=503),
     Row("stream ends early without a finish: 503", {"b0": B}, {"b0": [("short", 4)]},
         [(DE, "b0"), (FL, "worker_failed")], {"local_prefill": 1}, error=503),
     Row("decode rejected (4xx): the worker's error", {"b0": B, "b1": B}, {"b0": ["reject"]},
@@ -217,6 +233,8 @@ async def test_fault_table(row: Row) -> None:
         assert info.value.status == row.error
         if row.error == 400:
             assert info.value.message == "seed out of range" and info.value.param == "seed"
+        if row.error == 503:
+            assert info.value.code == "worker_failed", info.value.message
     history = [(ph.value, note) for ph, _, note in run.lc.history[1:]]
     assert len(history) == len(row.history), history
     for (ph, note), (want_ph, want_note) in zip(history, row.history, strict=True):
