@@ -33,7 +33,7 @@ def _frame(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(ev), ev)
 
 
-def _completion(chat: bool, model: str, rid: str) -> bytes:
+def _completion(chat: bool, model: str, rid: str, ids: bool = False) -> bytes:
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     if chat:
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
@@ -41,6 +41,8 @@ def _completion(chat: bool, model: str, rid: str) -> bytes:
     else:
         choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
                   "text": "hello there !"}
+    if ids:
+        choice["token_ids"] = [104, 101, 108]
     return orjson.dumps({"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": 1700000000, "model": model, "choices": [choice],
                          "usage": usage})
@@ -62,13 +64,15 @@ def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = Fal
 class FakeBackend:
     """Server state shared by all connections (counters readable from other threads)."""
 
-    def __init__(self, chunks: int = 8) -> None:
+    def __init__(self, chunks: int = 8, token_ids: bool = True) -> None:
+        """`token_ids=False`: a worker that ignores `return_token_ids` (older vLLM)."""
         self.chunks = chunks
+        self.token_ids = token_ids
         self.stats: dict[str, int] = {"requests": 0, "streams": 0, "aborted": 0,
                                       "completed_streams": 0}
         self.last_body: dict[str, Any] = {}
         self.last_request_id = b""
-        self._cache: dict[tuple[bool, str], bytes] = {}
+        self._cache: dict[tuple[bool, str, bool], bytes] = {}
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -76,11 +80,11 @@ class FakeBackend:
         self.server = await loop.create_server(lambda: _Conn(self), host, port, backlog=2048)
         return int(self.server.sockets[0].getsockname()[1])
 
-    def body_for(self, chat: bool, model: str) -> bytes:
-        key = (chat, model)
+    def body_for(self, chat: bool, model: str, ids: bool = False) -> bytes:
+        key = (chat, model, ids)
         b = self._cache.get(key)
         if b is None:
-            b = self._cache[key] = _completion(chat, model, "cmpl-fake")
+            b = self._cache[key] = _completion(chat, model, "cmpl-fake", ids)
         return b
 
 
@@ -146,14 +150,14 @@ class _Conn(asyncio.Protocol):
         elif req.get("stream"):
             asyncio.get_running_loop().create_task(self._stream(req, chat, model, conn))
         else:
-            body = be.body_for(chat, model)
+            body = be.body_for(chat, model, bool(req.get("return_token_ids")) and be.token_ids)
             t.write(_OK + _JSON_HEAD % (len(body), conn) + body)
 
     async def _stream(self, req: dict[str, Any], chat: bool, model: str, conn: bytes) -> None:
         t, be = self.transport, self.be
         assert t is not None
         n = int(req.get("fake_chunks", be.chunks))
-        ids = bool(req.get("return_token_ids"))
+        ids = bool(req.get("return_token_ids")) and be.token_ids
         delay = float(req.get("fake_delay", 0.0))
         be.stats["streams"] += 1
         self.streaming = True

@@ -73,6 +73,7 @@ class GatewayRuntime:
         self.server = GatewayServer(c, self.handler, registry=self.metrics.registry,
                                     models=self.handler.models,
                                     cache_health=self.health.to_json,
+                                    workers=self.pool.routing_state,
                                     fleet=self.fleet.exposition if self.fleet else None)
         self._task: asyncio.Task[None] | None = None
 
@@ -80,6 +81,7 @@ class GatewayRuntime:
         members = await self.membership() if self.membership else []
         members += await discover_static(self.config.static_workers)
         self.pool.update(members)
+        await self.pool.probe_new()  # does each new worker return token ids?
 
     async def start(self) -> None:
         await self.refresh()

@@ -44,15 +44,15 @@ def table(reply: pb.StatusReply) -> str:
     return "\n".join(rows)
 
 
-def fetch_cache_health(host: str, port: int, timeout_s: float = 2.0
-                       ) -> tuple[str, dict[str, Any] | None, str]:
-    """(gateway address, the report or None, why not). Never raises for a down gateway."""
+def fetch_gateway(host: str, port: int, path: str, timeout_s: float = 2.0
+                  ) -> tuple[str, dict[str, Any] | None, str]:
+    """(gateway address, its JSON answer to GET `path` or None, why not); the answer must
+    hold a `workers` list. Never raises for a down gateway."""
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        with urllib.request.urlopen(f"http://{address}/debug/cache-health",
-                                    timeout=timeout_s) as r:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout_s) as r:
             report = json.loads(r.read())
     except urllib.error.HTTPError as e:
         return address, None, f"HTTP {e.code}"
@@ -61,6 +61,34 @@ def fetch_cache_health(host: str, port: int, timeout_s: float = 2.0
     if not isinstance(report, dict) or not isinstance(report.get("workers"), list):
         return address, None, "unexpected answer"
     return address, report, ""
+
+
+def fetch_cache_health(host: str, port: int, timeout_s: float = 2.0
+                       ) -> tuple[str, dict[str, Any] | None, str]:
+    return fetch_gateway(host, port, "/debug/cache-health", timeout_s)
+
+
+def routing_section(address: str, report: dict[str, Any] | None, why: str) -> str:
+    """The gateway's routing set: a worker the mesh path does not route to says why."""
+    if report is None:
+        return f"routing set: gateway {address} unreachable ({why})"
+    workers = report["workers"]
+    width = max([len("WORKER"), *(len(str(w.get("worker_id"))) for w in workers)])
+    rows = [f"routing set (gateway {address}):",
+            f"  {'WORKER':<{width}} {'MODEL':<16} {'ROLE':<7} {'HEALTH':<8} {'QUEUED':>7}  "
+            "PROTOCOL"]
+    for w in workers:
+        health = "ok" if w.get("healthy") and not w.get("backoff_s") else (
+            "backoff" if w.get("healthy") else "down")
+        proto = str(w.get("protocol"))
+        if proto != "mesh":
+            proto += f" ({w.get('protocol_detail')})"
+        rows.append(f"  {w.get('worker_id')!s:<{width}} {str(w.get('model'))[:16]:<16} "
+                    f"{w.get('role')!s:<7} {health:<8} {w.get('queued_prefill_tokens', 0):>7}  "
+                    f"{proto}")
+    if not workers:
+        rows.append("  (no workers)")
+    return "\n".join(rows)
 
 
 def cache_section(address: str, report: dict[str, Any] | None, why: str) -> str:
@@ -95,14 +123,19 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     except ControlError as e:
         raise CommandError(f"coordinator {address}: {e.code.name}: {e.detail}") from None
     gw, health, why = fetch_cache_health(cfg.gateway.host, cfg.gateway.port)
+    _, routing, rwhy = fetch_gateway(cfg.gateway.host, cfg.gateway.port, "/debug/workers")
     if args.json:
         out = MessageToDict(reply, preserving_proto_field_name=True)
         out["cache_routing"] = {"gateway": gw, "reachable": health is not None,
                                 **({"error": why} if health is None else health)}
+        out["routing_set"] = {"gateway": gw, "reachable": routing is not None,
+                              **({"error": rwhy} if routing is None else routing)}
         print(json.dumps(out, indent=2))
     else:
         print(f"coordinator {address}, up {time.time() - reply.coordinator_started_unix:.0f}s")
         print(table(reply))
+        print()
+        print(routing_section(gw, routing, rwhy))
         print()
         print(cache_section(gw, health, why))
     return 0

@@ -128,6 +128,10 @@ SPEC: dict[str, Any] = {
         "/debug/cache-health": {"get": _get(
             "Cache-routing health per worker (404 where the replica has no monitor)",
             "application/json", {"type": "object", "required": ["ok", "workers"]})},
+        "/debug/workers": {"get": _get(
+            "The replica's routing set: per worker its model, role, health, protocol (does it "
+            "return token ids), queued prefill tokens (404 where the replica has no pool)",
+            "application/json", {"type": "object", "required": ["workers"]})},
     },
 }
 

@@ -16,6 +16,7 @@ class Route(enum.Enum):
     METRICS = "metrics"
     OPENAPI = "openapi"
     CACHE_HEALTH = "cache_health"
+    WORKERS = "workers"
 
 
 ROUTES: dict[bytes, dict[bytes, Route]] = {
@@ -26,6 +27,7 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/metrics": {b"GET": Route.METRICS},
     b"/openapi.json": {b"GET": Route.OPENAPI},
     b"/debug/cache-health": {b"GET": Route.CACHE_HEALTH},
+    b"/debug/workers": {b"GET": Route.WORKERS},
 }
 
 # Routes that need `Authorization: Bearer` when API keys are configured.

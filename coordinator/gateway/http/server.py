@@ -52,12 +52,14 @@ class GatewayServer:
     `registry` is exported on /metrics; the gateway's own counters are
     added to it. `fleet`, if given, turns /metrics into the fleet's view: it gets this
     registry's exposition and answers the merged one. `cache_health` answers
-    GET /debug/cache-health (None: 404). Use from one event loop."""
+    GET /debug/cache-health and `workers` GET /debug/workers (None: 404). Use from one
+    event loop."""
 
     def __init__(self, config: GatewayConfig, handler: Handler, *,
                  registry: CollectorRegistry | None = None,
                  models: Callable[[], Sequence[str]] | None = None,
                  cache_health: Callable[[], dict[str, Any]] | None = None,
+                 workers: Callable[[], list[dict[str, Any]]] | None = None,
                  fleet: FleetView | None = None) -> None:
         self.config = config
         self.handler = handler
@@ -66,6 +68,7 @@ class GatewayServer:
         self.registry.register(StatsCollector(self.stats))
         self._models = models or tuple
         self._cache_health = cache_health
+        self._workers = workers
         self._fleet = fleet
         self._keys = [(t, k.encode()) for t, k in sorted(config.api_keys.items())]
         self.conns: set[HttpConnection] = set()
@@ -166,6 +169,10 @@ class GatewayServer:
                 if self._cache_health is None:
                     raise errors.not_found("/debug/cache-health")
                 responder.send(200, orjson.dumps(self._cache_health()))
+            elif route is Route.WORKERS:
+                if self._workers is None:
+                    raise errors.not_found("/debug/workers")
+                responder.send(200, orjson.dumps({"workers": self._workers()}))
         except ApiError as e:
             responder.send_error(e)
 

@@ -265,7 +265,11 @@ class ChoiceRun:
             details = usage.get("prompt_tokens_details") or {}
             self.out.cached_tokens = int(details.get("cached_tokens") or 0)
         for raw in chunk.get("choices") or ():
-            await self._forward(parse_delta(raw), emit)
+            delta = parse_delta(raw)
+            if delta.text and not delta.token_ids:  # never forward what we cannot count
+                raise BackendProtocolError("text without token ids (return_token_ids)",
+                                           worker_id)
+            await self._forward(delta, emit)
 
     async def _forward(self, delta: Delta, emit: Emit) -> None:
         if self.lc.phase is Phase.TRANSFER:

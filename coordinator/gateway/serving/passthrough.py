@@ -22,15 +22,11 @@ from meshd.coordinator.gateway.workers.pool import WorkerPool
 async def passthrough(pool: WorkerPool, deadlines: Deadlines, req: ApiRequest,
                       responder: Responder) -> None:
     """Answer `req` from the first worker serving its model that answers."""
-    tried: set[str] = set()
     last: ApiError = errors.unavailable(f"No healthy worker serves {req.body.model!r}.")
     hdrs = (("x-request-id", req.request_id),)
     path = req.endpoint.value
-    for v in pool.views():
-        if not v.healthy or v.model != req.body.model or v.worker_id in tried:
-            continue
-        tried.add(v.worker_id)
-        client = pool.pool(v.worker_id)
+    for wid in pool.passthrough_workers(req.body.model):
+        client = pool.pool(wid)
         try:
             if not req.body.stream:
                 r = await client.request("POST", path, req.raw, headers=hdrs,
@@ -53,5 +49,5 @@ async def passthrough(pool: WorkerPool, deadlines: Deadlines, req: ApiRequest,
             last = failures.passthrough_error(e)
         if responder.started:
             raise last
-        pool.mark_failed(v.worker_id)
+        pool.mark_failed(wid)
     raise last

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 from meshd.capabilities import Member, Worker
 from meshd.coordinator.gateway.config import RoutingConfig
 from meshd.coordinator.gateway.workers.calibration import Calibration
-from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
+from meshd.coordinator.gateway.workers.client import BackendPool
 from meshd.coordinator.gateway.workers.kv_event_feed import KVEventFeed
-from meshd.coordinator.gateway.workers.load import WorkerLoad, parse
+from meshd.coordinator.gateway.workers.load import WorkerLoad
 from meshd.coordinator.gateway.workers.members import configured_cost, facts_of
 from meshd.coordinator.gateway.workers.prefill_ledger import PrefillLedger
-from meshd.scheduler.cost_model import CostModel
+from meshd.coordinator.gateway.workers.protocol import PLAIN, UNKNOWN, probe
+from meshd.coordinator.gateway.workers.scrape import LoadScraper
 from meshd.scheduler.prefix_index import PrefixIndex
 from meshd.scheduler.types import WorkerView
 from meshd.scheduler.views import LoadSample, WorkerFacts, build_view
@@ -54,6 +55,8 @@ class Entry:
     metrics_text: str = ""
     calibration: Calibration = field(default_factory=Calibration)
     view: WorkerView | None = None  # built from facts + load; None: rebuild on next views()
+    protocol: str = UNKNOWN  # protocol.MESH | PLAIN | UNKNOWN: does it return token ids?
+    protocol_detail: str = "not probed yet"
 
     @property
     def worker(self) -> Worker:
@@ -77,8 +80,6 @@ class WorkerPool:
             self.index, on_batch=health.on_batch if health else None,
             clock=health.clock if health else None) if follow_events else None
         self.routing = r = routing or RoutingConfig()
-        self.scrape_interval_s = r.scrape_interval_s
-        self.scrape_timeout_s = r.scrape_timeout_s
         self.failure_backoff_s = r.failure_backoff_s
         self.ledger = ledger or PrefillLedger()
         self.entries: dict[str, Entry] = {}
@@ -86,6 +87,7 @@ class WorkerPool:
         self._views: list[WorkerView] | None = None
         self._views_until = math.inf  # the cached views expire when a failure backoff ends
         self._task: asyncio.Task[None] | None = None
+        self.scraper = LoadScraper(self)
         # Per model, derived once per membership change (the request path only looks up):
         # the block size prompts are hashed with (the first worker's by id), whether only
         # plain OpenAI workers serve it, and its configured cost parameters.
@@ -106,15 +108,17 @@ class WorkerPool:
             e = self.entries.get(wid)
             if e is None:
                 w = m.worker
-                self.entries[wid] = Entry(m, BackendPool.from_url(w.endpoint),
-                                          facts_of(m, self._model_cost(w.model)))
+                e = self.entries[wid] = Entry(m, BackendPool.from_url(w.endpoint),
+                                              facts_of(m, self._model_cost(w.model)))
+                if w.engine == "openai":
+                    e.protocol, e.protocol_detail = PLAIN, "plain OpenAI-compatible server"
                 if self.feed is not None and w.kv_events_endpoint:
                     self.feed.add(wid, w.kv_events_endpoint, w.kv_events_replay_endpoint)
                 self._views = None
                 log.info("worker %s (%s, %s) joined the routing set", wid, w.role, w.endpoint)
             elif m != e.member:
                 e.member = m
-                self._refacts(e)
+                self.refacts(e)
         self._order = sorted(self.entries)
         self._derive_models()
         if self.health is not None:
@@ -129,27 +133,30 @@ class WorkerPool:
             cost = self._cost[model] = configured_cost(self.routing, model)
         return cost
 
-    def _refacts(self, e: Entry) -> None:
-        """Rebuild `e`'s facts (member or calibration changed)."""
+    def refacts(self, e: Entry) -> None:
+        """Rebuild `e`'s facts (its member or its cost calibration changed)."""
         cost = self._model_cost(e.worker.model)
         if e.calibration.published:
             cost = {**cost, **e.calibration.published}
         e.facts = facts_of(e.member, cost)
-        self._changed(e)
+        self.changed(e)
 
-    def _changed(self, e: Entry) -> None:
+    def changed(self, e: Entry) -> None:
+        """`e`'s facts or load changed: its view is rebuilt on the next `views()`."""
         e.view = None
         self._views = None
 
     def _derive_models(self) -> None:
         block_size: dict[str, int] = {}
-        engines: dict[str, set[str]] = {}
+        mesh: set[str] = set()
         for wid in self._order:
-            w = self.entries[wid].worker
+            e = self.entries[wid]
+            w = e.worker
             block_size.setdefault(w.model, w.kv_block_size or 16)
-            engines.setdefault(w.model, set()).add(w.engine)
+            if e.protocol != PLAIN:
+                mesh.add(w.model)
         self._block_size = block_size
-        self._passthrough = {m: kinds == {"openai"} for m, kinds in engines.items()}
+        self._passthrough = {m: m not in mesh for m in block_size}
 
     def _drop(self, wid: str) -> None:
         entry = self.entries.pop(wid)
@@ -165,8 +172,51 @@ class WorkerPool:
 
     def passthrough(self, model: str) -> bool:
         """True when `model` is served only by plain OpenAI-compatible workers (engine
-        "openai"), which take text prompts: the gateway proxies instead of driving P/D."""
+        "openai", or a worker that does not return token ids): the gateway proxies requests
+        to them as they are instead of driving P/D."""
         return self._passthrough.get(model, False)
+
+    def passthrough_workers(self, model: str) -> list[str]:
+        """Workers a request for `model` may be passed through to (healthy, not backing off),
+        the mesh-capable ones first."""
+        now = time.monotonic()
+        ok = [e for wid in self._order if (e := self.entries[wid]).worker.model == model
+              and e.healthy and not (e.failed_until and e.failed_until > now)]
+        return [e.worker.worker_id for e in sorted(ok, key=lambda e: e.protocol == PLAIN)]
+
+    async def probe_new(self, timeout_s: float = 2.0) -> None:
+        """Ask every worker not probed yet whether it returns token ids (`protocol.py`); a
+        worker that does not is left out of the mesh path's views (and is what a model
+        served only by such workers is passed through to)."""
+        todo = [e for e in self.entries.values() if e.protocol == UNKNOWN]
+        if not todo:
+            return
+        results = await asyncio.gather(*(probe(e.pool, e.worker.model, timeout_s)
+                                         for e in todo))
+        changed = False
+        for e, r in zip(todo, results, strict=True):
+            if self.entries.get(e.worker.worker_id) is not e:
+                continue  # left while we asked
+            e.protocol_detail = r.detail
+            if r.protocol != UNKNOWN:
+                e.protocol, changed = r.protocol, True
+            if r.protocol == PLAIN:
+                log.warning("worker %s (%s): %s; the mesh path does not route to it",
+                            e.worker.worker_id, e.worker.endpoint, r.detail)
+        if changed:
+            self._derive_models()
+            self._views = None
+
+    def routing_state(self) -> list[dict[str, object]]:
+        """One row per worker, for `/debug/workers` and `meshd status`."""
+        now = time.monotonic()
+        return [{"worker_id": wid, "model": e.worker.model, "role": e.worker.role,
+                 "engine": e.worker.engine, "node_id": e.node_id, "healthy": e.healthy,
+                 "backoff_s": round(max(0.0, e.failed_until - now), 3),
+                 "protocol": e.protocol, "protocol_detail": e.protocol_detail,
+                 "queued_prefill_tokens": self._sample(wid, e).num_waiting_tokens,
+                 "experts": len(e.facts.experts)}
+                for wid, e in ((w, self.entries[w]) for w in self._order)]
 
     def block_size(self, model: str) -> int | None:
         """The block size the gateway hashes `model`'s prompts with; None: unknown model."""
@@ -208,7 +258,7 @@ class WorkerPool:
         v = e.view
         if v is None or abs(self._sample(wid, e).num_waiting_tokens - v.num_waiting_tokens) \
                 >= QUEUED_RESOLUTION:
-            self._changed(e)
+            self.changed(e)
 
     # -- health and load --------------------------------------------------------------------
 
@@ -217,7 +267,7 @@ class WorkerPool:
         entry = self.entries.get(worker_id)
         if entry is not None:
             entry.failed_until = time.monotonic() + self.failure_backoff_s
-            self._changed(entry)
+            self.changed(entry)
 
     def views(self) -> Sequence[WorkerView]:
         now = time.monotonic()
@@ -227,6 +277,8 @@ class WorkerPool:
         self._views_until = math.inf
         for wid in self._order:
             e = self.entries[wid]
+            if e.protocol == PLAIN:  # passthrough only (`passthrough_workers`)
+                continue
             if e.failed_until and e.failed_until <= now:
                 e.failed_until, e.view = 0.0, None
             if e.failed_until:
@@ -245,7 +297,11 @@ class WorkerPool:
                           e.healthy and not e.failed_until)
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._scrape_loop())
+        self._task = asyncio.get_running_loop().create_task(self.scraper.run())
+
+    async def scrape_once(self) -> None:
+        """Scrape every worker's /metrics now (tests; the loop does it every interval)."""
+        await self.scraper.scrape_once()
 
     async def close(self) -> None:
         if self._task:
@@ -258,62 +314,3 @@ class WorkerPool:
             await e.pool.close()
         self.entries.clear()
         self._order = []
-
-    async def scrape_once(self) -> None:
-        await asyncio.gather(*(self._scrape(e) for e in list(self.entries.values())))
-        for wid in self.ledger.expire():
-            e = self.entries.get(wid)
-            if e is not None:
-                log.warning("worker %s: a queued-prefill handle was never closed", wid)
-                self._changed(e)
-
-    async def _scrape_loop(self) -> None:
-        while True:
-            try:
-                await self.scrape_once()
-            except Exception:  # keep scraping; one bad worker must not stop the loop
-                log.exception("metrics scrape failed")
-            await asyncio.sleep(self.scrape_interval_s)
-
-    def _alive_without_load(self, e: Entry) -> None:
-        e.misses = 0
-        if not e.healthy:
-            e.healthy = True
-            self._changed(e)
-
-    async def _scrape(self, e: Entry) -> None:
-        try:
-            r = await e.pool.request("GET", "/metrics", timeout=self.scrape_timeout_s)
-            if r.status == 404:  # a plain OpenAI server without metrics: alive, load unknown
-                self._alive_without_load(e)
-                return
-            if r.status != 200:
-                raise BackendError(f"/metrics answered {r.status}", e.worker.endpoint)
-            text = r.body.decode("utf-8", "replace")
-            try:
-                load = parse(text)
-            except ValueError:  # alive but no Prometheus text: load unknown
-                self._alive_without_load(e)
-                return
-        except BackendError as err:
-            e.misses += 1
-            if e.misses >= 3 and e.healthy:
-                e.healthy = False
-                self._changed(e)
-                log.warning("worker %s unhealthy: %s", e.worker.worker_id, err)
-            return
-        e.misses = 0
-        e.metrics_text = text
-        if self.health is not None:
-            self.health.observe_load(e.worker.worker_id, load)
-        if self.routing.calibrate_cost and self._calibrate(e, load):
-            self._refacts(e)
-        if load != e.load or not e.healthy:
-            e.load, e.healthy = load, True
-            self._changed(e)
-
-    def _calibrate(self, e: Entry, load: WorkerLoad) -> bool:
-        """Feed the scrape to `e`'s calibration; True when its published figures changed."""
-        f = e.facts
-        ctx = int(load.kv_usage * f.kv_capacity_blocks * f.block_size)
-        return e.calibration.observe(load, CostModel.from_params(f.cost), ctx)

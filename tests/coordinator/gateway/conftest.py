@@ -4,8 +4,6 @@ uvloop thread, so sync clients (openai, http.client, raw sockets) can drive them
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
@@ -14,6 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
+from support.fake import load_fake_backend
 
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.http.server import GatewayServer
@@ -22,17 +21,6 @@ from meshd.coordinator.gateway.workers.client import BackendPool
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def load_fake_backend() -> Any:
-    name = "meshd_bench_fake_backend"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "fake_backend.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 class LoopThread:

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import openai
+from support.fake import load_fake_backend
 from support.mesh import engines
 from support.net import free_port
 
 from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
 from meshd.scheduler.pd import PDConfig
-
-
-def load_fake_backend() -> Any:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2].parent / "benchmarks" / "fake_backend.py"
-    spec = importlib.util.spec_from_file_location("meshd_test_fake_backend", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 async def test_vllm_protocol_and_plain_openai_static_workers(tmp_path: Path) -> None:

@@ -1,0 +1,54 @@
+"""Does a worker speak the mesh path's protocol? Checked once when it joins.
+
+The mesh path sends token-id prompts and asks for `return_token_ids` (vLLM's extension,
+answered by vLLM >= 0.10.2 and the embedded engine): a continuation after a failure starts
+from exactly the ids already forwarded, and usage counts come from them. A worker that
+ignores the field would stream text without ids, and the gateway would lose track of what
+was sent. So on join the pool sends one 1-token completion with `return_token_ids` and reads
+the answer:
+
+    mesh     the choice carries `token_ids`: routed by the mesh path
+    plain    it answered without them (or refused the field): it only takes requests passed
+             through as they are (`serving/passthrough.py`), and only for a model that no
+             mesh-capable worker serves; `meshd status` shows why
+    unknown  no answer (unreachable, 5xx, timeout): routed as before, asked again on the next
+             membership refresh
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import orjson
+
+from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
+
+MESH, PLAIN, UNKNOWN = "mesh", "plain", "unknown"
+
+
+class ProbeResult(NamedTuple):
+    protocol: str  # MESH | PLAIN | UNKNOWN
+    detail: str  # why, in words an operator reads in `meshd status`
+
+
+async def probe(pool: BackendPool, model: str, timeout_s: float = 5.0) -> ProbeResult:
+    body = orjson.dumps({"model": model, "prompt": [0, 1], "max_tokens": 1, "temperature": 0,
+                         "return_token_ids": True})
+    try:
+        r = await pool.request("POST", "/v1/completions", body, timeout=timeout_s)
+    except BackendError as e:
+        return ProbeResult(UNKNOWN, f"probe failed: {e}")
+    if r.status >= 500:
+        return ProbeResult(UNKNOWN, f"probe answered HTTP {r.status}")
+    if r.status >= 400:
+        return ProbeResult(PLAIN, f"refuses return_token_ids (HTTP {r.status}); proxied as "
+                                  "plain OpenAI")
+    try:
+        ids = orjson.loads(r.body)["choices"][0].get("token_ids")
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return ProbeResult(PLAIN, "answers completions in an unexpected shape; proxied as "
+                                  "plain OpenAI")
+    if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
+        return ProbeResult(MESH, "returns token ids")
+    return ProbeResult(PLAIN, "ignores return_token_ids (needs vLLM >= 0.10.2); proxied as "
+                              "plain OpenAI")
