@@ -51,6 +51,13 @@ class Router:
         return Decision(d_id, d_id, False, req.cached_tokens(d_id, d.block_size))
 
 
+    def decode_for(self, request: RequestView, workers: Sequence[WorkerView]) -> str:
+        """The decode pick alone, without a new P/D decision (a stateful picker advances once):
+        the choice run re-picks with it once the prefill reported the experts the prompt
+        activates. Raises `NoWorkerAvailable` like `decide`."""
+        return self.decode.select(self.with_prefix(request), workers).worker_id
+
+
 def _view(sel: Selection, workers: Sequence[WorkerView]) -> WorkerView:
     if sel.worker is not None:
         return sel.worker

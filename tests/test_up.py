@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.net import free_port
+from support.net import free_port, free_port_block
 
 from meshd.coordinator.store import Store
 
@@ -73,8 +73,8 @@ class Up:
 
 
 def _start_up(tmp: Path) -> Up:
-    port, grpc_port, base = free_port(), free_port(), free_port()
-    worker_base = 20000 + base % 20000
+    port, grpc_port = free_port(), free_port()
+    worker_base = free_port_block(20)  # two workers, ports base + 10 * i + k
     env = {**os.environ, "MESHD_COORDINATOR_STATE_DIR": str(tmp / "coord"),
            "MESHD_AGENT_STATE_DIR": str(tmp / "agent"), "MESHD_RAY_INCLUDE_DASHBOARD": "0",
            "MESHD_RAY_NUM_CPUS": "1", "MESHD_RAY_NAMESPACE": "meshd-up-test",

@@ -17,6 +17,7 @@ serves the model, and P/D resumes once a decode worker is back. Workers speak vL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -169,7 +170,11 @@ class ChoiceRun:
             routed = _expert_counts(experts)
             if routed:
                 expert_view = dataclasses.replace(self.spec.view, experts=routed)
-                decision = decision._replace(decode=self._decide(expert_view).decode)
+                views = self.source.views()
+                workers = [w for w in views if w.worker_id not in self.excluded]
+                with contextlib.suppress(NoWorkerAvailable):  # keep the first pick
+                    decision = decision._replace(
+                        decode=self.router.decode_for(expert_view, workers))
         params = data.get("kv_transfer_params")
         return (params if isinstance(params, dict) else None), decision
 

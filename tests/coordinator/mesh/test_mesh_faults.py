@@ -193,3 +193,55 @@ async def test_client_disconnect_aborts_work_and_frees_blocks(tmp_path: Path) ->
                             break
             await asyncio.sleep(0.5)
         clean(p0, d0, timeout_s=8)
+
+
+def queued(e: EngineProc) -> int:
+    """Requests the engine runs or queues now."""
+    with urllib.request.urlopen(e.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
+
+
+async def wait_idle(e: EngineProc, timeout_s: float) -> float:
+    """Seconds until the engine runs and queues nothing (fails past `timeout_s`)."""
+    t0 = time.monotonic()
+    while queued(e):
+        assert time.monotonic() - t0 < timeout_s, f"{e.worker.worker_id} still busy"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("end", ["disconnect", "deadline"])
+async def test_a_request_end_ends_every_choice_on_every_worker(tmp_path: Path, end: str) -> None:
+    """n=16 long choices: the client leaving, or the request's deadline, stops all 16 on the
+    workers at once (none keeps generating for nobody), and the next request is served
+    straight away instead of queueing behind them."""
+    deadlines = Deadlines(total_s=2.0, prefill_s=2.0, first_token_s=2.0, inter_token_s=2.0) \
+        if end == "deadline" else FAST
+    with engines([("p0", "prefill"), ("d0", "decode")], tmp_path) as (p0, d0):
+        async with gateway([p0.worker, d0.worker], deadlines) as (url, _):
+            body = {"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": 1500, "n": 16,
+                    "temperature": 0.7, "seed": 2**63 - 8, "stream": True}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(url + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    n, data = 0, []
+                    async for line in r.content:
+                        if line.startswith(b"data:"):
+                            n += 1
+                            data.append(line)
+                        if end == "disconnect" and n >= 40:
+                            assert queued(d0) > 0
+                            r.close()  # drop the connection mid-stream
+                            break
+                if end == "deadline":  # the stream ended with an error event, then [DONE]
+                    assert n > 16 and data[-1].strip() == b"data: [DONE]"
+                    assert b'"code":"timeout"' in data[-2], data[-2]
+            assert await wait_idle(d0, timeout_s=3.0) < 3.0
+            t0 = time.monotonic()
+            r2 = await client(url).completions.create(model="meshd-tiny", prompt=PROMPT,
+                                                      max_tokens=4, temperature=0)
+            assert r2.usage is not None and r2.usage.completion_tokens == 4
+            assert time.monotonic() - t0 < 2.0
+        clean(p0, d0, timeout_s=8)

@@ -291,3 +291,25 @@ async def test_cancelling_the_request_ends_every_choice() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert source.open_streams == 0
+
+
+async def test_choices_failing_together_leave_no_unretrieved_error() -> None:
+    """Several choices failing in the same tick (one deadline for all): one error is raised,
+    the others are retrieved too (an unretrieved task exception is logged from a finalizer,
+    which on CPython 3.11.7 also corrupts the compiler's recursion accounting)."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+
+    async def fail(i: int) -> None:
+        await asyncio.sleep(0.01)
+        raise ApiError(504, f"deadline {i}")
+
+    with pytest.raises(ApiError, match="deadline 0"):
+        await run_all([fail(i) for i in range(8)])
+    import gc
+
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not seen
