@@ -395,6 +395,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _named(msg: str, prefix: str) -> str:
+    """A section's own error with the full field path: `pd.x: ...` under `gateway.routing.pd.`
+    reads `gateway.routing.pd.x: ...`; a message that already names the full path is kept."""
+    if not prefix or msg.startswith(prefix.split(".", 1)[0] + "."):
+        return msg
+    parent, _, last = prefix.rstrip(".").rpartition(".")
+    if msg.startswith(last + "."):
+        return f"{parent}.{msg}" if parent else msg
+    return prefix + msg
+
+
 def build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
     """Build the dataclass `cls` from `values`, coercing each field; unknown keys are errors."""
     assert dataclasses.is_dataclass(cls)
@@ -420,10 +431,7 @@ def build(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
     except ConfigError:
         raise
     except ValueError as e:  # a section's own check; make sure it names the full field
-        msg = str(e)
-        if prefix and not msg.startswith(prefix.split(".", 1)[0] + "."):
-            msg = prefix + msg
-        raise ConfigError(msg) from None
+        raise ConfigError(_named(str(e), prefix)) from None
 
 
 def _paths(cls: type) -> tuple[str, ...]:
