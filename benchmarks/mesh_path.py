@@ -118,7 +118,7 @@ def measure(n: int, chunks: int) -> dict[str, float]:
                        max_tokens=16)
     decode = prompts.tokenizer("fake").decode
 
-    async def emit(d: Delta) -> None:
+    async def emit(d: list[Delta]) -> None:
         return None
 
     def make_run() -> ChoiceRun:

@@ -54,6 +54,9 @@ async def serve_mesh(ns: argparse.Namespace) -> None:
 
 
 async def serve(ns: argparse.Namespace) -> None:
+    from meshd.coordinator.gateway.runtime import tune_gc
+
+    tune_gc()  # this process is one replica
     if ns.mesh:
         await serve_mesh(ns)
         return

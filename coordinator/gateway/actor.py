@@ -24,7 +24,7 @@ from meshd.config import build
 from meshd.coordinator import actors
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.fleet import Peer, Peers, connect_host
-from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread
+from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread, tune_gc
 
 log = logging.getLogger("meshd.gateway")
 PREFIX = "meshd-gateway-"
@@ -47,6 +47,7 @@ class _GatewayActor:
                  _ray_peers(namespace, self.config, replica))
         self.thread, self.loop, self.runtime = run_in_thread(
             lambda: GatewayRuntime(self.config, membership, snapshot, replica, peers))
+        tune_gc()  # this process is one replica
         host = self.config.host  # bound to every address: siblings may be on other nodes
         self._metrics_host = (ray.util.get_node_ip_address() if connect_host(host) != host
                               else host)

@@ -226,7 +226,7 @@ class HttpConnection(asyncio.Protocol):
         """Run a handler coroutine for `responder`'s request; the pipeline waits for it."""
         self.responder = responder
         self.task_started = self.srv.now
-        self.task = asyncio.get_running_loop().create_task(self.srv.run_handler(self, coro))
+        self.task = self.srv.loop.create_task(self.srv.run_handler(self, coro))
 
     def task_finished(self) -> None:
         self.task = None
@@ -268,7 +268,7 @@ class HttpConnection(asyncio.Protocol):
         the connection is aborted (the handler is then cancelled as for a disconnect)."""
         if not self.write_paused or self.closed:
             return
-        fut = self._drain_waiter = asyncio.get_running_loop().create_future()
+        fut = self._drain_waiter = self.srv.loop.create_future()
         try:
             await asyncio.wait_for(fut, self.cfg.write_timeout_s)
         except TimeoutError:

@@ -40,7 +40,8 @@ from meshd.coordinator.gateway.workers.client import (
 from meshd.scheduler.router import Router
 from meshd.scheduler.types import Decision, NoWorkerAvailable, RequestView
 
-Emit = Callable[[Delta], Awaitable[None]]
+# Told of the deltas each worker read burst produced (one call per burst, not per token).
+Emit = Callable[[list[Delta]], Awaitable[None]]
 _NO_REMOTE = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
               "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
@@ -75,7 +76,10 @@ class ChoiceSpec:
 class ChoiceRun:
     def __init__(self, spec: ChoiceSpec, source: WorkerSource, router: Router,
                  deadlines: Deadlines, counters: Counters, clock: Callable[[], float],
-                 start: float | None = None) -> None:
+                 start: float | None = None, loop: asyncio.AbstractEventLoop | None = None
+                 ) -> None:
+        """`loop`: the running loop when the caller has it at hand (on CPython 3.11 looking it
+        up costs a getpid() syscall, a few µs on a VM)."""
         self.spec = spec
         self.source = source
         self.router = router
@@ -88,6 +92,7 @@ class ChoiceRun:
         self.seam: SeamText | None = None
         self.decision: Decision | None = None  # the first routing decision (cache health)
         self.cached = 0  # prompt tokens the decode worker caches (when it prefills itself)
+        self.loop = loop
 
     @property
     def view(self) -> RequestView:
@@ -120,6 +125,8 @@ class ChoiceRun:
     # -- the lifecycle ----------------------------------------------------------------------
 
     async def run(self, emit: Emit) -> ChoiceOutput:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         decision = self.decision = self._decide()
         params: dict[str, Any] | None = None
         if decision.disaggregated:
@@ -244,43 +251,56 @@ class ChoiceRun:
         first = self.lc.decode_attempts <= 1
         # One timer for the stream: first token within first_token_s, then each next one
         # within inter_token_s, never past the request's deadline.
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None  # set by run()
         deadline = loop.time() + self.lc.remaining(self.clock())
         # Without P's KV the worker prefills the prompt (and the tokens so far) itself.
         queued = 0 if params else len(body["prompt"]) - self.cached
-        async with StepTimer(d.first_token_s, d.inter_token_s, deadline) as step, \
+        async with StepTimer(d.first_token_s, d.inter_token_s, deadline, loop) as step, \
                 self.source.stream(worker_id, body, f"{spec.request_id}-d",
                                    d.first_token_s, queued) as events:
             while batch := await events.next_batch():
-                for data in batch:
-                    await self._chunk(worker_id, data, first, emit)
+                deltas, failed = self._burst(worker_id, batch, first)
+                if deltas:  # what was accepted goes out before a failure in the same burst
+                    await emit(deltas)
+                if failed is not None:
+                    raise failed
                 step.touch()  # after forwarding: a slow client's drain is not a worker stall
 
-    async def _chunk(self, worker_id: str, data: bytes, first: bool, emit: Emit) -> None:
+    def _burst(self, worker_id: str, batch: list[bytes], first: bool
+               ) -> tuple[list[Delta], BackendProtocolError | None]:
+        """The deltas of one read burst (accepted into `out`), and the failure that ended
+        it, if any. The burst is decoded in one call (a JSON array of its events)."""
+        out: list[Delta] = []
         try:
-            chunk = orjson.loads(data)
+            chunks = orjson.loads(batch[0]) if len(batch) == 1 else orjson.loads(
+                b"[%b]" % b",".join(batch))
         except orjson.JSONDecodeError:
-            raise BackendProtocolError("undecodable stream chunk", worker_id) from None
-        if not isinstance(chunk, dict):
-            raise BackendProtocolError("stream chunk is not an object", worker_id)
-        if "error" in chunk:  # vLLM reports mid-stream failures as an error event
-            raise BackendProtocolError(f"error event: {chunk['error']}", worker_id)
-        usage = chunk.get("usage")
-        if usage and first:
-            details = usage.get("prompt_tokens_details") or {}
-            self.out.cached_tokens = int(details.get("cached_tokens") or 0)
-        for raw in chunk.get("choices") or ():
-            delta = parse_delta(raw)
-            if delta.text and not delta.token_ids:  # never forward what we cannot count
-                raise BackendProtocolError("text without token ids (return_token_ids)",
-                                           worker_id)
-            await self._forward(delta, emit)
+            return out, BackendProtocolError("undecodable stream chunk", worker_id)
+        for chunk in (chunks,) if len(batch) == 1 else chunks:
+            if not isinstance(chunk, dict):
+                return out, BackendProtocolError("stream chunk is not an object", worker_id)
+            if "error" in chunk:  # vLLM reports mid-stream failures as an error event
+                return out, BackendProtocolError(f"error event: {chunk['error']}", worker_id)
+            usage = chunk.get("usage")
+            if usage and first:
+                details = usage.get("prompt_tokens_details") or {}
+                self.out.cached_tokens = int(details.get("cached_tokens") or 0)
+            for raw in chunk.get("choices") or ():
+                delta = parse_delta(raw)
+                if delta.text and not delta.token_ids:  # never forward what we cannot count
+                    return out, BackendProtocolError(
+                        "text without token ids (return_token_ids)", worker_id)
+                if self._accept(delta):
+                    out.append(delta)
+        return out, None
 
-    async def _forward(self, delta: Delta, emit: Emit) -> None:
+    def _accept(self, delta: Delta) -> bool:
+        """Take `delta` into the choice's output; False when it carries nothing to forward."""
         if self.lc.phase is Phase.TRANSFER:
             self.lc.advance(Phase.DECODE, self.clock(), "first token")
         if not delta.token_ids and not delta.text and delta.finish_reason is None:
-            return
+            return False
         if self.seam is not None:
             delta.text = self.seam.feed(delta)
         self.out.token_ids.extend(delta.token_ids)
@@ -290,7 +310,7 @@ class ChoiceRun:
             self.out.logprobs.append(delta.logprobs)
         if delta.finish_reason is not None:
             self.out.finish_reason = delta.finish_reason
-        await emit(delta)
+        return True
 
 
 def _expert_counts(experts: Any) -> dict[int, int]:

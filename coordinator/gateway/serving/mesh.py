@@ -82,6 +82,7 @@ class MeshHandler:
         self.metrics = metrics or MeshMetrics()
         self.counters = Counters()
         self.clock = clock
+        self.loop: asyncio.AbstractEventLoop | None = None
         # Told of each request's finished choices (cache health); must be cheap.
         self.on_runs: Callable[[Sequence[ChoiceRun]], None] | None = None
 
@@ -94,6 +95,8 @@ class MeshHandler:
                                       f"{self.max_inflight} requests in flight; retry shortly.",
                                       retry_after=1.0)
         self.inflight += 1
+        if self.loop is None:  # a handler serves one loop; finding it costs a syscall
+            self.loop = asyncio.get_running_loop()
         try:
             await self._handle(req, responder)
         finally:
@@ -149,7 +152,7 @@ class MeshHandler:
                                                      "seed": choice_seed(s.seed, i)}
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, s.max_tokens, s.stop, decode)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
-                                  self.counters, self.clock, start))
+                                  self.counters, self.clock, start, self.loop))
         return runs
 
     @staticmethod
@@ -178,12 +181,12 @@ class MeshHandler:
 
     async def _stream(self, runs: list[ChoiceRun], shaper: Shaper, responder: Responder,
                       req: ApiRequest, timing: Any, prompt_tokens: int) -> None:
-        def emitter(i: int) -> Callable[[Delta], Coroutine[Any, Any, None]]:
-            async def emit(d: Delta) -> None:
-                timing.token(d)
+        def emitter(i: int) -> Callable[[list[Delta]], Coroutine[Any, Any, None]]:
+            async def emit(deltas: list[Delta]) -> None:  # one write per worker read burst
+                timing.burst(deltas)
                 if not responder.started:
                     await responder.start_stream()
-                await responder.send_event(shaper.chunk(i, d))
+                await responder.send_events([shaper.chunk(i, d) for d in deltas])
             return emit
 
         outputs: list[ChoiceOutput] = await run_all(

@@ -45,20 +45,31 @@ class _Timing:
     def __init__(self, m: MeshMetrics, start: float) -> None:
         self.m, self.start, self.first, self.last = m, start, 0.0, 0.0
 
-    def token(self, d: Delta) -> None:
-        if not d.token_ids:
+    def burst(self, deltas: Sequence[Delta]) -> None:
+        """The deltas one worker read burst brought: the first token's time, then the gap
+        since the last burst spread over the burst's tokens (each observed)."""
+        n = 0
+        for d in deltas:
+            n += len(d.token_ids)
+        if not n:
             return
         now = time.monotonic()
         if not self.first:
             self.first = now
             self.m.ttft.observe(now - self.start)
+            n -= 1
+            if not n:
+                self.last = now
+                return
+            gap = 0.0  # the rest of the first burst came with it
         else:
-            self.m.itl.observe((now - self.last) / len(d.token_ids))
+            gap = (now - self.last) / n
+        self.m.itl.observe(gap, n)
         self.last = now
 
-    async def emit(self, d: Delta) -> None:
+    async def emit(self, deltas: list[Delta]) -> None:
         """An `Emit` for non-streamed choices: timing only."""
-        self.token(d)
+        self.burst(deltas)
 
     def done(self, outcome: str) -> None:
         self.m.e2e.observe(time.monotonic() - self.start)

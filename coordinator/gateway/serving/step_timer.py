@@ -19,8 +19,10 @@ class StepTimer:
     __slots__ = ("_cancelling", "_expired", "_handle", "_loop", "_task", "deadline", "gap_s",
                  "last", "limit")
 
-    def __init__(self, first_s: float, gap_s: float, deadline: float) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, first_s: float, gap_s: float, deadline: float,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`loop`: the running loop, when the caller has it (looking it up costs a syscall)."""
+        self._loop = loop or asyncio.get_running_loop()
         self.gap_s = gap_s
         self.deadline = deadline
         self.last = self._loop.time()
@@ -53,7 +55,7 @@ class StepTimer:
         self._task.cancel()
 
     async def __aenter__(self) -> StepTimer:
-        self._task = asyncio.current_task()
+        self._task = asyncio.current_task(self._loop)
         if self._task is None:
             raise RuntimeError("StepTimer must be used inside a task")
         self._cancelling = self._task.cancelling()

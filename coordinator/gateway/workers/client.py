@@ -76,6 +76,15 @@ class BackendPool:
         self._total = 0
         self._slot_waiters: deque[asyncio.Future[Conn | None]] = deque()
         self._head = b"HTTP/1.1\r\nhost: %b\r\n" % self.name.encode()
+        # The loop the pool runs on, found once: `asyncio.get_running_loop()` costs a getpid()
+        # syscall per call on CPython 3.11, and the pool waits several times per request.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> BackendPool:
@@ -163,7 +172,7 @@ class BackendPool:
     async def _wait(self, conn: Conn, timeout: float) -> None:
         if conn.error is not None:
             raise self._named(conn.error)
-        loop = asyncio.get_running_loop()
+        loop = self._get_loop()
         fut = conn.waiter = loop.create_future()
         handle = loop.call_later(timeout, _expire, fut)
         try:
@@ -189,7 +198,7 @@ class BackendPool:
                 return c, True
             self._total -= 1
         if self._total >= self.max_connections:
-            fut: asyncio.Future[Conn | None] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[Conn | None] = self._get_loop().create_future()
             self._slot_waiters.append(fut)
             try:
                 got = await asyncio.wait_for(fut, self.connect_timeout)
@@ -207,7 +216,7 @@ class BackendPool:
             raise
 
     async def _connect(self) -> Conn:
-        loop = asyncio.get_running_loop()
+        loop = self._get_loop()
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(Conn, self.host, self.port), self.connect_timeout)

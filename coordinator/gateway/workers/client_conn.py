@@ -69,6 +69,7 @@ class Conn(asyncio.Protocol):
         self.keep_alive = True
         self.streaming = streaming
         self.body: list[bytes] = []
+        self._raw: list[bytes] = []  # SSE body bytes of the current read, decoded after it
         self.events: deque[bytes] = deque()
         self.decoder = SseDecoder() if streaming else None
 
@@ -83,6 +84,17 @@ class Conn(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self.error = BackendProtocolError(f"bad HTTP from worker: {e}")
             self.abort()
+        if self._raw:  # one SSE decode per read, not per HTTP chunk (one chunk per event)
+            raw, self._raw = self._raw, []
+            assert self.decoder is not None
+            evs = self.decoder.feed(raw[0] if len(raw) == 1 else b"".join(raw))
+            if evs:
+                self.events.extend(evs)
+                if len(self.events) > _MAX_QUEUED_EVENTS and not self.paused:
+                    self.paused = True
+                    assert self.transport is not None
+                    self.transport.pause_reading()
+                self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -100,17 +112,7 @@ class Conn(asyncio.Protocol):
             self._wake()
 
     def on_body(self, data: bytes) -> None:
-        if self.decoder is None:
-            self.body.append(data)
-            return
-        evs = self.decoder.feed(data)
-        if evs:
-            self.events.extend(evs)
-            if len(self.events) > _MAX_QUEUED_EVENTS and not self.paused:
-                self.paused = True
-                assert self.transport is not None
-                self.transport.pause_reading()
-            self._wake()
+        (self.body if self.decoder is None else self._raw).append(data)
 
     def on_message_complete(self) -> None:
         self.complete = True

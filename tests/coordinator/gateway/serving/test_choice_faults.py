@@ -59,6 +59,7 @@ class ScriptedSource:
 
     roles: dict[str, Role]
     script: dict[str, list[Any]]
+    burst: bool = False  # every event in one read burst (a fast worker), else one by one
     calls: list[tuple[str, str]] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
     open_streams: int = 0
@@ -102,7 +103,8 @@ class ScriptedSource:
         assert body["max_tokens"] == MAX_TOKENS - done
         self.open_streams += 1
         try:
-            yield OneByOne(self._events(worker_id, step, done))
+            events = self._events(worker_id, step, done)
+            yield AllAtOnce(events) if self.burst else OneByOne(events)
         finally:
             self.open_streams -= 1
 
@@ -135,6 +137,21 @@ class OneByOne:
             return [await anext(self.events)]
         except StopAsyncIteration:
             return []
+
+
+class AllAtOnce:
+    """`EventBatches` with every event in one burst (a worker that sent them all together);
+    a failure after some events comes with the next batch, as a socket error would."""
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        self.events, self.done = events, False
+
+    async def next_batch(self) -> list[bytes]:
+        if self.done:
+            return []
+        out = [e async for e in self.events]
+        self.done = True
+        return out
 
 
 def make_router() -> Router:
@@ -219,8 +236,8 @@ async def test_fault_table(row: Row) -> None:
     run = make_run(source, counters=counters)
     got: list[Delta] = []
 
-    async def emit(d: Delta) -> None:
-        got.append(d)
+    async def emit(deltas: list[Delta]) -> None:
+        got.extend(deltas)
 
     if row.error is None:
         out = await run.run(emit)
@@ -264,7 +281,7 @@ async def test_a_failed_choice_ends_its_siblings_on_every_worker() -> None:
     counters = Counters()
     runs = [make_run(source, slow, i, counters) for i in range(n)]
 
-    async def ignore(d: Delta) -> None:
+    async def ignore(d: list[Delta]) -> None:
         return None
 
     async def fail_after_siblings_started() -> Any:
@@ -313,3 +330,19 @@ async def test_choices_failing_together_leave_no_unretrieved_error() -> None:
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert not seen
+
+
+@pytest.mark.parametrize("fault", [("error_event", 4), ("die", 6)])
+async def test_a_burst_that_ends_in_a_failure_forwards_what_came_before(fault: Any) -> None:
+    """The events a worker sent before failing, in the same read burst, reach the client:
+    the continuation starts after them (no gap, no duplicate)."""
+    source = ScriptedSource({"b0": B, "b1": B}, {"b0": [fault]}, burst=True)
+    counters = Counters()
+    got: list[Delta] = []
+
+    async def emit(deltas: list[Delta]) -> None:
+        got.extend(deltas)
+
+    out = await make_run(source, counters=counters).run(emit)
+    assert "".join(d.text for d in got) == EXPECTED == "".join(out.text)
+    assert counters.continuations == 1
