@@ -26,10 +26,13 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from meshd.coordinator.gateway.workers.client import SseStream
-from meshd.coordinator.gateway.workers.pool import WorkerPool
+from meshd.coordinator.gateway.workers.pool import QUEUED_RESOLUTION, WorkerPool
 from meshd.scheduler.types import WorkerView
 
 PATH = "/v1/completions"
+# Prefills shorter than this are not counted as queued: the router's load figures are
+# accurate to QUEUED_RESOLUTION tokens anyway, and request counts cover many short ones.
+LEDGER_MIN_TOKENS = QUEUED_RESOLUTION // 4
 
 
 class EventBatches(Protocol):
@@ -74,7 +77,8 @@ class PoolSource:
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
                       timeout_s: float, queued_tokens: int = 0) -> Any:
         pool = self.pool
-        handle = pool.prefill_started(worker_id, queued_tokens) if queued_tokens else 0
+        handle = (pool.prefill_started(worker_id, queued_tokens)
+                  if queued_tokens >= LEDGER_MIN_TOKENS else 0)
         try:
             r = await pool.pool(worker_id).post_json(
                 PATH, body, headers=(("x-request-id", request_id),), timeout=timeout_s)
@@ -89,7 +93,7 @@ class PoolSource:
         stream = self.pool.pool(worker_id).stream(PATH, body,
                                                   headers=(("x-request-id", request_id),),
                                                   timeout=timeout_s)
-        if not queued_tokens:
+        if queued_tokens < LEDGER_MIN_TOKENS:
             return stream
         return _Queued(stream, self.pool, worker_id, queued_tokens)
 

@@ -20,7 +20,6 @@ only after a complete response.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -302,11 +301,10 @@ class SseStream:
         while True:
             if conn.events and not self.saw_done:
                 evs = conn.take_events()
-                if DONE in evs:
+                out = list(evs)
+                if DONE in out:
                     self.saw_done = True
-                    out = list(itertools.takewhile(lambda e: e != DONE, evs))
-                else:
-                    out = list(evs)
+                    del out[out.index(DONE):]
                 if out:
                     return out
                 continue
