@@ -106,6 +106,11 @@ async def test_bad_input_is_a_clear_4xx_and_the_gateway_keeps_serving(
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.NotFoundError, match="does not exist"):
             await client.completions.create(model="nope", prompt="x", max_tokens=2)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        for extra in ({"tools": tools}, {"response_format": {"type": "json_object"}}):
+            with pytest.raises(openai.NotFoundError, match="does not exist"):  # was a 503
+                await client.chat.completions.create(
+                    model="nope", messages=[{"role": "user", "content": "x"}], **extra)
         with pytest.raises(openai.BadRequestError) as info:
             await client.completions.create(model="meshd-tiny", prompt="x" * 5000, max_tokens=2)
         assert "context" in str(info.value) or "length" in str(info.value)
