@@ -206,6 +206,10 @@ class Shaper:
         self.model = req.body.model
         self._chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
         self._role_sent: set[int] = set()
+        # Every chunk's envelope but its choice, encoded once: a chunk is head + choice + tail.
+        self._head = orjson.dumps({"id": self.id, "object": self._chunk_object,
+                                   "created": self.created, "model": self.model})[:-1] + \
+            b',"choices":['
 
     def _envelope(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         out = {"id": self.id, "object": self._chunk_object, "created": self.created,
@@ -220,14 +224,19 @@ class Shaper:
             if index not in self._role_sent:
                 self._role_sent.add(index)
                 delta = {"role": "assistant", "content": d.text}
-            choice = {"index": index, "delta": delta, "logprobs": chat_logprobs(
-                d.logprobs, self.top_n, self.vocab, self.as_ids), "finish_reason": d.finish_reason}
+            lp = None if d.logprobs is None else chat_logprobs(d.logprobs, self.top_n,
+                                                              self.vocab, self.as_ids)
+            choice = {"index": index, "delta": delta, "logprobs": lp,
+                      "finish_reason": d.finish_reason}
         else:
-            lp, self._offsets[index] = completion_logprobs(
-                d.logprobs, self.vocab, self._offsets.get(index, 0), self.as_ids)
+            if d.logprobs is None:
+                lp = None
+            else:
+                lp, self._offsets[index] = completion_logprobs(
+                    d.logprobs, self.vocab, self._offsets.get(index, 0), self.as_ids)
             choice = {"index": index, "text": d.text, "logprobs": lp,
                       "finish_reason": d.finish_reason}
-        return orjson.dumps(self._envelope([choice]))
+        return self._head + orjson.dumps(choice) + b"]}"
 
     def usage_chunk(self, usage: dict[str, Any]) -> bytes:
         return orjson.dumps(self._envelope([], usage))
