@@ -100,12 +100,12 @@ class ChoiceRun:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _decide(self, view: RequestView | None = None) -> Decision:
+    def _decide(self) -> Decision:
         views = self.source.views()
         excluded = self.excluded
         workers = [w for w in views if w.worker_id not in excluded] if excluded else views
         try:
-            return self.router.decide(view or self.spec.view, workers)
+            return self.router.decide(self.spec.view, workers)
         except NoWorkerAvailable:
             raise failures.no_worker(self.spec.view.model) from None
 
