@@ -83,6 +83,7 @@ class MeshHandler:
         self.counters = Counters()
         self.clock = clock
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._vocabs: dict[str, TokenVocab] = {}  # model -> its tokenizer for logprobs
         # Told of each request's finished choices (cache health); must be cheap.
         self.on_runs: Callable[[Sequence[ChoiceRun]], None] | None = None
 
@@ -120,8 +121,7 @@ class MeshHandler:
         start = self.clock()
         runs = self._runs(req, view, prompt.token_ids, start)
         timing = self.metrics.request(start)
-        tok = self.prompts.tokenizer(body.model)
-        shaper = Shaper(req, vocab=TokenVocab(tok.decode, tok.token_bytes))
+        shaper = Shaper(req, vocab=self._vocab(body.model))
         try:
             if body.stream:
                 await self._stream(runs, shaper, responder, req, timing, len(prompt.token_ids))
@@ -139,6 +139,13 @@ class MeshHandler:
             self.metrics.observe_runs(runs)
             if self.on_runs is not None:
                 self.on_runs(runs)
+
+    def _vocab(self, model: str) -> TokenVocab:
+        vocab = self._vocabs.get(model)
+        if vocab is None:
+            tok = self.prompts.tokenizer(model)
+            vocab = self._vocabs[model] = TokenVocab(tok.decode, tok.token_bytes)
+        return vocab
 
     def _runs(self, req: ApiRequest, view: RequestView, prompt: tuple[int, ...],
               start: float) -> list[ChoiceRun]:

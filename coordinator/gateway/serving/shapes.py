@@ -206,10 +206,7 @@ class Shaper:
         self.model = req.body.model
         self._chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
         self._role_sent: set[int] = set()
-        # Every chunk's envelope but its choice, encoded once: a chunk is head + choice + tail.
-        self._head = orjson.dumps({"id": self.id, "object": self._chunk_object,
-                                   "created": self.created, "model": self.model})[:-1] + \
-            b',"choices":['
+        self._head = b""  # a chunk's envelope but its choice, encoded at the first chunk
 
     def _envelope(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         out = {"id": self.id, "object": self._chunk_object, "created": self.created,
@@ -236,7 +233,12 @@ class Shaper:
                     d.logprobs, self.vocab, self._offsets.get(index, 0), self.as_ids)
             choice = {"index": index, "text": d.text, "logprobs": lp,
                       "finish_reason": d.finish_reason}
-        return self._head + orjson.dumps(choice) + b"]}"
+        head = self._head
+        if not head:  # a chunk is head + choice + tail, the head encoded once per request
+            head = self._head = orjson.dumps(
+                {"id": self.id, "object": self._chunk_object, "created": self.created,
+                 "model": self.model})[:-1] + b',"choices":['
+        return head + orjson.dumps(choice) + b"]}"
 
     def usage_chunk(self, usage: dict[str, Any]) -> bytes:
         return orjson.dumps(self._envelope([], usage))
