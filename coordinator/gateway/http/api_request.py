@@ -4,7 +4,8 @@ The server parses and validates a request into an `ApiRequest`, then awaits
 `handler.handle(req, responder)` in a task of its own. The handler answers through the
 `Responder` (one full response, or a stream of SSE events) and may raise `ApiError` before it
 has started a response (the server sends it as an OpenAI error). If the client disconnects, or
-`handler_timeout` passes, the server cancels that task: `CancelledError` arrives at the
+the handler's time (`deadlines.total_s` + `http.handler_grace_s`) runs out, the server cancels
+that task: `CancelledError` arrives at the
 handler's current `await`, and the backend calls it is inside abort their worker connections.
 """
 

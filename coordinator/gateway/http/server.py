@@ -4,7 +4,7 @@ Lifecycle: `await start()` binds (with SO_REUSEPORT, so several replica processe
 one port), `await shutdown()` stops accepting, closes idle connections, lets in-flight
 requests finish until `shutdown_timeout`, then cancels what is left. Per request the server
 checks route, method, API key, content type and size, decodes and validates the JSON into an
-`ApiRequest`, and runs `handler.handle(req, responder)` in a task (see `handler.py` for the
+`ApiRequest`, and runs `handler.handle(req, responder)` in a task (see `api_request.py` for the
 contract). Everything else (errors, /v1/models, /health, /metrics, /openapi.json) is answered
 inline, as is GET /debug/cache-health (the `cache_health` callable's JSON); with a `fleet`
 view, GET /metrics runs in a task (it asks the sibling replicas). Nothing is logged per

@@ -2,7 +2,7 @@
 
 Membership comes from `update()`: the registry's routing set (each worker with its node's
 attributes and expert placement) plus static workers. For every worker the pool keeps a
-keep-alive `BackendPool`, scrapes `/metrics` (vLLM's names) for load and cost calibration,
+keep-alive `BackendPool`, has `/metrics` scraped (`scrape.py`: load, health, cost calibration),
 follows its KV events into the global `PrefixIndex`, and builds the `WorkerView`s with
 `scheduler.views.build_view` (the simulator's builder) from the member's facts (`members.py`)
 and the latest load. Queued prefill tokens: the worker's `meshd_engine_queued_prefill_tokens`
