@@ -5,8 +5,8 @@ The server parses and validates a request into an `ApiRequest`, then awaits
 `Responder` (one full response, or a stream of SSE events) and may raise `ApiError` before it
 has started a response (the server sends it as an OpenAI error). If the client disconnects, or
 the handler's time (`deadlines.total_s` + `http.handler_grace_s`) runs out, the server cancels
-that task: `CancelledError` arrives at the
-handler's current `await`, and the backend calls it is inside abort their worker connections.
+that task: `CancelledError` arrives at the handler's current `await`, and the worker calls it
+is inside abort their worker connections.
 """
 
 from __future__ import annotations
