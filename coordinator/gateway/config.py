@@ -14,13 +14,10 @@ documented in docs/operations.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.scheduler.pd import PDConfig
-
-# Seeds the workers accept (vLLM: torch.long; the embedded engine: the same range).
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 def _positive(obj: Any, section: str, names: tuple[str, ...]) -> None:
@@ -242,6 +239,3 @@ MOVED = {"total_timeout_s": "deadlines.total_s", "prefill_timeout_s": "deadlines
          "max_body_bytes": "http.max_body_bytes",
          "pd_min_uncached_tokens": "routing.pd.min_uncached_tokens",
          "scrape_interval_s": "routing.scrape_interval_s"}
-
-SECTIONS = tuple(f.name for f in fields(GatewayConfig)
-                 if f.name in ("http", "deadlines", "limits", "routing"))

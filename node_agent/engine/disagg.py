@@ -5,7 +5,7 @@ Prefill side (`kv_transfer_params.do_remote_decode`): the request runs with
 keyed by the engine-internal request id (`remote_request_id`) in the shared
 `kv_transfer.leases.LeaseTable`, which the kv_transfer server uses as its `BlockSource`;
 `EngineLeases` ties lease ends to the engine's held blocks. The response's
-`kv_transfer_params` come from `kv_transfer.params.prefill_params`.
+`kv_transfer_params` come from the worker's `kv_transfer.offering.KVOffer.params`.
 
 Decode side (`do_remote_prefill`): `Puller.pull` allocates import blocks, fetches them with the
 shared `kv_transfer.puller.KVPuller` (a worker thread, a deadline, a typed outcome) and reports

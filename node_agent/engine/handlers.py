@@ -21,16 +21,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from meshd.api_errors import invalid, loads_body
-from meshd.kv_transfer.params import prefill_params
 from meshd.node_agent.engine.api import EngineRequest, RequestOutput, TokenLogprob
 from meshd.node_agent.engine.openai_io import (
     ParsedRequest,
-    choice_seed,
     logprobs_chat,
     logprobs_completion,
     parse_request,
     usage,
 )
+from meshd.seeds import choice_seed
 
 if TYPE_CHECKING:
     from meshd.node_agent.engine.worker_server import WorkerServer
@@ -188,10 +187,9 @@ class CompletionHandler:
         held = self.s.leases.get(c.request_id)
         if held is None:
             return None
-        return prefill_params(request_id=c.request_id, block_ids=held,
-                              engine_id=self.s.cfg.engine_id, peer=self.s.kv_peer,
-                              transport=self.s.kv_offer[0], num_tokens=len(prompt),
-                              prompt=prompt, offered=self.s.kv_offered, host=self.s.kv_host)
+        return self.s.kv_offer.params(request_id=c.request_id, block_ids=held,
+                                      engine_id=self.s.cfg.engine_id, peer=self.s.kv_peer,
+                                      num_tokens=len(prompt), prompt=prompt)
 
     async def _stream(self, request: web.Request, ctx: _Ctx, choices: list[Choice],
                       first: tuple[int, RequestOutput],

@@ -18,24 +18,11 @@ from typing import Any, NamedTuple
 from meshd.api_errors import invalid
 from meshd.node_agent.engine.api import SamplingParams, TokenLogprob
 from meshd.node_agent.engine.tokenizer import Tokenizer
+from meshd.seeds import SEED_MAX, SEED_MIN, UNSEEDED
 
 MAX_N = 128
 MAX_LOGPROBS = 20
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
-UNSEEDED = -1  # vLLM: seed -1 is "no seed"
 _INT_LIMIT = 1 << 31
-
-
-def choice_seed(seed: int, index: int) -> int:
-    """Choice `index`'s seed (n > 1): `seed + index` wrapped into int64, stepping over -1; the
-    gateway's `openai_api.choice_seed` is the same function (a test holds them equal)."""
-    if index == 0:
-        return seed
-    span, off, skip = SEED_MAX - SEED_MIN + 1, seed - SEED_MIN, UNSEEDED - SEED_MIN
-    pos = off + index
-    if off < skip <= pos or off < skip + span <= pos:
-        pos += 1
-    return pos % span + SEED_MIN
 
 
 class ModelInfo(NamedTuple):

@@ -81,17 +81,16 @@ class WorkerServer:
                                   trusted_keys_file=cfg.kv_trusted_keys, node_id=cfg.engine_id)
         self.kv_server: MuxServer | None = None
         self.kv_peer = Peer("", 0)
-        # This host as the transport pick sees it, and what a prefill side here serves
-        # (`kv_offered`, `kv_host`: what prefill responses carry beyond the default transport).
+        # This host as the transport pick sees it, and what a prefill side here serves (its
+        # `params` are what prefill responses carry).
         self.kv_facts = HostFacts(socket.gethostname(), cfg.kv_advertise_host)
-        offer = make_offer(cfg.kv_transfer, "cpu", self.kv_facts)
-        self.kv_offer, self.kv_offered, self.kv_host = offer.transports, offer.offered, offer.host
+        self.kv_offer = make_offer(cfg.kv_transfer, "cpu", self.kv_facts)
         if cfg.role in ("prefill", "both"):
             views = KVViews(engine.kv_caches, block_layout(engine.layout))
-            serving = serve_kv(offer, views, auth, self.leases.table,
+            serving = serve_kv(self.kv_offer, views, auth, self.leases.table,
                                Peer(cfg.bind_kv_host, cfg.kv_port), config=kv_config)
             self.kv_server, self.kv_peer = serving.server, serving.peer(cfg.kv_advertise_host)
-        self.puller = (Puller(self.driver, auth, self.kv_offer[0], cfg.pull_timeout_s,
+        self.puller = (Puller(self.driver, auth, self.kv_offer.default, cfg.pull_timeout_s,
                               self.stats, self.kv_facts)
                        if cfg.role in ("decode", "both") else None)
         self.publisher: KVEventPublisher | None = None

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from meshd.coordinator.gateway.config import SEED_MAX, SEED_MIN, Limits
+from meshd.coordinator.gateway.config import Limits
 from meshd.coordinator.gateway.http.errors import invalid
 from meshd.coordinator.gateway.http.fields import (
     TOKEN_ID_MAX,
@@ -32,26 +32,10 @@ from meshd.coordinator.gateway.http.fields import (
     stop,
     token_ids,
 )
+from meshd.seeds import SEED_MAX, SEED_MIN, UNSEEDED
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
-UNSEEDED = -1  # vLLM reads seed -1 as "no seed"; so does the engine
-_SEED_SPAN = SEED_MAX - SEED_MIN + 1
 _EMPTY: dict[str, Any] = {}
-
-
-def choice_seed(seed: int, index: int) -> int:
-    """The seed of choice `index` of a request with `seed` (for `n > 1`, each choice is its own
-    worker request): `seed + index` wrapped into the workers' int64 range, stepping over -1
-    (which a worker would read as "no seed"). Choice 0 keeps `seed`; different indexes give
-    different seeds. The engine derives its own choices' seeds the same way
-    (`openai_io.choice_seed`), so `n` through the gateway samples what `n` on one engine does."""
-    if index == 0:
-        return seed
-    off, skip = seed - SEED_MIN, UNSEEDED - SEED_MIN
-    pos = off + index
-    if off < skip <= pos or off < skip + _SEED_SPAN <= pos:
-        pos += 1
-    return pos % _SEED_SPAN + SEED_MIN
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from meshd.coordinator.gateway.workers.client import (
     BackendProtocolError,
 )
 from meshd.scheduler.router import Router
-from meshd.scheduler.types import Decision, NoWorkerAvailable, RequestView
+from meshd.scheduler.types import Decision, NoWorkerAvailable, RequestView, WorkerView
 
 # Told of the deltas each worker read burst produced (one call per burst, not per token).
 Emit = Callable[[list[Delta]], Awaitable[None]]
@@ -100,12 +100,15 @@ class ChoiceRun:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def _decide(self) -> Decision:
+    def _candidates(self) -> Sequence[WorkerView]:
+        """The views to route on: all but the workers this choice already failed on."""
         views = self.source.views()
         excluded = self.excluded
-        workers = [w for w in views if w.worker_id not in excluded] if excluded else views
+        return [w for w in views if w.worker_id not in excluded] if excluded else views
+
+    def _decide(self) -> Decision:
         try:
-            return self.router.decide(self.spec.view, workers)
+            return self.router.decide(self.spec.view, self._candidates())
         except NoWorkerAvailable:
             raise failures.no_worker(self.spec.view.model) from None
 
@@ -177,11 +180,9 @@ class ChoiceRun:
             routed = _expert_counts(experts)
             if routed:
                 expert_view = dataclasses.replace(self.spec.view, experts=routed)
-                views = self.source.views()
-                workers = [w for w in views if w.worker_id not in self.excluded]
                 with contextlib.suppress(NoWorkerAvailable):  # keep the first pick
                     decision = decision._replace(
-                        decode=self.router.decode_for(expert_view, workers))
+                        decode=self.router.decode_for(expert_view, self._candidates()))
         params = data.get("kv_transfer_params")
         return (params if isinstance(params, dict) else None), decision
 

@@ -20,7 +20,7 @@ from meshd.coordinator.gateway.config import Deadlines
 from meshd.coordinator.gateway.http import errors
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
-from meshd.coordinator.gateway.http.openai_api import ChatRequest, choice_seed
+from meshd.coordinator.gateway.http.openai_api import ChatRequest
 from meshd.coordinator.gateway.http.responder import Responder
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
 from meshd.coordinator.gateway.serving.passthrough import passthrough
@@ -37,6 +37,7 @@ from meshd.coordinator.gateway.serving.worker_source import PoolSource
 from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.router import Router
 from meshd.scheduler.types import RequestView
+from meshd.seeds import choice_seed
 
 T = TypeVar("T")
 # Client fields the gateway owns: never forwarded from the client's body to a worker.

@@ -15,8 +15,6 @@ from meshd.coordinator.gateway.config import RoutingConfig
 from meshd.scheduler.types import Role
 from meshd.scheduler.views import WorkerFacts, hosted_experts
 
-ROLES = {"prefill": Role.PREFILL, "decode": Role.DECODE, "both": Role.BOTH}
-
 
 def configured_cost(routing: RoutingConfig, model: str) -> dict[str, float]:
     """`[gateway.routing] cost` for `model` (or its "*" entry); empty: the model's defaults."""
@@ -29,7 +27,7 @@ def facts_of(m: Member, cost: Mapping[str, float]) -> WorkerFacts:
     w = m.worker
     layers = [e.experts for e in m.experts
               if e.worker_id == w.worker_id and e.model in ("", w.model)]
-    return WorkerFacts(worker_id=w.worker_id, role=ROLES[w.role], model=w.model,
+    return WorkerFacts(worker_id=w.worker_id, role=Role(w.role), model=w.model,
                        node_id=m.node_id, block_size=w.kv_block_size or 16,
                        kv_capacity_blocks=w.kv_capacity_blocks, experts=hosted_experts(layers),
                        attributes=m.attributes, cost=cost)

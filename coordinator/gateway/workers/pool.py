@@ -228,9 +228,6 @@ class WorkerPool:
     def pool(self, worker_id: str) -> BackendPool:
         return self.entries[worker_id].pool
 
-    def get(self, worker_id: str) -> Entry:
-        return self.entries[worker_id]
-
     # -- the queued-prefill estimate (called by the request path) ---------------------------
 
     def prefill_started(self, worker_id: str, tokens: int) -> int:

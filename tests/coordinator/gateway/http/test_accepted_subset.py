@@ -18,8 +18,10 @@ import pytest
 from meshd.api_errors import ApiError
 from meshd.coordinator.gateway.config import Limits
 from meshd.coordinator.gateway.http import openai_api
-from meshd.node_agent.engine import openai_io
+from meshd.coordinator.gateway.serving import mesh
+from meshd.node_agent.engine import handlers, openai_io
 from meshd.node_agent.engine.tokenizer import ByteTokenizer
+from meshd.seeds import UNSEEDED, choice_seed
 
 LIM = Limits()
 MODEL = "m"
@@ -186,11 +188,11 @@ SEEDS = [I64_MIN, I64_MIN + 1, -128, -3, -2, 0, 1, I64_MAX - 127, I64_MAX - 1, I
 @pytest.mark.parametrize("seed", SEEDS)
 def test_choice_seeds_stay_int64_distinct_and_match_the_engine(seed: int) -> None:
     n = LIM.max_n
-    seeds = [openai_api.choice_seed(seed, i) for i in range(n)]
+    seeds = [choice_seed(seed, i) for i in range(n)]
     assert seeds[0] == seed and len(set(seeds)) == n
     assert all(I64_MIN <= s <= I64_MAX for s in seeds)
-    assert openai_api.UNSEEDED not in seeds[1:]  # vLLM would read -1 as "no seed"
-    assert seeds == [openai_io.choice_seed(seed, i) for i in range(n)]
+    assert UNSEEDED not in seeds[1:]  # vLLM would read -1 as "no seed"
+    assert mesh.choice_seed is handlers.choice_seed is choice_seed  # both front ends: one rule
     for s in seeds:  # what each choice's worker request carries, accepted by the engine
         assert openai_io.parse_request({**base(False), "seed": s}, False, INFO).sampling.seed \
             == (None if s == -1 else s)
@@ -198,9 +200,9 @@ def test_choice_seeds_stay_int64_distinct_and_match_the_engine(seed: int) -> Non
 
 def test_choice_seed_of_the_reported_overflow() -> None:
     """seed = 2^63 - 127, n = 128 made choice 127 send 2^63 (vLLM: 400)."""
-    assert openai_api.choice_seed(I64_MAX - 126, 127) == I64_MIN
-    assert openai_api.choice_seed(-2, 1) == 0 and openai_api.choice_seed(-3, 1) == -2
-    assert openai_api.choice_seed(-3, 2) == 0  # steps over -1
+    assert choice_seed(I64_MAX - 126, 127) == I64_MIN
+    assert choice_seed(-2, 1) == 0 and choice_seed(-3, 1) == -2
+    assert choice_seed(-3, 2) == 0  # steps over -1
 
 
 def test_seed_minus_one_means_unseeded_on_both() -> None:
