@@ -73,10 +73,15 @@ RegistryActor: Any = ray.remote(  # type: ignore[call-overload]
 
 def deploy(config: CoordinatorConfig, namespace: str = "meshd", timeout_s: float = 60.0
            ) -> tuple[Any, dict[str, Any]]:
-    """Create (or find) the registry actor and wait until it serves; returns (handle, info)."""
+    """Create (or find) the registry actor and the fleet ledger (`ledger_actor.py`, persisting
+    under the same state dir) and wait until both serve; returns (registry handle, info)."""
+    from meshd.coordinator import ledger_actor
+    from meshd.scheduler.admission.ledger import LedgerConfig
+
     handle = RegistryActor.options(
         name=REGISTRY_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
     ).remote(dataclasses.asdict(config))
+    ledger_actor.deploy(config.state_dir, LedgerConfig(), namespace, timeout_s)
     info = ray.get(handle.ready.remote(), timeout=timeout_s)
     return handle, info
 
@@ -89,7 +94,11 @@ def find(namespace: str = "meshd") -> Any | None:
 
 
 def stop(namespace: str = "meshd", timeout_s: float = 10.0) -> bool:
-    """Stop the registry cleanly and remove the actor; False when none was running."""
+    """Stop the registry and the ledger cleanly and remove them; False when no registry was
+    running."""
+    from meshd.coordinator import ledger_actor
+
+    ledger_actor.stop(namespace, timeout_s)
     handle = find(namespace)
     if handle is None:
         return False

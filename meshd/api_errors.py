@@ -17,14 +17,17 @@ import orjson
 
 class ApiError(Exception):
     """A client-visible error. `status` is the HTTP status; `param` names the offending field;
-    `retry_after` (seconds) becomes a Retry-After header where the server sends one."""
+    `retry_after` (seconds) becomes a Retry-After header where the server sends one, as do
+    `headers` (name, value) pairs (the gateway's `x-ratelimit-*` on a 429)."""
 
-    __slots__ = ("code", "err_type", "message", "param", "retry_after", "status")
+    __slots__ = ("code", "err_type", "headers", "message", "param", "retry_after", "status")
 
     def __init__(self, status: int, message: str, *, err_type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.err_type = err_type

@@ -45,8 +45,9 @@ class _GatewayActor:
 
         peers = (None if self.config.metrics_port else
                  _ray_peers(namespace, self.config, replica))
+        ledger = _ledger(namespace, self.config)
         self.thread, self.loop, self.runtime = run_in_thread(
-            lambda: GatewayRuntime(self.config, membership, snapshot, replica, peers))
+            lambda: GatewayRuntime(self.config, membership, snapshot, replica, peers, ledger))
         tune_gc()  # this process is one replica
         host = self.config.host  # bound to every address: siblings may be on other nodes
         self._metrics_host = (ray.util.get_node_ip_address() if connect_host(host) != host
@@ -102,6 +103,18 @@ class _GatewayActor:
             fut.result(timeout_s + 5)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _ledger(namespace: str, config: GatewayConfig) -> Any:
+    """The fleet ledger every replica shares (deployed with the coordinator), or None: then
+    each replica keeps its own and says so."""
+    from meshd.coordinator import ledger_actor
+
+    handle = ledger_actor.find(namespace)
+    if handle is None:
+        log.warning("no fleet ledger actor in namespace %r", namespace)
+        return None
+    return ledger_actor.RayLedgerClient(handle, config.governance.ledger.timeout_s)
 
 
 def _sibling_snapshot(namespace: str, replica: int, timeout_s: float = 5.0) -> bytes | None:

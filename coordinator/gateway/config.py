@@ -5,6 +5,7 @@
     [gateway.deadlines]  the request lifecycle's step deadlines and attempts (`serving/`)
     [gateway.limits]     caps on what a request may ask for, checked before any worker sees it
     [gateway.routing]    profiles, the P/D decider, load scraping (`workers/`, `scheduler/`)
+    [gateway.governance] tenants, budgets, prices, fair share, loop breaker (`governance/`)
 
 Each component reads its own section and nothing renames a field on the way. Plain data: no
 I/O, nothing heavy imported, so `meshd.config` composes it into the root config. Validation
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd.coordinator.gateway.governance.config import GovernanceConfig
 from meshd.scheduler.pd import PDConfig
 
 
@@ -200,6 +202,7 @@ class GatewayConfig:
     deadlines: Deadlines = field(default_factory=Deadlines)
     limits: Limits = field(default_factory=Limits)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    governance: GovernanceConfig = field(default_factory=GovernanceConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
+import os
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +26,9 @@ from typing import Any
 from meshd.capabilities import Member
 from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
 from meshd.coordinator.gateway.fleet import FleetMetrics, Peers
+from meshd.coordinator.gateway.governance.admission import Governor
+from meshd.coordinator.gateway.governance.reload import PolicyWatcher
+from meshd.coordinator.gateway.governance.usage import usage_report
 from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
@@ -30,6 +36,8 @@ from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
 from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
 from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.coordinator.gateway.workers.static import discover_static
+from meshd.coordinator.ledger_actor import InProcessLedgerClient, LedgerClient, LocalLedger
+from meshd.scheduler.admission.ledger import LedgerConfig
 from meshd.scheduler.pd import PDDecider
 from meshd.scheduler.prefix_index import IndexSnapshot, PrefixIndex
 from meshd.scheduler.profiles import build_selector
@@ -48,6 +56,16 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
+_RUNTIMES = itertools.count()
+
+
+def replica_id(replica: int | None) -> str:
+    """This replica's name at the fleet ledger: unique per runtime, so a restarted replica
+    never speaks for its predecessor (whose leases expire and are reconciled)."""
+    return (f"{socket.gethostname()}/{'-' if replica is None else replica}/{os.getpid()}."
+            f"{next(_RUNTIMES)}")
+
+
 def make_router(config: RoutingConfig, index: PrefixIndex) -> Router:
     """The router `[gateway.routing]` describes, over the replica's prefix index."""
     return Router(decode=build_selector(config.profile(config.decode), config.decode),
@@ -62,9 +80,17 @@ class GatewayRuntime:
     snapshot: bytes | None = None  # a sibling replica's prefix index to start from
     replica: int | None = None  # index in the fleet: own metrics port + fleet /metrics
     peers: Peers | None = None  # where the siblings' metrics ports are (default: port rule)
+    ledger: LedgerClient | None = None  # the fleet ledger (default: one in this process)
 
     def __post_init__(self) -> None:
         c = self.config
+        if self.ledger is None:
+            if c.replicas > 1 and self.replica is not None:
+                log.warning("no fleet ledger: limits hold per replica, not across the fleet")
+            self.ledger = InProcessLedgerClient(LocalLedger(
+                LedgerConfig(ttl_s=c.governance.ledger.lease_ttl_s)))
+        self.governor = Governor(c.governance, self.ledger, replica_id(self.replica),
+                                 c.limits.max_tokens)
         # A new replica starts from a sibling's index snapshot plus the event stream: each
         # worker's feed continues at the snapshot's next seq (replaying what came since).
         self.index = (PrefixIndex.restore(IndexSnapshot.from_bytes(self.snapshot))
@@ -76,7 +102,9 @@ class GatewayRuntime:
         self.metrics.watch_health(self.health)
         self.handler = MeshHandler(self.pool, make_router(c.routing, self.index),
                                    PromptBuilder(c.tokenizers, c.hash_seed), c.deadlines,
-                                   self.metrics, max_inflight=c.limits.max_inflight)
+                                   self.metrics, max_inflight=c.limits.max_inflight,
+                                   governor=self.governor)
+        self.governor.metrics.register(self.metrics.registry)
         self.handler.on_runs = self.health.observe_runs
         self.fleet = (None if self.replica is None else
                       FleetMetrics(c, self.replica, self.metrics.registry, self.peers))
@@ -84,8 +112,18 @@ class GatewayRuntime:
                                     models=self.handler.models,
                                     cache_health=self.health.to_json,
                                     workers=self.pool.routing_state,
-                                    fleet=self.fleet.exposition if self.fleet else None)
+                                    fleet=self.fleet.exposition if self.fleet else None,
+                                    usage=self._usage, governance=self.governor.describe)
+        self.server.set_keys(self.governor.policy.keys())
+        self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None
+
+    async def _usage(self, tenant: str | None, path: str) -> dict[str, Any]:
+        return await usage_report(self.governor, tenant, path)
+
+    def _apply_policy(self, policy: Any) -> None:
+        self.governor.apply(policy)
+        self.server.set_keys(policy.keys())
 
     async def refresh(self) -> None:
         members = await self.membership() if self.membership else []
@@ -101,8 +139,10 @@ class GatewayRuntime:
         await self.pool.start()
         if self.fleet is not None:
             await self.fleet.start()
+        await self.governor.keeper.start()
         await self.server.start()
         self._task = asyncio.get_running_loop().create_task(self._membership_loop())
+        self.policy.start()
 
     async def _membership_loop(self) -> None:
         while True:
@@ -117,7 +157,9 @@ class GatewayRuntime:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.policy.stop()
         await self.server.shutdown(timeout_s)
+        await self.governor.keeper.stop()  # reports the last usage, hands leases back
         if self.fleet is not None:
             await self.fleet.stop()
         await self.pool.close()

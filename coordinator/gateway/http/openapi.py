@@ -132,6 +132,16 @@ SPEC: dict[str, Any] = {
             "The replica's routing set: per worker its model, role, health, protocol (does it "
             "return token ids), queued prefill tokens (404 where the replica has no pool)",
             "application/json", {"type": "object", "required": ["workers"]})},
+        "/debug/governance": {"get": _get(
+            "This replica's admission state: outcomes per tenant, reservations outstanding, "
+            "the fair-share queue, the ledger link (404 where the replica has no governor)",
+            "application/json", {"type": "object", "required": ["tenants", "ledger"]})},
+        "/v1/meshd/usage": {"get": _get(
+            "Spend and tokens per tenant, model and UTC day, fleet-wide from the usage ledger, "
+            "with the current windows of each budget and rate limit. An admin tenant sees "
+            "every tenant (query `tenant` to pick one), any other tenant its own; query "
+            "`since` / `until` (YYYY-MM-DD, inclusive; default this month)",
+            "application/json", {"type": "object", "required": ["data", "totals", "limits"]})},
     },
 }
 

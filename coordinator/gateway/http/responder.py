@@ -90,7 +90,8 @@ class Responder:
 
     def send_error(self, err: ApiError) -> None:
         """The OpenAI error body with `err.status` (and Retry-After when set)."""
-        hdrs = () if err.retry_after is None else (("retry-after", f"{err.retry_after:g}"),)
+        hdrs = err.headers if err.retry_after is None else (
+            ("retry-after", f"{err.retry_after:g}"), *err.headers)
         self.send(err.status, err.body(), JSON, hdrs)
 
     async def start_stream(self, status: int = 200,

@@ -17,6 +17,8 @@ class Route(enum.Enum):
     OPENAPI = "openapi"
     CACHE_HEALTH = "cache_health"
     WORKERS = "workers"
+    USAGE = "usage"
+    GOVERNANCE = "governance"
 
 
 ROUTES: dict[bytes, dict[bytes, Route]] = {
@@ -28,10 +30,12 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/openapi.json": {b"GET": Route.OPENAPI},
     b"/debug/cache-health": {b"GET": Route.CACHE_HEALTH},
     b"/debug/workers": {b"GET": Route.WORKERS},
+    b"/v1/meshd/usage": {b"GET": Route.USAGE},
+    b"/debug/governance": {b"GET": Route.GOVERNANCE},
 }
 
 # Routes that need `Authorization: Bearer` when API keys are configured.
-AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MODELS})
+AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MODELS, Route.USAGE})
 
 
 def served() -> set[tuple[str, str]]:

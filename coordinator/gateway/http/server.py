@@ -7,7 +7,8 @@ checks route, method, API key, content type and size, decodes and validates the 
 `ApiRequest`, and runs `handler.handle(req, responder)` in a task (see `api_request.py` for the
 contract). Everything else (errors, /v1/models, /health, /metrics, /openapi.json) is answered
 inline, as is GET /debug/cache-health (the `cache_health` callable's JSON); with a `fleet`
-view, GET /metrics runs in a task (it asks the sibling replicas). Nothing is logged per
+view, GET /metrics runs in a task (it asks the sibling replicas), as does GET /v1/meshd/usage
+(the `usage` view asks the ledger). Nothing is logged per
 request; counters are in `stats` and on GET /metrics.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import hashlib
 import logging
 import os
 import re
@@ -45,6 +46,8 @@ _HEALTH_OK, _HEALTH_DRAIN = b'{"status":"ok"}', b'{"status":"draining"}'
 _PROM_CT = CONTENT_TYPE_LATEST.encode()
 # This replica's exposition in, the fleet's out (`gateway/fleet.py`); never raises, bounded.
 FleetView = Callable[[bytes], Awaitable[bytes]]
+# GET /v1/meshd/usage: (the caller's tenant or None without auth, the path with its query).
+UsageView = Callable[[str | None, str], Awaitable[dict[str, Any]]]
 
 
 class GatewayServer:
@@ -52,15 +55,17 @@ class GatewayServer:
     `registry` is exported on /metrics; the gateway's own counters are
     added to it. `fleet`, if given, turns /metrics into the fleet's view: it gets this
     registry's exposition and answers the merged one. `cache_health` answers
-    GET /debug/cache-health and `workers` GET /debug/workers (None: 404). Use from one
-    event loop."""
+    GET /debug/cache-health, `workers` GET /debug/workers, `governance` GET /debug/governance
+    and `usage` GET /v1/meshd/usage (None: 404). Use from one event loop."""
 
     def __init__(self, config: GatewayConfig, handler: Handler, *,
                  registry: CollectorRegistry | None = None,
                  models: Callable[[], Sequence[str]] | None = None,
                  cache_health: Callable[[], dict[str, Any]] | None = None,
                  workers: Callable[[], list[dict[str, Any]]] | None = None,
-                 fleet: FleetView | None = None) -> None:
+                 fleet: FleetView | None = None,
+                 usage: UsageView | None = None,
+                 governance: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.handler = handler
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -70,7 +75,10 @@ class GatewayServer:
         self._cache_health = cache_health
         self._workers = workers
         self._fleet = fleet
-        self._keys = [(t, k.encode()) for t, k in sorted(config.api_keys.items())]
+        self._usage = usage
+        self._governance = governance
+        self._keys: dict[bytes, str] = {}  # sha256(key) -> tenant
+        self.set_keys({})
         self.conns: set[HttpConnection] = set()
         self.now = time.monotonic()
         self.draining = False
@@ -82,6 +90,13 @@ class GatewayServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._rid_prefix = f"gw-{os.urandom(4).hex()}-"
         self._rid_n = 0
+
+    def set_keys(self, extra: dict[str, str]) -> None:
+        """The API keys: `gateway.api_keys` (tenant -> key) and `extra` (key -> tenant, the
+        governance policy's, replaced at every policy reload)."""
+        keys = {k: t for t, k in self.config.api_keys.items()}
+        keys.update(extra)
+        self._keys = {hashlib.sha256(k.encode()).digest(): t for k, t in keys.items()}
 
     # ---- lifecycle
     async def start(self) -> None:
@@ -176,6 +191,16 @@ class GatewayServer:
                 if self._workers is None:
                     raise errors.not_found("/debug/workers")
                 responder.send(200, orjson.dumps({"workers": self._workers()}))
+            elif route is Route.GOVERNANCE:
+                if self._governance is None:
+                    raise errors.not_found("/debug/governance")
+                responder.send(200, orjson.dumps(self._governance()))
+            elif route is Route.USAGE:
+                if self._usage is None:
+                    raise errors.not_found("/v1/meshd/usage")
+                path = p.path.decode("latin-1")
+                conn.start_task(self._usage_task(self._usage, tenant, path, responder),
+                                responder)
         except ApiError as e:
             responder.send_error(e)
 
@@ -199,16 +224,20 @@ class GatewayServer:
             conn.start_task(self._fleet_metrics(self._fleet, local, responder), responder)
 
     @staticmethod
+    async def _usage_task(usage: UsageView, tenant: str | None, path: str,
+                          responder: Responder) -> None:
+        responder.send(200, orjson.dumps(await usage(tenant, path)))
+
+    @staticmethod
     async def _fleet_metrics(fleet: FleetView, local: bytes, responder: Responder) -> None:
         responder.send(200, await fleet(local), _PROM_CT)
 
     def _authenticate(self, auth: bytes | None) -> str:
-        """Constant-time check of the bearer token against every key; returns the tenant."""
+        """The bearer token's tenant. Keys are looked up by their SHA-256, so the time taken
+        says nothing about how much of a key a guess got right, and is the same for one key
+        or ten thousand."""
         token = auth[7:] if auth is not None and auth[:7].lower() == b"bearer " else b""
-        found = None
-        for tenant, key in self._keys:
-            if hmac.compare_digest(token, key) and found is None:
-                found = tenant
+        found = self._keys.get(hashlib.sha256(token).digest())
         if found is None:
             raise errors.unauthorized()
         return found

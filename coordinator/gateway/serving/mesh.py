@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from meshd.coordinator.gateway.config import Deadlines
+from meshd.coordinator.gateway.governance.admission import Admitted, Governor
 from meshd.coordinator.gateway.http import errors
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
@@ -72,8 +73,10 @@ async def run_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
 class MeshHandler:
     def __init__(self, pool: WorkerPool, router: Router, prompts: PromptBuilder,
                  deadlines: Deadlines | None = None, metrics: MeshMetrics | None = None,
-                 clock: Any = time.monotonic, max_inflight: int = 1024) -> None:
+                 clock: Any = time.monotonic, max_inflight: int = 1024,
+                 governor: Governor | None = None) -> None:
         self.max_inflight = max_inflight
+        self.governor = governor
         self.inflight = 0
         self.pool = pool
         self.source = PoolSource(pool)
@@ -112,23 +115,48 @@ class MeshHandler:
                            err_type="not_found_error", code="model_not_found")
         if self.pool.passthrough(body.model) or (
                 isinstance(body, ChatRequest) and (body.tools or body.response_format)):
-            await passthrough(self.pool, self.deadlines, req, responder)
+            await self._passthrough(req, responder)
             return
         prompt = self.prompts.build(req, block_size)
+        adm = None if self.governor is None else await self.governor.admit(req, prompt.token_ids)
+        try:
+            await self._serve(req, responder, prompt.token_ids, prompt.block_hashes, adm)
+        finally:
+            if adm is not None and not adm.done:  # the client left, or a deadline: settle
+                adm.finish(0, 0)
+
+    async def _passthrough(self, req: ApiRequest, responder: Responder) -> None:
+        """Governed on an estimate: the worker tokenizes, so the prompt is ~4 bytes a token
+        and the reservation is settled as made."""
+        if self.governor is None:
+            await passthrough(self.pool, self.deadlines, req, responder)
+            return
+        adm = await self.governor.admit(req, None, approx_prompt=len(req.raw) // 4)
+        try:
+            await passthrough(self.pool, self.deadlines, req, responder)
+        finally:
+            adm.finish(adm.completion, 0)
+
+    async def _serve(self, req: ApiRequest, responder: Responder, prompt_ids: tuple[int, ...],
+                     block_hashes: Any, adm: Admitted | None) -> None:
+        body = req.body
+        max_tokens = body.sampling.max_tokens or (adm.max_tokens if adm else None)
         view = RequestView(request_id=req.request_id, model=body.model,
-                           num_prompt_tokens=len(prompt.token_ids),
-                           block_hashes=prompt.block_hashes,
-                           max_tokens=body.sampling.max_tokens or 16)
+                           num_prompt_tokens=len(prompt_ids), block_hashes=block_hashes,
+                           max_tokens=max_tokens or 16)
         start = self.clock()
-        runs = self._runs(req, view, prompt.token_ids, start)
+        runs = self._runs(req, view, prompt_ids, start, max_tokens)
         timing = self.metrics.request(start)
         shaper = Shaper(req, vocab=self._vocab(body.model))
+        headers = adm.headers if adm is not None else ()
         try:
             if body.stream:
-                await self._stream(runs, shaper, responder, req, timing, len(prompt.token_ids))
+                await self._stream(runs, shaper, responder, req, timing, len(prompt_ids),
+                                   headers)
             else:
                 outputs = await run_all([r.run(timing.emit) for r in runs])
-                responder.send(200, shaper.body(outputs, usage(len(prompt.token_ids), outputs)))
+                responder.send(200, shaper.body(outputs, usage(len(prompt_ids), outputs)),
+                               headers=headers)
             timing.done("ok")
         except ApiError as e:
             timing.done("timeout" if e.status == 504 else "error")
@@ -140,6 +168,8 @@ class MeshHandler:
             self.metrics.observe_runs(runs)
             if self.on_runs is not None:
                 self.on_runs(runs)
+            if adm is not None:
+                settle(adm, runs)
 
     def _vocab(self, model: str) -> TokenVocab:
         vocab = self._vocabs.get(model)
@@ -149,7 +179,7 @@ class MeshHandler:
         return vocab
 
     def _runs(self, req: ApiRequest, view: RequestView, prompt: tuple[int, ...],
-              start: float) -> list[ChoiceRun]:
+              start: float, max_tokens: int | None) -> list[ChoiceRun]:
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
@@ -158,7 +188,7 @@ class MeshHandler:
         for i in range(s.n):
             wb = worker_body if s.seed is None else {**worker_body,
                                                      "seed": choice_seed(s.seed, i)}
-            spec = ChoiceSpec(req.request_id, i, view, prompt, wb, s.max_tokens, s.stop, decode)
+            spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs
@@ -188,19 +218,30 @@ class MeshHandler:
         return out
 
     async def _stream(self, runs: list[ChoiceRun], shaper: Shaper, responder: Responder,
-                      req: ApiRequest, timing: Any, prompt_tokens: int) -> None:
+                      req: ApiRequest, timing: Any, prompt_tokens: int,
+                      headers: Sequence[tuple[str, str]]) -> None:
         def emitter(i: int) -> Callable[[list[Delta]], Coroutine[Any, Any, None]]:
             async def emit(deltas: list[Delta]) -> None:  # one write per worker read burst
                 timing.burst(deltas)
                 if not responder.started:
-                    await responder.start_stream()
+                    await responder.start_stream(headers=headers)
                 await responder.send_events([shaper.chunk(i, d) for d in deltas])
             return emit
 
         outputs: list[ChoiceOutput] = await run_all(
             [r.run(emitter(i)) for i, r in enumerate(runs)])
         if not responder.started:
-            await responder.start_stream()
+            await responder.start_stream(headers=headers)
         if req.body.include_usage:
             await responder.send_event(shaper.usage_chunk(usage(prompt_tokens, outputs)))
         await responder.end_stream()
+
+
+def settle(adm: Admitted, runs: Sequence[ChoiceRun]) -> None:
+    """What the request's choices produced, however they ended, settles its reservation."""
+    completion = cached = 0
+    for r in runs:
+        completion += len(r.out.token_ids)
+        cached = max(cached, r.out.cached_tokens)
+    first = runs[0].out.token_ids if runs else ()
+    adm.finish(completion, cached, hash(tuple(first)) if first else None)

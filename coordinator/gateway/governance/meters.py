@@ -1,0 +1,146 @@
+"""Which ledger meters a tenant's request touches, and how many units of each.
+
+`MeterSet.parts(...)` is the reservation of one request: the tenant's limits (requests, tokens
+per minute, concurrency, daily and monthly tokens and spend) and the fleet's (tokens per
+window, spend per hour), each a `LocalMeter` of the replica's `LeaseBook` keyed by its window
+(`rpm/acme/29634127`, `dusd/acme/2026-12-02`), with the units this request needs. Windows are
+wall time, the same on every replica; keys of the current windows are cached and rebuilt when
+a window turns over, so the hot path is a few comparisons and list appends.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from meshd.coordinator.gateway.governance.config import FleetPolicy, TenantPolicy
+from meshd.scheduler.admission.leases import LeaseBook, LocalMeter
+from meshd.scheduler.admission.ledger import Kind
+
+USD = 1_000_000_000  # nano-USD per USD
+
+
+class Use(NamedTuple):
+    """What a request needs (reservation) or used (settlement)."""
+
+    prompt: int
+    completion: int
+    cost: int  # nano-USD
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One meter a request touches: what it counts and how it refuses."""
+
+    name: str  # rpm, tpm, ..., the rule named in a refusal
+    kind: Kind
+    quota: bool  # refused as insufficient_quota (a budget) rather than rate_limit_exceeded
+    tokens: bool  # x-ratelimit-*-tokens rather than -requests
+
+
+def _units(name: str, use: Use) -> int:
+    if name in ("rpm", "max_concurrent"):
+        return 1
+    if name == "input_tpm":
+        return use.prompt
+    if name == "output_tpm":
+        return use.completion
+    if name in ("daily_budget_usd", "monthly_budget_usd", "fleet_spend_per_hour"):
+        return use.cost
+    return use.prompt + use.completion
+
+
+_LIMITS = {
+    "rpm": Limit("rpm", Kind.COUNTER, False, False),
+    "tpm": Limit("tpm", Kind.COUNTER, False, True),
+    "input_tpm": Limit("input_tpm", Kind.COUNTER, False, True),
+    "output_tpm": Limit("output_tpm", Kind.COUNTER, False, True),
+    "max_concurrent": Limit("max_concurrent", Kind.GAUGE, False, False),
+    "daily_tokens": Limit("daily_tokens", Kind.COUNTER, True, True),
+    "monthly_tokens": Limit("monthly_tokens", Kind.COUNTER, True, True),
+    "daily_budget_usd": Limit("daily_budget_usd", Kind.COUNTER, True, False),
+    "monthly_budget_usd": Limit("monthly_budget_usd", Kind.COUNTER, True, False),
+    "fleet_tokens_per_s": Limit("fleet_tokens_per_s", Kind.COUNTER, False, True),
+    "fleet_spend_per_hour": Limit("fleet_spend_per_hour", Kind.COUNTER, True, False),
+}
+
+
+class Bound(NamedTuple):
+    limit: Limit
+    meter: LocalMeter
+
+
+def _day_end(wall: float) -> tuple[str, float]:
+    t = time.gmtime(wall)
+    start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}", float(start + 86400)
+
+
+def _month_end(wall: float) -> tuple[str, float]:
+    t = time.gmtime(wall)
+    y, m = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}", float(calendar.timegm((y, m, 1, 0, 0, 0)))
+
+
+class MeterSet:
+    """The meters of one tenant (or of the fleet when `tenant` is None) for the current
+    windows. `refresh(wall)` is cheap when no window turned over."""
+
+    def __init__(self, book: LeaseBook, tenant: str | None, policy: TenantPolicy | None,
+                 fleet: FleetPolicy | None, priced: bool) -> None:
+        self.book, self.tenant = book, tenant
+        self.specs: list[tuple[Limit, int, str, float]] = []  # limit, value, period, length
+        if policy is not None:
+            for name, period, scale in (("rpm", "m", 1), ("tpm", "m", 1),
+                                        ("input_tpm", "m", 1), ("output_tpm", "m", 1),
+                                        ("max_concurrent", "", 1), ("daily_tokens", "d", 1),
+                                        ("monthly_tokens", "mo", 1),
+                                        ("daily_budget_usd", "d", USD),
+                                        ("monthly_budget_usd", "mo", USD)):
+                value = getattr(policy, name)
+                if value and (priced or scale == 1):
+                    self.specs.append((_LIMITS[name], round(value * scale), period, 60.0))
+        if fleet is not None:
+            if fleet.tokens_per_s:
+                self.specs.append((_LIMITS["fleet_tokens_per_s"],
+                                   round(fleet.tokens_per_s * fleet.window_s), "w",
+                                   fleet.window_s))
+            if fleet.spend_per_hour_usd and priced:
+                self.specs.append((_LIMITS["fleet_spend_per_hour"],
+                                   round(fleet.spend_per_hour_usd * USD), "w", 3600.0))
+        self.bound: list[Bound] = []
+        self._until = 0.0  # wall time the cached windows end
+
+    def refresh(self, wall: float) -> list[Bound]:
+        if wall < self._until:
+            return self.bound
+        until = float("inf")
+        bound = []
+        who = self.tenant if self.tenant is not None else "fleet"
+        for limit, value, period, length in self.specs:
+            if period == "":
+                key, end = f"{limit.name}/{who}", 0.0
+            elif period in ("m", "w"):
+                idx = int(wall // length)
+                key, end = f"{limit.name}/{who}/{idx}", (idx + 1) * length
+            elif period == "d":
+                day, end = _day_end(wall)
+                key = f"{limit.name}/{who}/{day}"
+            else:
+                month, end = _month_end(wall)
+                key = f"{limit.name}/{who}/{month}"
+            if end:
+                until = min(until, end)
+            bound.append(Bound(limit, self.book.meter(key, limit.kind, value, end)))
+        self.bound, self._until = bound, until
+        return bound
+
+
+def parts(bound: list[Bound], use: Use) -> list[tuple[LocalMeter, int]]:
+    return [(b.meter, _units(b.limit.name, use)) for b in bound]
+
+
+def actuals(bound: list[Bound], use: Use) -> list[int]:
+    return [_units(b.limit.name, use) for b in bound]

@@ -1,0 +1,117 @@
+"""Governance figures on /metrics, per tenant with bounded label cardinality.
+
+A tenant is a label only when the policy names it (or it is the default tenant); every other
+tenant is counted as "other", so a flood of unknown tenants cannot grow the exposition. Plain
+numbers mutated from the replica's event loop, exported at scrape time (like
+`serving/loop_metrics.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshd.coordinator.gateway.serving.loop_metrics import LoopHistogram
+
+if TYPE_CHECKING:
+    from meshd.coordinator.gateway.governance.admission import Governor
+
+_WAIT = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GovernanceMetrics:
+    def __init__(self, gov: Governor) -> None:
+        self.gov = gov
+        self.known: frozenset[str] = frozenset()
+        self.outcomes: dict[tuple[str, str], int] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+        self.spend: dict[str, int] = {}
+        self.loops: dict[tuple[str, str, str], int] = {}
+        self.fail_open = 0
+        self.reload_errors = 0
+        self.queue_wait = LoopHistogram("meshd_fair_queue_wait_seconds",
+                                        "Time requests waited in the fair-share queue.", _WAIT)
+
+    def label(self, tenant: str) -> str:
+        return tenant if tenant in self.known else "other"
+
+    @staticmethod
+    def _inc(d: dict[Any, int], key: Any, n: int = 1) -> None:
+        d[key] = d.get(key, 0) + n
+
+    def admitted(self, tenant: str) -> None:
+        self._inc(self.outcomes, (self.label(tenant), "admitted"))
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self._inc(self.outcomes, (self.label(tenant), reason))
+
+    def used(self, tenant: str, prompt: int, cached: int, completion: int, cost: int) -> None:
+        t = self.label(tenant)
+        self._inc(self.tokens, (t, "prompt"), prompt)
+        self._inc(self.tokens, (t, "cached"), cached)
+        self._inc(self.tokens, (t, "completion"), completion)
+        self._inc(self.spend, t, cost)
+
+    def loop(self, tenant: str, rule: str, action: str) -> None:
+        self._inc(self.loops, (self.label(tenant), rule, action))
+
+    def register(self, registry: CollectorRegistry) -> None:
+        registry.register(_Collector(self))
+
+
+class _Collector(Collector):
+    def __init__(self, m: GovernanceMetrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        m, gov = self.m, self.m.gov
+        adm = CounterMetricFamily("meshd_admission", "Admission decisions by tenant and "
+                                  "outcome (admitted, or the rule that refused).",
+                                  labels=["tenant", "outcome"])
+        for (t, o), v in sorted(m.outcomes.items()):
+            adm.add_metric([t, o], v)
+        yield adm
+        tok = CounterMetricFamily("meshd_tenant_tokens", "Tokens used by tenant (prompt, of "
+                                  "which cached, completion).", labels=["tenant", "kind"])
+        for (t, k), v in sorted(m.tokens.items()):
+            tok.add_metric([t, k], v)
+        yield tok
+        usd = CounterMetricFamily("meshd_tenant_spend_usd", "Spend by tenant at the price "
+                                  "table, in USD.", labels=["tenant"])
+        for t, v in sorted(m.spend.items()):
+            usd.add_metric([t], v / 1e9)
+        yield usd
+        loops = CounterMetricFamily("meshd_loop_detections", "Runaway-loop detections by "
+                                    "tenant, rule and action.",
+                                    labels=["tenant", "rule", "action"])
+        for (t, r, a), v in sorted(m.loops.items()):
+            loops.add_metric([t, r, a], v)
+        yield loops
+        yield GaugeMetricFamily("meshd_reservations_outstanding", "Admitted requests whose "
+                                "reservation is not settled yet.", value=gov.outstanding)
+        yield GaugeMetricFamily("meshd_reserved_units", "Units reserved on this replica's "
+                                "leases by running requests (all meters).",
+                                value=gov.book.inflight())
+        yield GaugeMetricFamily("meshd_fair_queue_depth", "Requests waiting in the fair-share "
+                                "queue.", value=gov.fair.depth())
+        yield GaugeMetricFamily("meshd_fair_active", "Requests holding a fair-share slot.",
+                                value=gov.fair.active)
+        syncs = CounterMetricFamily("meshd_ledger_syncs", "Syncs with the fleet ledger.",
+                                    labels=["result"])
+        syncs.add_metric(["ok"], gov.keeper.syncs)
+        syncs.add_metric(["failed"], gov.keeper.failures)
+        yield syncs
+        yield GaugeMetricFamily("meshd_ledger_leases_valid", "1 while this replica's ledger "
+                                "leases are usable.", value=float(gov.book.valid(gov.clock())))
+        yield CounterMetricFamily("meshd_ledger_resets", "Times the ledger expired this "
+                                  "replica's leases.", value=gov.book.resets)
+        yield CounterMetricFamily("meshd_admission_fail_open", "Requests served without a "
+                                  "lease while the ledger was unreachable (fail_mode open).",
+                                  value=m.fail_open)
+        yield CounterMetricFamily("meshd_governance_reload_errors", "Policy reloads refused "
+                                  "(the policy in force was kept).", value=m.reload_errors)
+        yield m.queue_wait.family()
