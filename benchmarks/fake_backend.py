@@ -1,6 +1,6 @@
 """A fast fake OpenAI-compatible worker (uvloop + httptools) for gateway tests and benchmarks.
 
-`python benchmarks/fake_backend.py --port 9000 [--chunks 8]` serves:
+`python benchmarks/fake_backend.py --port 9000 [--chunks 8] [--capacity 0]` serves:
 - POST /v1/chat/completions, /v1/completions: a fixed small JSON completion, or with
   `"stream": true` an SSE stream of `--chunks` token chunks (+ a usage chunk when
   `stream_options.include_usage`) and `data: [DONE]`.
@@ -11,6 +11,8 @@ Test knobs, read from the request body (unknown fields that a gateway passes thr
 `fake_delay` (seconds between stream chunks), `fake_chunks` (override), `fake_status` (answer
 that HTTP status with an OpenAI error body). `FakeBackend.stats["aborted"]` counts streams whose
 client connection closed before the stream ended: that is how tests see a cancellation arrive.
+`FakeBackend(capacity=K)` is a saturated worker: at most K streams produce chunks at once, the
+rest wait FIFO before their first chunk (`queued` now, `stats["queued_peak"]` at most).
 """
 
 from __future__ import annotations
@@ -64,12 +66,18 @@ def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = Fal
 class FakeBackend:
     """Server state shared by all connections (counters readable from other threads)."""
 
-    def __init__(self, chunks: int = 8, token_ids: bool = True) -> None:
-        """`token_ids=False`: a worker that ignores `return_token_ids` (older vLLM)."""
+    def __init__(self, chunks: int = 8, token_ids: bool = True, capacity: int = 0) -> None:
+        """`token_ids=False`: a worker that ignores `return_token_ids` (older vLLM).
+        `capacity`: streams served at once (0: unlimited); the rest queue FIFO."""
+        if capacity < 0:
+            raise ValueError(f"capacity: must be >= 0, got {capacity}")
         self.chunks = chunks
         self.token_ids = token_ids
+        self.capacity = capacity
+        self.queued = 0  # streams waiting for a slot now
+        self._slots: asyncio.Semaphore | None = None  # made on the serving loop
         self.stats: dict[str, int] = {"requests": 0, "streams": 0, "aborted": 0,
-                                      "completed_streams": 0}
+                                      "completed_streams": 0, "queued_peak": 0}
         self.last_body: dict[str, Any] = {}
         self.last_request_id = b""
         self._cache: dict[tuple[bool, str, bool], bytes] = {}
@@ -148,10 +156,34 @@ class _Conn(asyncio.Protocol):
                                           "param": None, "code": None}})
             t.write(b"HTTP/1.1 %d Err\r\n" % status + _JSON_HEAD % (len(err), conn) + err)
         elif req.get("stream"):
-            asyncio.get_running_loop().create_task(self._stream(req, chat, model, conn))
+            stream = (self._limited(req, chat, model, conn) if be.capacity
+                      else self._stream(req, chat, model, conn))
+            asyncio.get_running_loop().create_task(stream)
         else:
             body = be.body_for(chat, model, bool(req.get("return_token_ids")) and be.token_ids)
             t.write(_OK + _JSON_HEAD % (len(body), conn) + body)
+
+    async def _limited(self, req: dict[str, Any], chat: bool, model: str, conn: bytes) -> None:
+        """`_stream` once one of the backend's `capacity` slots is free (FIFO)."""
+        be = self.be
+        if be._slots is None:
+            be._slots = asyncio.Semaphore(be.capacity)
+        slots = be._slots
+        self.streaming = True  # a client that leaves while queued counts as aborted
+        if slots.locked():
+            be.queued += 1
+            be.stats["queued_peak"] = max(be.stats["queued_peak"], be.queued)
+            try:
+                await slots.acquire()
+            finally:
+                be.queued -= 1
+        else:
+            await slots.acquire()
+        try:
+            if not self.closed:
+                await self._stream(req, chat, model, conn)
+        finally:
+            slots.release()
 
     async def _stream(self, req: dict[str, Any], chat: bool, model: str, conn: bytes) -> None:
         t, be = self.transport, self.be
@@ -181,8 +213,8 @@ class _Conn(asyncio.Protocol):
         t.write(b"".join(out))
 
 
-async def _main(port: int, chunks: int) -> None:
-    be = FakeBackend(chunks)
+async def _main(port: int, chunks: int, capacity: int = 0) -> None:
+    be = FakeBackend(chunks, capacity=capacity)
     actual = await be.start(port=port)
     print(f"fake backend on 127.0.0.1:{actual}", flush=True)
     await asyncio.Event().wait()
@@ -192,7 +224,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--capacity", type=int, default=0, help="streams at once (0: unlimited)")
     a = ap.parse_args()
     import uvloop
 
-    uvloop.run(_main(a.port, a.chunks))
+    uvloop.run(_main(a.port, a.chunks, a.capacity))

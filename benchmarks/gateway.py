@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/gateway.py [--duration 3] [--rounds 2]
 
 One fake OpenAI worker (benchmarks/fake_backend.py, own process) serves everything. Targets:
-the worker direct, meshd with 1 and 2 replicas (SO_REUSEPORT, one port), sglang-router
+the worker direct, meshd with 1 and 2 replicas (SO_REUSEPORT, one port), the mesh path with 2
+replicas (`meshd-mesh-2`) and the same with a tenant policy checking every limit
+(`meshd-mesh-gov-2`, `GOVERNANCE` below; `--skip gov` leaves it out), sglang-router
 (Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
 for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
 rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
@@ -38,6 +40,31 @@ TICK = os.sysconf("SC_CLK_TCK")
 KEY = "sk-meshd-bench-6f1d2c3b4a5e6f708192a3b4c5d6e7f8"  # LiteLLM refuses to start without one
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": 16}
+
+
+# Every limit a tenant can have, set high enough never to refuse: what admission costs when
+# it checks them all (mesh path; each replica keeps its own in-process ledger here).
+GOVERNANCE = """[gateway.governance.tenants.bench]
+rpm = 100000000
+tpm = 1000000000
+input_tpm = 1000000000
+output_tpm = 1000000000
+max_concurrent = 100000
+max_tokens = 4096
+daily_tokens = 100000000000
+monthly_tokens = 1000000000000
+daily_budget_usd = 1000000.0
+monthly_budget_usd = 10000000.0
+[gateway.governance.prices.fake]
+input = 0.5
+cached_input = 0.05
+output = 1.5
+[gateway.governance.fleet]
+tokens_per_s = 100000000
+spend_per_hour_usd = 1000000.0
+[gateway.governance.fair]
+max_active = 4096
+"""
 
 
 def free_port() -> int:
@@ -145,6 +172,16 @@ def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
             t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
                                   "--port", str(t.port), "--backend",
                                   f"http://127.0.0.1:{backend}"], logs / f"mesh-{i}.log"))
+        targets.append(t)
+    if "mesh" not in skip and "gov" not in skip:  # the same with a tenant policy in force
+        t = Target("meshd-mesh-gov-2", free_port())
+        policy = logs / "governance.toml"
+        policy.write_text(GOVERNANCE)
+        for i in range(2):
+            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
+                                  "--port", str(t.port), "--backend",
+                                  f"http://127.0.0.1:{backend}", "--config", str(policy),
+                                  "--api-key", f"bench={KEY}"], logs / f"mesh-gov-{i}.log"))
         targets.append(t)
     if "sglang" not in skip:
         t = Target("sglang-router", free_port())

@@ -6,11 +6,14 @@ Each stage of the gateway's mesh path runs on its own, on the request `benchmark
 sends (a short chat, `max_tokens` 16): JSON decode + OpenAI validation, chat template +
 tokenization + block hashes (`PromptBuilder`), routing (`Router.decide` over two workers),
 the choice run (lifecycle + a decode stream of `--chunks` chunks from an in-memory
-`WorkerSource`, each chunk JSON-decoded and forwarded), and reshaping into the client's
-body. Reported: CPU µs per request per stage (`time.process_time`, median of 5 rounds) and
-their sum; the rest of a request's CPU in `benchmarks/gateway.py` (HTTP parsing and writing
-on both sides, the event loop, syscalls) is that figure minus this sum. Writes
-benchmarks/results/mesh_path.json. Measures; asserts nothing.
+`WorkerSource`, each chunk JSON-decoded and forwarded), reshaping into the client's
+body, and admission with a tenant policy checking every limit (`Governor.admit` + settlement:
+loop breaker, reservation on 11 meters from local leases, fair-share slot), with the number of
+ledger syncs a request had to wait for. Reported: CPU µs per request per stage
+(`time.process_time`, median of 5 rounds) and their sum; the rest of a request's CPU in
+`benchmarks/gateway.py` (HTTP parsing and writing on both sides, the event loop, syscalls) is
+that figure minus this sum. Writes benchmarks/results/mesh_path.json. Measures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ import orjson
 import uvloop
 
 from meshd.coordinator.gateway.config import Deadlines, Limits
+from meshd.coordinator.gateway.governance.admission import Governor
 from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint
 from meshd.coordinator.gateway.http.openai_api import parse_chat
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
@@ -138,6 +144,19 @@ def measure(n: int, chunks: int) -> dict[str, float]:
         return (time.process_time() - t0) / k * 1e6
 
     out = loop.run_until_complete(choices(1))
+    gov, gov_req = make_governor(lim)
+
+    async def admissions(k: int) -> None:
+        for _ in range(k):
+            adm = await gov.admit(gov_req, prompt.token_ids)
+            adm.finish(16, 0, 7)
+
+    def run_admissions(k: int) -> float:
+        t0 = time.process_time()
+        loop.run_until_complete(admissions(k))
+        return (time.process_time() - t0) / k * 1e6
+
+    run_admissions(10)  # the first reservation fetches the leases
     stages = {
         "decode + validate": timed(request, n),
         "template + tokenize + hash": timed(lambda: prompts.build(req, 16), n),
@@ -145,10 +164,34 @@ def measure(n: int, chunks: int) -> dict[str, float]:
         f"choice run ({chunks} chunks)": statistics.median(run_choices(n) for _ in range(5)),
         "reshape": timed(lambda: Shaper(req).body([out], usage(len(prompt.token_ids), [out])),
                          n),
+        "admission (tenant policy)": statistics.median(run_admissions(n) for _ in range(5)),
     }
+    urgent = gov.keeper.syncs
     loop.close()
     stages["sum"] = sum(stages.values())
+    stages["ledger syncs on the request path"] = urgent
     return stages
+
+
+def make_governor(lim: Limits) -> tuple[Governor, ApiRequest]:
+    """A governor whose tenant has every limit (high enough never to refuse: the policy of
+    `benchmarks/gateway.py`'s meshd-mesh-gov-2), over an in-process ledger, and the bench
+    request as that tenant's. No background sync runs: every sync counted is one a request
+    waited for."""
+    from meshd.config import build
+    from meshd.coordinator.gateway.governance.admission import Governor
+    from meshd.coordinator.gateway.governance.config import GovernanceConfig
+    from meshd.coordinator.ledger_actor import InProcessLedgerClient, LocalLedger
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gateway import GOVERNANCE
+
+    tables = tomllib.loads(GOVERNANCE)["gateway"]["governance"]
+    gov = Governor(build(GovernanceConfig, tables, "gateway.governance."),
+                   InProcessLedgerClient(LocalLedger()), "bench/0", lim.max_tokens)
+    obj = orjson.loads(BODY)
+    req = ApiRequest(Endpoint.CHAT, "rid-1", parse_chat(obj, lim), obj, BODY, "bench", 0.0)
+    return gov, req
 
 
 def main() -> None:
@@ -160,7 +203,7 @@ def main() -> None:
     print(f"{'stage':34} {'CPU µs/req':>10}")
     print("-" * 45)
     for name, us in stages.items():
-        print(f"{name:34} {us:10.1f}")
+        print(f"{name:34} {us:10.1f}" if "syncs" not in name else f"{name:34} {us:10.0f}")
     out = ROOT / "benchmarks" / "results" / "mesh_path.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"requests": a.requests, "chunks": a.chunks,

@@ -54,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    usage = sub.add_parser("usage", help="tenants' tokens, spend and limits, from the gateway",
+                           description="Requests, tokens and spend per tenant and model over a "
+                           "range of UTC days, and the current limits, from the gateway at "
+                           "gateway.host:gateway.port. An admin tenant's key sees every tenant, "
+                           "any other key its own.")
+    usage.add_argument("--tenant", help="only this tenant (another tenant's needs an admin key)")
+    usage.add_argument("--since", metavar="YYYY-MM-DD",
+                       help="first UTC day (default: the 1st of this month)")
+    usage.add_argument("--until", metavar="YYYY-MM-DD",
+                       help="last UTC day, inclusive (default: today)")
+    usage.add_argument("--api-key", metavar="KEY",
+                       help=f"the gateway API key (default: ${env.API_KEY_VAR})")
+    usage.add_argument("--json", action="store_true", help="print the gateway's JSON as it is")
+
     ident = sub.add_parser("identity", help="this host's node identity")
     isub = ident.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = isub.add_parser("show", help="print node id and public key (creates the key)")

@@ -14,12 +14,21 @@ from typing import Any
 PREFIX = "MESHD_"
 # Variables that are not config fields.
 CONFIG_FILE_VAR = "MESHD_CONFIG"
+API_KEY_VAR = "MESHD_API_KEY"
+_NOT_CONFIG = (CONFIG_FILE_VAR, API_KEY_VAR)
 
 
 def config_file(environ: Mapping[str, str] | None = None) -> str | None:
     """Path of the config file named by `MESHD_CONFIG`, if any."""
     env = os.environ if environ is None else environ
     return env.get(CONFIG_FILE_VAR) or None
+
+
+def api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """The gateway API key a client command (`meshd usage`) sends, from `MESHD_API_KEY`
+    (None when unset or empty)."""
+    env = os.environ if environ is None else environ
+    return env.get(API_KEY_VAR) or None
 
 
 def var_name(section: str, path: str) -> str:
@@ -53,7 +62,7 @@ def unknown(sections: Mapping[str, tuple[str, ...]],
     """`MESHD_*` variables that match no config field (typos an operator should hear about)."""
     env = os.environ if environ is None else environ
     known = {var_name(s, f) for s, fs in sections.items() for f in fs}
-    known.add(CONFIG_FILE_VAR)
+    known.update(_NOT_CONFIG)
     return sorted(v for v in env if v.startswith(PREFIX) and v not in known)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 
 from meshd.coordinator.gateway.config import GatewayConfig
@@ -27,12 +28,20 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--api-key", action="append", default=[], help="tenant=key")
     ap.add_argument("--max-connections", type=int, default=512, help="per backend")
     ap.add_argument("--mesh", action="store_true", help="the mesh handler, not the proxy")
+    ap.add_argument("--config", help="a meshd TOML file: its [gateway] tables (governance, "
+                    "routing, limits...) under the flags above")
     return ap.parse_args(argv)
 
 
 def _config(ns: argparse.Namespace) -> GatewayConfig:
-    return GatewayConfig(host=ns.host, port=ns.port, static_workers=tuple(ns.backend),
-                         api_keys=dict(s.split("=", 1) for s in ns.api_key))
+    base = GatewayConfig()
+    if ns.config:
+        from meshd.config import load
+
+        base = load(ns.config, environ={}).gateway
+    keys = {**base.api_keys, **dict(s.split("=", 1) for s in ns.api_key)}
+    return dataclasses.replace(base, host=ns.host, port=ns.port,
+                               static_workers=tuple(ns.backend), api_keys=keys)
 
 
 async def _until_signalled() -> None:

@@ -90,7 +90,7 @@ class GatewayRuntime:
             self.ledger = InProcessLedgerClient(LocalLedger(
                 LedgerConfig(ttl_s=c.governance.ledger.lease_ttl_s)))
         self.governor = Governor(c.governance, self.ledger, replica_id(self.replica),
-                                 c.limits.max_tokens)
+                                 c.limits.max_tokens, keyed=c.api_keys)
         # A new replica starts from a sibling's index snapshot plus the event stream: each
         # worker's feed continues at the snapshot's next seq (replaying what came since).
         self.index = (PrefixIndex.restore(IndexSnapshot.from_bytes(self.snapshot))

@@ -1,5 +1,7 @@
-"""`meshd status`: the coordinator's node table, fetched with a signed admin request, then the
-gateway's cache-routing health (`GET /debug/cache-health` on `cfg.gateway`, 2 s timeout)."""
+"""`meshd status`: the coordinator's node table, fetched with a signed admin request, then what
+the gateway on `cfg.gateway` reports (2 s timeout each): its routing set (`GET /debug/workers`),
+cache-routing health (`GET /debug/cache-health`) and tenant admission (`GET /debug/governance`).
+A gateway that does not answer is one line per section, never an error."""
 
 from __future__ import annotations
 
@@ -7,13 +9,11 @@ import argparse
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from meshd.commands import CommandError
+from meshd.commands import CommandError, gateway_get
 from meshd.config import MeshConfig
 from meshd.coordinator.actors import ADMIN_KEY_FILE
 from meshd.node_agent import identity
@@ -44,23 +44,18 @@ def table(reply: pb.StatusReply) -> str:
     return "\n".join(rows)
 
 
-def fetch_gateway(host: str, port: int, path: str, timeout_s: float = 2.0
+def fetch_gateway(host: str, port: int, path: str, timeout_s: float = 2.0,
+                  holds: tuple[str, type] = ("workers", list)
                   ) -> tuple[str, dict[str, Any] | None, str]:
     """(gateway address, its JSON answer to GET `path` or None, why not); the answer must
-    hold a `workers` list. Never raises for a down gateway."""
-    if host in ("", "0.0.0.0", "::"):
-        host = "127.0.0.1"
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=timeout_s) as r:
-            report = json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return address, None, f"HTTP {e.code}"
-    except (OSError, ValueError) as e:  # URLError, refused, timeout, bad JSON
-        return address, None, str(getattr(e, "reason", e))
-    if not isinstance(report, dict) or not isinstance(report.get("workers"), list):
-        return address, None, "unexpected answer"
-    return address, report, ""
+    hold `holds` (a key and the type of its value). Never raises for a down gateway."""
+    reply = gateway_get(host, port, path, timeout_s=timeout_s)
+    if reply.why:
+        return reply.address, None, reply.why
+    key, kind = holds
+    if not isinstance(reply.body, dict) or not isinstance(reply.body.get(key), kind):
+        return reply.address, None, "unexpected answer"
+    return reply.address, reply.body, ""
 
 
 def fetch_cache_health(host: str, port: int, timeout_s: float = 2.0
@@ -111,6 +106,48 @@ def cache_section(address: str, report: dict[str, Any] | None, why: str) -> str:
     return "\n".join(rows)
 
 
+def fetch_governance(host: str, port: int, timeout_s: float = 2.0
+                     ) -> tuple[str, dict[str, Any] | None, str]:
+    return fetch_gateway(host, port, "/debug/governance", timeout_s, ("tenants", dict))
+
+
+def governance_section(address: str, report: dict[str, Any] | None, why: str) -> str:
+    """The gateway replica's admission: per tenant what it admitted and refused (by the rule
+    that refused), reservations not yet settled, the fair-share queue, its ledger link."""
+    if report is None:
+        return f"governance: gateway {address} unreachable ({why})"
+    tenants: dict[str, dict[str, int]] = report["tenants"]
+    width = max([len("TENANT"), *(len(t) for t in tenants)])
+    rows = [f"governance (gateway {address}):",
+            f"  {'TENANT':<{width}} {'ADMITTED':>8}  REFUSED"]
+    for t, outcomes in sorted(tenants.items()):
+        refused = ", ".join(f"{reason} x{n}" for reason, n in sorted(outcomes.items())
+                            if reason != "admitted") or "-"
+        rows.append(f"  {t:<{width}} {outcomes.get('admitted', 0):>8}  {refused}")
+    if not tenants:
+        rows.append("  (no requests yet)")
+    rows.append(f"  reservations outstanding: {report.get('outstanding', 0)} "
+                f"({report.get('reserved_units', 0)} units)")
+    fair = report.get("fair") or {}
+    if fair.get("max_active"):
+        rows.append(f"  fair queue: {fair.get('active', 0)}/{fair['max_active']} active, "
+                    f"{fair.get('queued', 0)} queued")
+    else:
+        rows.append("  fair queue: off (fair.max_active = 0)")
+    led = report.get("ledger") or {}
+    rows.append(f"  ledger: epoch {led.get('epoch')}, leases "
+                f"{'valid' if led.get('leases_valid') else 'EXPIRED'}, syncs {led.get('syncs')}"
+                f", failures {led.get('failures')}, last error: {led.get('last_error') or '-'}"
+                f" (fail {led.get('fail_mode')})")
+    return "\n".join(rows)
+
+
+def _section(address: str, report: dict[str, Any] | None, why: str) -> dict[str, Any]:
+    """A gateway section for `--json`."""
+    return {"gateway": address, "reachable": report is not None,
+            **({"error": why} if report is None else report)}
+
+
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     try:
         ident = identity.load(f"{cfg.coordinator.state_dir}/{ADMIN_KEY_FILE}")
@@ -124,18 +161,18 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
         raise CommandError(f"coordinator {address}: {e.code.name}: {e.detail}") from None
     gw, health, why = fetch_cache_health(cfg.gateway.host, cfg.gateway.port)
     _, routing, rwhy = fetch_gateway(cfg.gateway.host, cfg.gateway.port, "/debug/workers")
+    _, gov, gwhy = fetch_governance(cfg.gateway.host, cfg.gateway.port)
     if args.json:
         out = MessageToDict(reply, preserving_proto_field_name=True)
-        out["cache_routing"] = {"gateway": gw, "reachable": health is not None,
-                                **({"error": why} if health is None else health)}
-        out["routing_set"] = {"gateway": gw, "reachable": routing is not None,
-                              **({"error": rwhy} if routing is None else routing)}
+        out["cache_routing"] = _section(gw, health, why)
+        out["routing_set"] = _section(gw, routing, rwhy)
+        out["governance"] = _section(gw, gov, gwhy)
         print(json.dumps(out, indent=2))
     else:
         print(f"coordinator {address}, up {time.time() - reply.coordinator_started_unix:.0f}s")
         print(table(reply))
-        print()
-        print(routing_section(gw, routing, rwhy))
-        print()
-        print(cache_section(gw, health, why))
+        for section in (routing_section(gw, routing, rwhy), cache_section(gw, health, why),
+                        governance_section(gw, gov, gwhy)):
+            print()
+            print(section)
     return 0

@@ -121,8 +121,9 @@ class LeaseBook:
             return
         ticket.settled = True
         stale = ticket.epoch != self.epoch
-        for (m, units), used in zip(ticket.parts, actual, strict=True):
-            if m.kind is Kind.GAUGE:  # kept across a reset (the ledger holds them again)
+        gauge = Kind.GAUGE
+        for (m, units), used in zip(ticket.parts, actual):  # noqa: B905 (equal by contract)
+            if m.kind is gauge:  # kept across a reset (the ledger holds them again)
                 m.inflight -= units
                 m.held += units
             elif not stale:

@@ -70,7 +70,8 @@ class _KeyState:
     def __init__(self) -> None:
         self.prompts: deque[tuple[float, int]] = deque()  # (time, prompt signature), oldest first
         self.counts: dict[int, int] = {}  # prompt signature -> occurrences in `prompts`
-        self.outputs: deque[tuple[float, int, int]] = deque()  # (time, output sig, prompt len)
+        # output sig -> (times of its current run, newest last; the run's last prompt length)
+        self.outputs: dict[int, tuple[deque[float], int]] = {}
         self.trip_until = float("-inf")  # a repeat_output trip holds while now < trip_until
         self.trip_count = 0
 
@@ -123,23 +124,26 @@ class LoopBreaker:
     def observe(self, key: str, prompt_len: int, output_sig: int) -> None:
         """Record a finished request's completion. Trips repeat_output for `window_s` when this
         output_sig is now the latest of `max_output_repeats` equal outputs within the window,
-        each with a prompt at least as long as the one before it."""
+        each with a prompt at least as long as the one before it. O(1): each output
+        signature keeps its own run (at most `max_output_repeats` times)."""
         if not self.config.enabled:
             return
         now = self._clock()
         st = self._state(key)
         outputs = st.outputs
+        entry = outputs.pop(output_sig, None)  # re-inserted last: the dict is oldest-first
+        if entry is None or prompt_len < entry[1]:  # new, or the prompt shrank: a new run
+            times: deque[float] = deque(maxlen=self.config.max_output_repeats)
+        else:
+            times = entry[0]
+        times.append(now)
         cutoff = now - self.config.window_s
-        while outputs and (outputs[0][0] <= cutoff or len(outputs) >= self._output_cap):
-            outputs.popleft()
-        run, shortest = 1, prompt_len
-        for _, sig, length in reversed(outputs):
-            if sig != output_sig:
-                continue
-            if length > shortest:
-                break  # the prompt shrank between these two: not growing spend
-            run, shortest = run + 1, length
-        outputs.append((now, output_sig, prompt_len))
+        while times[0] <= cutoff:
+            times.popleft()
+        outputs[output_sig] = (times, prompt_len)
+        if len(outputs) > self._output_cap:
+            del outputs[next(iter(outputs))]
+        run = len(times)
         if run >= self.config.max_output_repeats:
             st.trip_until = now + self.config.window_s
             st.trip_count = run
@@ -171,5 +175,5 @@ class LoopBreaker:
             assert st.counts == want, f"{key}: prompt counts disagree with the history"
             times = [t for t, _ in st.prompts]
             assert times == sorted(times), f"{key}: prompt history out of order"
-            out_times = [t for t, _, _ in st.outputs]
-            assert out_times == sorted(out_times), f"{key}: output history out of order"
+            for run, _ in st.outputs.values():
+                assert list(run) == sorted(run), f"{key}: output history out of order"

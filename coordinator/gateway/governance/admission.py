@@ -25,12 +25,19 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from meshd.coordinator.gateway.governance.config import GovernanceConfig, Policy, TenantPolicy
 from meshd.coordinator.gateway.governance.keeper import Keeper, UsageBuffer
-from meshd.coordinator.gateway.governance.meters import USD, Bound, MeterSet, Use, actuals, parts
+from meshd.coordinator.gateway.governance.meters import (
+    USD,
+    Bound,
+    MeterSet,
+    actuals,
+    parts,
+    units,
+)
 from meshd.coordinator.gateway.governance.metrics import GovernanceMetrics
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
@@ -74,8 +81,10 @@ class Governor:
 
     def __init__(self, config: GovernanceConfig, client: LedgerClient, replica: str,
                  max_tokens: int, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, keyed: Iterable[str] = ()) -> None:
+        """`keyed`: the tenants of `gateway.api_keys` (metric labels, like the policy's)."""
         self.config = config
+        self.keyed = frozenset(keyed)
         self.max_tokens = max_tokens  # gateway.limits.max_tokens
         self.clock, self.wall = clock, wall
         lc = config.ledger
@@ -96,7 +105,8 @@ class Governor:
         """Put `policy` in force (start-up and every reload); running requests keep theirs."""
         self.policy = policy
         self.prices = PriceTable(policy.prices)
-        self.metrics.known = frozenset({*policy.tenants, self.config.default_tenant})
+        self.metrics.known = frozenset({*policy.tenants, *self.keyed,
+                                        self.config.default_tenant})
         priced = self.prices.priced()
         self._fleet = MeterSet(self.book, None, None, policy.fleet, priced)
         self._sets: dict[str, MeterSet] = {}
@@ -158,7 +168,7 @@ class Governor:
             return
         action = adm.policy.loop_action or self.loops.config.action
         self.metrics.loop(adm.tenant, verdict.rule, action)
-        if verdict.count == self.loops.config.max_repeats or action == "log":
+        if verdict.count == self.loops.config.max_repeats:  # once per streak, not per request
             log.warning("loop breaker: %s tripped %s (%d in %.0fs), action %s", key,
                         verdict.rule, verdict.count, verdict.window_s, action)
         if action == "slow":
@@ -179,8 +189,8 @@ class Governor:
         if fleet:
             bound = bound + fleet
         if bound:
-            use = Use(adm.prompt, adm.completion,
-                      self.prices.of(adm.model).cost(adm.prompt, 0, adm.completion))
+            use = units(adm.prompt, adm.completion,
+                        self.prices.of(adm.model).cost(adm.prompt, 0, adm.completion))
             want = parts(bound, use)
             book, timeout = self.book, self.config.ledger.timeout_s
             if not book.valid(self.clock()):
@@ -230,10 +240,11 @@ class Governor:
 
     @staticmethod
     def _headers(bound: list[Bound], wall: float) -> tuple[tuple[str, str], ...]:
+        """OpenAI's x-ratelimit-* for the tenant's rpm and tpm (none when it has neither)."""
         out: list[tuple[str, str]] = []
         for b in bound:
             name = b.limit.name
-            if name not in ("rpm", "tpm"):
+            if name != "rpm" and name != "tpm":
                 continue
             kind = "requests" if name == "rpm" else "tokens"
             m = b.meter
@@ -283,7 +294,7 @@ class Governor:
         cost = self.prices.of(adm.model).cost(adm.prompt, cached, completion)
         if adm.ticket is not None:
             self.book.settle(adm.ticket, [0] * len(adm.bound) if refused else
-                             actuals(adm.bound, Use(adm.prompt, completion, cost)))
+                             actuals(adm.bound, units(adm.prompt, completion, cost)))
         if adm.fair_cost >= 0:
             self._wake(self.fair.release(adm.tenant, self.fair.service(adm.prompt, completion),
                                          adm.fair_cost))

@@ -22,12 +22,13 @@ from meshd.scheduler.admission.ledger import Kind
 USD = 1_000_000_000  # nano-USD per USD
 
 
-class Use(NamedTuple):
-    """What a request needs (reservation) or used (settlement)."""
+def units(prompt: int, completion: int, cost: int) -> tuple[int, int, int, int, int]:
+    """What a request needs (reservation) or used (settlement), indexed by `Limit.sel`:
+    (1 request, prompt tokens, completion tokens, nano-USD, prompt + completion tokens)."""
+    return (1, prompt, completion, cost, prompt + completion)
 
-    prompt: int
-    completion: int
-    cost: int  # nano-USD
+
+REQUEST, PROMPT, COMPLETION, COST, TOKENS = range(5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,39 +38,28 @@ class Limit:
     name: str  # rpm, tpm, ..., the rule named in a refusal
     kind: Kind
     quota: bool  # refused as insufficient_quota (a budget) rather than rate_limit_exceeded
-    tokens: bool  # x-ratelimit-*-tokens rather than -requests
-
-
-def _units(name: str, use: Use) -> int:
-    if name in ("rpm", "max_concurrent"):
-        return 1
-    if name == "input_tpm":
-        return use.prompt
-    if name == "output_tpm":
-        return use.completion
-    if name in ("daily_budget_usd", "monthly_budget_usd", "fleet_spend_per_hour"):
-        return use.cost
-    return use.prompt + use.completion
+    sel: int  # which of `units(...)` it counts
 
 
 _LIMITS = {
-    "rpm": Limit("rpm", Kind.COUNTER, False, False),
-    "tpm": Limit("tpm", Kind.COUNTER, False, True),
-    "input_tpm": Limit("input_tpm", Kind.COUNTER, False, True),
-    "output_tpm": Limit("output_tpm", Kind.COUNTER, False, True),
-    "max_concurrent": Limit("max_concurrent", Kind.GAUGE, False, False),
-    "daily_tokens": Limit("daily_tokens", Kind.COUNTER, True, True),
-    "monthly_tokens": Limit("monthly_tokens", Kind.COUNTER, True, True),
-    "daily_budget_usd": Limit("daily_budget_usd", Kind.COUNTER, True, False),
-    "monthly_budget_usd": Limit("monthly_budget_usd", Kind.COUNTER, True, False),
-    "fleet_tokens_per_s": Limit("fleet_tokens_per_s", Kind.COUNTER, False, True),
-    "fleet_spend_per_hour": Limit("fleet_spend_per_hour", Kind.COUNTER, True, False),
+    "rpm": Limit("rpm", Kind.COUNTER, False, REQUEST),
+    "tpm": Limit("tpm", Kind.COUNTER, False, TOKENS),
+    "input_tpm": Limit("input_tpm", Kind.COUNTER, False, PROMPT),
+    "output_tpm": Limit("output_tpm", Kind.COUNTER, False, COMPLETION),
+    "max_concurrent": Limit("max_concurrent", Kind.GAUGE, False, REQUEST),
+    "daily_tokens": Limit("daily_tokens", Kind.COUNTER, True, TOKENS),
+    "monthly_tokens": Limit("monthly_tokens", Kind.COUNTER, True, TOKENS),
+    "daily_budget_usd": Limit("daily_budget_usd", Kind.COUNTER, True, COST),
+    "monthly_budget_usd": Limit("monthly_budget_usd", Kind.COUNTER, True, COST),
+    "fleet_tokens_per_s": Limit("fleet_tokens_per_s", Kind.COUNTER, False, TOKENS),
+    "fleet_spend_per_hour": Limit("fleet_spend_per_hour", Kind.COUNTER, True, COST),
 }
 
 
 class Bound(NamedTuple):
     limit: Limit
     meter: LocalMeter
+    sel: int
 
 
 def _day_end(wall: float) -> tuple[str, float]:
@@ -133,14 +123,14 @@ class MeterSet:
                 key = f"{limit.name}/{who}/{month}"
             if end:
                 until = min(until, end)
-            bound.append(Bound(limit, self.book.meter(key, limit.kind, value, end)))
+            bound.append(Bound(limit, self.book.meter(key, limit.kind, value, end), limit.sel))
         self.bound, self._until = bound, until
         return bound
 
 
-def parts(bound: list[Bound], use: Use) -> list[tuple[LocalMeter, int]]:
-    return [(b.meter, _units(b.limit.name, use)) for b in bound]
+def parts(bound: list[Bound], use: tuple[int, ...]) -> list[tuple[LocalMeter, int]]:
+    return [(b.meter, use[b.sel]) for b in bound]
 
 
-def actuals(bound: list[Bound], use: Use) -> list[int]:
-    return [_units(b.limit.name, use) for b in bound]
+def actuals(bound: list[Bound], use: tuple[int, ...]) -> list[int]:
+    return [use[b.sel] for b in bound]

@@ -28,8 +28,8 @@ class GovernanceMetrics:
         self.gov = gov
         self.known: frozenset[str] = frozenset()
         self.outcomes: dict[tuple[str, str], int] = {}
-        self.tokens: dict[tuple[str, str], int] = {}
-        self.spend: dict[str, int] = {}
+        self.usage: dict[str, list[int]] = {}  # tenant label -> [prompt, cached, completion,
+        # nano-USD]
         self.loops: dict[tuple[str, str, str], int] = {}
         self.fail_open = 0
         self.reload_errors = 0
@@ -50,11 +50,25 @@ class GovernanceMetrics:
         self._inc(self.outcomes, (self.label(tenant), reason))
 
     def used(self, tenant: str, prompt: int, cached: int, completion: int, cost: int) -> None:
-        t = self.label(tenant)
-        self._inc(self.tokens, (t, "prompt"), prompt)
-        self._inc(self.tokens, (t, "cached"), cached)
-        self._inc(self.tokens, (t, "completion"), completion)
-        self._inc(self.spend, t, cost)
+        t = tenant if tenant in self.known else "other"
+        u = self.usage.get(t)
+        if u is None:
+            u = self.usage[t] = [0, 0, 0, 0]
+        u[0] += prompt
+        u[1] += cached
+        u[2] += completion
+        u[3] += cost
+
+    @property
+    def tokens(self) -> dict[tuple[str, str], int]:
+        """(tenant, prompt | cached | completion) -> tokens."""
+        return {(t, kind): u[i] for t, u in self.usage.items()
+                for i, kind in enumerate(("prompt", "cached", "completion"))}
+
+    @property
+    def spend(self) -> dict[str, int]:
+        """tenant -> nano-USD."""
+        return {t: u[3] for t, u in self.usage.items()}
 
     def loop(self, tenant: str, rule: str, action: str) -> None:
         self._inc(self.loops, (self.label(tenant), rule, action))
