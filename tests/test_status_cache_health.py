@@ -80,8 +80,10 @@ async def test_status_prints_cache_routing_section(tmp_path: Path) -> None:
         down = free_port()
         out = await asyncio.to_thread(meshd, *args, MESHD_GATEWAY_PORT=str(down))
         assert out.returncode == 0 and "Traceback" not in out.stderr + out.stdout
-        tail = out.stdout.strip().splitlines()[-1]
-        assert tail.startswith(f"cache routing: gateway 127.0.0.1:{down} unreachable")
+        lines = out.stdout.strip().splitlines()
+        assert any(line.startswith(f"cache routing: gateway 127.0.0.1:{down} unreachable")
+                   for line in lines)
+        assert lines[-1].startswith(f"governance: gateway 127.0.0.1:{down} unreachable")
         js = await asyncio.to_thread(meshd, *args, "--json", MESHD_GATEWAY_PORT=str(down))
         cr = json.loads(js.stdout)["cache_routing"]
         assert cr["reachable"] is False and cr["error"]

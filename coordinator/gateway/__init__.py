@@ -7,9 +7,12 @@
               edge, response shapes, the plain proxy, request metrics
     workers/  the workers: pool (membership, health, views), HTTP client, KV event feed, load
               scraping, static workers, cache-routing health monitor
+    governance/  admission: tenants from keys, reservations on the fleet ledger's leases, fair
+              share, the loop breaker, the usage endpoint, policy reload
     config    the `[gateway]` config tree; `runtime` assembles a replica; `actor` runs
               replicas as Ray actors; `__main__` runs one without Ray
 
-Imports point down the list: `http` knows nothing of serving or workers; `serving` uses
-`http`'s request types and `workers`; `workers` uses neither.
+Imports: `http` knows nothing of serving, workers or governance; `serving` uses `http`'s
+request types, `workers` and `governance`; `governance` uses `http`'s request types and errors
+(and `serving.loop_metrics`' lock-free histogram); `workers` uses none of them.
 """

@@ -39,8 +39,8 @@ def fetch(cfg: MeshConfig, path: str, api_key: str | None) -> tuple[str, dict[st
     """(gateway address, its usage report); raises CommandError saying why there is none."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     reply = gateway_get(cfg.gateway.host, cfg.gateway.port, path, headers, TIMEOUT_S)
-    if not reply.why and isinstance(reply.body, dict) and reply.body.get("object") == \
-            "meshd.usage":
+    ok = not reply.why and isinstance(reply.body, dict)
+    if ok and reply.body.get("object") == "meshd.usage":
         return reply.address, reply.body
     raise CommandError(_failure(reply, api_key is not None))
 

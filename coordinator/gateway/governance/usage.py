@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from meshd.coordinator.gateway.governance.admission import Governor
 
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_WINDOWS = {"rpm": 60.0, "tpm": 60.0, "input_tpm": 60.0, "output_tpm": 60.0,
+            "fleet_spend_per_hour": 3600.0}
 
 
 def _query(path: str) -> dict[str, str]:
@@ -69,7 +71,7 @@ async def usage_report(gov: Governor, caller: str | None, path: str) -> dict[str
                      * (price.input - price.cached_input) / 1e6})
     return {"object": "meshd.usage", "tenant": want, "since": since, "until": until,
             "data": data, "totals": _totals(data),
-            "limits": _limits(meters, want, admin)}
+            "limits": _limits(meters, want, admin, gov.policy.fleet.window_s)}
 
 
 def _totals(data: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -84,8 +86,19 @@ def _totals(data: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _limits(meters: list[dict[str, Any]], tenant: str | None, admin: bool
-            ) -> dict[str, list[dict[str, Any]]]:
+def _window(limit: str, rest: list[str], fleet_window_s: float) -> str | None:
+    """A meter's window as people read it: a day or month as is, a minute or a fleet window
+    as its start in UTC (the key holds its index)."""
+    if not rest:
+        return None
+    length = _WINDOWS.get(limit) or (fleet_window_s if limit == "fleet_tokens_per_s" else 0)
+    if not length or not rest[0].isdigit():
+        return rest[0]
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(rest[0]) * length))
+
+
+def _limits(meters: list[dict[str, Any]], tenant: str | None, admin: bool,
+            fleet_window_s: float) -> dict[str, list[dict[str, Any]]]:
     """Current-window meters by owner (a tenant, and "fleet" for an admin), as the ledger
     accounts them."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -98,7 +111,7 @@ def _limits(meters: list[dict[str, Any]], tenant: str | None, admin: bool
         usd = parts[0].endswith("_usd") or parts[0] == "fleet_spend_per_hour"
         scale = 1e9 if usd else 1
         out.setdefault(parts[1], []).append({
-            "limit": parts[0], "window": parts[2] if len(parts) > 2 else None,
+            "limit": parts[0], "window": _window(parts[0], parts[2:], fleet_window_s),
             "max": m["limit"] / scale, "used": m["committed"] / scale,
             "reserved": m["outstanding"] / scale, "unit": "usd" if usd else (
                 "requests" if parts[0] in ("rpm", "max_concurrent") else "tokens")})

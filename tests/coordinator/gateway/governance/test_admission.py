@@ -277,3 +277,32 @@ def test_a_malformed_policy_file_names_the_file_and_field(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as e:
         load(path, environ={})
     assert f"{policy}: tenants.acme.tpm: expected an integer" in str(e.value)
+
+
+async def test_pass_through_requests_are_governed_on_an_estimate() -> None:
+    fake = load_fake_backend().FakeBackend(chunks=3)
+    backend = await fake.start()
+    cfg = build(GatewayConfig, {
+        "port": free_port(), "static_workers": [f"openai=http://127.0.0.1:{backend}"],
+        "api_keys": {"acme": ACME},
+        "governance": {"tenants": {"acme": {"rpm": 2, "tpm": 10_000}}}}, "gateway.")
+    rt = GatewayRuntime(cfg)
+    await rt.start()
+    url = f"http://127.0.0.1:{cfg.port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            statuses = [(await complete(http, url, ACME, prompt="x" * 400))[0]
+                        for _ in range(3)]
+            assert statuses == [200, 200, 429]
+        gov = rt.governor
+        assert gov.outstanding == 0 and gov.book.inflight() == 0
+        # the prompt is reserved at ~4 bytes a token (the body is a little over 400 bytes),
+        # and settled as reserved: the worker tokenized it, not the gateway
+        prompt = gov.metrics.tokens[("acme", "prompt")]
+        assert 2 * 100 <= prompt <= 2 * 125
+        assert gov.metrics.tokens[("acme", "completion")] == 2 * 9
+    finally:
+        await rt.stop(2)
+        if fake.server is not None:
+            fake.server.close()
+
