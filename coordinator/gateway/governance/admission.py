@@ -192,27 +192,39 @@ class Governor:
             use = units(adm.prompt, adm.completion,
                         self.prices.of(adm.model).cost(adm.prompt, 0, adm.completion))
             want = parts(bound, use)
-            book, timeout = self.book, self.config.ledger.timeout_s
-            if not book.valid(self.clock()):
-                await self.keeper.urgent(timeout)
-            if book.valid(self.clock()):
-                short = book.reserve(want)
-                if short is not None:  # the one round trip: ask the ledger for more
-                    await self.keeper.urgent(timeout)
-                    short = book.reserve(want)
-                if short is not None:
-                    raise self._refusal(adm, bound, want, short, wall)
-            elif self.config.ledger.fail_mode == "closed":
-                self._refused(adm.tenant, adm.model, "ledger_unavailable")
-                raise ApiError(503, "The usage ledger is unreachable, so this tenant's limits "
-                               "cannot be checked; retry shortly.", err_type="server_error",
-                               code="ledger_unavailable", retry_after=1.0)
-            else:
-                book.force(want)
+            short, reached = await self._take(want)
+            if short is not None and reached:  # the ledger has nothing left for it
+                raise self._refusal(adm, bound, want, short, wall)
+            if short is not None:  # the ledger is out of reach past the leases
+                if self.config.ledger.fail_mode == "closed":
+                    self._refused(adm.tenant, adm.model, "ledger_unavailable")
+                    raise ApiError(503, "The usage ledger is unreachable, so this tenant's "
+                                   "limits cannot be checked; retry shortly.",
+                                   err_type="server_error", code="ledger_unavailable",
+                                   retry_after=1.0)
+                self.book.force(want)
                 self.metrics.fail_open += 1
-            adm.bound, adm.ticket = bound, book.ticket(want)
+            adm.bound, adm.ticket = bound, self.book.ticket(want)
             adm.headers = self._headers(bound, wall)
         self.outstanding += 1
+
+    async def _take(self, want: list[tuple[LocalMeter, int]]) -> tuple[LocalMeter | None, bool]:
+        """Reserve `want` on the leases, syncing once when they do not cover it. Returns (None,
+        True) when reserved; else the meter short and whether the ledger answered (False: the
+        leases are past their deadline or the one sync failed, so it is not known to be
+        spent)."""
+        book, timeout = self.book, self.config.ledger.timeout_s
+        if not book.valid(self.clock()):
+            await self.keeper.urgent(timeout)
+        if not book.valid(self.clock()):
+            return want[0][0], False
+        short = book.reserve(want)
+        if short is None:
+            return None, True
+        reached = await self.keeper.urgent(timeout)  # the one round trip: ask for more
+        if not book.valid(self.clock()):
+            return short, False
+        return book.reserve(want), reached
 
     def _refusal(self, adm: Admitted, bound: list[Bound], want: list[tuple[LocalMeter, int]],
                  short: LocalMeter, wall: float) -> ApiError:
