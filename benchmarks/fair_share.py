@@ -68,8 +68,11 @@ class Tally:
 def make_config(backend: int, max_active: int, light: dict[str, Any]) -> GatewayConfig:
     tenants = {"flood": {"api_keys": [KEYS["flood"]]},
                "light": {"api_keys": [KEYS["light"]], **light}}
+    # No membership refresh during a run: a runtime stopped while its refresh connects can
+    # hang on Python 3.11 (asyncio.wait_for there may swallow the cancellation).
     return build(GatewayConfig, {
         "port": 0, "static_workers": [f"http://127.0.0.1:{backend}"],
+        "membership_interval_s": 3600.0,
         "governance": {"tenants": tenants, "fair": {"max_active": max_active},
                        "loops": {"enabled": False}}}, "gateway.")
 

@@ -205,7 +205,10 @@ class Governor:
                 self.book.force(want)
                 self.metrics.fail_open += 1
             adm.bound, adm.ticket = bound, self.book.ticket(want)
-            adm.headers = self._headers(bound, wall)
+            estimate = (adm.source if adm.source == "max_tokens"
+                        else f"{adm.source};tokens={adm.completion}")
+            adm.headers = (*self._headers(bound, wall),
+                           ("x-meshd-completion-estimate", estimate))
         self.outstanding += 1
 
     async def _take(self, want: list[tuple[LocalMeter, int]]) -> tuple[LocalMeter | None, bool]:

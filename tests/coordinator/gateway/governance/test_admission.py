@@ -67,7 +67,7 @@ async def test_the_tenant_is_the_keys_never_a_header() -> None:
 
 async def test_policy_refusals_name_the_rule() -> None:
     policy = {"tenants": {"acme": {"models": ["other"], "rpm": 100},
-                          "beta": {"max_tokens": 12}}}
+                          "beta": {"max_tokens": 12, "rpm": 100}}}
     async with make_gateway(policy) as (_, fake, url), aiohttp.ClientSession() as http:
         status, _, body = await complete(http, url, ACME)
         assert status == 403 and body["error"]["code"] == "model_not_allowed"
@@ -79,6 +79,9 @@ async def test_policy_refusals_name_the_rule() -> None:
         async with http.post(f"{url}/v1/completions", json=payload, headers=auth(BETA)) as r:
             assert r.status == 200
         assert fake.last_body["max_tokens"] == 12  # the tenant's cap went to the worker
+        async with http.post(f"{url}/v1/completions", json=payload, headers=auth(BETA)) as r:
+            # reserved on what such requests produced (9 tokens, x1.5), capped at 12
+            assert r.headers["x-meshd-completion-estimate"] == "running;tokens=12"
 
 
 async def test_rate_limits_answer_429_with_openai_headers() -> None:
@@ -90,6 +93,7 @@ async def test_rate_limits_answer_429_with_openai_headers() -> None:
         assert hdrs["x-ratelimit-remaining-requests"] == "1"
         assert hdrs["x-ratelimit-limit-tokens"] == "10000"
         assert int(hdrs["x-ratelimit-reset-requests"].rstrip("s")) <= 60
+        assert hdrs["x-meshd-completion-estimate"] == "max_tokens"
         assert (await complete(http, url, ACME))[0] == 200
         status, hdrs, body = await complete(http, url, ACME)
         assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"

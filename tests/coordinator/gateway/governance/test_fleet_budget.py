@@ -6,6 +6,7 @@ finally the ledger goes away (fail closed and fail open)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from meshd.coordinator import ledger_actor
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.runtime import GatewayRuntime
 from meshd.coordinator.ledger_actor import RayLedgerClient
-from meshd.scheduler.admission.ledger import LedgerConfig
+from meshd.scheduler.admission.ledger import LedgerConfig, SyncRequest
 
 KEY = "sk-acme-0123456789"
 LIMIT = 1500  # acme's daily tokens
@@ -164,6 +165,46 @@ async def test_an_unreachable_ledger_fails_closed_or_open(ray_session: Any,
     finally:
         for rt in (closed, open_):
             await rt.stop(2)
+        ledger_actor.stop(ns)
+        if fake.server is not None:
+            fake.server.close()
+
+
+async def test_a_replica_that_dies_mid_request_is_reconciled(ray_session: Any,
+                                                             state_dir: Path) -> None:
+    """A gateway replica (a Ray actor process) is killed while it streams: its reservation is
+    never settled by it, so the ledger expires the replica and charges its lease."""
+    from meshd.coordinator.gateway import actor as gateways
+
+    ns = f"gov-{uuid.uuid4().hex[:8]}"
+    handle = ledger_actor.deploy(str(state_dir), LedgerConfig(), ns)
+    fake = load_fake_backend().FakeBackend(chunks=40)
+    backend = await fake.start()
+    cfg = dataclasses.replace(make_config(free_port(), backend, ttl_s=2.0), replicas=1)
+    # off the loop: the fake worker on this loop must answer the replica's discovery
+    (replica,) = await asyncio.to_thread(gateways.deploy, cfg, ns)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "fake", "prompt": "a long answer please", "max_tokens": 120,
+                    "stream": True, "fake_delay": 0.1}
+            async with http.post(f"http://127.0.0.1:{cfg.port}/v1/completions", json=body,
+                                 headers={"authorization": f"Bearer {KEY}"}) as r:
+                assert r.status == 200
+                await r.content.readline()  # streaming: the reservation is in flight
+                await asyncio.sleep(0.5)  # at least one sync has reported it
+                ray.kill(replica, no_restart=True)
+        probe, epoch = RayLedgerClient(handle, 5.0), 0
+        deadline = time.monotonic() + 30
+        while ray.get(handle.stats.remote(), timeout=10)["expired_total"] == 0:
+            assert time.monotonic() < deadline, "the dead replica was never expired"
+            await asyncio.sleep(0.5)
+            epoch = (await probe.sync(SyncRequest("probe", epoch, ()))).epoch  # runs expiry
+        meter = daily_meter(handle)
+        assert meter["outstanding"] == 0  # nothing is left leased to the dead replica
+        assert meter["committed"] >= 120  # its reservation was charged, not dropped
+        assert ray.get(handle.stats.remote(), timeout=10)["charged_on_expiry"] > 0
+    finally:
+        gateways.stop(ns)
         ledger_actor.stop(ns)
         if fake.server is not None:
             fake.server.close()
