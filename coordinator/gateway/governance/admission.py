@@ -284,18 +284,18 @@ class Governor:
                            "shortly.", err_type="server_error", code="overloaded",
                            retry_after=1.0)
         t0 = self.clock()
-        try:
-            await asyncio.wait_for(fut, self.config.fair.queue_timeout_s)
-        except TimeoutError:
-            self.fair.cancel(entry)
+        try:  # asyncio.wait, not wait_for: it neither cancels `fut` nor swallows a cancel
+            await asyncio.wait((fut,), timeout=self.config.fair.queue_timeout_s)
+        except asyncio.CancelledError:  # the client left (or a deadline) while queued
+            if not self.fair.cancel(entry):  # the slot was given to it already: pass it on
+                self._wake(self.fair.release(adm.tenant, 0.0, cost))
+            raise
+        if not fut.done() and self.fair.cancel(entry):
             self._refused(adm.tenant, adm.model, "queue_timeout")
             raise ApiError(503, f"The mesh is saturated: the request waited "
                            f"{self.config.fair.queue_timeout_s:g}s in tenant {adm.tenant!r}'s "
                            f"fair-share queue without a slot; retry later.",
-                           err_type="server_error", code="overloaded", retry_after=1.0) from None
-        except BaseException:
-            self.fair.cancel(entry)
-            raise
+                           err_type="server_error", code="overloaded", retry_after=1.0)
         adm.fair_cost = cost
         self.metrics.queue_wait.observe(self.clock() - t0)
 
