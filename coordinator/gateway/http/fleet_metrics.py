@@ -61,6 +61,12 @@ GAUGES = MappingProxyType({
     "meshd_cache_health_ok": Combine.MIN,
     "meshd_cache_health_issues": Combine.MAX,
     "meshd_cache_health_event_age_seconds": Combine.MAX,
+    # each replica's own admission state (governance/metrics.py): additive, or the worst link
+    "meshd_reservations_outstanding": Combine.SUM,
+    "meshd_reserved_units": Combine.SUM,
+    "meshd_fair_queue_depth": Combine.SUM,
+    "meshd_fair_active": Combine.SUM,
+    "meshd_ledger_leases_valid": Combine.MIN,
 })
 UNKNOWN_GAUGE = Combine.MAX
 _SUMMED = frozenset({"counter", "histogram", "summary"})
