@@ -99,12 +99,17 @@ def stop(namespace: str = "meshd", timeout_s: float = 10.0) -> bool:
     from meshd.coordinator import ledger_actor
 
     ledger_actor.stop(namespace, timeout_s)
-    handle = find(namespace)
+    return stop_actor(find(namespace), "shutdown", timeout_s)
+
+
+def stop_actor(handle: Any | None, method: str, timeout_s: float) -> bool:
+    """Call `method` on a named actor to stop it cleanly, then remove it (no restart);
+    False when `handle` is None (none was running)."""
     if handle is None:
         return False
     try:
-        ray.get(handle.shutdown.remote(), timeout=timeout_s)
+        ray.get(getattr(handle, method).remote(), timeout=timeout_s)
     except Exception as e:  # it may already be dying; kill it regardless
-        log.warning("registry shutdown: %s", e)
+        log.warning("%s %s: %s", handle, method, e)
     ray.kill(handle, no_restart=True)
     return True

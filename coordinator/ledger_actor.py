@@ -193,15 +193,9 @@ def find(namespace: str = "meshd") -> Any | None:
 
 def stop(namespace: str = "meshd", timeout_s: float = 10.0) -> bool:
     """Close the ledger's store and remove the actor; False when none was running."""
-    handle = find(namespace)
-    if handle is None:
-        return False
-    try:
-        ray.get(handle.close.remote(), timeout=timeout_s)
-    except Exception as e:  # it may already be dying; kill it regardless
-        log.warning("ledger close: %s", e)
-    ray.kill(handle, no_restart=True)
-    return True
+    from meshd.coordinator.actors import stop_actor  # actors deploys the ledger: no cycle
+
+    return stop_actor(find(namespace), "close", timeout_s)
 
 
 class LedgerClient(Protocol):

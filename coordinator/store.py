@@ -17,12 +17,12 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd.coordinator import sqlite
 from meshd.envelope import PUBLIC_KEY_BYTES
 
 DB_FILE = "meshd.db"
@@ -75,31 +75,16 @@ class TokenError(Exception):
 
 class Store:
     def __init__(self, state_dir: str | Path) -> None:
-        directory = Path(state_dir).expanduser()
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = directory / DB_FILE
+        self.path = Path(state_dir).expanduser() / DB_FILE
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=5.0)
-        self.path.chmod(0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = sqlite.connect(self.path, SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite.transaction(self._lock, self._db)
 
     # -- keys -------------------------------------------------------------------------------
 
