@@ -151,6 +151,30 @@ def wait_ready(port: int, path: str, timeout: float, body: bytes | None = None) 
     raise RuntimeError(f"port {port} not ready after {timeout}s: {last}")
 
 
+def admission_cost(t: Target) -> dict[str, Any] | None:
+    """Admission's cost per request as the governed replicas time it in place (GET
+    /debug/governance, `cost_us`, over all of the target's requests). The replicas share one
+    port, so ask until each has answered."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(50):
+        req = urllib.request.Request(f"http://127.0.0.1:{t.port}/debug/governance",
+                                     headers={"authorization": f"Bearer {KEY}",
+                                              "connection": "close"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            d = json.loads(r.read())
+        seen[d["ledger"]["replica"]] = d["cost_us"]
+        if len(seen) == len(t.procs):
+            break
+    timed = [c for c in seen.values() if c["samples"]]
+    if not timed:
+        return None
+    n = sum(c["samples"] for c in timed)
+    admit = sum(c["admit"] * c["samples"] for c in timed) / n
+    settle = sum(c["settle"] * c["samples"] for c in timed) / n
+    return {"admit_us": admit, "settle_us": settle, "total_us": admit + settle, "samples": n,
+            "sampled_every": timed[0]["every"], "replicas": len(seen)}
+
+
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = log.open("wb")
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -273,6 +297,7 @@ def main() -> None:
     targets = start_targets(bport, logs, set(filter(None, a.skip.split(","))))
     live = [t for t in targets if t.error is None]
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    costs: dict[str, dict[str, Any] | None] = {}
     try:
         for t in live:  # warm-up
             run_wrk(t.port, 8, 1, scripts["json"])
@@ -287,16 +312,18 @@ def main() -> None:
                                                * 1e6)
                         cells.setdefault((t.name, mode, conc), []).append(r)
         rss = {t.name: peak_rss_mb(t.pids or [backend.pid]) for t in live}
+        costs.update({t.name: admission_cost(t) for t in live if t.name == "meshd-mesh-gov-2"})
     finally:
         for t in targets:
             t.stop()
         backend.terminate()
         backend.wait(10)
-    report(targets, cells, rss, a, logs)
+    report(targets, cells, rss, costs, a, logs)
 
 
 def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[str, Any]]],
-           rss: dict[str, float], a: argparse.Namespace, logs: Path) -> None:
+           rss: dict[str, float], costs: dict[str, dict[str, Any] | None],
+           a: argparse.Namespace, logs: Path) -> None:
     rows = []
     direct_p50 = {(m, c): statistics.median(x["p50_ms"] for x in v)
                   for (n, m, c), v in cells.items() if n == "direct"}
@@ -319,13 +346,20 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
     failed = {t.name: t.error for t in targets if t.error}
     for name, err in failed.items():
         print(f"{name:<18}NOT RUN: {err}")
+    for name, c in costs.items():
+        if c is not None:
+            print(f"\n{name}: admission timed in place by its replicas: admit {c['admit_us']:.1f}"
+                  f" + settle {c['settle_us']:.1f} = {c['total_us']:.1f} us of CPU per request "
+                  f"(thread CPU clock, {c['samples']} sampled requests, one in "
+                  f"{c['sampled_every']}, on {c['replicas']} replicas)")
     out = ROOT / "benchmarks" / "results" / "gateway.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(sys.argv), "duration_s": a.duration, "rounds": a.rounds,
         "load_generator": "wrk -t1 (same machine; shares the CPU cores with worker and proxy)",
         "cpus": os.cpu_count(), "note": "direct: cpu/rss are the fake worker's own",
-        "rows": rows, "not_run": failed, "logs": str(logs)}, indent=1))
+        "rows": rows, "admission_cost_us": costs, "not_run": failed, "logs": str(logs)},
+        indent=1))
     print(f"\nwrote {out} (process logs in {logs})")
 
 

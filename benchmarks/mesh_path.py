@@ -149,7 +149,7 @@ def measure(n: int, chunks: int) -> dict[str, float]:
     async def admissions(k: int) -> None:
         for _ in range(k):
             adm = await gov.admit(gov_req, prompt.token_ids)
-            adm.finish(16, 0, 7)
+            adm.finish(16, 0, out.token_ids)
 
     def run_admissions(k: int) -> float:
         t0 = time.process_time()

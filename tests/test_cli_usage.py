@@ -305,7 +305,8 @@ def make_governance(**over: Any) -> dict[str, Any]:
                                                     "insufficient_quota": 3}},
         outstanding=2, reserved_units=640, fair={"max_active": 8, "active": 8, "queued": 5},
         ledger={"epoch": 3, "leases_valid": False, "syncs": 9, "failures": 2,
-                "last_error": "ledger timed out", "fail_mode": "open"}), "",
+                "last_error": "ledger timed out", "fail_mode": "open"},
+        cost_us={"admit": 12.5, "settle": 7.25, "samples": 40, "every": 16}), "",
      ["governance (gateway gw:1):",
       "  TENANT    ADMITTED  REFUSED",
       "  acme-corp        7  insufficient_quota x3, rpm x1",
@@ -313,7 +314,8 @@ def make_governance(**over: Any) -> dict[str, Any]:
       "  reservations outstanding: 2 (640 units)",
       "  fair queue: 8/8 active, 5 queued",
       "  ledger: epoch 3, leases EXPIRED, syncs 9, failures 2, last error: ledger timed out "
-      "(fail open)"]),
+      "(fail open)",
+      "  admission cost: 12.5 us + settlement 7.25 us of CPU per request (40 sampled)"]),
 ])
 def test_governance_section(report: dict[str, Any] | None, why: str, want: list[str]) -> None:
     assert governance_section("gw:1", report, why).splitlines() == want

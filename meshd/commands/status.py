@@ -113,7 +113,8 @@ def fetch_governance(host: str, port: int, timeout_s: float = 2.0
 
 def governance_section(address: str, report: dict[str, Any] | None, why: str) -> str:
     """The gateway replica's admission: per tenant what it admitted and refused (by the rule
-    that refused), reservations not yet settled, the fair-share queue, its ledger link."""
+    that refused), reservations not yet settled, the fair-share queue, its ledger link, what
+    admission costs it."""
     if report is None:
         return f"governance: gateway {address} unreachable ({why})"
     tenants: dict[str, dict[str, int]] = report["tenants"]
@@ -139,6 +140,10 @@ def governance_section(address: str, report: dict[str, Any] | None, why: str) ->
                 f"{'valid' if led.get('leases_valid') else 'EXPIRED'}, syncs {led.get('syncs')}"
                 f", failures {led.get('failures')}, last error: {led.get('last_error') or '-'}"
                 f" (fail {led.get('fail_mode')})")
+    cost = report.get("cost_us") or {}
+    if cost.get("samples"):
+        rows.append(f"  admission cost: {cost['admit']} us + settlement {cost['settle']} us of "
+                    f"CPU per request ({cost['samples']} sampled)")
     return "\n".join(rows)
 
 

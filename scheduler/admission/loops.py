@@ -55,9 +55,11 @@ class LoopConfig:
                 raise ValueError(f"gateway.governance.loops.{name}: must be {rule} (got {got!r})")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
-    """What tripped. A dataclass, not a NamedTuple: a `count` field would shadow tuple.count."""
+    """What tripped. A dataclass, not a NamedTuple: a `count` field would shadow tuple.count.
+    Not frozen: it is made on every request a rule holds, and a frozen init costs a
+    microsecond."""
 
     rule: str  # REPEAT_PROMPT | REPEAT_OUTPUT
     count: int  # repeats seen within the window when it tripped
@@ -84,6 +86,8 @@ class LoopBreaker:
         self._clock = clock
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()  # LRU order
         self._prompt_cap = HISTORY_FACTOR * config.max_repeats
+        self._window, self._max_repeats = config.window_s, config.max_repeats  # hot path
+        self._tail = config.tail_tokens
         self._output_cap = HISTORY_FACTOR * config.max_output_repeats
         self._trips = {REPEAT_PROMPT: 0, REPEAT_OUTPUT: 0}  # verdicts returned by check
         self._recorded = 0  # repeat_output trips recorded by observe
@@ -91,7 +95,7 @@ class LoopBreaker:
     def signature(self, token_ids: Sequence[int]) -> int:
         """Signature of a prompt or completion: a hash of its last `tail_tokens` token ids.
         Integer-tuple hashes do not depend on PYTHONHASHSEED."""
-        return hash(tuple(token_ids[-self.config.tail_tokens:]))
+        return hash(tuple(token_ids[-self._tail:]))
 
     def check(self, key: str, prompt_sig: int, prompt_len: int) -> Verdict | None:
         """Record this prompt for `key` and return what tripped, or None. The prompt rule is
@@ -102,7 +106,7 @@ class LoopBreaker:
         now = self._clock()
         st = self._state(key)
         prompts, counts = st.prompts, st.counts
-        cutoff = now - self.config.window_s
+        cutoff = now - self._window
         while prompts and (prompts[0][0] <= cutoff or len(prompts) >= self._prompt_cap):
             old = prompts.popleft()[1]
             left = counts[old] - 1
@@ -111,14 +115,13 @@ class LoopBreaker:
             else:
                 del counts[old]
         prompts.append((now, prompt_sig))
-        count = counts.get(prompt_sig, 0) + 1
-        counts[prompt_sig] = count
-        if count >= self.config.max_repeats:
+        count = counts[prompt_sig] = counts.get(prompt_sig, 0) + 1
+        if count >= self._max_repeats:
             self._trips[REPEAT_PROMPT] += 1
-            return Verdict(REPEAT_PROMPT, count, self.config.window_s)
+            return Verdict(REPEAT_PROMPT, count, self._window)
         if now < st.trip_until:
             self._trips[REPEAT_OUTPUT] += 1
-            return Verdict(REPEAT_OUTPUT, st.trip_count, self.config.window_s)
+            return Verdict(REPEAT_OUTPUT, st.trip_count, self._window)
         return None
 
     def observe(self, key: str, prompt_len: int, output_sig: int) -> None:

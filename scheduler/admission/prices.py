@@ -26,9 +26,11 @@ class Price:
 
     def cost(self, prompt: int, cached: int, completion: int) -> int:
         """nano-USD, rounded up: 1M tokens at 1 USD/M is 1e9 nano-USD, one token 1000."""
-        cached = min(max(cached, 0), prompt)
-        return math.ceil(((prompt - cached) * self.input + cached * self.cached_input
-                          + completion * self.output) * 1000)
+        if cached:
+            cached = min(max(cached, 0), prompt)
+            return math.ceil(((prompt - cached) * self.input + cached * self.cached_input
+                              + completion * self.output) * 1000)
+        return math.ceil((prompt * self.input + completion * self.output) * 1000)
 
 
 FREE = Price()

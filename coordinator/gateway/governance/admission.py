@@ -30,25 +30,35 @@ from typing import Any
 
 from meshd.coordinator.gateway.governance.config import GovernanceConfig, Policy, TenantPolicy
 from meshd.coordinator.gateway.governance.keeper import Keeper, UsageBuffer
-from meshd.coordinator.gateway.governance.meters import (
-    USD,
-    Bound,
-    MeterSet,
-    actuals,
-    parts,
-    units,
-)
-from meshd.coordinator.gateway.governance.metrics import GovernanceMetrics
+from meshd.coordinator.gateway.governance.meters import USD, Bound, MeterSet, bind, units
+from meshd.coordinator.gateway.governance.metrics import CpuSample, GovernanceMetrics
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.ledger_actor import LedgerClient
 from meshd.scheduler.admission.fair import FairQueue
-from meshd.scheduler.admission.leases import LeaseBook, LeaseConfig, LocalMeter, Ticket
+from meshd.scheduler.admission.leases import LeaseBook, LeaseConfig, LocalMeter, PoolTicket
 from meshd.scheduler.admission.loops import LoopBreaker
 from meshd.scheduler.admission.prices import CompletionEstimate, PriceTable
 
 log = logging.getLogger("meshd.gateway.governance")
-_NO_HEADERS: tuple[tuple[str, str], ...] = ()
+_NO_HEADERS = b""
+_ESTIMATE_MAX_TOKENS = b"x-meshd-completion-estimate: max_tokens\r\n"
+_NOTHING = (0, 0, 0, 0, 0)  # what a refused request used, on every meter
+
+
+def _rate_lines(bound: Bound, wall: float) -> bytes:
+    """OpenAI's x-ratelimit-* for the tenant's rpm and tpm (none when it has neither), as
+    header lines: one formatting per meter, on every request."""
+    out = b""
+    credit = bound.pool.credit
+    for limit, remaining, reset, m, slot in bound.rate:
+        # the best local estimate of what is left fleet-wide: this replica's lease and
+        # pool credit, and what the ledger had not granted at the last sync
+        left = m.held + credit[slot] + (m.free if m.free > 0 else 0)
+        out += b"%b%b%d\r\n%b%ds\r\n" % (
+            limit, remaining, left if left > 0 else 0, reset,
+            math.ceil(m.expires_at - wall) if m.expires_at > wall else 0)
+    return out
 
 
 class Admitted:
@@ -62,18 +72,19 @@ class Admitted:
         self._gov = gov
         self.tenant, self.policy, self.model = tenant, policy, model
         self.prompt, self.completion, self.n, self.source = prompt, completion, n, source
-        self.bound: list[Bound] = []
-        self.ticket: Ticket | None = None
+        self.bound: Bound | None = None
+        self.ticket: PoolTicket | None = None
         self.fair_cost = -1.0  # service charged to the fair queue; < 0: holds no slot
         self.loop_key = ""
         self.max_tokens: int | None = None  # the policy's cap, sent when the client set none
         self.headers = _NO_HEADERS
         self.done = False
 
-    def finish(self, completion: int, cached: int, output_sig: int | None = None) -> None:
+    def finish(self, completion: int, cached: int, output: Sequence[int] = ()) -> None:
         """Settle with what the request used (`completion` tokens over all choices, `cached`
-        prompt tokens served from a prefix cache). Idempotent."""
-        self._gov.settle(self, completion, cached, output_sig)
+        prompt tokens served from a prefix cache; `output`: the first choice's token ids, for
+        the loop breaker). Idempotent."""
+        self._gov.settle(self, completion, cached, output)
 
 
 class Governor:
@@ -98,33 +109,53 @@ class Governor:
         self.estimates = CompletionEstimate(config.estimate)
         self.metrics = GovernanceMetrics(self)
         self.outstanding = 0  # admitted, not yet settled
+        # what admission costs this replica, timed in place on a sample of requests
+        self.admit_cpu, self.settle_cpu = CpuSample(), CpuSample()
         self._day = ("", 0.0)
+        self._bounds: dict[str, Bound] = {}  # tenant -> its meters now (see _bound)
         self.apply(config.policy())
 
     def apply(self, policy: Policy) -> None:
         """Put `policy` in force (start-up and every reload); running requests keep theirs."""
         self.policy = policy
         self.prices = PriceTable(policy.prices)
-        self.metrics.known = frozenset({*policy.tenants, *self.keyed,
+        # labels only grow (a tenant dropped by a reload keeps its series: counters never
+        # move between labels), bounded by the tenants the policies ever named
+        self.metrics.known = frozenset({*self.metrics.known, *policy.tenants, *self.keyed,
                                         self.config.default_tenant})
         priced = self.prices.priced()
         self._fleet = MeterSet(self.book, None, None, policy.fleet, priced)
         self._sets: dict[str, MeterSet] = {}
+        for b in self._bounds.values():
+            b.pool.retired = True  # its running requests settle on it
+        self._bounds = {}
         self._priced = priced
 
-    def _meter_set(self, tenant: str, policy: TenantPolicy) -> MeterSet:
+    def _bound(self, tenant: str, policy: TenantPolicy, wall: float) -> Bound:
+        """The meters a request of `tenant` touches now (cached until a window turns over)."""
+        b = self._bounds.get(tenant)
+        if b is not None and wall < b.until:
+            return b
+        if b is not None:
+            b.pool.retired = True  # a window turned over: its running requests settle on it
         ms = self._sets.get(tenant)
         if ms is None:
             if len(self._sets) > 10_000:
                 self._sets.clear()
+                for old in self._bounds.values():
+                    old.pool.retired = True
+                self._bounds.clear()
             ms = self._sets[tenant] = MeterSet(self.book, tenant, policy, None, self._priced)
-        return ms
+        b = self._bounds[tenant] = bind(ms, self._fleet, wall)
+        return b
 
     # ---- admission
     async def admit(self, req: ApiRequest, prompt_ids: Sequence[int] | None,
                     approx_prompt: int = 0) -> Admitted:
         """Admit `req` (its prompt's token ids, or None and an estimate of their number when
         the worker tokenizes) or raise ApiError saying which rule refused it."""
+        t0 = self.admit_cpu.start()
+        waited = False  # an admission that waited is not sampled (the wait is not its cost)
         body = req.body
         tenant = req.tenant or self.config.default_tenant
         pol = self.policy.of(tenant)
@@ -147,33 +178,54 @@ class Governor:
         adm = Admitted(self, tenant, pol, model, prompt, est * s.n, s.n, source)
         if s.max_tokens is None and pol.max_tokens:
             adm.max_tokens = pol.max_tokens
+        # The common case runs without a suspension point: no await below unless the loop
+        # breaker slows the request, the leases do not cover it, or it must queue.
         if self.loops.config.enabled and prompt_ids is not None:
-            await self._check_loop(adm, req, prompt_ids)
-        await self._reserve(adm)
-        try:
-            if self.config.fair.max_active:
-                await self._enter(adm)
-        except BaseException:
-            self.settle(adm, 0, 0, None, refused=True)
-            raise
+            slow = self._check_loop(adm, req, prompt_ids)
+            if slow:
+                waited = True
+                await asyncio.sleep(slow)
+        wall = self.wall()
+        bound = self._bound(tenant, pol, wall)
+        if bound.meters:
+            use = units(prompt, adm.completion,
+                        self.prices.of(model).cost(prompt, 0, adm.completion))
+            pool = bound.pool
+            if not self.book.valid(self.clock()) or pool.reserve(use) is not None:
+                waited = True
+                await self._reserve_slow(adm, bound, use, wall)
+            adm.bound, adm.ticket = bound, pool.ticket(use)
+            adm.headers = self._headers(adm, bound, wall)
+        self.outstanding += 1
+        if self.config.fair.max_active:
+            cost = self.fair.service(prompt, adm.completion)
+            if self.fair.try_enter(tenant, pol.priority_class, pol.weight, cost):
+                adm.fair_cost = cost
+            else:
+                waited = True
+                try:
+                    await self._queue(adm, cost)
+                except BaseException:
+                    self.settle(adm, 0, 0, (), refused=True)
+                    raise
         self.metrics.admitted(tenant)
+        if t0 and not waited:
+            self.admit_cpu.stop(t0)
         return adm
 
-    async def _check_loop(self, adm: Admitted, req: ApiRequest, prompt_ids: Sequence[int]
-                          ) -> None:
+    def _check_loop(self, adm: Admitted, req: ApiRequest, prompt_ids: Sequence[int]) -> float:
+        """Seconds to slow the request down (0: none); raises when the action is refuse."""
         user = req.body.user
         key = adm.loop_key = f"{adm.tenant}/{user}" if user else adm.tenant
         verdict = self.loops.check(key, self.loops.signature(prompt_ids), len(prompt_ids))
         if verdict is None:
-            return
+            return 0.0
         action = adm.policy.loop_action or self.loops.config.action
         self.metrics.loop(adm.tenant, verdict.rule, action)
         if verdict.count == self.loops.config.max_repeats:  # once per streak, not per request
             log.warning("loop breaker: %s tripped %s (%d in %.0fs), action %s", key,
                         verdict.rule, verdict.count, verdict.window_s, action)
-        if action == "slow":
-            await asyncio.sleep(self.loops.config.slow_s)
-        elif action == "refuse":
+        if action == "refuse":
             self._refused(adm.tenant, adm.model, "loop_detected")
             what = ("near-identical prompts" if verdict.rule == "repeat_prompt"
                     else "identical completions to growing prompts")
@@ -181,58 +233,48 @@ class Governor:
                            f"({verdict.count} {what} within {verdict.window_s:g}s). Change the "
                            f"prompt or wait.", err_type="rate_limit_error", code="loop_detected",
                            retry_after=verdict.window_s)
+        return self.loops.config.slow_s if action == "slow" else 0.0
 
-    async def _reserve(self, adm: Admitted) -> None:
-        wall = self.wall()
-        bound = self._meter_set(adm.tenant, adm.policy).refresh(wall)
-        fleet = self._fleet.refresh(wall)
-        if fleet:
-            bound = bound + fleet
-        if bound:
-            use = units(adm.prompt, adm.completion,
-                        self.prices.of(adm.model).cost(adm.prompt, 0, adm.completion))
-            want = parts(bound, use)
-            short, reached = await self._take(want)
-            if short is not None and reached:  # the ledger has nothing left for it
-                raise self._refusal(adm, bound, want, short, wall)
-            if short is not None:  # the ledger is out of reach past the leases
-                if self.config.ledger.fail_mode == "closed":
-                    self._refused(adm.tenant, adm.model, "ledger_unavailable")
-                    raise ApiError(503, "The usage ledger is unreachable, so this tenant's "
-                                   "limits cannot be checked; retry shortly.",
-                                   err_type="server_error", code="ledger_unavailable",
-                                   retry_after=1.0)
-                self.book.force(want)
-                self.metrics.fail_open += 1
-            adm.bound, adm.ticket = bound, self.book.ticket(want)
-            estimate = (adm.source if adm.source == "max_tokens"
-                        else f"{adm.source};tokens={adm.completion}")
-            adm.headers = (*self._headers(bound, wall),
-                           ("x-meshd-completion-estimate", estimate))
-        self.outstanding += 1
+    async def _reserve_slow(self, adm: Admitted, bound: Bound, use: Sequence[int],
+                            wall: float) -> None:
+        """The leases are past their deadline or do not cover `use`: sync once (the one
+        network round trip on a request's path), then reserve, refuse, or apply the fail mode."""
+        short, reached = await self._take(bound, use)
+        if short is None:
+            return
+        if reached:  # the ledger has nothing left for it
+            raise self._refusal(adm, bound, use, short, wall)
+        # the ledger is out of reach past the leases
+        if self.config.ledger.fail_mode == "closed":
+            self._refused(adm.tenant, adm.model, "ledger_unavailable")
+            raise ApiError(503, "The usage ledger is unreachable, so this tenant's "
+                           "limits cannot be checked; retry shortly.",
+                           err_type="server_error", code="ledger_unavailable",
+                           retry_after=1.0)
+        bound.pool.force(use)
+        self.metrics.fail_open += 1
 
-    async def _take(self, want: list[tuple[LocalMeter, int]]) -> tuple[LocalMeter | None, bool]:
-        """Reserve `want` on the leases, syncing once when they do not cover it. Returns (None,
+    async def _take(self, bound: Bound, use: Sequence[int]) -> tuple[LocalMeter | None, bool]:
+        """Reserve `use` on the leases, syncing once when they do not cover it. Returns (None,
         True) when reserved; else the meter short and whether the ledger answered (False: the
         leases are past their deadline or the one sync failed, so it is not known to be
         spent)."""
-        book, timeout = self.book, self.config.ledger.timeout_s
+        book, pool, timeout = self.book, bound.pool, self.config.ledger.timeout_s
         if not book.valid(self.clock()):
             await self.keeper.urgent(timeout)
+            if not book.valid(self.clock()):
+                return bound.meters[0], False
+            if pool.reserve(use) is None:
+                return None, True
+        reached = await self.keeper.urgent(timeout)  # ask for more
         if not book.valid(self.clock()):
-            return want[0][0], False
-        short = book.reserve(want)
-        if short is None:
-            return None, True
-        reached = await self.keeper.urgent(timeout)  # the one round trip: ask for more
-        if not book.valid(self.clock()):
-            return short, False
-        return book.reserve(want), reached
+            return bound.meters[0], False
+        return pool.reserve(use), reached
 
-    def _refusal(self, adm: Admitted, bound: list[Bound], want: list[tuple[LocalMeter, int]],
-                 short: LocalMeter, wall: float) -> ApiError:
-        limit = next(b.limit for b in bound if b.meter is short)
-        need = next(units for m, units in want if m is short)
+    def _refusal(self, adm: Admitted, bound: Bound, use: Sequence[int], short: LocalMeter,
+                 wall: float) -> ApiError:
+        limit = bound.limit_of(short)
+        need = use[limit.sel]
         self._refused(adm.tenant, adm.model, limit.name)
         retry = max(1.0, math.ceil(short.expires_at - wall)) if short.expires_at else 1.0
         who = "The mesh" if limit.name.startswith("fleet") else f"Tenant {adm.tenant!r}"
@@ -242,7 +284,7 @@ class Governor:
         else:
             amount = f"{short.limit} (used {short.used}; this request needs {need})"
         msg = f"{who} reached its {limit.name} limit of {amount}; retry after {retry:g}s."
-        hdrs = self._headers(bound, wall)
+        hdrs = self._rate_headers(bound, wall)
         if limit.quota:
             return ApiError(429, msg, err_type="insufficient_quota", code="insufficient_quota",
                             retry_after=retry, headers=hdrs)
@@ -254,27 +296,22 @@ class Governor:
         self.usage.add(self._today(), tenant, model, 0, 0, 0, 0, 0, refused=1)
 
     @staticmethod
-    def _headers(bound: list[Bound], wall: float) -> tuple[tuple[str, str], ...]:
-        """OpenAI's x-ratelimit-* for the tenant's rpm and tpm (none when it has neither)."""
-        out: list[tuple[str, str]] = []
-        for b in bound:
-            name = b.limit.name
-            if name != "rpm" and name != "tpm":
-                continue
-            kind = "requests" if name == "rpm" else "tokens"
-            m = b.meter
-            out += [(f"x-ratelimit-limit-{kind}", str(m.limit)),
-                    (f"x-ratelimit-remaining-{kind}", str(m.remaining())),
-                    (f"x-ratelimit-reset-{kind}",
-                     f"{max(0, math.ceil(m.expires_at - wall))}s")]
-        return tuple(out)
+    def _headers(adm: Admitted, bound: Bound, wall: float) -> bytes:
+        """The response's x-meshd-completion-estimate and x-ratelimit-* lines, encoded."""
+        if adm.source == "max_tokens":
+            return _ESTIMATE_MAX_TOKENS + _rate_lines(bound, wall)
+        return (b"x-meshd-completion-estimate: %b;tokens=%d\r\n"
+                % (adm.source.encode(), adm.completion) + _rate_lines(bound, wall))
 
-    async def _enter(self, adm: Admitted) -> None:
+    @staticmethod
+    def _rate_headers(bound: Bound, wall: float) -> tuple[tuple[str, str], ...]:
+        """x-ratelimit-* of a refusal, as (name, value) pairs."""
+        lines = _rate_lines(bound, wall).decode("latin-1").split("\r\n")
+        return tuple((k, v) for k, _, v in (line.partition(": ") for line in lines if line))
+
+    async def _queue(self, adm: Admitted, cost: float) -> None:
+        """Wait in the tenant's fair-share queue for a slot (or 503 past the deadline)."""
         pol = adm.policy
-        cost = self.fair.service(adm.prompt, adm.completion)
-        if self.fair.try_enter(adm.tenant, pol.priority_class, pol.weight, cost):
-            adm.fair_cost = cost
-            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = self.fair.enqueue(adm.tenant, pol.priority_class, pol.weight, cost,
                                   (fut, adm.tenant, cost))
@@ -300,28 +337,33 @@ class Governor:
         self.metrics.queue_wait.observe(self.clock() - t0)
 
     # ---- settlement
-    def settle(self, adm: Admitted, completion: int, cached: int, output_sig: int | None,
+    def settle(self, adm: Admitted, completion: int, cached: int, output: Sequence[int],
                refused: bool = False) -> None:
         if adm.done:
             return
+        t0 = self.settle_cpu.start()
         adm.done = True
         self.outstanding -= 1
         cost = self.prices.of(adm.model).cost(adm.prompt, cached, completion)
-        if adm.ticket is not None:
-            self.book.settle(adm.ticket, [0] * len(adm.bound) if refused else
-                             actuals(adm.bound, units(adm.prompt, completion, cost)))
+        if adm.ticket is not None and adm.bound is not None:
+            adm.bound.pool.settle(adm.ticket, _NOTHING if refused else
+                                  units(adm.prompt, completion, cost))
         if adm.fair_cost >= 0:
             self._wake(self.fair.release(adm.tenant, self.fair.service(adm.prompt, completion),
                                          adm.fair_cost))
-        if refused:
-            return
+        if not refused:
+            self._book_usage(adm, completion, cached, output, cost)
+        if t0:
+            self.settle_cpu.stop(t0)
+
+    def _book_usage(self, adm: Admitted, completion: int, cached: int, output: Sequence[int],
+                    cost: int) -> None:
         self.usage.add(self._today(), adm.tenant, adm.model, 1, adm.prompt, cached,
                        completion, cost)
-        self.metrics.used(adm.tenant, adm.prompt, cached, completion, cost)
         if adm.source != "max_tokens":
             self.estimates.observe(adm.tenant, adm.model, completion // adm.n)
-        if output_sig is not None and adm.loop_key:
-            self.loops.observe(adm.loop_key, adm.prompt, output_sig)
+        if output and adm.loop_key:
+            self.loops.observe(adm.loop_key, adm.prompt, self.loops.signature(output))
 
     def _wake(self, items: list[Any]) -> None:
         while items:
@@ -347,6 +389,8 @@ class Governor:
             tenants.setdefault(t, {})[outcome] = v
         k = self.keeper
         return {"tenants": tenants, "outstanding": self.outstanding,
+                "cost_us": {"admit": self.admit_cpu.mean_us(), "settle": self.settle_cpu.mean_us(),
+                            "samples": self.admit_cpu.samples, "every": CpuSample.EVERY},
                 "reserved_units": self.book.inflight(),
                 "fair": {"max_active": self.config.fair.max_active, "active": self.fair.active,
                          "queued": self.fair.depth()},

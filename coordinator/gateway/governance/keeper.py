@@ -26,10 +26,12 @@ log = logging.getLogger("meshd.gateway.governance")
 
 
 class UsageBuffer:
-    """Usage per (day, tenant, model) since the last sync that reached the ledger."""
+    """Usage per (day, tenant, model) since the last sync that reached the ledger, and per
+    tenant since start (what was taken plus what is buffered: the metrics' counters)."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str, str], list[int]] = {}
+        self._taken: dict[str, list[int]] = {}  # tenant -> prompt, cached, completion, spend
 
     def add(self, day: str, tenant: str, model: str, requests: int, prompt: int, cached: int,
             completion: int, spend: int, refused: int = 0) -> None:
@@ -45,8 +47,22 @@ class UsageBuffer:
 
     def take(self) -> tuple[UsageDelta, ...]:
         out = tuple(UsageDelta(d, t, m, *row) for (d, t, m), row in self.rows.items())
+        self._fold(self._taken, self.rows)
         self.rows = {}
         return out
+
+    def totals(self) -> dict[str, list[int]]:
+        """tenant -> [prompt, cached, completion, spend] since start."""
+        out = {t: list(v) for t, v in self._taken.items()}
+        self._fold(out, self.rows)
+        return out
+
+    @staticmethod
+    def _fold(into: dict[str, list[int]], rows: dict[tuple[str, str, str], list[int]]) -> None:
+        for (_, tenant, _), row in rows.items():
+            acc = into.setdefault(tenant, [0, 0, 0, 0])
+            for i in range(4):
+                acc[i] += row[i + 1]
 
 
 class Keeper:

@@ -1,19 +1,21 @@
 """Which ledger meters a tenant's request touches, and how many units of each.
 
-`MeterSet.parts(...)` is the reservation of one request: the tenant's limits (requests, tokens
-per minute, concurrency, daily and monthly tokens and spend) and the fleet's (tokens per
-window, spend per hour), each a `LocalMeter` of the replica's `LeaseBook` keyed by its window
-(`rpm/acme/29634127`, `dusd/acme/2026-12-02`), with the units this request needs. Windows are
-wall time, the same on every replica; keys of the current windows are cached and rebuilt when
-a window turns over, so the hot path is a few comparisons and list appends.
+A request's reservation touches the tenant's limits (requests, tokens per minute,
+concurrency, daily and monthly tokens and spend) and the fleet's (tokens per window, spend per
+hour), each a `LocalMeter` of the replica's `LeaseBook` keyed by its window
+(`rpm/acme/29634127`, `daily_budget_usd/acme/2026-12-02`). `bind(...)` gives them as one
+`Bound` per tenant with what each meter counts; windows are wall time, the same on every
+replica, and a `Bound` is cached until one of its windows turns over. Its meters are reserved
+together through one `Pool` (`leases.py`), so a request costs the same however many limits
+its tenant has.
 """
 
 from __future__ import annotations
 
 import calendar
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from meshd.coordinator.gateway.governance.config import FleetPolicy, TenantPolicy
 from meshd.scheduler.admission.leases import LeaseBook, LocalMeter
@@ -56,10 +58,34 @@ _LIMITS = {
 }
 
 
-class Bound(NamedTuple):
-    limit: Limit
-    meter: LocalMeter
-    sel: int
+class Bound:
+    """The meters a request of one tenant touches in the current windows (the tenant's, then
+    the fleet's), reserved together through one `Pool`; `rate` are the rpm/tpm meters the
+    x-ratelimit-* headers report; valid while wall time < `until`."""
+
+    __slots__ = ("limits", "meters", "pool", "rate", "until")
+
+    def __init__(self, book: LeaseBook, pairs: Sequence[tuple[Limit, LocalMeter]],
+                 until: float) -> None:
+        self.limits = tuple(limit for limit, _ in pairs)
+        self.meters = tuple(m for _, m in pairs)
+        self.pool = book.pool(self.meters, [limit.sel for limit in self.limits])
+        self.rate = tuple(_rate(limit, m, self.pool.slot_of(m)) for limit, m in pairs
+                          if limit.name in ("rpm", "tpm"))
+        self.until = until
+
+    def limit_of(self, meter: LocalMeter) -> Limit:
+        return self.limits[self.meters.index(meter)]
+
+
+def _rate(limit: Limit, m: LocalMeter, slot: int) -> tuple[bytes, bytes, bytes, LocalMeter, int]:
+    """The x-ratelimit-* header lines of an rpm or tpm meter, encoded: the limit line whole,
+    the remaining and reset lines' names (their values change per request); the meter and its
+    pool slot."""
+    kind = "requests" if limit.name == "rpm" else "tokens"
+    return (f"x-ratelimit-limit-{kind}: {m.limit}\r\n".encode(),
+            f"x-ratelimit-remaining-{kind}: ".encode(), f"x-ratelimit-reset-{kind}: ".encode(),
+            m, slot)
 
 
 def _day_end(wall: float) -> tuple[str, float]:
@@ -100,14 +126,15 @@ class MeterSet:
             if fleet.spend_per_hour_usd and priced:
                 self.specs.append((_LIMITS["fleet_spend_per_hour"],
                                    round(fleet.spend_per_hour_usd * USD), "w", 3600.0))
-        self.bound: list[Bound] = []
-        self._until = 0.0  # wall time the cached windows end
+        self.pairs: list[tuple[Limit, LocalMeter]] = []
+        self.until = 0.0  # wall time the cached windows end
 
-    def refresh(self, wall: float) -> list[Bound]:
-        if wall < self._until:
-            return self.bound
+    def refresh(self, wall: float) -> list[tuple[Limit, LocalMeter]]:
+        """(limit, meter) of the current windows; rebuilt only when a window turned over."""
+        if wall < self.until:
+            return self.pairs
         until = float("inf")
-        bound = []
+        pairs = []
         who = self.tenant if self.tenant is not None else "fleet"
         for limit, value, period, length in self.specs:
             if period == "":
@@ -123,14 +150,12 @@ class MeterSet:
                 key = f"{limit.name}/{who}/{month}"
             if end:
                 until = min(until, end)
-            bound.append(Bound(limit, self.book.meter(key, limit.kind, value, end), limit.sel))
-        self.bound, self._until = bound, until
-        return bound
+            pairs.append((limit, self.book.meter(key, limit.kind, value, end)))
+        self.pairs, self.until = pairs, until
+        return pairs
 
 
-def parts(bound: list[Bound], use: tuple[int, ...]) -> list[tuple[LocalMeter, int]]:
-    return [(b.meter, use[b.sel]) for b in bound]
-
-
-def actuals(bound: list[Bound], use: tuple[int, ...]) -> list[int]:
-    return [use[b.sel] for b in bound]
+def bind(tenant: MeterSet, fleet: MeterSet, wall: float) -> Bound:
+    """The tenant's and the fleet's meters of the windows `wall` falls in."""
+    pairs = tenant.refresh(wall) + fleet.refresh(wall)
+    return Bound(tenant.book, pairs, min(tenant.until, fleet.until))

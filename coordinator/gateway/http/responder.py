@@ -42,7 +42,12 @@ def status_line(status: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
-def encode_headers(headers: Sequence[tuple[str, str]]) -> bytes:
+Headers = Sequence[tuple[str, str]] | bytes  # (name, value) pairs, or header lines encoded
+
+
+def encode_headers(headers: Headers) -> bytes:
+    if isinstance(headers, bytes):
+        return headers
     return b"".join(b"%b: %b\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
                     for k, v in headers)
 
@@ -77,7 +82,7 @@ class Responder:
         return status_line(status) + extra + self._rid_line + conn_line + b"\r\n"
 
     def send(self, status: int, body: bytes, content_type: bytes = JSON,
-             headers: Sequence[tuple[str, str]] = ()) -> None:
+             headers: Headers = ()) -> None:
         """A complete response; `body` is sent as-is (the caller owns its encoding)."""
         if self.state != NOT_STARTED:
             raise RuntimeError("response already started")
@@ -94,8 +99,7 @@ class Responder:
             ("retry-after", f"{err.retry_after:g}"), *err.headers)
         self.send(err.status, err.body(), JSON, hdrs)
 
-    async def start_stream(self, status: int = 200,
-                           headers: Sequence[tuple[str, str]] = ()) -> None:
+    async def start_stream(self, status: int = 200, headers: Headers = ()) -> None:
         """Send the headers of an SSE response."""
         if self.state != NOT_STARTED:
             raise RuntimeError("response already started")

@@ -148,7 +148,7 @@ class MeshHandler:
         runs = self._runs(req, view, prompt_ids, start, max_tokens)
         timing = self.metrics.request(start)
         shaper = Shaper(req, vocab=self._vocab(body.model))
-        headers = adm.headers if adm is not None else ()
+        headers = adm.headers if adm is not None else b""
         try:
             if body.stream:
                 await self._stream(runs, shaper, responder, req, timing, len(prompt_ids),
@@ -218,8 +218,7 @@ class MeshHandler:
         return out
 
     async def _stream(self, runs: list[ChoiceRun], shaper: Shaper, responder: Responder,
-                      req: ApiRequest, timing: Any, prompt_tokens: int,
-                      headers: Sequence[tuple[str, str]]) -> None:
+                      req: ApiRequest, timing: Any, prompt_tokens: int, headers: bytes) -> None:
         def emitter(i: int) -> Callable[[list[Delta]], Coroutine[Any, Any, None]]:
             async def emit(deltas: list[Delta]) -> None:  # one write per worker read burst
                 timing.burst(deltas)
@@ -243,5 +242,4 @@ def settle(adm: Admitted, runs: Sequence[ChoiceRun]) -> None:
     for r in runs:
         completion += len(r.out.token_ids)
         cached = max(cached, r.out.cached_tokens)
-    first = runs[0].out.token_ids if runs else ()
-    adm.finish(completion, cached, hash(tuple(first)) if first else None)
+    adm.finish(completion, cached, runs[0].out.token_ids if runs else ())

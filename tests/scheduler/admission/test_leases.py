@@ -26,12 +26,12 @@ def make_meter(book: LeaseBook, limit: int = 100, kind: Kind = Kind.COUNTER) -> 
 def test_first_reservation_needs_a_sync_then_fits() -> None:
     ledger, book = LedgerState(LedgerConfig(ttl_s=TTL)), make_book("a")
     m = make_meter(book)
-    assert book.reserve([(m, 30)]) is m and m.need == 30
+    assert book.reserve([m], [30]) is m and m.need == 30
     sync(ledger, book, 0.0)
     assert m.held == 30  # the need, more than the 10% fraction
-    assert book.reserve([(m, 30)]) is None
+    assert book.reserve([m], [30]) is None
     assert (m.held, m.inflight) == (0, 30)
-    ticket = book.ticket([(m, 30)])
+    ticket = book.ticket([m], [30])
     book.settle(ticket, [12])
     assert (m.held, m.inflight, m.consumed) == (18, 0, 12)
     sync(ledger, book, 1.0)
@@ -47,7 +47,7 @@ def test_all_or_nothing() -> None:
     a.need, b.need = 50, 1
     sync(ledger, book, 0.0)
     assert (a.held, b.held) == (50, 1)
-    assert book.reserve([(a, 10), (b, 2)]) is b
+    assert book.reserve([a, b], [10, 2]) is b
     assert (a.held, a.inflight, b.held) == (50, 0, 1)  # a was rolled back
 
 
@@ -64,8 +64,8 @@ def test_grants_across_replicas_never_exceed_the_limit() -> None:
         op = rng.random()
         if op < 0.5:
             units = rng.randint(1, 40)
-            if book.reserve([(m, units)]) is None:
-                tickets.append((book, book.ticket([(m, units)]), units))
+            if book.reserve([m], [units]) is None:
+                tickets.append((book, book.ticket([m], [units]), units))
         elif op < 0.8 and tickets:
             book2, t, units = tickets.pop(rng.randrange(len(tickets)))
             actual = rng.randint(0, units)
@@ -118,8 +118,8 @@ def test_expired_replica_is_charged_its_lease_and_reset() -> None:
     conc = dead.meter("max_concurrent/acme", Kind.GAUGE, 4, 0.0)
     m.need, conc.need = 40, 1
     sync(ledger, dead, 0.0)
-    assert dead.reserve([(m, 30), (conc, 1)]) is None
-    running = dead.ticket([(m, 30), (conc, 1)])
+    assert dead.reserve([m, conc], [30, 1]) is None
+    running = dead.ticket([m, conc], [30, 1])
     ledger.sync(live.report(), TTL + 1)  # any sync expires the silent replica
     assert ledger.used(m.key) == (40, 0, 100)  # its whole lease, charged
     assert ledger.used(conc.key) == (0, 0, 4)  # the gauge released
@@ -141,8 +141,8 @@ def test_failed_sync_keeps_consumption_for_the_next() -> None:
     m = make_meter(book)
     m.need = 20
     sync(ledger, book, 0.0)
-    assert book.reserve([(m, 20)]) is None
-    book.settle(book.ticket([(m, 20)]), [15])
+    assert book.reserve([m], [20]) is None
+    book.settle(book.ticket([m], [20]), [15])
     book.report()  # sent, but the answer never came
     assert (m.consumed, m.acked) == (15, 0)
     sync(ledger, book, 1.0)
@@ -154,8 +154,8 @@ def test_a_sync_applied_twice_counts_once() -> None:
     m = make_meter(book)
     m.need = 20
     sync(ledger, book, 0.0)
-    assert book.reserve([(m, 20)]) is None
-    book.settle(book.ticket([(m, 20)]), [15])
+    assert book.reserve([m], [20]) is None
+    book.settle(book.ticket([m], [20]), [15])
     req = book.report()
     ledger.sync(req, 1.0)  # applied, but the answer was lost
     book.apply(ledger.sync(req, 1.5), 1.5)  # sent again

@@ -81,3 +81,13 @@ async def test_fail_open_serves_and_reports_when_the_ledger_is_back() -> None:
     assert await gov.keeper.sync()
     (meter,) = ledger.ledger.meters("tpm/acme/")
     assert meter["committed"] == 15 + 55  # both requests, reported once the link was back
+
+
+async def test_admission_times_itself_on_a_sample_of_requests() -> None:
+    gov, _ = make_governor("closed", tpm=100_000, rpm=10_000, max_concurrent=64)
+    every = 16
+    for _ in range(2 * every):  # the first waits for its lease: not sampled if it is picked
+        (await gov.admit(make_request(), [1, 2, 3, 4, 5])).finish(10, 0)
+    cost = gov.describe()["cost_us"]
+    assert cost["every"] == every and cost["samples"] == 2
+    assert cost["admit"] > 0 and cost["settle"] > 0
