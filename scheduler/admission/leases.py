@@ -4,8 +4,10 @@ The hot path is local arithmetic: `reserve` takes a request's amounts from the l
 meter it touches, all or nothing; `settle` returns what the request did not use and books what
 it did. The gateway reserves through a `Pool` (below): the same accounting, slot by slot
 instead of meter by meter, flushed into the meters before every report; the meter-by-meter
-methods are the reference it is tested against. Leases come from the ledger (`ledger.py`) through `report` → `LedgerState.sync` →
-`apply`, which the gateway runs in the background every `sync_interval_s` and at once when a
+methods are the reference it is tested against.
+
+Leases come from the ledger (`ledger.py`) through `report` → `LedgerState.sync` → `apply`,
+which the gateway runs in the background every `sync_interval_s` and at once when a
 reservation does not fit (the only network round trip on a request's path, and only then).
 
 Consumption is reported cumulatively (`consumed` never goes down in an epoch; the ledger
