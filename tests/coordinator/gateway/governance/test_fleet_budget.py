@@ -43,7 +43,8 @@ def make_config(port: int, backend: int, fail_mode: str = "closed",
 async def post(http: aiohttp.ClientSession, port: int, prompt: str) -> tuple[int, Any]:
     async with http.post(f"http://127.0.0.1:{port}/v1/completions",
                          json={"model": "fake", "prompt": prompt, "max_tokens": MAX_TOKENS},
-                         headers={"authorization": f"Bearer {KEY}"}) as r:
+                         headers={"authorization": f"Bearer {KEY}"},
+                         timeout=aiohttp.ClientTimeout(total=30)) as r:
         return r.status, await r.json()
 
 
