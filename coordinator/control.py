@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from meshd import capabilities as caps
 from meshd.config import CoordinatorConfig
+from meshd.coordinator import claims
 from meshd.coordinator.metrics import ControlMetrics
 from meshd.coordinator.nodes import ALIVE, Node, NodeTable
 from meshd.coordinator.store import NodeRow, Store
@@ -77,7 +78,9 @@ class ControlPlane:
 
     # -- methods ----------------------------------------------------------------------------
 
-    async def register(self, raw: bytes) -> pb.RegisterReply:
+    async def register(self, raw: bytes, peer: str = "") -> pb.RegisterReply:
+        """`peer`: the gRPC peer (`ipv4:host:port`), whose host the node's workers must listen
+        on unless the operator pinned another for its key (`claims.py`)."""
         sealed = self.open(raw, "Register", _join_token)
         req = _parse(pb.RegisterRequest, sealed.envelope.payload)
         try:
@@ -88,6 +91,13 @@ class ControlPlane:
         if who.role != "agent":
             raise RequestError("PERMISSION_DENIED", "not_agent",
                                "admin keys cannot register as nodes")
+        key = await asyncio.to_thread(self.store.key, who.public_key)
+        try:
+            claims.check(who.node_id, report, claims.peer_host(peer),
+                         key.pinned_host if key is not None else "", self.table.nodes.values())
+        except claims.Refused as e:
+            code = "ALREADY_EXISTS" if e.reason.endswith("_taken") else "PERMISSION_DENIED"
+            raise RequestError(code, e.reason, e.detail) from None
         now = self.clock()
         node = self.table.register(who.node_id, who.public_key, report, now)
         await asyncio.to_thread(self.store.upsert_node, NodeRow(

@@ -52,7 +52,7 @@ class ControlServer:
         handlers = {
             "Register": self._unary("Register", p.register),
             "Heartbeat": self._unary("Heartbeat", _awaitable(p.heartbeat)),
-            "Deregister": self._unary("Deregister", p.deregister),
+            "Deregister": self._unary("Deregister", lambda raw, _: p.deregister(raw)),
             "Status": self._unary("Status", _awaitable(p.status)),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -90,14 +90,15 @@ class ControlServer:
             except Exception:  # keep sweeping; a failed flush is retried next round
                 log.exception("liveness sweep failed")
 
-    def _unary(self, method: str, fn: Callable[[bytes], Awaitable[Any]]
+    def _unary(self, method: str, fn: Callable[[bytes, str], Awaitable[Any]]
                ) -> grpc.RpcMethodHandler:
+        """`fn(raw request bytes, the gRPC peer)`."""
         metrics = self.metrics
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             try:
-                return await fn(raw)
+                return await fn(raw, context.peer())
             except Rejected as e:
                 metrics.rejected(e.reason, method)
                 await _abort(context, REASONS[e.reason], e.reason, e.detail)
@@ -117,8 +118,8 @@ async def _abort(context: grpc.aio.ServicerContext, code: str, reason: str, deta
     await context.abort(getattr(grpc.StatusCode, code), f"{reason}: {detail}")
 
 
-def _awaitable(fn: Callable[[bytes], Any]) -> Callable[[bytes], Awaitable[Any]]:
-    async def call(raw: bytes) -> Any:
+def _awaitable(fn: Callable[[bytes], Any]) -> Callable[[bytes, str], Awaitable[Any]]:
+    async def call(raw: bytes, peer: str) -> Any:
         return fn(raw)
 
     return call

@@ -11,6 +11,7 @@ event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -30,7 +31,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     public_key BLOB PRIMARY KEY, node_id TEXT NOT NULL, label TEXT NOT NULL DEFAULT '',
     role TEXT NOT NULL DEFAULT 'agent', state TEXT NOT NULL DEFAULT 'trusted',
-    source TEXT NOT NULL DEFAULT 'operator', added_at REAL NOT NULL, revoked_at REAL
+    source TEXT NOT NULL DEFAULT 'operator', added_at REAL NOT NULL, revoked_at REAL,
+    pinned_host TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, label TEXT NOT NULL DEFAULT '',
@@ -53,6 +55,7 @@ class KeyRecord:
     source: str  # operator | token:<id> | local-admin
     added_at: float
     revoked_at: float | None
+    pinned_host: str = ""  # the host its workers may listen on besides the one it connects from
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,11 @@ class Store:
         self.path = Path(state_dir).expanduser() / DB_FILE
         self._lock = threading.Lock()
         self._db = sqlite.connect(self.path, SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(keys)")}
+        if "pinned_host" not in cols:  # a trust store from before host pins
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                self._db.execute("ALTER TABLE keys ADD COLUMN pinned_host TEXT NOT NULL "
+                                 "DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -89,7 +97,7 @@ class Store:
     # -- keys -------------------------------------------------------------------------------
 
     def add_key(self, public_key: bytes, node_id: str, label: str = "", role: str = "agent",
-                source: str = "operator") -> KeyRecord:
+                source: str = "operator", pinned_host: str = "") -> KeyRecord:
         if len(public_key) != PUBLIC_KEY_BYTES:
             raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
         if role not in ("agent", "admin"):
@@ -97,10 +105,11 @@ class Store:
         now = time.time()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO keys(public_key, node_id, label, role, state, source, added_at) "
-                "VALUES (?, ?, ?, ?, 'trusted', ?, ?) ON CONFLICT(public_key) DO UPDATE SET "
-                "label=excluded.label, role=excluded.role, state='trusted', revoked_at=NULL",
-                (public_key, node_id, label, role, source, now))
+                "INSERT INTO keys(public_key, node_id, label, role, state, source, added_at, "
+                "pinned_host) VALUES (?, ?, ?, ?, 'trusted', ?, ?, ?) ON CONFLICT(public_key) "
+                "DO UPDATE SET label=excluded.label, role=excluded.role, state='trusted', "
+                "revoked_at=NULL, pinned_host=excluded.pinned_host",
+                (public_key, node_id, label, role, source, now, pinned_host))
         rec = self.key(public_key)
         assert rec is not None
         return rec

@@ -8,15 +8,18 @@ these frozen dataclasses. `to_dict`/`from_dict` give the JSON form the coordinat
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshd import endpoints
 from meshd.proto.v1 import control_pb2 as pb
 
 ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE,
          "both": pb.WORKER_ROLE_BOTH}
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
+WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,44 @@ def to_pb(c: Capabilities) -> pb.CapabilityReport:
         attributes=dict(c.attributes), agent_version=c.agent_version, probe_note=c.probe_note)
 
 
+def check_workers(workers: Iterable[Worker]) -> None:
+    """What a report's workers must be before anything routes to them: a worker id of
+    [A-Za-z0-9._:-] (at most 128, unique in the report), an `http://host:port` endpoint, and
+    `tcp://host:port` KV-event and `scheme://host:port` KV-transfer endpoints when given.
+    Raises ValueError naming the field."""
+    seen: set[str] = set()
+    for i, w in enumerate(workers):
+        where = f"capabilities.workers[{i}]"
+        if not WORKER_ID.fullmatch(w.worker_id):
+            raise ValueError(f"{where}.worker_id: {w.worker_id!r} must be 1-128 of "
+                             "A-Z a-z 0-9 . _ : - (starting with a letter or digit)")
+        if w.worker_id in seen:
+            raise ValueError(f"{where}.worker_id: {w.worker_id!r} appears twice in the report")
+        seen.add(w.worker_id)
+        for name, schemes, optional in (("endpoint", ("http",), False),
+                                        ("kv_events_endpoint", ("tcp",), True),
+                                        ("kv_events_replay_endpoint", ("tcp",), True),
+                                        ("kv_transfer_endpoint", None, True)):
+            url = getattr(w, name)
+            if optional and not url:
+                continue
+            try:
+                endpoints.parse(url, schemes)
+            except ValueError as e:
+                raise ValueError(f"{where}.{name}: {e}") from None
+
+
+def listeners(w: Worker) -> list[tuple[str, tuple[str, int]]]:
+    """(field, (host, port)) of every endpoint `w` reports (valid ones: `check_workers`)."""
+    out = []
+    for name in ("endpoint", "kv_events_endpoint", "kv_events_replay_endpoint",
+                 "kv_transfer_endpoint"):
+        url = getattr(w, name)
+        if url:
+            out.append((name, endpoints.parse(url).address))
+    return out
+
+
 def from_pb(m: pb.CapabilityReport) -> Capabilities:
     """Convert a received report; raises ValueError naming the bad field."""
     if not m.HasField("host") or not m.host.hostname:
@@ -185,10 +226,16 @@ def from_pb(m: pb.CapabilityReport) -> Capabilities:
         rdma=tuple(Rdma(r.name, r.port, r.state, r.link_layer, r.rate_gbps, r.node_guid)
                    for r in m.rdma),
         ray_node_id=m.ray_node_id,
-        workers=tuple(worker_from_pb(w) for w in m.workers),
+        workers=_checked(worker_from_pb(w) for w in m.workers),
         experts=tuple(Experts(e.model, e.worker_id, e.layer, tuple(e.experts))
                       for e in m.experts),
         attributes=dict(m.attributes), agent_version=m.agent_version, probe_note=m.probe_note)
+
+
+def _checked(workers: Iterable[Worker]) -> tuple[Worker, ...]:
+    out = tuple(workers)
+    check_workers(out)
+    return out
 
 
 def to_dict(c: Capabilities) -> dict[str, Any]:

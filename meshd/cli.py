@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("public_key")
     add.add_argument("--label", default="")
     add.add_argument("--admin", action="store_true", help="may call admin RPCs (status)")
+    add.add_argument("--host", default="",
+                     help="a host its workers may listen on besides the address it connects "
+                          "from (behind NAT, or a DNS name in its report)")
     tsub.add_parser("list", help="list keys and join tokens")
     rev = tsub.add_parser("revoke", help="revoke a key by node id or public key")
     rev.add_argument("key")

@@ -40,6 +40,11 @@ def test_identity_show_and_trust_lifecycle(tmp_path: Path) -> None:
 
     bad = meshd("trust", "--state-dir", coord_dir, "add", "nothex")
     assert bad.returncode == 1 and "must be hex" in bad.stderr and "Traceback" not in bad.stderr
+    pinned = meshd("trust", "--state-dir", coord_dir, "add", pub, "--host", "GPU-7.lan")
+    assert pinned.returncode == 0 and "workers may listen on gpu-7.lan" in pinned.stdout
+    assert "gpu-7.lan" in meshd("trust", "--state-dir", coord_dir, "list").stdout
+    bad = meshd("trust", "--state-dir", coord_dir, "add", pub, "--host", "a b")
+    assert bad.returncode == 1 and "--host 'a b'" in bad.stderr and "Traceback" not in bad.stderr
     missing = meshd("trust", "--state-dir", coord_dir, "revoke", "n-nosuch")
     assert missing.returncode == 1 and "no key" in missing.stderr
 

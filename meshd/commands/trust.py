@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from meshd import endpoints
 from meshd.commands import CommandError
 from meshd.config import MeshConfig
 from meshd.coordinator.store import Store
@@ -27,12 +28,21 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
                 key = bytes.fromhex(args.public_key)
             except ValueError:
                 raise CommandError("public key must be hex (see `meshd identity show`)") from None
+            host = args.host.strip()
+            if host:
+                try:
+                    endpoints.parse(f"http://{host}:1")
+                except ValueError:
+                    raise CommandError(f"--host {args.host!r} is not an IP address or a host "
+                                       "name") from None
             try:
                 rec = store.add_key(key, node_id_for(key), args.label,
-                                    "admin" if args.admin else "agent")
+                                    "admin" if args.admin else "agent",
+                                    pinned_host=endpoints.normal_host(host) if host else "")
             except ValueError as e:
                 raise CommandError(str(e)) from None
-            print(f"trusted {rec.node_id} ({rec.role})")
+            pin = f", workers may listen on {rec.pinned_host}" if rec.pinned_host else ""
+            print(f"trusted {rec.node_id} ({rec.role}{pin})")
         elif args.action == "revoke":
             try:
                 rec = store.revoke_key(args.key)
@@ -45,10 +55,11 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
                 raise CommandError(f"--ttl must be > 0, got {ttl}")
             print(store.create_token(ttl, args.label))
         else:
-            print(f"{'NODE ID':<20} {'ROLE':<6} {'STATE':<8} {'SOURCE':<18} {'ADDED':<19} LABEL")
+            print(f"{'NODE ID':<20} {'ROLE':<6} {'STATE':<8} {'SOURCE':<18} {'ADDED':<19} "
+                  f"{'HOST':<16} LABEL")
             for k in store.list_keys():
                 print(f"{k.node_id:<20} {k.role:<6} {k.state:<8} {k.source:<18} "
-                      f"{_when(k.added_at):<19} {k.label}")
+                      f"{_when(k.added_at):<19} {k.pinned_host or '-':<16} {k.label}")
             tokens = store.tokens()
             if tokens:
                 print(f"\n{'TOKEN ID':<14} {'EXPIRES':<19} {'USED':<19} LABEL")

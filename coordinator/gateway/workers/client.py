@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from meshd import endpoints
 from meshd.coordinator.gateway.http.sse import DONE
 from meshd.coordinator.gateway.workers.client_conn import (
     BackendConnectError,
@@ -87,12 +88,14 @@ class BackendPool:
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> BackendPool:
-        """`http://host:port` (a path part is ignored; https is not supported)."""
-        rest = url.removeprefix("http://").split("/", 1)[0]
-        host, _, port = rest.rpartition(":")
-        if not host or not port.isdigit() or url.startswith("https"):
-            raise ValueError(f"backend url must be http://host:port, got {url!r}")
-        return cls(host, int(port), **kw)
+        """`http://host:port` (a path part is ignored; https is not supported); ValueError
+        otherwise."""
+        scheme, sep, rest = url.partition("://")
+        try:
+            ep = endpoints.parse(scheme + sep + rest.split("/", 1)[0], ("http",))
+        except ValueError as e:
+            raise ValueError(f"backend url must be http://host:port: {e}") from None
+        return cls(ep.host, ep.port, **kw)
 
     # ---- public calls
     async def request(self, method: str, path: str, body: bytes = b"", *,

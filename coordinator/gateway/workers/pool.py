@@ -83,6 +83,7 @@ class WorkerPool:
         self.failure_backoff_s = r.failure_backoff_s
         self.ledger = ledger or PrefillLedger()
         self.entries: dict[str, Entry] = {}
+        self.refused: dict[str, str] = {}  # worker id -> why the last membership skipped it
         self._order: list[str] = []  # entry ids, sorted (the views' order)
         self._views: list[WorkerView] | None = None
         self._views_until = math.inf  # the cached views expire when a failure backoff ends
@@ -100,7 +101,19 @@ class WorkerPool:
     def update(self, members: Iterable[Member]) -> None:
         """Replace the membership; unchanged workers keep their state (a member whose worker
         record changed is replaced, one whose attributes or experts changed is updated)."""
-        wanted = {m.worker.worker_id: m for m in members}
+        wanted: dict[str, Member] = {}
+        refused: dict[str, str] = {}
+        for m in members:  # a bad entry is skipped and reported, never stops the others
+            w = m.worker
+            try:
+                BackendPool.from_url(w.endpoint)  # the one the entry will use
+            except ValueError as bad:
+                refused[w.worker_id] = why = str(bad)
+                if self.refused.get(w.worker_id) != why:
+                    log.warning("worker %r of node %s skipped: %s", w.worker_id, m.node_id, why)
+                continue
+            wanted[w.worker_id] = m
+        self.refused = refused
         for wid in list(self.entries):
             if wid not in wanted or wanted[wid].worker != self.entries[wid].worker:
                 self._drop(wid)

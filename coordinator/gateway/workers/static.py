@@ -24,7 +24,11 @@ async def discover_static(entries: Sequence[str], timeout_s: float = 5.0) -> lis
     out: list[Member] = []
     for i, entry in enumerate(entries):
         role, _, url = entry.rpartition("=")
-        pool = BackendPool.from_url(url)
+        try:
+            pool = BackendPool.from_url(url)
+        except ValueError as e:  # the others still join
+            log.warning("static worker %r skipped: %s", entry, e)
+            continue
         try:
             r = await pool.request("GET", "/v1/models", timeout=timeout_s)
             models = [m["id"] for m in orjson.loads(r.body).get("data", [])]

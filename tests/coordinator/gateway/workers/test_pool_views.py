@@ -210,3 +210,17 @@ async def test_cost_calibrated_from_the_histograms(server: MetricsServer) -> Non
         assert dict(off.views()[0].cost) == {"decode_ms_per_seq": 0.5}
     finally:
         await off.close()
+
+
+async def test_a_malformed_endpoint_is_skipped_and_the_others_still_join() -> None:
+    """One bad entry in the membership never stops it (a gateway replica restarted with it in
+    the routing set still starts)."""
+    good = caps.Worker("w-good", "http://127.0.0.1:8100", "decode", "tiny")
+    bad = caps.Worker("w-bad", "not-a-url", "decode", "tiny")
+    later = caps.Worker("w-later", "http://127.0.0.1:8101", "prefill", "tiny")
+    pool = WorkerPool(follow_events=False)
+    pool.update([caps.Member("n1", good), caps.Member("n2", bad), caps.Member("n1", later)])
+    assert sorted(pool.entries) == ["w-good", "w-later"]
+    assert "not-a-url" in pool.refused["w-bad"]
+    pool.update([caps.Member("n1", good)])
+    assert sorted(pool.entries) == ["w-good"] and pool.refused == {}
