@@ -84,7 +84,8 @@ class Verifier:
         self.nonces = NonceCache(2 * window_s)
 
     def authenticate(self, env: pb.SignedEnvelope, method: str) -> float:
-        """Shape, timestamp, signature and nonce checks; returns `now`."""
+        """Shape, timestamp and signature checks; returns `now`. The nonce is checked by
+        `check`, once the key is known to be trusted."""
         if (len(env.signer_public_key) != PUBLIC_KEY_BYTES or len(env.nonce) != NONCE_BYTES
                 or len(env.signature) != SIGNATURE_BYTES):
             raise Rejected("malformed", f"envelope needs a {PUBLIC_KEY_BYTES}-byte public key, "
@@ -99,9 +100,13 @@ class Verifier:
                            "sign a fresh envelope")
         if not signature_ok(env, method):
             raise Rejected("bad_signature", f"signature does not verify for method {method}")
+        return now
+
+    def _fresh(self, env: pb.SignedEnvelope, now: float) -> None:
+        """Record the envelope's nonce (only for a key already known to be trusted, so
+        envelopes self-signed by unknown keys cannot grow the cache); refuse a replay."""
         if not self.nonces.add(env.signer_public_key + env.nonce, now):
             raise Rejected("replayed_nonce", "nonce was already used by this key")
-        return now
 
     def check(self, env: pb.SignedEnvelope, method: str, join_token: str = "",
               admin: bool = False) -> Verified:
@@ -116,11 +121,13 @@ class Verifier:
             if not join_token:
                 raise Rejected("unknown_key", f"key of node {node_id} is not in the trust "
                                "store; run `meshd trust add` or start the agent with a join token")
-            try:
+            try:  # one-time and atomic: a replayed enrollment finds the token used
                 rec = self.store.redeem_token(join_token, key, node_id, now)
             except TokenError as e:
                 raise Rejected(f"token_{e.reason}", str(e)) from None
+            self._fresh(env, now)
             return Verified(key, node_id, rec.role, enrolled=True)
+        self._fresh(env, now)
         if admin and rec.role != "admin":
             raise Rejected("not_admin", f"key of node {node_id} is not an admin key")
         return Verified(key, node_id, rec.role)

@@ -234,3 +234,25 @@ async def test_agent_reattaches_after_coordinator_restart(state_dir: Path) -> No
         assert table.nodes[ident.node_id].state == "alive"
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_unknown_keys_do_not_grow_the_nonce_cache(state_dir: Path) -> None:
+    async with control_server(make_config(state_dir)) as run:
+        good = Identity.generate()
+        run.store.add_key(good.public_key, good.node_id)
+        client = ControlClient(run.address, good)
+        cache = run.server.plane.verifier.nonces
+        before = len(cache)
+        for _ in range(50):  # self-signed, valid signatures, keys nobody trusts
+            raw = seal(Identity.generate(), "Register", register_payload()).SerializeToString()
+            await expect(client, "Register", raw, grpc.StatusCode.PERMISSION_DENIED,
+                         "unknown_key")
+        raw = seal(Identity.generate(), "Register", register_payload("mjt_nope.x"))
+        await expect(client, "Register", raw.SerializeToString(),
+                     grpc.StatusCode.PERMISSION_DENIED, "token_invalid")
+        assert len(cache) == before
+        raw = seal(good, "Register", register_payload()).SerializeToString()
+        await client.call_raw("Register", raw)
+        assert len(cache) == before + 1  # a trusted key's nonce is recorded
+        await expect(client, "Register", raw, grpc.StatusCode.UNAUTHENTICATED, "replayed_nonce")
+        await client.close()
