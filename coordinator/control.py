@@ -20,7 +20,7 @@ from meshd import capabilities as caps
 from meshd.config import CoordinatorConfig
 from meshd.coordinator import claims
 from meshd.coordinator.metrics import ControlMetrics
-from meshd.coordinator.nodes import ALIVE, Node, NodeTable
+from meshd.coordinator.nodes import ALIVE, LEFT, Node, NodeTable
 from meshd.coordinator.store import NodeRow, Store
 from meshd.coordinator.verify import Rejected, Verified, Verifier
 from meshd.proto.v1 import control_pb2 as pb
@@ -56,8 +56,10 @@ class ControlPlane:
         self.verifier = Verifier(store, config.timestamp_window_s, clock, self.started_at)
         self.table = NodeTable(config.suspect_after_s, config.dead_after_s)
         now = clock()
+        revoked = self._revoked()
         self.table.restore((Node(r.node_id, r.public_key, caps.from_dict(r.capabilities),
-                                 r.registered_at, r.last_heartbeat, r.state)
+                                 r.registered_at, r.last_heartbeat,
+                                 LEFT if r.public_key in revoked else r.state)
                             for r in store.nodes()), now)
         self.metrics.set_node_counts(self.table.counts())
 
@@ -146,16 +148,27 @@ class ControlPlane:
         return out
 
     def routable_workers(self) -> list[caps.Member]:
-        """Every worker of every alive node, with its node's attributes and its expert
-        placement: the routing set."""
-        return [m for n in self.table.nodes.values() if n.state == ALIVE
+        """Every worker of every alive node whose key is not revoked, with its node's
+        attributes and its expert placement: the routing set. A key revoked in the trust store
+        (by the CLI, on the same SQLite file) takes its node out of the next answer."""
+        revoked = self._revoked()
+        return [m for n in self.table.nodes.values()
+                if n.state == ALIVE and n.public_key not in revoked
                 for m in caps.members(n.node_id, n.capabilities)]
+
+    def _revoked(self) -> set[bytes]:
+        return {k.public_key for k in self.store.list_keys() if k.state == "revoked"}
 
     # -- liveness ---------------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Advance liveness and persist what changed."""
+        """Advance liveness, retire the nodes whose key was revoked (they leave: their
+        claims are given up, and a heartbeat is refused), and persist what changed."""
         self.table.tick(self.clock())
+        revoked = await asyncio.to_thread(self._revoked)
+        for n in list(self.table.nodes.values()):
+            if n.public_key in revoked:
+                self.table.deregister(n.node_id)
         await self.flush()  # persists the changes and sets the node gauges
 
     async def flush(self) -> None:

@@ -44,12 +44,14 @@ class NodeTable:
         self._dirty: set[str] = set()
 
     def restore(self, nodes: Iterable[Node], now: float) -> None:
-        """Load persisted nodes after a restart. Heartbeats are measured from `now`, so nodes
-        get a full suspect period to re-attach before they are marked down."""
+        """Load persisted nodes after a restart, each in the state it had: an alive node gets
+        a full suspect period from `now` to re-attach, a suspect one the rest of its way to
+        dead; a dead or departed node stays so (a heartbeat brings a dead one back)."""
         for n in nodes:
-            if n.state != LEFT:
-                n.state = ALIVE
+            if n.state == ALIVE:
                 n.last_heartbeat = max(n.last_heartbeat, now)
+            elif n.state == SUSPECT:
+                n.last_heartbeat = max(n.last_heartbeat, now - self.suspect_after_s)
             self.nodes[n.node_id] = n
 
     def register(self, node_id: str, public_key: bytes, caps: Capabilities, now: float) -> Node:

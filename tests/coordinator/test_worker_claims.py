@@ -167,3 +167,33 @@ def test_a_trust_store_from_before_host_pins_opens_and_pins(tmp_path: Path) -> N
         assert store.key(ident.public_key).pinned_host == "10.1.2.3"
     finally:
         store.close()
+
+
+async def test_a_restart_keeps_each_nodes_state_and_revocation_evicts_at_once(
+        tmp_path: Path) -> None:
+    """Issue 12 §6: after a registry restart dead and revoked nodes are not routed, not even
+    briefly; a revocation takes a node out of the routing set on the next answer."""
+    from meshd.coordinator.store import Store
+
+    alive, dead, revoked, offline = (Identity.generate() for _ in range(4))
+    async with control_server(make_config(tmp_path)) as run:
+        for ident in (alive, dead, revoked, offline):
+            run.store.add_key(ident.public_key, ident.node_id)
+            await register(run.address, ident, worker(f"{ident.node_id}-d1", free_port()))
+        plane = run.server.plane
+        plane.table.nodes[dead.node_id].last_heartbeat -= 3600  # silent for an hour
+        await plane.sweep()
+        assert plane.table.nodes[dead.node_id].state == DEAD
+        run.store.revoke_key(revoked.node_id)
+        routed = {m.node_id for m in plane.routable_workers()}
+        assert routed == {alive.node_id, offline.node_id}  # out at once, before any sweep
+        await plane.sweep()
+        assert plane.table.nodes[revoked.node_id].state == LEFT
+    store = Store(tmp_path)  # revoked while the registry is down
+    store.revoke_key(offline.node_id)
+    store.close()
+    async with control_server(make_config(tmp_path)) as run:
+        states = {nid: n.state for nid, n in run.server.plane.table.nodes.items()}
+        assert states == {alive.node_id: ALIVE, dead.node_id: DEAD, revoked.node_id: LEFT,
+                          offline.node_id: LEFT}
+        assert {m.node_id for m in run.server.plane.routable_workers()} == {alive.node_id}
