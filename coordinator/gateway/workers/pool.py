@@ -102,16 +102,20 @@ class WorkerPool:
         """Replace the membership; unchanged workers keep their state (a member whose worker
         record changed is replaced, one whose attributes or experts changed is updated)."""
         wanted: dict[str, Member] = {}
+        fresh: dict[str, BackendPool] = {}  # the connection pools of new or changed workers
         refused: dict[str, str] = {}
         for m in members:  # a bad entry is skipped and reported, never stops the others
             w = m.worker
-            try:
-                BackendPool.from_url(w.endpoint)  # the one the entry will use
-            except ValueError as bad:
-                refused[w.worker_id] = why = str(bad)
-                if self.refused.get(w.worker_id) != why:
-                    log.warning("worker %r of node %s skipped: %s", w.worker_id, m.node_id, why)
-                continue
+            known = self.entries.get(w.worker_id)
+            if known is None or known.worker != w:
+                try:
+                    fresh[w.worker_id] = BackendPool.from_url(w.endpoint)
+                except ValueError as bad:
+                    refused[w.worker_id] = why = str(bad)
+                    if self.refused.get(w.worker_id) != why:
+                        log.warning("worker %r of node %s skipped: %s", w.worker_id, m.node_id,
+                                    why)
+                    continue
             wanted[w.worker_id] = m
         self.refused = refused
         for wid in list(self.entries):
@@ -121,7 +125,7 @@ class WorkerPool:
             e = self.entries.get(wid)
             if e is None:
                 w = m.worker
-                e = self.entries[wid] = Entry(m, BackendPool.from_url(w.endpoint),
+                e = self.entries[wid] = Entry(m, fresh[wid],
                                               facts_of(m, self._model_cost(w.model)))
                 if w.engine == "openai":
                     e.protocol, e.protocol_detail = PLAIN, "plain OpenAI-compatible server"

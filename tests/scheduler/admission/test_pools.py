@@ -10,6 +10,7 @@ from meshd.scheduler.admission.leases import (
     LeaseBook,
     LeaseConfig,
     LocalMeter,
+    Pool,
     PoolTicket,
     Ticket,
 )
@@ -29,6 +30,15 @@ SPECS = (("rpm/t/1", Kind.COUNTER, 1500, REQUEST),
 def book_with_meters(name: str) -> tuple[LeaseBook, list[LocalMeter]]:
     book = LeaseBook(name, LeaseConfig(fraction=0.2, ttl_s=TTL, margin_s=2.0))
     return book, [book.meter(k, kind, limit, 0.0) for k, kind, limit, _ in SPECS]
+
+
+def synced_pool() -> tuple[LedgerState, LeaseBook, list[LocalMeter], Pool]:
+    """A pool over SPECS' meters on a book that has synced once (its leases granted)."""
+    ledger = LedgerState(LedgerConfig(ttl_s=TTL))
+    book, meters = book_with_meters("r")
+    pool = book.pool(meters, [sel for *_, sel in SPECS])
+    book.apply(ledger.sync(book.report(), 0.0), 0.0)
+    return ledger, book, meters, pool
 
 
 def use(prompt: int, completion: int) -> tuple[int, int, int, int, int]:
@@ -94,10 +104,7 @@ def test_pools_sharing_a_meter_find_each_others_credit_after_a_flush() -> None:
 
 
 def test_a_refusal_is_all_or_nothing_and_asks_for_the_whole_request() -> None:
-    ledger = LedgerState(LedgerConfig(ttl_s=TTL))
-    book, meters = book_with_meters("r")
-    pool = book.pool(meters, [sel for *_, sel in SPECS])
-    book.apply(ledger.sync(book.report(), 0.0), 0.0)
+    ledger, book, meters, pool = synced_pool()
     before = state(meters)
     prompt = meters[3].held + 1  # input_tpm cannot cover it; the slots before it could
     assert pool.reserve(use(prompt, 0)) is meters[3]
@@ -109,10 +116,7 @@ def test_a_refusal_is_all_or_nothing_and_asks_for_the_whole_request() -> None:
 
 
 def test_a_reset_drops_counter_credit_and_keeps_running_requests_concurrency() -> None:
-    ledger = LedgerState(LedgerConfig(ttl_s=TTL))
-    book, meters = book_with_meters("r")
-    pool = book.pool(meters, [sel for *_, sel in SPECS])
-    book.apply(ledger.sync(book.report(), 0.0), 0.0)
+    ledger, book, meters, pool = synced_pool()
     running = pool.ticket(use(5, 5))
     assert pool.reserve(use(5, 5)) is None
     ledger.sync(LeaseBook("other").report(), TTL + 1)  # the ledger expires the silent replica
@@ -128,10 +132,7 @@ def test_a_reset_drops_counter_credit_and_keeps_running_requests_concurrency() -
 
 
 def test_a_retired_pool_is_dropped_once_its_requests_settle() -> None:
-    ledger = LedgerState(LedgerConfig(ttl_s=TTL))
-    book, meters = book_with_meters("r")
-    pool = book.pool(meters, [sel for *_, sel in SPECS])
-    book.apply(ledger.sync(book.report(), 0.0), 0.0)
+    ledger, book, meters, pool = synced_pool()
     t = pool.ticket(use(3, 4))
     assert pool.reserve(use(3, 4)) is None
     pool.retired = True  # its window turned over
