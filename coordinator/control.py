@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
@@ -143,7 +143,8 @@ class ControlPlane:
                 node_id=n.node_id, host=c.host.address or c.host.hostname,
                 gpu_count=len(c.gpus), gpu_names=[g.name for g in c.gpus], state=n.state,
                 last_heartbeat_unix=n.last_heartbeat, heartbeat_age_s=now - n.last_heartbeat,
-                workers=[caps.worker_to_pb(w) for w in c.workers],
+                workers=[caps.worker_to_pb(replace(w, api_token=""))
+                         for w in c.workers],
                 attributes=dict(c.attributes), ray_node_id=c.ray_node_id))
         return out
 

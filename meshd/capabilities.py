@@ -20,6 +20,8 @@ ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE,
          "both": pb.WORKER_ROLE_BOTH}
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
 WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# A worker's API token goes into an HTTP header line: visible ASCII only (no CR/LF, no spaces)
+API_TOKEN = re.compile(r"[!-~]{16,256}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,9 @@ class Worker:
     kv_transfer_endpoint: str = ""
     gpu_indices: tuple[int, ...] = ()
     kv_events_replay_endpoint: str = ""
+    # The bearer token the worker's serving API (and its KV-event ports) demand from the mesh's
+    # gateways; "" = an open worker. Never printed (repr) nor shown by status answers.
+    api_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -139,7 +144,8 @@ def worker_to_pb(w: Worker) -> pb.WorkerInfo:
         worker_id=w.worker_id, endpoint=w.endpoint, role=ROLES[w.role], model=w.model,
         engine=w.engine, kv_block_size=w.kv_block_size, kv_capacity_blocks=w.kv_capacity_blocks,
         kv_events_endpoint=w.kv_events_endpoint, kv_transfer_endpoint=w.kv_transfer_endpoint,
-        gpu_indices=list(w.gpu_indices), kv_events_replay_endpoint=w.kv_events_replay_endpoint)
+        gpu_indices=list(w.gpu_indices), kv_events_replay_endpoint=w.kv_events_replay_endpoint,
+        api_token=w.api_token)
 
 
 def worker_from_pb(m: pb.WorkerInfo) -> Worker:
@@ -148,7 +154,7 @@ def worker_from_pb(m: pb.WorkerInfo) -> Worker:
         raise ValueError(f"worker {m.worker_id!r}: role is unspecified")
     return Worker(m.worker_id, m.endpoint, role, m.model, m.engine, m.kv_block_size,
                   m.kv_capacity_blocks, m.kv_events_endpoint, m.kv_transfer_endpoint,
-                  tuple(m.gpu_indices), m.kv_events_replay_endpoint)
+                  tuple(m.gpu_indices), m.kv_events_replay_endpoint, m.api_token)
 
 
 def to_pb(c: Capabilities) -> pb.CapabilityReport:
@@ -177,8 +183,9 @@ def to_pb(c: Capabilities) -> pb.CapabilityReport:
 def check_workers(workers: Iterable[Worker]) -> None:
     """What a report's workers must be before anything routes to them: a worker id of
     [A-Za-z0-9._:-] (at most 128, unique in the report), an `http://host:port` endpoint, and
-    `tcp://host:port` KV-event and `scheme://host:port` KV-transfer endpoints when given.
-    Raises ValueError naming the field."""
+    `tcp://host:port` KV-event and `scheme://host:port` KV-transfer endpoints when given, and
+    an API token (when given) of 16-256 visible ASCII characters. Raises ValueError naming the
+    field (never quoting the token)."""
     seen: set[str] = set()
     for i, w in enumerate(workers):
         where = f"capabilities.workers[{i}]"
@@ -188,6 +195,9 @@ def check_workers(workers: Iterable[Worker]) -> None:
         if w.worker_id in seen:
             raise ValueError(f"{where}.worker_id: {w.worker_id!r} appears twice in the report")
         seen.add(w.worker_id)
+        if w.api_token and not API_TOKEN.fullmatch(w.api_token):
+            raise ValueError(f"{where}.api_token: must be 16-256 visible ASCII characters "
+                             "(no spaces or line breaks)")
         for name, schemes, optional in (("endpoint", ("http",), False),
                                         ("kv_events_endpoint", ("tcp",), True),
                                         ("kv_events_replay_endpoint", ("tcp",), True),

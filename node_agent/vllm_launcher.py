@@ -168,10 +168,11 @@ def worker_env(cfg: VllmConfig, host: str, ports: WorkerPorts, gpu_indices: tupl
 
 def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
                secret_file: str | Path | None = None,
-               rdma: Sequence[Rdma] = ()) -> list[WorkerSpec]:
+               rdma: Sequence[Rdma] = (), api_token: str = "") -> list[WorkerSpec]:
     """One `WorkerSpec` per configured vLLM worker. `host` is the address workers bind and report;
     `gpus` and `rdma` are the capability probe's lists; `secret_file` overrides
-    `cfg.kv_secret_file`.
+    `cfg.kv_secret_file`; `api_token`: the node's worker token, which vLLM demands on `/v1`
+    (`VLLM_API_KEY`, kept out of the command line) and the report carries.
     Raises ValueError (naming the `vllm.` field) when the host cannot satisfy the config."""
     secret = str(secret_file or cfg.kv_secret_file)
     _check(cfg.kv_connector != "meshd" or cfg.count == 0 or bool(secret), "kv_secret_file",
@@ -204,10 +205,12 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
             kv_events_endpoint=f"tcp://{host}:{ports.events}" if cfg.kv_events else "",
             kv_events_replay_endpoint=f"tcp://{host}:{ports.replay}" if cfg.kv_events else "",
             kv_transfer_endpoint=_transfer_endpoint(cfg, host, ports.kv),
-            gpu_indices=gpu_indices)
+            gpu_indices=gpu_indices, api_token=api_token)
+        env = worker_env(cfg, host, ports, gpu_indices, [g for grp in groups for g in grp])
+        if api_token:
+            env["VLLM_API_KEY"] = api_token
         specs.append(WorkerSpec(worker, tuple(argv), f"http://{host}:{ports.http}/health",
-                                env=worker_env(cfg, host, ports, gpu_indices,
-                                               [g for grp in groups for g in grp]),
+                                env=env,
                                 ready_timeout_s=cfg.ready_timeout_s))
     return specs
 

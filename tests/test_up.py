@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class Up:
                 return pid
             todo.extend(int(k) for k in kids)
         return None
+
+    def worker_token(self) -> str:
+        """The node's worker token (the agent's state dir): what its workers demand."""
+        return (self.tmp / "agent" / "worker_token").read_text().split()[0]
 
     def worker_metric(self, index: int, name: str) -> float:
         """A sample of worker `index`'s own /metrics (0: prefill, 1: decode)."""
@@ -130,9 +135,36 @@ def _reference(up: Up, max_tokens: int) -> str:
     body = json.dumps({"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": max_tokens,
                        "temperature": 0}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{up.worker_base}/v1/completions", body,
-                                 {"content-type": "application/json"})
+                                 {"content-type": "application/json",
+                                  "authorization": f"Bearer {up.worker_token()}"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return str(json.loads(r.read())["choices"][0]["text"])
+
+
+def test_workers_serve_only_the_mesh(up: Up) -> None:
+    """Issue 12 §5: a direct call to a worker's serving API without the node's token is
+    refused (401, OpenAI-shaped), with a wrong token too; the gateway, which the registry
+    gave the token, is served; health and metrics stay open."""
+    kvp = {"do_remote_decode": True, "do_remote_prefill": False}
+    body = json.dumps({"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": 1,
+                       "kv_transfer_params": kvp, "stream": False}).encode()
+    for headers in ({}, {"authorization": "Bearer not-the-token-0123456789"}):
+        for index in (0, 1):  # the prefill and the decode worker
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{up.worker_base + 10 * index}/v1/completions", body,
+                {"content-type": "application/json", **headers})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 401
+            err = json.loads(e.value.read())["error"]
+            assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+    assert up.worker_metric(0, "meshd_engine_kv_leased_blocks_bound") > 0  # /metrics is open
+    with urllib.request.urlopen(f"http://127.0.0.1:{up.worker_base}/health", timeout=5) as r:
+        assert r.status == 200
+    chat = up.client().chat.completions.create(
+        model="meshd-tiny", messages=[{"role": "user", "content": "token " * 40}],
+        max_tokens=3, temperature=0)
+    assert chat.usage is not None and chat.usage.completion_tokens >= 1
 
 
 def _stream_with_fault(up: Up, max_tokens: int, fault: Callable[[int], None]) -> tuple[str, str]:

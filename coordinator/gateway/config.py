@@ -193,6 +193,9 @@ class GatewayConfig:
     replicas: int = 2  # gateway processes sharing the port (SO_REUSEPORT)
     api_keys: dict[str, str] = field(default_factory=dict)
     static_workers: tuple[str, ...] = ()
+    # The bearer token the static workers demand (`--api-key` on vLLM, `--api-key-file` on a
+    # meshd engine): the first line of this file, read when the gateway starts; "": none.
+    static_workers_token_file: str = ""
     tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer dir
     hash_seed: str = "0"
     membership_interval_s: float = 1.0

@@ -35,7 +35,7 @@ from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
 from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
 from meshd.coordinator.gateway.workers.pool import WorkerPool
-from meshd.coordinator.gateway.workers.static import discover_static
+from meshd.coordinator.gateway.workers.static import discover_static, static_token
 from meshd.coordinator.ledger_actor import InProcessLedgerClient, LedgerClient, LocalLedger
 from meshd.scheduler.admission.ledger import LedgerConfig
 from meshd.scheduler.pd import PDDecider
@@ -96,6 +96,7 @@ class GatewayRuntime:
         self.index = (PrefixIndex.restore(IndexSnapshot.from_bytes(self.snapshot))
                       if self.snapshot else PrefixIndex())
         self.health = CacheHealthMonitor(c.hash_seed)
+        self.static_token = static_token(c.static_workers_token_file)
         self.pool = WorkerPool(self.index, c.routing, health=self.health)
         self.metrics = MeshMetrics()
         self.metrics.watch_workers(self.pool)
@@ -127,7 +128,8 @@ class GatewayRuntime:
 
     async def refresh(self) -> None:
         members = await self.membership() if self.membership else []
-        members += await discover_static(self.config.static_workers)
+        members += await discover_static(self.config.static_workers,
+                                         api_token=self.static_token)
         self.pool.update(members)
         await self.pool.probe_new()  # does each new worker return token ids?
 

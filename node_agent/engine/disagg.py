@@ -78,8 +78,11 @@ class EngineLeases:
     """
 
     def __init__(self, driver: AsyncEngine, timeout_s: float, transfer_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_end: Callable[[str], None] | None = None) -> None:
+        """`on_end(request_id)`: called once for every lease that ends, for any reason."""
         self._driver = driver
+        self._on_end = on_end
         # lookup_wait_s=0: the step thread grants the lease before the response carrying the
         # params leaves, so a fetch never arrives ahead of its lease.
         self.table = LeaseTable(timeout_s, transfer_timeout_s=transfer_timeout_s,
@@ -109,6 +112,8 @@ class EngineLeases:
     def _ended(self, request_id: str, why: str) -> None:
         if why == "sent":  # other ends run where the engine is already in hand (see above)
             self._driver.run_locked(lambda e: e.release_held(request_id))
+        if self._on_end is not None:
+            self._on_end(request_id)
 
 
 class Fallback(StrEnum):

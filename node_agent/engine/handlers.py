@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from meshd.api_errors import invalid, loads_body
+from meshd.api_errors import ApiError, invalid, loads_body
 from meshd.node_agent.engine.api import EngineRequest, RequestOutput, TokenLogprob
 from meshd.node_agent.engine.openai_io import (
     ParsedRequest,
@@ -112,6 +112,8 @@ class CompletionHandler:
         ids = [f"{rid}-{suffix}"] if req.n == 1 else [f"{rid}-{i}-{suffix}" for i in range(req.n)]
         reqs = [EngineRequest(iid, req.prompt, self._sampling(req, i), hold_blocks_on_finish=
                               producer) for i, iid in enumerate(ids)]
+        if producer:
+            return await self._produce(request, rid, req, reqs)
         imported = pulled = False
         if consumer and self.s.puller is not None:
             imported = pulled = await self.s.puller.pull(ids[0], req.prompt, kvp)
@@ -121,6 +123,27 @@ class CompletionHandler:
         finally:
             if imported:  # no-op once the request ran; frees the import if it never started
                 self.s.driver.abort(ids[0])
+
+    async def _produce(self, request: web.Request, rid: str, req: ParsedRequest,
+                       reqs: list[EngineRequest]) -> web.StreamResponse:
+        """A prefill for a decode peer: its blocks will be held under a lease, so it must fit
+        the lease bounds first (429 otherwise: the gateway prefills elsewhere)."""
+        quota, caller = self.s.quota, request.remote or ""
+        need = -(-len(req.prompt) // self.s.cfg.block_size)
+        refusal = quota.admit(caller, need)
+        if refusal is not None:
+            raise ApiError(429, refusal.message(caller), err_type="rate_limit_error",
+                           code="kv_leases_exhausted", retry_after=1.0)
+        held = 0
+        try:
+            return await self._respond(request, rid, req, reqs, False, True, None)
+        finally:
+            rid0 = reqs[0].request_id
+            blocks = self.s.leases.get(rid0)
+            held = len(blocks) if blocks else 0
+            quota.settle(caller, need, rid0, held)
+            if held and self.s.leases.get(rid0) is None:  # it ended while we settled
+                quota.end(rid0)
 
     async def _respond(self, request: web.Request, rid: str, req: ParsedRequest,
                        reqs: list[EngineRequest], imported: bool, producer: bool,

@@ -9,7 +9,7 @@ is a pure function of snapshots, so it never touches the engine.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.kv_transfer.leases import LeaseStats
@@ -27,6 +27,7 @@ class ServerSnapshot:
     kv_server: Mapping[str, Any]  # ServerStats.snapshot() of the prefill-side server
     events_published: int
     events_dropped: int
+    lease_quota: Mapping[str, Any] = field(default_factory=dict)  # LeaseQuota.snapshot()
 
 
 _HISTOGRAM_DOCS = {
@@ -139,6 +140,15 @@ def render(model_name: str, d: DriverStats, t: DisaggStats, s: ServerSnapshot) -
           s.leases.sent)
     w.one("meshd_engine_kv_leases_expired", "counter", "Leases freed by timeout.",
           s.leases.expired)
+    q = s.lease_quota
+    if q:
+        w.one("meshd_engine_kv_leased_blocks", "gauge",
+              "Blocks held or reserved for decode peers now.", float(q["blocks"]))
+        w.one("meshd_engine_kv_leased_blocks_bound", "gauge",
+              "Bound on the blocks held for decode peers, in all.", float(q["max_blocks"]))
+        w.metric("meshd_engine_kv_lease_refusals", "counter",
+                 "Prefills refused (429) at a lease bound, by bound.",
+                 [({"bound": k}, v) for k, v in sorted(q["refused"].items())])
     w.one("meshd_engine_kv_events_published", "counter", "KV event batches published.",
           s.events_published)
     w.one("meshd_engine_kv_events_dropped", "counter", "KV event batches dropped.",

@@ -7,7 +7,7 @@ raises ValueError naming the flag; secrets are read from files here, nowhere els
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROLES = ("prefill", "decode", "both")
@@ -27,6 +27,12 @@ class WorkerConfig:
     an agent key, and hex public keys one per line), else the per-mesh shared secret
     (`kv_secret`, or the first line of `kv_secret_file`; required unless role is "both", where
     a random per-process secret is used and only this process can pull from itself).
+
+    Serving calls (`/v1/*`, `/debug/*`) need `Authorization: Bearer <api_key>` when `api_key`
+    is set (the first line of `--api-key-file`; the agent always sets one, the node's worker
+    token); `/health` and `/metrics` stay open, as on vLLM. Blocks held for decode peers are
+    bounded: `max_leased_blocks` in all and `max_leased_blocks_per_caller` per peer address
+    (0: 3/4 and 1/2 of `num_blocks`); a prefill past a bound gets 429.
     """
 
     host: str = "127.0.0.1"
@@ -53,6 +59,9 @@ class WorkerConfig:
     lease_timeout_s: float = 30.0
     pull_timeout_s: float = 10.0
     top_experts: int = 4
+    api_key: str = field(default="", repr=False)
+    max_leased_blocks: int = 0
+    max_leased_blocks_per_caller: int = 0
 
     def __post_init__(self) -> None:
         _check(self.role in ROLES, "role", f"must be one of {ROLES}, got {self.role!r}")
@@ -65,6 +74,8 @@ class WorkerConfig:
         _check(self.max_model_len >= 0, "max_model_len", "must be >= 0")
         _check(self.lease_timeout_s > 0, "lease_timeout_s", "must be > 0")
         _check(self.pull_timeout_s > 0, "pull_timeout_s", "must be > 0")
+        for f in ("max_leased_blocks", "max_leased_blocks_per_caller"):
+            _check(getattr(self, f) >= 0, f, "must be >= 0")
         _check(bool(self.kv_node_key) == bool(self.kv_trusted_keys), "kv_node_key",
                "--kv-node-key and --kv-trusted-keys go together")
         _check(self.kv_replay_port is None or self.kv_events_port is not None, "kv_replay_port",
@@ -76,6 +87,13 @@ class WorkerConfig:
     @property
     def bind_kv_host(self) -> str:
         return self.kv_host or self.host
+
+    @property
+    def lease_bounds(self) -> tuple[int, int]:
+        """(blocks leased in all, per caller) with the defaults applied."""
+        total = self.max_leased_blocks or max(1, self.num_blocks * 3 // 4)
+        return total, min(total, self.max_leased_blocks_per_caller
+                          or max(1, self.num_blocks // 2))
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -106,6 +124,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-timeout-s", type=float, default=d.lease_timeout_s,
                    help="free held prefill blocks not pulled within this time")
     p.add_argument("--pull-timeout-s", type=float, default=d.pull_timeout_s)
+    p.add_argument("--api-key-file", default="",
+                   help="file whose first line is the bearer token serving calls must carry")
+    p.add_argument("--max-leased-blocks", type=int, default=0,
+                   help="blocks held for decode peers in all (0: 3/4 of --num-blocks)")
+    p.add_argument("--max-leased-blocks-per-caller", type=int, default=0,
+                   help="blocks held for decode peers per caller address (0: 1/2)")
 
 
 def from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -116,13 +140,8 @@ def from_args(args: argparse.Namespace) -> WorkerConfig:
     if args.kv_secret:
         secret = args.kv_secret.encode()
     elif args.kv_secret_file:
-        try:
-            lines = Path(args.kv_secret_file).read_text().splitlines()
-        except OSError as e:
-            raise ValueError(f"--kv-secret-file: {e}") from None
-        secret = (lines[0].strip() if lines else "").encode()
-        if not secret:
-            raise ValueError("--kv-secret-file: the file is empty")
+        secret = first_line(args.kv_secret_file, "--kv-secret-file").encode()
+    api_key = first_line(args.api_key_file, "--api-key-file") if args.api_key_file else ""
     default_name = "meshd-tiny-moe" if args.moe else "meshd-tiny"
     if args.model_path:
         default_name = Path(args.model_path).name
@@ -135,4 +154,19 @@ def from_args(args: argparse.Namespace) -> WorkerConfig:
         kv_advertise_host=args.kv_advertise_host, kv_events_port=args.kv_events_port,
         kv_replay_port=args.kv_replay_port, kv_secret=secret, kv_node_key=args.kv_node_key,
         kv_trusted_keys=args.kv_trusted_keys, lease_timeout_s=args.lease_timeout_s,
-        pull_timeout_s=args.pull_timeout_s)
+        pull_timeout_s=args.pull_timeout_s, api_key=api_key,
+        max_leased_blocks=args.max_leased_blocks,
+        max_leased_blocks_per_caller=args.max_leased_blocks_per_caller)
+
+
+def first_line(path: str, flag: str) -> str:
+    """The first line of a secret file, stripped; ValueError naming `flag` when unreadable or
+    empty."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    line = lines[0].strip() if lines else ""
+    if not line:
+        raise ValueError(f"{flag}: the file is empty")
+    return line

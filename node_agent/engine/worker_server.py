@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import signal
@@ -39,6 +41,7 @@ from meshd.node_agent.engine.disagg import DisaggStats, EngineLeases, Puller, bl
 from meshd.node_agent.engine.engine import Engine
 from meshd.node_agent.engine.handlers import CompletionHandler
 from meshd.node_agent.engine.kv_publisher import KVEventPublisher, to_u64
+from meshd.node_agent.engine.lease_quota import LeaseQuota
 from meshd.node_agent.engine.metrics import ServerSnapshot, render
 from meshd.node_agent.engine.openai_io import ModelInfo
 from meshd.node_agent.engine.worker_config import WorkerConfig, add_serve_flags, from_args
@@ -75,8 +78,9 @@ class WorkerServer:
             housekeeping=lambda e: self.leases.expire(e),
             on_kv_events=self._publish if cfg.kv_events_port is not None else None))
         kv_config = ServerConfig()  # its transfer deadline bounds a lease's renewal
+        self.quota = LeaseQuota(*cfg.lease_bounds)
         self.leases = EngineLeases(self.driver, cfg.lease_timeout_s,
-                                   kv_config.transfer_timeout_s)
+                                   kv_config.transfer_timeout_s, on_end=self.quota.end)
         auth = load_authenticator(secret=secret, node_key_file=cfg.kv_node_key,
                                   trusted_keys_file=cfg.kv_trusted_keys, node_id=cfg.engine_id)
         self.kv_server: MuxServer | None = None
@@ -109,7 +113,13 @@ class WorkerServer:
             self.publisher.publish(events)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware])
+        middlewares: list[Any] = [error_middleware]
+        if self.cfg.api_key:
+            middlewares.append(bearer_middleware(self.cfg.api_key))
+        else:
+            log.warning("no --api-key-file: this worker serves anyone who reaches %s:%d "
+                        "(the agent always sets one)", self.cfg.host, self.cfg.port)
+        app = web.Application(middlewares=middlewares)
         app.router.add_post("/v1/completions", self.handler.completions)
         app.router.add_post("/v1/chat/completions", self.handler.chat)
         app.router.add_get("/v1/models", self.models)
@@ -146,7 +156,8 @@ class WorkerServer:
             leases=self.leases.stats(),
             kv_server=cast(Any, self.kv_server).stats.snapshot() if self.kv_server else {},
             events_published=self.publisher.published if self.publisher else 0,
-            events_dropped=self.publisher.dropped if self.publisher else 0)
+            events_dropped=self.publisher.dropped if self.publisher else 0,
+            lease_quota=self.quota.snapshot())
         body = render(self.info.name, self.driver.stats, self.stats, snap)
         return web.Response(text=body, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
@@ -165,7 +176,32 @@ class WorkerServer:
 
         out = await self.driver.call(look)
         out["leases"] = len(self.leases)
+        out["lease_quota"] = self.quota.snapshot()
         return web.json_response(out)
+
+
+GUARDED = ("/v1/", "/debug/")  # serving and debug routes; /health and /metrics stay open
+
+
+def bearer_middleware(api_key: str) -> Callable[[web.Request, Handler],
+                                                Awaitable[web.StreamResponse]]:
+    """Serving calls must carry `Authorization: Bearer <api_key>` (what vLLM's `--api-key`
+    checks, so the gateway speaks one scheme to both); else 401, OpenAI-shaped. Runs inside
+    `error_middleware`."""
+    want = hashlib.sha256(api_key.encode()).digest()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(GUARDED):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            got = hashlib.sha256(token.strip().encode()).digest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(got, want):
+                raise ApiError(401, "This worker serves only its mesh's gateways: send "
+                               "Authorization: Bearer <the node's worker token>.",
+                               err_type="authentication_error", code="invalid_api_key")
+        return await handler(request)
+
+    return check
 
 
 @web.middleware
@@ -189,7 +225,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def error_response(e: ApiError) -> web.Response:
-    return web.Response(body=e.body(), status=e.status, content_type="application/json")
+    headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after else None
+    return web.Response(body=e.body(), status=e.status, content_type="application/json",
+                        headers=headers)
 
 
 async def serve(cfg: WorkerConfig, stop: asyncio.Event | None = None) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshd/proto/v1/control.proto\x12\x08meshd.v1\"t\n\x0eSignedEnvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xd9\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x05 \x01(\x04\x12 \n\x18\x63ompute_capability_major\x18\x06 \x01(\r\x12 \n\x18\x63ompute_capability_minor\x18\x07 \x01(\r\x12\x14\n\x0cnvlink_peers\x18\x08 \x03(\t\x12\x12\n\npci_bus_id\x18\t \x01(\t\"q\n\nRdmaDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlink_layer\x18\x04 \x01(\t\x12\x11\n\trate_gbps\x18\x05 \x01(\x04\x12\x11\n\tnode_guid\x18\x06 \x01(\t\"\x88\x01\n\x08HostInfo\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\"\x99\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.meshd.v1.WorkerRole\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x15\n\rkv_block_size\x18\x06 \x01(\r\x12\x1a\n\x12kv_capacity_blocks\x18\x07 \x01(\x04\x12\x1a\n\x12kv_events_endpoint\x18\x08 \x01(\t\x12\x1c\n\x14kv_transfer_endpoint\x18\t \x01(\t\x12\x13\n\x0bgpu_indices\x18\n \x03(\r\x12!\n\x19kv_events_replay_endpoint\x18\x0b \x01(\t\"S\n\x0f\x45xpertPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\r\"\xff\x02\n\x10\x43\x61pabilityReport\x12 \n\x04host\x18\x01 \x01(\x0b\x32\x12.meshd.v1.HostInfo\x12\x1f\n\x04gpus\x18\x02 \x03(\x0b\x32\x11.meshd.v1.GpuInfo\x12\"\n\x04rdma\x18\x03 \x03(\x0b\x32\x14.meshd.v1.RdmaDevice\x12\x13\n\x0bray_node_id\x18\x04 \x01(\t\x12%\n\x07workers\x18\x05 \x03(\x0b\x32\x14.meshd.v1.WorkerInfo\x12*\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x19.meshd.v1.ExpertPlacement\x12>\n\nattributes\x18\x07 \x03(\x0b\x32*.meshd.v1.CapabilityReport.AttributesEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x12\n\nprobe_note\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0fRegisterRequest\x12\x30\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1a.meshd.v1.CapabilityReport\x12\x12\n\njoin_token\x18\x02 \x01(\t\"P\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x10\n\x08\x65nrolled\x18\x03 \x01(\x08\"l\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x01\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\"\x96\x01\n\x10HeartbeatRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x63pu_load\x18\x02 \x01(\x01\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12%\n\x07workers\x18\x04 \x03(\x0b\x32\x14.meshd.v1.WorkerLoad\x12\x1c\n\x14\x63\x61pabilities_changed\x18\x05 \x01(\x08\"=\n\x0eHeartbeatReply\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\r\n\x05state\x18\x02 \x01(\t\"#\n\x11\x44\x65registerRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x11\n\x0f\x44\x65registerReply\"\x0f\n\rStatusRequest\"\xbf\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12\x11\n\tgpu_names\x18\x04 \x03(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\x06 \x01(\x01\x12\x17\n\x0fheartbeat_age_s\x18\x07 \x01(\x01\x12%\n\x07workers\x18\x08 \x03(\x0b\x32\x14.meshd.v1.WorkerInfo\x12\x38\n\nattributes\x18\t \x03(\x0b\x32$.meshd.v1.NodeStatus.AttributesEntry\x12\x13\n\x0bray_node_id\x18\n \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bStatusReply\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.meshd.v1.NodeStatus\x12 \n\x18\x63oordinator_started_unix\x18\x02 \x01(\x01*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03\x32\x87\x02\n\x07\x43ontrol\x12=\n\x08Register\x12\x18.meshd.v1.SignedEnvelope\x1a\x17.meshd.v1.RegisterReply\x12?\n\tHeartbeat\x12\x18.meshd.v1.SignedEnvelope\x1a\x18.meshd.v1.HeartbeatReply\x12\x41\n\nDeregister\x12\x18.meshd.v1.SignedEnvelope\x1a\x19.meshd.v1.DeregisterReply\x12\x39\n\x06Status\x12\x18.meshd.v1.SignedEnvelope\x1a\x15.meshd.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmeshd/proto/v1/control.proto\x12\x08meshd.v1\"t\n\x0eSignedEnvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\x02 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xd9\x01\n\x07GpuInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x04 \x01(\x04\x12\x19\n\x11memory_free_bytes\x18\x05 \x01(\x04\x12 \n\x18\x63ompute_capability_major\x18\x06 \x01(\r\x12 \n\x18\x63ompute_capability_minor\x18\x07 \x01(\r\x12\x14\n\x0cnvlink_peers\x18\x08 \x03(\t\x12\x12\n\npci_bus_id\x18\t \x01(\t\"q\n\nRdmaDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nlink_layer\x18\x04 \x01(\t\x12\x11\n\trate_gbps\x18\x05 \x01(\x04\x12\x11\n\tnode_guid\x18\x06 \x01(\t\"\x88\x01\n\x08HostInfo\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x11\n\tcpu_count\x18\x02 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x04 \x01(\x04\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\"\xac\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.meshd.v1.WorkerRole\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x15\n\rkv_block_size\x18\x06 \x01(\r\x12\x1a\n\x12kv_capacity_blocks\x18\x07 \x01(\x04\x12\x1a\n\x12kv_events_endpoint\x18\x08 \x01(\t\x12\x1c\n\x14kv_transfer_endpoint\x18\t \x01(\t\x12\x13\n\x0bgpu_indices\x18\n \x03(\r\x12!\n\x19kv_events_replay_endpoint\x18\x0b \x01(\t\x12\x11\n\tapi_token\x18\x0c \x01(\t\"S\n\x0f\x45xpertPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x04 \x03(\r\"\xff\x02\n\x10\x43\x61pabilityReport\x12 \n\x04host\x18\x01 \x01(\x0b\x32\x12.meshd.v1.HostInfo\x12\x1f\n\x04gpus\x18\x02 \x03(\x0b\x32\x11.meshd.v1.GpuInfo\x12\"\n\x04rdma\x18\x03 \x03(\x0b\x32\x14.meshd.v1.RdmaDevice\x12\x13\n\x0bray_node_id\x18\x04 \x01(\t\x12%\n\x07workers\x18\x05 \x03(\x0b\x32\x14.meshd.v1.WorkerInfo\x12*\n\x07\x65xperts\x18\x06 \x03(\x0b\x32\x19.meshd.v1.ExpertPlacement\x12>\n\nattributes\x18\x07 \x03(\x0b\x32*.meshd.v1.CapabilityReport.AttributesEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x12\n\nprobe_note\x18\t \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x0fRegisterRequest\x12\x30\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1a.meshd.v1.CapabilityReport\x12\x12\n\njoin_token\x18\x02 \x01(\t\"P\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x10\n\x08\x65nrolled\x18\x03 \x01(\x08\"l\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x01\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\"\x96\x01\n\x10HeartbeatRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08\x63pu_load\x18\x02 \x01(\x01\x12\x1e\n\x16memory_available_bytes\x18\x03 \x01(\x04\x12%\n\x07workers\x18\x04 \x03(\x0b\x32\x14.meshd.v1.WorkerLoad\x12\x1c\n\x14\x63\x61pabilities_changed\x18\x05 \x01(\x08\"=\n\x0eHeartbeatReply\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\r\n\x05state\x18\x02 \x01(\t\"#\n\x11\x44\x65registerRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x11\n\x0f\x44\x65registerReply\"\x0f\n\rStatusRequest\"\xbf\x02\n\nNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tgpu_count\x18\x03 \x01(\r\x12\x11\n\tgpu_names\x18\x04 \x03(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\x06 \x01(\x01\x12\x17\n\x0fheartbeat_age_s\x18\x07 \x01(\x01\x12%\n\x07workers\x18\x08 \x03(\x0b\x32\x14.meshd.v1.WorkerInfo\x12\x38\n\nattributes\x18\t \x03(\x0b\x32$.meshd.v1.NodeStatus.AttributesEntry\x12\x13\n\x0bray_node_id\x18\n \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0bStatusReply\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.meshd.v1.NodeStatus\x12 \n\x18\x63oordinator_started_unix\x18\x02 \x01(\x01*p\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x14\n\x10WORKER_ROLE_BOTH\x10\x03\x32\x87\x02\n\x07\x43ontrol\x12=\n\x08Register\x12\x18.meshd.v1.SignedEnvelope\x1a\x17.meshd.v1.RegisterReply\x12?\n\tHeartbeat\x12\x18.meshd.v1.SignedEnvelope\x1a\x18.meshd.v1.HeartbeatReply\x12\x41\n\nDeregister\x12\x18.meshd.v1.SignedEnvelope\x1a\x19.meshd.v1.DeregisterReply\x12\x39\n\x06Status\x12\x18.meshd.v1.SignedEnvelope\x1a\x15.meshd.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPABILITYREPORT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_NODESTATUS_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_NODESTATUS_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=2367
-  _globals['_WORKERROLE']._serialized_end=2479
+  _globals['_WORKERROLE']._serialized_start=2386
+  _globals['_WORKERROLE']._serialized_end=2498
   _globals['_SIGNEDENVELOPE']._serialized_start=42
   _globals['_SIGNEDENVELOPE']._serialized_end=158
   _globals['_GPUINFO']._serialized_start=161
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOSTINFO']._serialized_start=496
   _globals['_HOSTINFO']._serialized_end=632
   _globals['_WORKERINFO']._serialized_start=635
-  _globals['_WORKERINFO']._serialized_end=916
-  _globals['_EXPERTPLACEMENT']._serialized_start=918
-  _globals['_EXPERTPLACEMENT']._serialized_end=1001
-  _globals['_CAPABILITYREPORT']._serialized_start=1004
-  _globals['_CAPABILITYREPORT']._serialized_end=1387
-  _globals['_CAPABILITYREPORT_ATTRIBUTESENTRY']._serialized_start=1338
-  _globals['_CAPABILITYREPORT_ATTRIBUTESENTRY']._serialized_end=1387
-  _globals['_REGISTERREQUEST']._serialized_start=1389
-  _globals['_REGISTERREQUEST']._serialized_end=1476
-  _globals['_REGISTERREPLY']._serialized_start=1478
-  _globals['_REGISTERREPLY']._serialized_end=1558
-  _globals['_WORKERLOAD']._serialized_start=1560
-  _globals['_WORKERLOAD']._serialized_end=1668
-  _globals['_HEARTBEATREQUEST']._serialized_start=1671
-  _globals['_HEARTBEATREQUEST']._serialized_end=1821
-  _globals['_HEARTBEATREPLY']._serialized_start=1823
-  _globals['_HEARTBEATREPLY']._serialized_end=1884
-  _globals['_DEREGISTERREQUEST']._serialized_start=1886
-  _globals['_DEREGISTERREQUEST']._serialized_end=1921
-  _globals['_DEREGISTERREPLY']._serialized_start=1923
-  _globals['_DEREGISTERREPLY']._serialized_end=1940
-  _globals['_STATUSREQUEST']._serialized_start=1942
-  _globals['_STATUSREQUEST']._serialized_end=1957
-  _globals['_NODESTATUS']._serialized_start=1960
-  _globals['_NODESTATUS']._serialized_end=2279
-  _globals['_NODESTATUS_ATTRIBUTESENTRY']._serialized_start=1338
-  _globals['_NODESTATUS_ATTRIBUTESENTRY']._serialized_end=1387
-  _globals['_STATUSREPLY']._serialized_start=2281
-  _globals['_STATUSREPLY']._serialized_end=2365
-  _globals['_CONTROL']._serialized_start=2482
-  _globals['_CONTROL']._serialized_end=2745
+  _globals['_WORKERINFO']._serialized_end=935
+  _globals['_EXPERTPLACEMENT']._serialized_start=937
+  _globals['_EXPERTPLACEMENT']._serialized_end=1020
+  _globals['_CAPABILITYREPORT']._serialized_start=1023
+  _globals['_CAPABILITYREPORT']._serialized_end=1406
+  _globals['_CAPABILITYREPORT_ATTRIBUTESENTRY']._serialized_start=1357
+  _globals['_CAPABILITYREPORT_ATTRIBUTESENTRY']._serialized_end=1406
+  _globals['_REGISTERREQUEST']._serialized_start=1408
+  _globals['_REGISTERREQUEST']._serialized_end=1495
+  _globals['_REGISTERREPLY']._serialized_start=1497
+  _globals['_REGISTERREPLY']._serialized_end=1577
+  _globals['_WORKERLOAD']._serialized_start=1579
+  _globals['_WORKERLOAD']._serialized_end=1687
+  _globals['_HEARTBEATREQUEST']._serialized_start=1690
+  _globals['_HEARTBEATREQUEST']._serialized_end=1840
+  _globals['_HEARTBEATREPLY']._serialized_start=1842
+  _globals['_HEARTBEATREPLY']._serialized_end=1903
+  _globals['_DEREGISTERREQUEST']._serialized_start=1905
+  _globals['_DEREGISTERREQUEST']._serialized_end=1940
+  _globals['_DEREGISTERREPLY']._serialized_start=1942
+  _globals['_DEREGISTERREPLY']._serialized_end=1959
+  _globals['_STATUSREQUEST']._serialized_start=1961
+  _globals['_STATUSREQUEST']._serialized_end=1976
+  _globals['_NODESTATUS']._serialized_start=1979
+  _globals['_NODESTATUS']._serialized_end=2298
+  _globals['_NODESTATUS_ATTRIBUTESENTRY']._serialized_start=1357
+  _globals['_NODESTATUS_ATTRIBUTESENTRY']._serialized_end=1406
+  _globals['_STATUSREPLY']._serialized_start=2300
+  _globals['_STATUSREPLY']._serialized_end=2384
+  _globals['_CONTROL']._serialized_start=2501
+  _globals['_CONTROL']._serialized_end=2764
 # @@protoc_insertion_point(module_scope)

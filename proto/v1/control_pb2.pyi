@@ -87,7 +87,7 @@ class HostInfo(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., os: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "endpoint", "role", "model", "engine", "kv_block_size", "kv_capacity_blocks", "kv_events_endpoint", "kv_transfer_endpoint", "gpu_indices", "kv_events_replay_endpoint")
+    __slots__ = ("worker_id", "endpoint", "role", "model", "engine", "kv_block_size", "kv_capacity_blocks", "kv_events_endpoint", "kv_transfer_endpoint", "gpu_indices", "kv_events_replay_endpoint", "api_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class WorkerInfo(_message.Message):
     KV_TRANSFER_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_REPLAY_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    API_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     endpoint: str
     role: WorkerRole
@@ -110,7 +111,8 @@ class WorkerInfo(_message.Message):
     kv_transfer_endpoint: str
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     kv_events_replay_endpoint: str
-    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., kv_transfer_endpoint: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., kv_events_replay_endpoint: _Optional[str] = ...) -> None: ...
+    api_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., kv_events_endpoint: _Optional[str] = ..., kv_transfer_endpoint: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., kv_events_replay_endpoint: _Optional[str] = ..., api_token: _Optional[str] = ...) -> None: ...
 
 class ExpertPlacement(_message.Message):
     __slots__ = ("model", "worker_id", "layer", "experts")

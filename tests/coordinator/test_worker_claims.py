@@ -89,6 +89,11 @@ async def test_workers_listen_on_the_nodes_own_address_or_its_pinned_host(
     (Worker("w", "http://127.0.0.1:80", "decode", "m", kv_events_endpoint="127.0.0.1:5"),
      "kv_events_endpoint"),
     (Worker("w x", "http://127.0.0.1:80", "decode", "m"), "worker_id"),
+    (Worker("w", "http://127.0.0.1:80", "decode", "m", api_token="short"), "api_token"),
+    (Worker("w", "http://127.0.0.1:80", "decode", "m",
+            api_token="0123456789abcdef\r\nx-injected: 1"), "api_token"),
+    (Worker("w", "http://127.0.0.1:80", "decode", "m", api_token="0123456789 abcdef"),
+     "api_token"),
 ])
 async def test_a_malformed_worker_is_refused_naming_the_field(tmp_path: Path, bad: Worker,
                                                               field: str) -> None:
@@ -98,6 +103,40 @@ async def test_a_malformed_worker_is_refused_naming_the_field(tmp_path: Path, ba
         detail = await refused(run.address, node, grpc.StatusCode.INVALID_ARGUMENT,
                                "bad_capabilities", bad)
         assert f"capabilities.workers[0].{field}" in detail
+
+
+async def test_a_workers_token_reaches_the_gateways_only(tmp_path: Path) -> None:
+    """Issue 12 §5: the token a node reports with its workers is in the routing set the
+    gateways read (so they can call the workers), never in the admin's status answer nor in a
+    refusal's detail."""
+    token = "tok-" + "7" * 40
+    async with control_server(make_config(tmp_path)) as run:
+        node, admin = Identity.generate(), Identity.generate()
+        run.store.add_key(node.public_key, node.node_id)
+        run.store.add_key(admin.public_key, admin.node_id, role="admin")
+        w = Worker(f"{node.node_id}-d1", f"http://127.0.0.1:{free_port()}", "decode", "tiny",
+                   api_token=token)
+        await register(run.address, node, w)
+        (member,) = run.server.plane.routable_workers()
+        assert member.worker.api_token == token
+        assert caps.member_from_dict(caps.member_to_dict(member)).worker.api_token == token
+        assert token not in repr(member)
+        client = ControlClient(run.address, admin)
+        try:
+            raw = seal(admin, "Status", b"").SerializeToString()
+            status: pb.StatusReply = await client.call_raw("Status", raw)
+        finally:
+            await client.close()
+        (shown,) = status.nodes
+        assert [x.worker_id for x in shown.workers] == [w.worker_id]
+        assert shown.workers[0].api_token == ""
+        taken = Worker(w.worker_id, f"http://127.0.0.1:{free_port()}", "decode", "tiny",
+                       api_token=token)
+        other = Identity.generate()
+        run.store.add_key(other.public_key, other.node_id)
+        detail = await refused(run.address, other, grpc.StatusCode.ALREADY_EXISTS,
+                               "worker_id_taken", taken)
+        assert token not in detail
 
 
 def test_the_same_worker_id_twice_in_one_report_is_refused() -> None:

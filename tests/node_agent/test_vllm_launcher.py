@@ -341,6 +341,17 @@ def test_daemon_composes_embedded_and_vllm_workers(tmp_path: Path) -> None:
         f"http://{HOST}:8210", f"tcp://{HOST}:8211", f"tcp://{HOST}:8212", 32, "tiny")
     assert d.env["PYTHONHASHSEED"] == cfg.gateway.hash_seed == "0"
     assert "CUDA_VISIBLE_DEVICES" not in d.env and d.env["OMP_NUM_THREADS"] == "1"
+    # the node's worker token: every worker demands it and reports it; vLLM reads it from
+    # its environment (never the command line, which any local user can read)
+    token_file = tmp_path / "agent" / "worker_token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) == 64 and all(s.worker.api_token == token for s in specs)
+    assert specs[0].argv[specs[0].argv.index("--api-key-file") + 1] == str(token_file)
+    assert p.env["VLLM_API_KEY"] == d.env["VLLM_API_KEY"] == token
+    assert not any(token in a for s in specs for a in s.argv)
+    again = daemon.make_supervisor(cfg, Identity.generate(), gpus=())  # a restart keeps it
+    assert {st.spec.worker.api_token for st in again.states.values()} == {token}
     assert sup.ready_workers() == ()  # reported only once healthy
 
 

@@ -113,7 +113,8 @@ class ChoiceRun:
             raise failures.no_worker(self.spec.view.model) from None
 
     def _failed(self, worker_id: str, failure: Failure, detail: str) -> Action:
-        self.source.mark_failed(worker_id)
+        if failure is not Failure.BUSY:  # a busy worker is healthy: only this choice skips it
+            self.source.mark_failed(worker_id)
         self.excluded.add(worker_id)
         self.lc.fail(failure, f"{worker_id}: {detail}")
         return failures.recovery(self.lc, failure, self.clock())

@@ -32,6 +32,10 @@ def classify(e: BaseException, lc: Lifecycle | None = None, now: float = 0.0) ->
     if isinstance(e, TimeoutError):
         return Failure.DEADLINE if lc is not None and lc.remaining(now) <= 0 else Failure.TIMEOUT
     if isinstance(e, BackendHTTPError):
+        if e.status == 429:  # e.g. a prefill worker at its KV lease bound
+            return Failure.BUSY
+        if e.status in (401, 403):  # the worker refused our credential: its fault or ours,
+            return Failure.WORKER_ERROR  # never the client's (try another worker)
         return Failure.BAD_REQUEST if 400 <= e.status < 500 else Failure.WORKER_ERROR
     if isinstance(e, BackendTimeout):
         return Failure.TIMEOUT

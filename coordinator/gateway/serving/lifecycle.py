@@ -48,6 +48,7 @@ class Failure(enum.Enum):
     TIMEOUT = "timeout"  # the step's deadline passed
     WORKER_ERROR = "worker_error"  # 5xx or a broken stream from the worker
     BAD_REQUEST = "bad_request"  # the worker rejected the request (4xx): not retryable
+    BUSY = "busy"  # the worker is healthy but refused this request for now (429): try another
     NO_WORKER = "no_worker"  # nothing to route to
     DEADLINE = "deadline"  # the request's overall deadline passed
     CANCELLED = "cancelled"  # the client went away

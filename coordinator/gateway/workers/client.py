@@ -66,7 +66,10 @@ class BackendPool:
     """Connection pool for one worker. Use from one event loop; `close()` when done."""
 
     def __init__(self, host: str, port: int, *, max_connections: int = 512,
-                 connect_timeout: float = 3.0, read_timeout: float = 300.0) -> None:
+                 connect_timeout: float = 3.0, read_timeout: float = 300.0,
+                 api_token: str = "") -> None:
+        """`api_token`: sent as `Authorization: Bearer` on every request (the worker's token:
+        meshd workers and vLLM's `--api-key` demand it)."""
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self.host, self.port, self.name = host, port, f"{host}:{port}"
@@ -76,6 +79,8 @@ class BackendPool:
         self._total = 0
         self._slot_waiters: deque[asyncio.Future[Conn | None]] = deque()
         self._head = b"HTTP/1.1\r\nhost: %b\r\n" % self.name.encode()
+        if api_token:  # encoded once: no per-request cost
+            self._head += b"authorization: Bearer %b\r\n" % api_token.encode("ascii")
         # The loop the pool runs on, found once: `asyncio.get_running_loop()` costs a getpid()
         # syscall per call on CPython 3.11, and the pool waits several times per request.
         self._loop: asyncio.AbstractEventLoop | None = None

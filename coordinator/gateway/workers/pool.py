@@ -109,7 +109,8 @@ class WorkerPool:
             known = self.entries.get(w.worker_id)
             if known is None or known.worker != w:
                 try:
-                    fresh[w.worker_id] = BackendPool.from_url(w.endpoint)
+                    fresh[w.worker_id] = BackendPool.from_url(w.endpoint,
+                                                              api_token=w.api_token)
                 except ValueError as bad:
                     refused[w.worker_id] = why = str(bad)
                     if self.refused.get(w.worker_id) != why:

@@ -2,30 +2,49 @@
 
 `URL` or `ROLE=URL` is a vLLM-protocol server (vLLM or a meshd engine) that takes part in
 disaggregated serving; `openai=URL` any other OpenAI-compatible server, which the gateway
-proxies to as it is. Their models come from their `/v1/models`.
+proxies to as it is. Their models come from their `/v1/models`. With
+`static_workers_token_file`, every call to them carries that bearer token.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import orjson
 
-from meshd.capabilities import Member, Worker
+from meshd.capabilities import API_TOKEN, Member, Worker
 from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
 
 log = logging.getLogger("meshd.gateway.workers")
 
 
-async def discover_static(entries: Sequence[str], timeout_s: float = 5.0) -> list[Member]:
+def static_token(path: str) -> str:
+    """The token of `[gateway] static_workers_token_file` ("" without one); ValueError naming
+    the field when the file is unreadable, empty or not a usable header value."""
+    if not path:
+        return ""
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"gateway.static_workers_token_file: {e}") from None
+    token = lines[0].strip() if lines else ""
+    if not API_TOKEN.fullmatch(token):
+        raise ValueError("gateway.static_workers_token_file: the first line must be a token "
+                         "of 16-256 visible ASCII characters")
+    return token
+
+
+async def discover_static(entries: Sequence[str], timeout_s: float = 5.0,
+                          api_token: str = "") -> list[Member]:
     """A member on node "static" (no attributes, no expert placement) for each entry's first
     model. An unreachable one is skipped this round (and retried on the next)."""
     out: list[Member] = []
     for i, entry in enumerate(entries):
         role, _, url = entry.rpartition("=")
         try:
-            pool = BackendPool.from_url(url)
+            pool = BackendPool.from_url(url, api_token=api_token)
         except ValueError as e:  # the others still join
             log.warning("static worker %r skipped: %s", entry, e)
             continue
@@ -41,5 +60,6 @@ async def discover_static(entries: Sequence[str], timeout_s: float = 5.0) -> lis
             plain = role == "openai"
             out.append(Member("static", Worker(f"static-{i}", url.rstrip("/"),
                                                "both" if plain else (role or "both"), model,
-                                               engine="openai" if plain else "static")))
+                                               engine="openai" if plain else "static",
+                                               api_token=api_token)))
     return out

@@ -85,6 +85,9 @@ class ScriptedSource:
             raise BackendConnectError("refused", worker_id)
         if step == "reject":
             raise BackendHTTPError(400, BAD, worker_id)
+        if step == "busy":  # a prefill worker at its KV lease bound
+            raise BackendHTTPError(429, b'{"error": {"code": "kv_leases_exhausted"}}',
+                                   worker_id)
         if step == "stall":  # what the pool does when the answer does not come in time
             await asyncio.sleep(timeout_s)
             raise BackendTimeout(f"no data within {timeout_s:g}s", worker_id)
@@ -195,6 +198,13 @@ ROWS = [
     Row("prefill stalls on the only prefill worker: decode prefills locally",
         {"p0": P, "d0": D}, {"p0": ["stall"]},
         [(PF, "p0"), (DE, "d0"), (DN, "")], {"prefill_fallbacks": 1, "prefill_retries": 1}),
+    Row("prefill busy (429, lease bound): another prefill worker, the busy one stays healthy",
+        {"p0": P, "p1": P, "d0": D}, {"p0": ["busy"]},
+        [(PF, "p0"), (PF, "p1"), (TR, "d0"), (DE, "first token"), (DN, "")],
+        {"disaggregated": 1, "prefill_retries": 1}),
+    Row("the only prefill worker busy: decode prefills locally", {"p0": P, "d0": D},
+        {"p0": ["busy"]}, [(PF, "p0"), (DE, "d0"), (DN, "")],
+        {"prefill_fallbacks": 1, "prefill_retries": 1}),
     Row("prefill rejected (4xx): the worker's error, no retry", {"p0": P, "d0": D},
         {"p0": ["reject"]}, [(PF, "p0"), (FL, "bad_request")], {}, error=400),
     Row("decode dies mid-stream: continued on the other decode worker",
@@ -258,6 +268,8 @@ async def test_fault_table(row: Row) -> None:
         assert ph == want_ph and (not want_note or note == want_note), history
     assert {k: v for k, v in vars(counters).items() if v} == row.counters
     assert source.open_streams == 0
+    if "busy" in row.name:
+        assert source.failed == set()  # busy is not failed: the next request may use it
 
 
 async def test_request_deadline_is_a_504_and_never_overrun() -> None:

@@ -1,7 +1,7 @@
 import pytest
 
 from meshd.coordinator.gateway.config import Deadlines
-from meshd.coordinator.gateway.serving.failures import recovery
+from meshd.coordinator.gateway.serving.failures import classify, recovery
 from meshd.coordinator.gateway.serving.lifecycle import (
     Action,
     Failure,
@@ -9,6 +9,7 @@ from meshd.coordinator.gateway.serving.lifecycle import (
     Lifecycle,
     Phase,
 )
+from meshd.coordinator.gateway.workers.client import BackendHTTPError
 
 
 def make(**kw: float) -> Lifecycle:
@@ -40,6 +41,8 @@ def test_invalid_transitions(frm: Phase, to: Phase) -> None:
     (Phase.PREFILL, 2, Failure.TIMEOUT, Action.LOCAL_PREFILL),
     (Phase.PREFILL, 1, Failure.NO_WORKER, Action.LOCAL_PREFILL),
     (Phase.PREFILL, 1, Failure.BAD_REQUEST, Action.GIVE_UP),
+    (Phase.PREFILL, 1, Failure.BUSY, Action.RETRY_PREFILL),
+    (Phase.PREFILL, 2, Failure.BUSY, Action.LOCAL_PREFILL),
     (Phase.DECODE, 1, Failure.WORKER_ERROR, Action.CONTINUE_DECODE),
     (Phase.TRANSFER, 1, Failure.TIMEOUT, Action.CONTINUE_DECODE),
     (Phase.DECODE, 3, Failure.CONNECT, Action.GIVE_UP),
@@ -66,3 +69,14 @@ def test_no_recovery_past_the_deadline_and_step_timeouts_are_capped() -> None:
 def test_deadlines_validate() -> None:
     with pytest.raises(ValueError, match="inter_token_s"):
         Deadlines(inter_token_s=0)
+
+
+@pytest.mark.parametrize(("status", "failure"), [
+    (400, Failure.BAD_REQUEST),  # the client's own fault: passed on, never retried
+    (429, Failure.BUSY),  # e.g. a prefill worker at its KV lease bound: try another
+    (401, Failure.WORKER_ERROR),  # the worker refused the gateway's token: not the client's
+    (403, Failure.WORKER_ERROR),
+    (500, Failure.WORKER_ERROR),
+])
+def test_worker_statuses_classify(status: int, failure: Failure) -> None:
+    assert classify(BackendHTTPError(status, b"{}", "w:1")) is failure

@@ -108,3 +108,41 @@ def test_sse_decoder_splits() -> None:
         d = SseDecoder()
         assert d.feed(wire[:cut]) + d.feed(wire[cut:]) == [b'{"a":1}', b"x\ny", b"[DONE]"]
     assert chunk_frame(b"ab") == b"a\r\ndata: ab\n\n\r\n"
+
+
+def test_every_request_carries_the_workers_token() -> None:
+    """Issue 12 §5: a pool built with the worker's token sends it as a bearer on every call
+    (JSON and streams); one without sends no authorization header."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            n = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n")
+                         if line.startswith(b"content-length")))
+            await reader.readexactly(n)
+            heads.append(head.lower())
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for token in ("tok-0123456789abcdef", ""):
+            pool = BackendPool.from_url(f"http://127.0.0.1:{port}", api_token=token)
+            try:
+                await pool.post_json("/v1/completions", {"prompt": "x"})
+                await pool.request("GET", "/v1/models")
+            finally:
+                await pool.close()
+        server.close()
+
+    asyncio.run(main())
+    assert len(heads) == 4
+    assert all(b"authorization: bearer tok-0123456789abcdef\r\n" in h for h in heads[:2])
+    assert not any(b"authorization" in h for h in heads[2:])
