@@ -38,6 +38,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from meshd.curve import curve_keys, gate, secure_server
+
 log = logging.getLogger(__name__)
 
 U64 = (1 << 64) - 1
@@ -77,8 +79,9 @@ def _opt(event: object, name: str) -> Any:
     return getattr(event, name, None)
 
 
-def encode_event(event: object) -> dict[str, Any]:
-    """One event as vLLM's map-encoded, tagged struct."""
+def encode_event(event: object, token_ids: bool = True) -> dict[str, Any]:
+    """One event as vLLM's map-encoded, tagged struct; `token_ids=False` sends a stored
+    block's hashes without its token ids (an empty list: the prompt's text stays home)."""
     kind = type(event).__name__
     if kind == "BlockStored":
         parent = _opt(event, "parent_block_hash")
@@ -86,7 +89,7 @@ def encode_event(event: object) -> dict[str, Any]:
             "type": kind,
             "block_hashes": [to_u64(h) for h in _opt(event, "block_hashes")],
             "parent_block_hash": None if parent is None else to_u64(parent),
-            "token_ids": [int(t) for t in _opt(event, "token_ids")],
+            "token_ids": [int(t) for t in _opt(event, "token_ids")] if token_ids else [],
             "block_size": int(_opt(event, "block_size")),
             "lora_id": _opt(event, "lora_id"),
             "medium": _opt(event, "medium"),
@@ -107,8 +110,9 @@ def encode_event(event: object) -> dict[str, Any]:
     raise TypeError(f"not a KV cache event: {kind}")
 
 
-def encode_batch(events: Sequence[object], ts: float, data_parallel_rank: int) -> bytes:
-    batch = {"ts": ts, "events": [encode_event(e) for e in events],
+def encode_batch(events: Sequence[object], ts: float, data_parallel_rank: int,
+                 token_ids: bool = True) -> bytes:
+    batch = {"ts": ts, "events": [encode_event(e, token_ids) for e in events],
              "data_parallel_rank": data_parallel_rank}
     payload: bytes = msgpack.packb(batch, use_bin_type=True)
     return payload
@@ -119,6 +123,11 @@ class KVEventPublisher:
 
     `endpoint`/`replay_endpoint` are bound (e.g. "tcp://*:5557"); `replay_endpoint=None` turns
     replay off. Bind errors raise from the constructor. Call `close()` to stop the thread.
+
+    `curve_token`: serve both sockets over CURVE keyed by this token (`meshd.curve`; only
+    subscribers holding it connect), in a context of the publisher's own. `token_ids=False`:
+    stored blocks go out as hashes only. meshd's workers set both; the defaults are vLLM's
+    (open, with token ids).
     """
 
     def __init__(
@@ -132,10 +141,16 @@ class KVEventPublisher:
         hwm: int = 100_000,
         clock: Callable[[], float] = time.time,
         context: zmq.Context[Any] | None = None,
+        curve_token: str = "",
+        token_ids: bool = True,
     ) -> None:
         if buffer_steps < 1 or max_queue < 1:
             raise ValueError("buffer_steps and max_queue: must be >= 1")
-        self._ctx = context or zmq.Context.instance()
+        self._token_ids = token_ids
+        self._own_ctx = bool(curve_token)  # a ZAP handler belongs to one context
+        self._ctx = zmq.Context() if curve_token else context or zmq.Context.instance()
+        keys = curve_keys(curve_token) if curve_token else None
+        self._auth = gate(self._ctx, keys) if keys else None
         self._topic = topic.encode()
         self._rank = data_parallel_rank
         self._clock = clock
@@ -144,11 +159,15 @@ class KVEventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
+        if keys:
+            secure_server(self._pub, keys)
         self._pub.bind(endpoint)
         self._replay: zmq.Socket[Any] | None = None
         if replay_endpoint is not None:
             self._replay = self._ctx.socket(zmq.ROUTER)
             self._replay.setsockopt(zmq.LINGER, 0)
+            if keys:
+                secure_server(self._replay, keys)
             self._replay.bind(replay_endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.replay_endpoint = (
@@ -162,7 +181,7 @@ class KVEventPublisher:
 
     def publish(self, events: Sequence[object]) -> bool:
         """Encode and enqueue one batch; never blocks. False if the queue was full (dropped)."""
-        payload = encode_batch(events, self._clock(), self._rank)
+        payload = encode_batch(events, self._clock(), self._rank, self._token_ids)
         try:
             self._queue.put_nowait(payload)
         except queue.Full:
@@ -178,6 +197,10 @@ class KVEventPublisher:
         self._pub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_ctx:
+            self._ctx.term()
 
     def _run(self) -> None:
         while True:

@@ -62,6 +62,7 @@ class WorkerConfig:
     api_key: str = field(default="", repr=False)
     max_leased_blocks: int = 0
     max_leased_blocks_per_caller: int = 0
+    kv_events_token_ids: bool = False  # BlockStored carries token ids (cache-health re-hash)
 
     def __post_init__(self) -> None:
         _check(self.role in ROLES, "role", f"must be one of {ROLES}, got {self.role!r}")
@@ -124,6 +125,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-timeout-s", type=float, default=d.lease_timeout_s,
                    help="free held prefill blocks not pulled within this time")
     p.add_argument("--pull-timeout-s", type=float, default=d.pull_timeout_s)
+    p.add_argument("--kv-events-token-ids", action="store_true",
+                   help="KV events carry the blocks' token ids (lets the gateway re-hash "
+                        "them to check its hash agrees; off: hashes only)")
     p.add_argument("--api-key-file", default="",
                    help="file whose first line is the bearer token serving calls must carry")
     p.add_argument("--max-leased-blocks", type=int, default=0,
@@ -156,7 +160,8 @@ def from_args(args: argparse.Namespace) -> WorkerConfig:
         kv_trusted_keys=args.kv_trusted_keys, lease_timeout_s=args.lease_timeout_s,
         pull_timeout_s=args.pull_timeout_s, api_key=api_key,
         max_leased_blocks=args.max_leased_blocks,
-        max_leased_blocks_per_caller=args.max_leased_blocks_per_caller)
+        max_leased_blocks_per_caller=args.max_leased_blocks_per_caller,
+        kv_events_token_ids=args.kv_events_token_ids)
 
 
 def first_line(path: str, flag: str) -> str:

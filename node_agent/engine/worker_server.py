@@ -102,7 +102,11 @@ class WorkerServer:
             host = "*" if cfg.host in ("0.0.0.0", "") else cfg.host
             replay = (f"tcp://{host}:{cfg.kv_replay_port}" if cfg.kv_replay_port is not None
                       else None)
-            self.publisher = KVEventPublisher(f"tcp://{host}:{cfg.kv_events_port}", replay)
+            # hashes only unless asked (the gateway needs no prompt text), over CURVE keyed
+            # by the worker's API key when it has one: only the mesh's gateways subscribe
+            self.publisher = KVEventPublisher(f"tcp://{host}:{cfg.kv_events_port}", replay,
+                                              curve_token=cfg.api_key,
+                                              token_ids=cfg.kv_events_token_ids)
         m = engine.model_config
         self.info = ModelInfo(cfg.model_name, engine.tokenizer, m.max_model_len,
                               cfg.num_blocks * cfg.block_size, m.vocab_size)

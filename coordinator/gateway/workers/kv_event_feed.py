@@ -6,6 +6,8 @@ msgpack payload]`; `meshd.scheduler.kv_events.decode_batch` reads both of vLLM's
 index reports a sequence gap, the missed batches are fetched from the worker's replay endpoint
 (DEALER: send `[b"", start_seq]`, receive `[b"", seq, payload]` until seq = -1) within a deadline;
 if replay is impossible, the worker's entries are dropped and rebuilt from new events.
+meshd's workers serve both ports over CURVE keyed by their API token (`meshd.curve`), so the
+feed connects with the worker's token; vLLM's are open.
 
 Runs on the gateway's asyncio loop, so the index is only touched from one thread.
 """
@@ -22,6 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from meshd.curve import CurveKeys, curve_keys, secure_client
 from meshd.scheduler.kv_events import KVEventBatch, KVEventDecodeError, decode_batch
 from meshd.scheduler.prefix_index import ApplyStatus, PrefixIndex
 
@@ -46,6 +49,7 @@ class _Feed:
     endpoint: str
     replay_endpoint: str
     sub: Any
+    keys: CurveKeys | None  # the worker's CURVE keys (its API token's), None: an open port
     task: asyncio.Task[None] | None = None
     stats: FeedStats = field(default_factory=FeedStats)
 
@@ -69,18 +73,24 @@ class KVEventFeed:
     def stats(self) -> dict[str, FeedStats]:
         return {wid: f.stats for wid, f in self._feeds.items()}
 
-    def add(self, worker_id: str, endpoint: str, replay_endpoint: str = "") -> None:
-        """Start following a worker (idempotent for the same endpoint)."""
+    def add(self, worker_id: str, endpoint: str, replay_endpoint: str = "",
+            token: str = "") -> None:
+        """Start following a worker (idempotent for the same endpoint and token). `token`:
+        the worker's API token, which keys its ports' CURVE (meshd workers); "": open
+        (vLLM's ports)."""
         old = self._feeds.get(worker_id)
+        keys = curve_keys(token) if token else None
         if old is not None:
-            if old.endpoint == endpoint:
+            if old.endpoint == endpoint and old.keys == keys:
                 return
             self.remove(worker_id)
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.LINGER, 0)
+        if keys:
+            secure_client(sub, keys)
         sub.connect(endpoint)
-        feed = _Feed(worker_id, endpoint, replay_endpoint, sub)
+        feed = _Feed(worker_id, endpoint, replay_endpoint, sub, keys)
         self.index.add_worker(worker_id)
         feed.task = asyncio.get_running_loop().create_task(self._run(feed))
         self._feeds[worker_id] = feed
@@ -139,6 +149,8 @@ class KVEventFeed:
             return start >= until
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if feed.keys:
+            secure_client(sock, feed.keys)
         sock.connect(feed.replay_endpoint)
         try:
             await sock.send_multipart([b"", start.to_bytes(8, "big", signed=True)])

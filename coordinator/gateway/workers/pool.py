@@ -131,7 +131,8 @@ class WorkerPool:
                 if w.engine == "openai":
                     e.protocol, e.protocol_detail = PLAIN, "plain OpenAI-compatible server"
                 if self.feed is not None and w.kv_events_endpoint:
-                    self.feed.add(wid, w.kv_events_endpoint, w.kv_events_replay_endpoint)
+                    self.feed.add(wid, w.kv_events_endpoint, w.kv_events_replay_endpoint,
+                                  w.api_token if w.engine == "embedded" else "")
                 self._views = None
                 log.info("worker %s (%s, %s) joined the routing set", wid, w.role, w.endpoint)
             elif m != e.member:

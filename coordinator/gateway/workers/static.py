@@ -50,6 +50,9 @@ async def discover_static(entries: Sequence[str], timeout_s: float = 5.0,
             continue
         try:
             r = await pool.request("GET", "/v1/models", timeout=timeout_s)
+            if r.status >= 300:  # e.g. 401: static_workers_token_file missing or wrong
+                log.warning("static worker %s: /v1/models answered HTTP %d", url, r.status)
+                continue
             models = [m["id"] for m in orjson.loads(r.body).get("data", [])]
         except (BackendError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             log.warning("static worker %s: %s", url, e)

@@ -189,7 +189,8 @@ async def test_busy_worker_without_events_turns_silent() -> None:
 
 
 async def test_embedded_engine_through_the_gateway_stays_healthy(tmp_path: Path) -> None:
-    with engines([("w0", "both")], tmp_path) as [e0]:
+    # token ids in the events (off by default: hashes only) let the gateway re-hash blocks
+    with engines([("w0", "both")], tmp_path, extra=["--kv-events-token-ids"]) as [e0]:
         async def members() -> list[Member]:
             return [Member("n-test", e0.worker)]
 

@@ -7,6 +7,7 @@ Real engine processes over loopback; a second caller is a second loopback source
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
 from pathlib import Path
@@ -32,7 +33,8 @@ def prefill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
                       "--block-size", "16", "--max-model-len", "256", "--max-num-seqs", "8",
                       "--api-key-file", str(token_file), "--max-leased-blocks", "24",
                       "--max-leased-blocks-per-caller", "16",
-                      "--lease-timeout-s", str(LEASE_S))
+                      "--lease-timeout-s", str(LEASE_S), "--kv-events-port", "0",
+                      "--kv-replay-port", "0")
     try:
         yield srv
     finally:
@@ -106,6 +108,40 @@ def test_leases_are_bounded_per_caller_and_in_all(prefill: ServerProc) -> None:
     assert wait_for(lambda: _quota(prefill)["blocks"] == 0, LEASE_S + 10, every_s=0.2)
     status, out, _ = _produce(prefill, 6)
     assert status == 200, out
+
+
+def test_kv_events_are_hashes_for_holders_of_the_token(prefill: ServerProc) -> None:
+    """Issue 12 §4: the worker's KV-event port serves CURVE keyed by its token and publishes
+    block hashes without token ids; a subscriber without the token reads nothing."""
+    import msgpack
+    import zmq
+
+    from meshd.curve import curve_keys, secure_client
+
+    assert prefill.events
+    ctx = zmq.Context.instance()
+    socks = []
+    for token in ("", TOKEN):
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.LINGER, 0)
+        if token:
+            secure_client(sub, curve_keys(token))
+        sub.connect(prefill.events.replace("0.0.0.0", "127.0.0.1"))
+        socks.append(sub)
+    try:
+        time.sleep(0.5)  # handshakes
+        body = {"model": "meshd-tiny", "prompt": make_prompt(40, 99), "max_tokens": 1}
+        assert http(prefill.url + "/v1/completions", body, headers=AUTH)[0] == 200
+        stranger, member = socks
+        assert member.poll(10_000), "the token holder got no KV events"
+        events = msgpack.unpackb(member.recv_multipart()[2])["events"]
+        stored = [e for e in events if e["type"] == "BlockStored"]
+        assert stored and all(e["block_hashes"] and e["token_ids"] == [] for e in stored)
+        assert stranger.poll(500) == 0
+    finally:
+        for sock in socks:
+            sock.close(0)
 
 
 # ---- the accounting, as plain data

@@ -76,3 +76,64 @@ async def test_gap_without_replay_drops_the_workers_entries() -> None:
     finally:
         await feed.close()
         pub.close()
+
+
+TOKEN = "worker-token-" + "5" * 30
+
+
+async def test_a_tokened_publisher_sends_hashes_only_to_holders_of_the_token() -> None:
+    """Issue 12 §4: meshd's workers publish over CURVE keyed by their API token and without
+    token ids. The feed with the token follows (live and by replay); a subscriber without it,
+    or with another token, reads nothing at all."""
+    import msgpack
+    import zmq
+    import zmq.asyncio
+
+    from meshd.curve import curve_keys, secure_client
+
+    pub = KVEventPublisher("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve_token=TOKEN,
+                           token_ids=False)
+    index = PrefixIndex()
+    feed = KVEventFeed(index)
+    ctx = zmq.asyncio.Context.instance()
+    spies = []
+    try:
+        pub.publish([stored(1, 2)])  # before anyone subscribes: only the replay ring has it
+        for token in ("", "another-token-" + "6" * 30):
+            spy = ctx.socket(zmq.SUB)
+            spy.setsockopt(zmq.SUBSCRIBE, b"")
+            spy.setsockopt(zmq.LINGER, 0)
+            if token:
+                secure_client(spy, curve_keys(token))
+            spy.connect(endpoint(pub.endpoint))
+            spies.append(spy)
+        replay_spy = ctx.socket(zmq.DEALER)
+        replay_spy.setsockopt(zmq.LINGER, 0)
+        replay_spy.connect(endpoint(pub.replay_endpoint or ""))
+        spies.append(replay_spy)
+        feed.add("w1", endpoint(pub.endpoint), endpoint(pub.replay_endpoint or ""), TOKEN)
+        await asyncio.sleep(0.5)  # CURVE handshakes
+        pub.publish([stored(3, parent=2)])  # seq 1: the feed replays seq 0 with the token
+        await wait_for(lambda: index.match([1, 2, 3]) == {"w1": 3}, 5)
+        assert feed.stats()["w1"].replays == 1
+        await replay_spy.send_multipart([b"", (0).to_bytes(8, "big")])
+        for spy in spies:
+            assert await spy.poll(1000) == 0, "a subscriber without the token read events"
+        # what the token holder gets: hashes, no token ids
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.LINGER, 0)
+        secure_client(sub, curve_keys(TOKEN))
+        sub.connect(endpoint(pub.endpoint))
+        spies.append(sub)
+        await asyncio.sleep(0.5)
+        pub.publish([stored(4, parent=3)])
+        assert await sub.poll(5000)
+        _, _, payload = await sub.recv_multipart()
+        (event,) = msgpack.unpackb(payload)["events"]
+        assert event["block_hashes"] == [4] and event["token_ids"] == []
+    finally:
+        for spy in spies:
+            spy.close(0)
+        await feed.close()
+        pub.close()
