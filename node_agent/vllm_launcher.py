@@ -28,6 +28,7 @@ index order. Nothing here starts a process: `Supervisor` runs the specs.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +37,8 @@ from meshd.capabilities import Gpu, Rdma, Worker
 from meshd.config import VLLM_CONNECTORS, ConfigError, VllmConfig, vllm_port_stride
 from meshd.kv_transfer.select import RDMA_LINK_LAYERS
 from meshd.node_agent.supervisor import WorkerSpec
+
+log = logging.getLogger("meshd.agent.vllm")
 
 __all__ = ["VllmConfig", "WorkerPorts", "port_stride", "vllm_specs", "worker_ports"]
 
@@ -178,6 +181,11 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
     _check(cfg.kv_connector != "meshd" or cfg.count == 0 or bool(secret), "kv_secret_file",
            "required with kv_connector = 'meshd'")
     specs = []
+    if cfg.kv_events and cfg.count:
+        log.warning("vLLM workers publish KV events with the blocks' token ids, unauthenticated, "
+                    "on all interfaces (ports %d + 10 i + 1 and + 2): firewall them to the "
+                    "gateway hosts or set [vllm] kv_events = false (docs/security.md)",
+                    cfg.base_port)
     groups = assign_gpus(cfg, gpus)
     for i, (role, gpu_indices) in enumerate(zip(roles(cfg), groups, strict=True)):
         ports = worker_ports(cfg, i)
