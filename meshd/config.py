@@ -9,6 +9,7 @@ a bad value raises `ConfigError` (a `ValueError`) that names the field, e.g.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 import types
 import typing
@@ -45,12 +46,21 @@ class RayConfig:
 
     `auth_mode` is always set explicitly in the environment of every Ray process meshd starts:
     a local `ray.init()` with the mode unset silently writes `~/.ray/auth_token`, after which
-    `ray status` and the dashboard demand it. `token` keeps the token under meshd's state dir.
+    `ray status` and the dashboard demand it. `token` (the default) keeps the token under
+    meshd's state dir; `disabled` lets anyone who reaches Ray's ports run code as this user.
+
+    `bind_host` is where the Ray ports of a head meshd starts (`address = ""`) listen: a
+    loopback address (the default) keeps all of them on 127.0.0.1; `0.0.0.0` / `::` lets Ray
+    pick the address it advertises; any other address of this host is advertised to joining
+    nodes. Ray binds its ports to every interface whenever that address is not loopback, so
+    only loopback actually restricts them (`meshd/raylocal.py`). The dashboard (and its Jobs
+    API) listens on `dashboard_host` on its own.
     """
 
     address: str = ""  # "" starts a local head; "auto" or "host:port" joins one
     namespace: str = "meshd"
-    auth_mode: str = "disabled"  # "disabled" | "token"
+    auth_mode: str = "token"  # "token" | "disabled"
+    bind_host: str = "127.0.0.1"  # where a head meshd starts listens (Ray's own ports)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     include_dashboard: bool = True
@@ -60,8 +70,23 @@ class RayConfig:
         _check(self.auth_mode in ("disabled", "token"), "ray.auth_mode",
                f"must be 'disabled' or 'token', got {self.auth_mode!r}")
         _check(bool(self.namespace), "ray.namespace", "must not be empty")
+        _check(_ray_bind_host(self.bind_host), "ray.bind_host",
+               "must be 127.0.0.1, ::1 or localhost (this host only), 0.0.0.0 or :: (every "
+               f"interface) or an IP address of this host, got {self.bind_host!r}")
         _port(self.dashboard_port, "ray.dashboard_port")
         _check(self.num_cpus >= 0, "ray.num_cpus", f"must be >= 0, got {self.num_cpus}")
+
+
+def _ray_bind_host(host: str) -> bool:
+    """An address Ray can take as its node address: an IP (of the loopback addresses only the
+    ones Ray treats as local, which it maps to 127.0.0.1) or "localhost"."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not ip.is_loopback or host in ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True, slots=True)

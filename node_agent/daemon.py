@@ -82,8 +82,9 @@ def join_ray(cfg: MeshConfig) -> tuple[str, bool]:
     joined = False
     if not ray.is_initialized():
         address = cfg.ray.address or "auto"
-        try:
-            raylocal.init(cfg.ray, cfg.agent.state_dir, address=address)
+        try:  # Ray's token is the head's: on the head's host, the coordinator's state dir
+            # holds it; elsewhere the operator copies it there (docs/security.md)
+            raylocal.init(cfg.ray, cfg.coordinator.state_dir, address=address)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise HostError(f"agent.supervise = 'ray': cannot join the Ray cluster at "
                             f"{address!r} ({exc}); start Ray on this host (`ray start "

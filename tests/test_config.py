@@ -10,7 +10,26 @@ def test_defaults_are_valid() -> None:
     cfg = load(environ={})
     assert cfg.coordinator.grpc_port == 50151
     assert cfg.ray.namespace == "meshd"
-    assert cfg.ray.auth_mode in ("disabled", "token")
+    assert cfg.ray.auth_mode == "token" and cfg.ray.bind_host == "127.0.0.1"
+    assert cfg.ray.dashboard_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("toml", "environ", "auth_mode", "bind_host"), [
+    ("[ray]\nauth_mode = 'disabled'\nbind_host = '10.0.0.10'\n", {}, "disabled", "10.0.0.10"),
+    ("[ray]\nbind_host = '10.0.0.10'\n", {"MESHD_RAY_BIND_HOST": "0.0.0.0",
+                                           "MESHD_RAY_AUTH_MODE": "disabled"},
+     "disabled", "0.0.0.0"),
+    ("", {"MESHD_RAY_BIND_HOST": "::1"}, "token", "::1"),
+    ("", {"MESHD_RAY_BIND_HOST": "localhost"}, "token", "localhost"),
+    ("", {"MESHD_RAY_BIND_HOST": "fd00::10"}, "token", "fd00::10"),
+])
+def test_ray_auth_and_bind_host_from_file_and_env(tmp_path: Path, toml: str,
+                                                  environ: dict[str, str], auth_mode: str,
+                                                  bind_host: str) -> None:
+    f = tmp_path / "meshd.toml"
+    f.write_text(toml)
+    cfg = load(f, environ=environ)
+    assert (cfg.ray.auth_mode, cfg.ray.bind_host) == (auth_mode, bind_host)
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -43,6 +62,9 @@ def test_config_file_from_env(tmp_path: Path) -> None:
     ("[coordinator]\nbogus = 1\n", {}, "coordinator.bogus: unknown field"),
     ("[nosuch]\nx = 1\n", {}, "nosuch: unknown field"),
     ("[ray]\nauth_mode = 'open'\n", {}, "ray.auth_mode: must be 'disabled' or 'token'"),
+    ("[ray]\nbind_host = 'example.com'\n", {}, "ray.bind_host: must be 127.0.0.1"),
+    ("", {"MESHD_RAY_BIND_HOST": "127.0.0.2"}, "ray.bind_host: must be 127.0.0.1"),
+    ("", {"MESHD_RAY_BIND_HOST": ""}, "ray.bind_host: must be"),
     ("", {"MESHD_RAY_INCLUDE_DASHBOARD": "maybe"}, "ray.include_dashboard: expected a boolean"),
     ("", {"MESHD_AGENT_COORDINATOR": "nohostport"}, "agent.coordinator: must be host:port"),
     ("[coordinator\n", {}, "invalid TOML"),

@@ -1,12 +1,17 @@
-"""`meshd coordinator start|stop`: deploy the coordinator actors on a (new or existing) Ray head."""
+"""`meshd coordinator start|stop`: deploy the coordinator actors on a (new or existing) Ray head.
+
+`start` first prints a warning for each open surface of the config (`meshd/surfaces.py`); a head
+it starts uses Ray token auth and listens on `ray.bind_host` (loopback by default).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import ray
 
-from meshd import raylocal
+from meshd import raylocal, surfaces
 from meshd.commands import CommandError
 from meshd.config import MeshConfig
 from meshd.coordinator import actors
@@ -17,11 +22,16 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     state = cfg.coordinator.state_dir
     if args.action == "start":
         address = args.ray_address or cfg.ray.address
-        if not address:
-            address = raylocal.start_head(cfg.ray, state, args.ray_port)
-            print(f"started Ray head at {address}; dashboard http://{cfg.ray.dashboard_host}:"
-                  f"{cfg.ray.dashboard_port}")
-        raylocal.init(cfg.ray, state, address)
+        surfaces.announce(dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray,
+                                                                           address=address)))
+        try:
+            if not address:
+                address = raylocal.start_head(cfg.ray, state, args.ray_port)
+                print(f"started Ray head at {address}; dashboard http://"
+                      f"{cfg.ray.dashboard_host}:{cfg.ray.dashboard_port}")
+            raylocal.init(cfg.ray, state, address)
+        except (ConnectionError, RuntimeError) as e:
+            raise CommandError(f"Ray: {e}") from None
         try:
             _, info = actors.deploy(cfg.coordinator, cfg.ray.namespace)
             gateways.deploy(cfg.gateway, cfg.ray.namespace)

@@ -2,9 +2,11 @@
 
 Starts a local Ray head, the coordinator actors (registry + gateway replicas), and one agent
 that launches embedded engine workers (default one prefill, one decode), then serves the
-OpenAI API on 127.0.0.1:8000. Prints the endpoint, the Ray dashboard URL and a progress line
-while workers load; Ctrl-C (or `--duration`) shuts everything down: gateways stop, the agent
-deregisters, the workers exit, Ray stops.
+OpenAI API on 127.0.0.1:8000. Prints a warning for each open surface of the config first
+(`meshd/surfaces.py`: the default gateway has no API keys; Ray uses token auth and loopback),
+then the endpoint, the Ray dashboard URL and a progress line while workers load; Ctrl-C (or
+`--duration`) shuts everything down: gateways stop, the agent deregisters, the workers exit,
+Ray stops.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import urllib.request
 
 import ray
 
-from meshd import raylocal
+from meshd import raylocal, surfaces
 from meshd.commands import CommandError
 from meshd.config import MeshConfig
 from meshd.coordinator import actors
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     coord = cfg.coordinator
     agent = dataclasses.replace(cfg.agent, coordinator=f"{coord.grpc_host}:{coord.grpc_port}")
     cfg = dataclasses.replace(cfg, workers=w, agent=agent)
+    # `up` always starts its own head (ray.address is not used), so its surfaces are meshd's
+    surfaces.announce(dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, address="")))
     print("starting Ray (local head)...", flush=True)
     ctx = raylocal.init(cfg.ray, coord.state_dir, "")
     try:
