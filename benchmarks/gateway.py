@@ -6,7 +6,8 @@
 One fake OpenAI worker (benchmarks/fake_backend.py, own process) serves everything. Targets:
 the worker direct, meshd with 1 and 2 replicas (SO_REUSEPORT, one port), the mesh path with 2
 replicas (`meshd-mesh-2`) and the same with a tenant policy checking every limit
-(`meshd-mesh-gov-2`, `GOVERNANCE` below; `--skip gov` leaves it out), sglang-router
+(`meshd-mesh-gov-2`, `GOVERNANCE` below; `--skip gov` leaves it out), with privacy routing on
+(`meshd-mesh-privacy-2`, `PRIVACY`; `--skip privacy`), sglang-router
 (Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
 for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
 rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
@@ -41,6 +42,11 @@ KEY = "sk-meshd-bench-6f1d2c3b4a5e6f708192a3b4c5d6e7f8"  # LiteLLM refuses to st
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "Say hello."}],
         "max_tokens": 16}
 
+
+# Privacy routing on, every detector (the prompt is clean: it is routed as usual)
+PRIVACY = """[gateway.privacy]
+enabled = true
+"""
 
 # Every limit a tenant can have, set high enough never to refuse: what admission costs when
 # it checks them all (mesh path; each replica keeps its own in-process ledger here).
@@ -175,6 +181,26 @@ def admission_cost(t: Target) -> dict[str, Any] | None:
             "sampled_every": timed[0]["every"], "replicas": len(seen)}
 
 
+def privacy_cost(t: Target) -> dict[str, Any] | None:
+    """The privacy stage's cost per request as the replicas time it in place (GET
+    /debug/governance, `privacy.cost_us`), weighted over the replicas."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(50):
+        req = urllib.request.Request(f"http://127.0.0.1:{t.port}/debug/governance",
+                                     headers={"connection": "close"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            d = json.loads(r.read())
+        seen[d["ledger"]["replica"]] = d["privacy"]["cost_us"]
+        if len(seen) == len(t.procs):
+            break
+    timed = [c for c in seen.values() if c["samples"]]
+    if not timed:
+        return None
+    n = sum(c["samples"] for c in timed)
+    return {"check_us": sum(c["check"] * c["samples"] for c in timed) / n, "samples": n,
+            "sampled_every": timed[0]["every"], "replicas": len(seen)}
+
+
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = log.open("wb")
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -206,6 +232,16 @@ def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
                                   "--port", str(t.port), "--backend",
                                   f"http://127.0.0.1:{backend}", "--config", str(policy),
                                   "--api-key", f"bench={KEY}"], logs / f"mesh-gov-{i}.log"))
+        targets.append(t)
+    if "mesh" not in skip and "privacy" not in skip:  # the mesh path with privacy routing on
+        t = Target("meshd-mesh-privacy-2", free_port())
+        conf = logs / "privacy.toml"
+        conf.write_text(PRIVACY)
+        for i in range(2):
+            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
+                                  "--port", str(t.port), "--backend",
+                                  f"http://127.0.0.1:{backend}", "--config", str(conf)],
+                                 logs / f"mesh-privacy-{i}.log"))
         targets.append(t)
     if "sglang" not in skip:
         t = Target("sglang-router", free_port())
@@ -313,6 +349,8 @@ def main() -> None:
                         cells.setdefault((t.name, mode, conc), []).append(r)
         rss = {t.name: peak_rss_mb(t.pids or [backend.pid]) for t in live}
         costs.update({t.name: admission_cost(t) for t in live if t.name == "meshd-mesh-gov-2"})
+        costs.update({t.name: privacy_cost(t) for t in live
+                      if t.name == "meshd-mesh-privacy-2"})
     finally:
         for t in targets:
             t.stop()
@@ -347,18 +385,26 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
     for name, err in failed.items():
         print(f"{name:<18}NOT RUN: {err}")
     for name, c in costs.items():
-        if c is not None:
+        if c is not None and "admit_us" in c:
             print(f"\n{name}: admission timed in place by its replicas: admit {c['admit_us']:.1f}"
                   f" + settle {c['settle_us']:.1f} = {c['total_us']:.1f} us of CPU per request "
                   f"(thread CPU clock, {c['samples']} sampled requests, one in "
                   f"{c['sampled_every']}, on {c['replicas']} replicas)")
+        elif c is not None:
+            print(f"\n{name}: the privacy stage timed in place by its replicas: "
+                  f"{c['check_us']:.1f} us of CPU per request (thread CPU clock, "
+                  f"{c['samples']} sampled requests, one in {c['sampled_every']}, on "
+                  f"{c['replicas']} replicas)")
     out = ROOT / "benchmarks" / "results" / "gateway.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": " ".join(sys.argv), "duration_s": a.duration, "rounds": a.rounds,
         "load_generator": "wrk -t1 (same machine; shares the CPU cores with worker and proxy)",
         "cpus": os.cpu_count(), "note": "direct: cpu/rss are the fake worker's own",
-        "rows": rows, "admission_cost_us": costs, "not_run": failed, "logs": str(logs)},
+        "rows": rows,
+        "admission_cost_us": {k: v for k, v in costs.items() if "privacy" not in k},
+        "privacy_cost_us": {k: v for k, v in costs.items() if "privacy" in k},
+        "not_run": failed, "logs": str(logs)},
         indent=1))
     print(f"\nwrote {out} (process logs in {logs})")
 

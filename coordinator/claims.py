@@ -10,6 +10,10 @@ A report names workers the gateways will send users' prompts to, so a node may c
   reporting a DNS name). A node connecting over loopback may use any loopback address.
 
 `check(...)` raises `Refused` with a reason and a detail naming the worker and field.
+
+Attributes (`check_attributes`): a node's `privacy` class, and any attribute the operator pinned
+for its key (`meshd trust add KEY --attr K=V`), must be exactly what the operator pinned: a
+node cannot claim itself into a class that privacy-aware routing trusts with sensitive prompts.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from meshd import endpoints
 from meshd.capabilities import Capabilities, listeners
 from meshd.coordinator.nodes import DEAD, LEFT, Node
 
+# Attributes a report may carry only as the operator pinned them (others: once pinned)
+GUARDED = frozenset({"privacy"})
+
 
 class Refused(Exception):
-    """`reason`: worker_id_taken | endpoint_taken | not_own_address."""
+    """`reason`: worker_id_taken | endpoint_taken | not_own_address | attribute_not_pinned."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -74,3 +81,16 @@ def check(node_id: str, report: Capabilities, seen_from: str, pinned_host: str,
                 "; pin another host with `meshd trust add KEY --host HOST`")
             raise Refused("not_own_address", f"worker {w.worker_id!r} {field} is on {host}, "
                           f"not on this node's address ({where}{pin})")
+
+
+def check_attributes(attributes: dict[str, str], pinned: dict[str, str]) -> None:
+    """Raise Refused when a guarded attribute (`GUARDED`, or one pinned for the key) differs
+    from its pin, or is claimed without one."""
+    for key in sorted(GUARDED | set(pinned)):
+        claimed, pin = attributes.get(key), pinned.get(key)
+        if claimed is None or claimed == pin:
+            continue
+        allowed = (f"its key is pinned to {key}={pin}" if pin is not None else
+                   f"no {key} is pinned for its key")
+        raise Refused("attribute_not_pinned", f"the report claims {key}={claimed}, but {allowed}"
+                      f"; the operator pins it with `meshd trust add KEY --attr {key}=VALUE`")

@@ -97,6 +97,8 @@ class ControlPlane:
         try:
             claims.check(who.node_id, report, claims.peer_host(peer),
                          key.pinned_host if key is not None else "", self.table.nodes.values())
+            claims.check_attributes(dict(report.attributes),
+                                    key.attributes if key is not None else {})
         except claims.Refused as e:
             code = "ALREADY_EXISTS" if e.reason.endswith("_taken") else "PERMISSION_DENIED"
             raise RequestError(code, e.reason, e.detail) from None

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS keys (
     public_key BLOB PRIMARY KEY, node_id TEXT NOT NULL, label TEXT NOT NULL DEFAULT '',
     role TEXT NOT NULL DEFAULT 'agent', state TEXT NOT NULL DEFAULT 'trusted',
     source TEXT NOT NULL DEFAULT 'operator', added_at REAL NOT NULL, revoked_at REAL,
-    pinned_host TEXT NOT NULL DEFAULT ''
+    pinned_host TEXT NOT NULL DEFAULT '',
+    pinned_attrs TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, label TEXT NOT NULL DEFAULT '',
@@ -43,6 +44,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL, state TEXT NOT NULL
 );
 """
+# KeyRecord's fields, by name: a store migrated by ALTER TABLE has them in another order
+_KEY_COLS = ("public_key, node_id, label, role, state, source, added_at, revoked_at, "
+             "pinned_host, pinned_attrs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,13 @@ class KeyRecord:
     added_at: float
     revoked_at: float | None
     pinned_host: str = ""  # the host its workers may listen on besides the one it connects from
+    pinned_attrs: str = "{}"  # JSON {key: value}: the guarded attributes its reports may claim
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """The attributes the operator pinned for this key (`meshd trust add --attr K=V`)."""
+        value = json.loads(self.pinned_attrs or "{}")
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +93,11 @@ class Store:
         self._lock = threading.Lock()
         self._db = sqlite.connect(self.path, SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(keys)")}
-        if "pinned_host" not in cols:  # a trust store from before host pins
-            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
-                self._db.execute("ALTER TABLE keys ADD COLUMN pinned_host TEXT NOT NULL "
-                                 "DEFAULT ''")
+        for col, default in (("pinned_host", "''"), ("pinned_attrs", "'{}'")):
+            if col not in cols:  # a trust store from before host (attribute) pins
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                    self._db.execute(f"ALTER TABLE keys ADD COLUMN {col} TEXT NOT NULL "
+                                     f"DEFAULT {default}")
 
     def close(self) -> None:
         with self._lock:
@@ -97,7 +109,8 @@ class Store:
     # -- keys -------------------------------------------------------------------------------
 
     def add_key(self, public_key: bytes, node_id: str, label: str = "", role: str = "agent",
-                source: str = "operator", pinned_host: str = "") -> KeyRecord:
+                source: str = "operator", pinned_host: str = "",
+                pinned_attrs: dict[str, str] | None = None) -> KeyRecord:
         if len(public_key) != PUBLIC_KEY_BYTES:
             raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {len(public_key)}")
         if role not in ("agent", "admin"):
@@ -106,10 +119,12 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO keys(public_key, node_id, label, role, state, source, added_at, "
-                "pinned_host) VALUES (?, ?, ?, ?, 'trusted', ?, ?, ?) ON CONFLICT(public_key) "
-                "DO UPDATE SET label=excluded.label, role=excluded.role, state='trusted', "
-                "revoked_at=NULL, pinned_host=excluded.pinned_host",
-                (public_key, node_id, label, role, source, now, pinned_host))
+                "pinned_host, pinned_attrs) VALUES (?, ?, ?, ?, 'trusted', ?, ?, ?, ?) "
+                "ON CONFLICT(public_key) DO UPDATE SET label=excluded.label, "
+                "role=excluded.role, state='trusted', revoked_at=NULL, "
+                "pinned_host=excluded.pinned_host, pinned_attrs=excluded.pinned_attrs",
+                (public_key, node_id, label, role, source, now, pinned_host,
+                 json.dumps(pinned_attrs or {}, sort_keys=True)))
         rec = self.key(public_key)
         assert rec is not None
         return rec
@@ -132,13 +147,13 @@ class Store:
 
     def key(self, public_key: bytes) -> KeyRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM keys WHERE public_key=?",
+            row = self._db.execute(f"SELECT {_KEY_COLS} FROM keys WHERE public_key=?",
                                    (public_key,)).fetchone()
         return KeyRecord(*row) if row else None
 
     def list_keys(self) -> list[KeyRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM keys ORDER BY added_at").fetchall()
+            rows = self._db.execute(f"SELECT {_KEY_COLS} FROM keys ORDER BY added_at").fetchall()
         return [KeyRecord(*r) for r in rows]
 
     # -- join tokens ------------------------------------------------------------------------

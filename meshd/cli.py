@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--host", default="",
                      help="a host its workers may listen on besides the address it connects "
                           "from (behind NAT, or a DNS name in its report)")
+    add.add_argument("--attr", action="append", default=[], metavar="K=V",
+                     help="an attribute its reports may claim, e.g. privacy=restricted "
+                          "(repeatable); a report claiming another value is refused")
     tsub.add_parser("list", help="list keys and join tokens")
     rev = tsub.add_parser("revoke", help="revoke a key by node id or public key")
     rev.add_argument("key")

@@ -45,6 +45,14 @@ def test_identity_show_and_trust_lifecycle(tmp_path: Path) -> None:
     assert "gpu-7.lan" in meshd("trust", "--state-dir", coord_dir, "list").stdout
     bad = meshd("trust", "--state-dir", coord_dir, "add", pub, "--host", "a b")
     assert bad.returncode == 1 and "--host 'a b'" in bad.stderr and "Traceback" not in bad.stderr
+    attrs = meshd("trust", "--state-dir", coord_dir, "add", pub, "--attr", "privacy=restricted",
+                  "--attr", "zone=eu")
+    assert attrs.returncode == 0 and "may claim privacy=restricted zone=eu" in attrs.stdout
+    assert "privacy=restricted,zone=eu" in meshd("trust", "--state-dir", coord_dir,
+                                                 "list").stdout
+    bad = meshd("trust", "--state-dir", coord_dir, "add", pub, "--attr", "privacy")
+    assert bad.returncode == 1 and "--attr 'privacy'" in bad.stderr and "Traceback" not in \
+        bad.stderr
     missing = meshd("trust", "--state-dir", coord_dir, "revoke", "n-nosuch")
     assert missing.returncode == 1 and "no key" in missing.stderr
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.coordinator.gateway.governance.config import GovernanceConfig
+from meshd.coordinator.gateway.privacy.config import PrivacyConfig
 from meshd.scheduler.pd import PDConfig
 
 
@@ -206,6 +207,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

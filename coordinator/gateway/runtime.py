@@ -27,9 +27,11 @@ from meshd.capabilities import Member
 from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
 from meshd.coordinator.gateway.fleet import FleetMetrics, Peers
 from meshd.coordinator.gateway.governance.admission import Governor
+from meshd.coordinator.gateway.governance.config import TenantPolicy
 from meshd.coordinator.gateway.governance.reload import PolicyWatcher
 from meshd.coordinator.gateway.governance.usage import usage_report
 from meshd.coordinator.gateway.http.server import GatewayServer
+from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
@@ -97,6 +99,7 @@ class GatewayRuntime:
                       if self.snapshot else PrefixIndex())
         self.health = CacheHealthMonitor(c.hash_seed)
         self.static_token = static_token(c.static_workers_token_file)
+        self.privacy = PrivacyGuard(c.privacy, self._tenant_privacy)
         self.pool = WorkerPool(self.index, c.routing, health=self.health)
         self.metrics = MeshMetrics()
         self.metrics.watch_workers(self.pool)
@@ -104,8 +107,9 @@ class GatewayRuntime:
         self.handler = MeshHandler(self.pool, make_router(c.routing, self.index),
                                    PromptBuilder(c.tokenizers, c.hash_seed), c.deadlines,
                                    self.metrics, max_inflight=c.limits.max_inflight,
-                                   governor=self.governor)
+                                   governor=self.governor, privacy=self.privacy)
         self.governor.metrics.register(self.metrics.registry)
+        self.privacy.register(self.metrics.registry)
         self.handler.on_runs = self.health.observe_runs
         self.fleet = (None if self.replica is None else
                       FleetMetrics(c, self.replica, self.metrics.registry, self.peers))
@@ -114,10 +118,15 @@ class GatewayRuntime:
                                     cache_health=self.health.to_json,
                                     workers=self.pool.routing_state,
                                     fleet=self.fleet.exposition if self.fleet else None,
-                                    usage=self._usage, governance=self.governor.describe)
+                                    usage=self._usage,
+                                    governance=lambda: {**self.governor.describe(),
+                                                        "privacy": self.privacy.describe()})
         self.server.set_keys(self.governor.policy.keys())
         self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None
+
+    def _tenant_privacy(self, tenant: str | None) -> TenantPolicy:
+        return self.governor.policy.of(tenant or self.config.governance.default_tenant)
 
     async def _usage(self, tenant: str | None, path: str) -> dict[str, Any]:
         return await usage_report(self.governor, tenant, path)

@@ -19,6 +19,7 @@ from meshd.coordinator.actors import ADMIN_KEY_FILE
 from meshd.node_agent import identity
 from meshd.node_agent.client import ControlClient, ControlError
 from meshd.proto.v1 import control_pb2 as pb
+from meshd.scheduler.privacy import node_class
 
 ROLE = {pb.WORKER_ROLE_PREFILL: "P", pb.WORKER_ROLE_DECODE: "D", pb.WORKER_ROLE_BOTH: "PD"}
 
@@ -33,12 +34,14 @@ async def fetch(address: str, ident: identity.Identity, timeout_s: float = 5.0
 
 
 def table(reply: pb.StatusReply) -> str:
-    rows = [f"{'NODE':<20} {'HOST':<22} {'GPUS':<16} {'STATE':<8} {'LAST HB':<9} WORKERS"]
+    rows = [f"{'NODE':<20} {'HOST':<22} {'GPUS':<16} {'STATE':<8} {'CLASS':<11} "
+            f"{'LAST HB':<9} WORKERS"]
     for n in reply.nodes:
         gpus = f"{n.gpu_count}x {n.gpu_names[0]}" if n.gpu_count else "cpu"
         workers = ", ".join(f"{w.worker_id}({ROLE.get(w.role, '?')})" for w in n.workers) or "-"
+        cls = node_class(n.attributes)  # its privacy class (privacy-aware routing)
         rows.append(f"{n.node_id:<20} {n.host[:22]:<22} {gpus[:16]:<16} {n.state:<8} "
-                    f"{n.heartbeat_age_s:>6.1f}s  {workers}")
+                    f"{cls[:11]:<11} {n.heartbeat_age_s:>6.1f}s  {workers}")
     if not reply.nodes:
         rows.append("(no nodes registered)")
     return "\n".join(rows)

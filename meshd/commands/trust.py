@@ -7,6 +7,7 @@ registry reads keys from the same SQLite file on every request, so changes apply
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 from meshd import endpoints
@@ -18,6 +19,20 @@ from meshd.node_agent.identity import node_id_for
 
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _attrs(pairs: list[str]) -> dict[str, str]:
+    """`--attr K=V` flags as a dict; CommandError naming a bad one."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        k, v = k.strip(), v.strip()
+        if not sep or not re.fullmatch(r"[a-z0-9_]{1,32}", k) or not \
+                re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v):
+            raise CommandError(f"--attr {pair!r}: expected KEY=VALUE (key 1-32 of a-z 0-9 _, "
+                               "value 1-64 of A-Z a-z 0-9 _ . : -)")
+        out[k] = v
+    return out
 
 
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
@@ -35,13 +50,17 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
                 except ValueError:
                     raise CommandError(f"--host {args.host!r} is not an IP address or a host "
                                        "name") from None
+            attrs = _attrs(args.attr)
             try:
                 rec = store.add_key(key, node_id_for(key), args.label,
                                     "admin" if args.admin else "agent",
-                                    pinned_host=endpoints.normal_host(host) if host else "")
+                                    pinned_host=endpoints.normal_host(host) if host else "",
+                                    pinned_attrs=attrs)
             except ValueError as e:
                 raise CommandError(str(e)) from None
             pin = f", workers may listen on {rec.pinned_host}" if rec.pinned_host else ""
+            if attrs:
+                pin += ", may claim " + " ".join(f"{k}={v}" for k, v in sorted(attrs.items()))
             print(f"trusted {rec.node_id} ({rec.role}{pin})")
         elif args.action == "revoke":
             try:
@@ -56,10 +75,12 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
             print(store.create_token(ttl, args.label))
         else:
             print(f"{'NODE ID':<20} {'ROLE':<6} {'STATE':<8} {'SOURCE':<18} {'ADDED':<19} "
-                  f"{'HOST':<16} LABEL")
+                  f"{'HOST':<16} {'ATTRIBUTES':<20} LABEL")
             for k in store.list_keys():
+                shown = ",".join(f"{a}={v}" for a, v in sorted(k.attributes.items())) or "-"
                 print(f"{k.node_id:<20} {k.role:<6} {k.state:<8} {k.source:<18} "
-                      f"{_when(k.added_at):<19} {k.pinned_host or '-':<16} {k.label}")
+                      f"{_when(k.added_at):<19} {k.pinned_host or '-':<16} {shown:<20} "
+                      f"{k.label}")
             tokens = store.tokens()
             if tokens:
                 print(f"\n{'TOKEN ID':<14} {'EXPIRES':<19} {'USED':<19} LABEL")

@@ -236,3 +236,43 @@ async def test_a_restart_keeps_each_nodes_state_and_revocation_evicts_at_once(
         assert states == {alive.node_id: ALIVE, dead.node_id: DEAD, revoked.node_id: LEFT,
                           offline.node_id: LEFT}
         assert {m.node_id for m in run.server.plane.routable_workers()} == {alive.node_id}
+
+
+async def register_attrs(address: str, ident: Identity, attributes: dict[str, str]
+                         ) -> pb.RegisterReply:
+    report = caps.Capabilities(host=caps.Host("h", 2, 8 << 30), attributes=attributes)
+    payload = pb.RegisterRequest(capabilities=caps.to_pb(report))
+    client = ControlClient(address, ident)
+    try:
+        raw = seal(ident, "Register", payload.SerializeToString()).SerializeToString()
+        reply: pb.RegisterReply = await client.call_raw("Register", raw)
+        return reply
+    finally:
+        await client.close()
+
+
+async def test_a_node_claims_a_privacy_class_only_as_the_operator_pinned_it(
+        tmp_path: Path) -> None:
+    """Issue 12 §1: a node's privacy class (and any attribute the operator pinned for its key)
+    is what the trust store says, or its report is refused naming the attribute."""
+    async with control_server(make_config(tmp_path)) as run:
+        node = Identity.generate()
+        run.store.add_key(node.public_key, node.node_id)
+        with pytest.raises(ControlError) as e:
+            await register_attrs(run.address, node, {"privacy": "restricted"})
+        assert (e.value.code, e.value.reason) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                  "attribute_not_pinned")
+        assert "privacy=restricted" in e.value.detail and "meshd trust add" in e.value.detail
+        await register_attrs(run.address, node, {"zone": "eu"})  # unguarded, unpinned: free
+        run.store.add_key(node.public_key, node.node_id,
+                          pinned_attrs={"privacy": "restricted", "zone": "eu"})
+        await register_attrs(run.address, node, {"privacy": "restricted", "zone": "eu"})
+        (n,) = run.server.plane.table.nodes.values()
+        assert n.capabilities.attributes == {"privacy": "restricted", "zone": "eu"}
+        for claim in ({"privacy": "secret"}, {"privacy": "restricted", "zone": "us"}):
+            with pytest.raises(ControlError) as e:
+                await register_attrs(run.address, node, claim)
+            assert e.value.reason == "attribute_not_pinned", claim
+        await register_attrs(run.address, node, {})  # claiming less is always allowed
+        assert run.store.key(node.public_key).attributes == {"privacy": "restricted",
+                                                             "zone": "eu"}

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshd.coordinator.gateway.privacy.config import ACTIONS as PRIVACY_ACTIONS
+from meshd.coordinator.gateway.privacy.config import check_classes
 from meshd.scheduler.admission.fair import FairConfig
 from meshd.scheduler.admission.loops import ACTIONS, LoopConfig
 from meshd.scheduler.admission.prices import EstimateConfig, Price
@@ -56,6 +58,12 @@ class TenantPolicy:
     admin: bool = False  # may read every tenant's usage
     api_keys: tuple[str, ...] = ()
     loop_action: str = ""  # overrides loops.action ("" keeps it)
+    # privacy routing (`[gateway.privacy]`): the node classes its sensitive requests may use
+    # (() keeps sensitive_classes), what a sensitive one no eligible node serves gets ("" keeps
+    # the action), and whether every request of the tenant counts as sensitive
+    privacy_classes: tuple[str, ...] = ()
+    privacy_action: str = ""
+    privacy_always: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm", "max_concurrent", "max_tokens",
@@ -76,6 +84,10 @@ class TenantPolicy:
         for key in self.api_keys:
             if len(key) < 8:
                 raise ValueError("api_keys: keys need >= 8 characters")
+        check_classes(self.privacy_classes, "privacy_classes")
+        if self.privacy_action and self.privacy_action not in PRIVACY_ACTIONS:
+            raise ValueError(f"privacy_action: must be refuse or mask, got "
+                             f"{self.privacy_action!r}")
 
     @property
     def priority_class(self) -> int:

@@ -40,6 +40,7 @@ class ApiRequest:
     raw: bytes
     tenant: str | None
     received_at: float
+    privacy: str = ""  # the client's x-meshd-privacy header ("sensitive", "auto" or "")
 
     @property
     def stream(self) -> bool:

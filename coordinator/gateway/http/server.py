@@ -210,11 +210,12 @@ class GatewayServer:
             raise errors.unsupported_media_type(ct.decode("latin-1"))
         obj = loads_body(p.body)  # the engine's worker server decodes with the same rules
         lim = self.config.limits
+        privacy = p.privacy.decode("latin-1").strip().lower() if p.privacy else ""
         if route is Route.CHAT:
             return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
-                              self.loop.time())
+                              self.loop.time(), privacy)
         return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
-                          tenant, self.loop.time())
+                          tenant, self.loop.time(), privacy)
 
     def _metrics(self, conn: HttpConnection, responder: Responder) -> None:
         local = generate_latest(self.registry)  # before the scrape itself is in flight

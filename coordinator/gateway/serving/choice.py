@@ -37,6 +37,7 @@ from meshd.coordinator.gateway.workers.client import (
     BackendHTTPError,
     BackendProtocolError,
 )
+from meshd.scheduler.privacy import node_class
 from meshd.scheduler.router import Router
 from meshd.scheduler.types import Decision, NoWorkerAvailable, RequestView, WorkerView
 
@@ -71,6 +72,8 @@ class ChoiceSpec:
     max_tokens: int | None
     stops: tuple[str, ...] = ()
     decode_text: Callable[[list[int]], str] | None = None
+    # privacy routing: the node classes every worker of this choice must be on (None: any)
+    classes: frozenset[str] | None = None
 
 
 class ChoiceRun:
@@ -103,6 +106,9 @@ class ChoiceRun:
     def _candidates(self) -> Sequence[WorkerView]:
         """The views to route on: all but the workers this choice already failed on."""
         views = self.source.views()
+        classes = self.spec.classes
+        if classes is not None:  # prefill, decode, retries and continuations alike
+            views = [w for w in views if node_class(w.attributes) in classes]
         excluded = self.excluded
         return [w for w in views if w.worker_id not in excluded] if excluded else views
 

@@ -23,6 +23,7 @@ from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.openai_api import ChatRequest
 from meshd.coordinator.gateway.http.responder import Responder
+from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
 from meshd.coordinator.gateway.serving.passthrough import passthrough
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
@@ -74,9 +75,10 @@ class MeshHandler:
     def __init__(self, pool: WorkerPool, router: Router, prompts: PromptBuilder,
                  deadlines: Deadlines | None = None, metrics: MeshMetrics | None = None,
                  clock: Any = time.monotonic, max_inflight: int = 1024,
-                 governor: Governor | None = None) -> None:
+                 governor: Governor | None = None, privacy: PrivacyGuard | None = None) -> None:
         self.max_inflight = max_inflight
         self.governor = governor
+        self.privacy = privacy
         self.inflight = 0
         self.pool = pool
         self.source = PoolSource(pool)
@@ -113,39 +115,46 @@ class MeshHandler:
         if block_size is None:
             raise ApiError(404, f"The model {body.model!r} does not exist.", param="model",
                            err_type="not_found_error", code="model_not_found")
+        classes = None
+        if self.privacy is not None:  # before tokenizing: masking changes the prompt
+            req, classes = self.privacy.check(req, self.pool.node_attributes)
+            body = req.body
         if self.pool.passthrough(body.model) or (
                 isinstance(body, ChatRequest) and (body.tools or body.response_format)):
-            await self._passthrough(req, responder)
+            await self._passthrough(req, responder, classes)
             return
         prompt = self.prompts.build(req, block_size)
         adm = None if self.governor is None else await self.governor.admit(req, prompt.token_ids)
         try:
-            await self._serve(req, responder, prompt.token_ids, prompt.block_hashes, adm)
+            await self._serve(req, responder, prompt.token_ids, prompt.block_hashes, adm,
+                              classes)
         finally:
             if adm is not None and not adm.done:  # the client left, or a deadline: settle
                 adm.finish(0, 0)
 
-    async def _passthrough(self, req: ApiRequest, responder: Responder) -> None:
+    async def _passthrough(self, req: ApiRequest, responder: Responder,
+                           classes: frozenset[str] | None) -> None:
         """Governed on an estimate: the worker tokenizes, so the prompt is ~4 bytes a token
         and the reservation is settled as made."""
         if self.governor is None:
-            await passthrough(self.pool, self.deadlines, req, responder)
+            await passthrough(self.pool, self.deadlines, req, responder, classes)
             return
         adm = await self.governor.admit(req, None, approx_prompt=len(req.raw) // 4)
         try:
-            await passthrough(self.pool, self.deadlines, req, responder)
+            await passthrough(self.pool, self.deadlines, req, responder, classes)
         finally:
             adm.finish(adm.completion, 0)
 
     async def _serve(self, req: ApiRequest, responder: Responder, prompt_ids: tuple[int, ...],
-                     block_hashes: Any, adm: Admitted | None) -> None:
+                     block_hashes: Any, adm: Admitted | None,
+                     classes: frozenset[str] | None = None) -> None:
         body = req.body
         max_tokens = body.sampling.max_tokens or (adm.max_tokens if adm else None)
         view = RequestView(request_id=req.request_id, model=body.model,
                            num_prompt_tokens=len(prompt_ids), block_hashes=block_hashes,
                            max_tokens=max_tokens or 16)
         start = self.clock()
-        runs = self._runs(req, view, prompt_ids, start, max_tokens)
+        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes)
         timing = self.metrics.request(start)
         shaper = Shaper(req, vocab=self._vocab(body.model))
         headers = adm.headers if adm is not None else b""
@@ -179,7 +188,8 @@ class MeshHandler:
         return vocab
 
     def _runs(self, req: ApiRequest, view: RequestView, prompt: tuple[int, ...],
-              start: float, max_tokens: int | None) -> list[ChoiceRun]:
+              start: float, max_tokens: int | None,
+              classes: frozenset[str] | None = None) -> list[ChoiceRun]:
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
@@ -188,7 +198,8 @@ class MeshHandler:
         for i in range(s.n):
             wb = worker_body if s.seed is None else {**worker_body,
                                                      "seed": choice_seed(s.seed, i)}
-            spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode)
+            spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
+                              classes)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs

@@ -17,15 +17,19 @@ from meshd.coordinator.gateway.http.responder import Responder
 from meshd.coordinator.gateway.serving import failures
 from meshd.coordinator.gateway.workers.client import BackendError, BackendHTTPError
 from meshd.coordinator.gateway.workers.pool import WorkerPool
+from meshd.scheduler.privacy import node_class
 
 
 async def passthrough(pool: WorkerPool, deadlines: Deadlines, req: ApiRequest,
-                      responder: Responder) -> None:
-    """Answer `req` from the first worker serving its model that answers."""
+                      responder: Responder, classes: frozenset[str] | None = None) -> None:
+    """Answer `req` from the first worker serving its model that answers (on a node of one of
+    `classes`, when privacy routing restricts it)."""
     last: ApiError = errors.unavailable(f"No healthy worker serves {req.body.model!r}.")
     hdrs = (("x-request-id", req.request_id),)
     path = req.endpoint.value
     for wid in pool.passthrough_workers(req.body.model):
+        if classes is not None and node_class(pool.entries[wid].member.attributes) not in classes:
+            continue
         client = pool.pool(wid)
         try:
             if not req.body.stream:

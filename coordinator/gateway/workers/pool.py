@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -194,6 +194,12 @@ class WorkerPool:
         "openai", or a worker that does not return token ids): the gateway proxies requests
         to them as they are instead of driving P/D."""
         return self._passthrough.get(model, False)
+
+    def node_attributes(self, model: str) -> list[Mapping[str, str]]:
+        """The node attributes of every healthy worker serving `model` (privacy routing asks
+        whether an eligible one exists before it routes)."""
+        return [e.member.attributes for e in self.entries.values()
+                if e.worker.model == model and e.healthy]
 
     def passthrough_workers(self, model: str) -> list[str]:
         """Workers a request for `model` may be passed through to (healthy, not backing off),
