@@ -20,6 +20,7 @@ from typing import Any
 
 from meshd.coordinator.gateway.governance.config import GovernanceConfig
 from meshd.coordinator.gateway.privacy.config import PrivacyConfig
+from meshd.coordinator.gateway.serving.confidence import ConfidenceConfig
 from meshd.scheduler.pd import PDConfig
 
 
@@ -208,6 +209,7 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -107,7 +107,8 @@ class GatewayRuntime:
         self.handler = MeshHandler(self.pool, make_router(c.routing, self.index),
                                    PromptBuilder(c.tokenizers, c.hash_seed), c.deadlines,
                                    self.metrics, max_inflight=c.limits.max_inflight,
-                                   governor=self.governor, privacy=self.privacy)
+                                   governor=self.governor, privacy=self.privacy,
+                                   confidence=c.confidence)
         self.governor.metrics.register(self.metrics.registry)
         self.privacy.register(self.metrics.registry)
         self.handler.on_runs = self.health.observe_runs

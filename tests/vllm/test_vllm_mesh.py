@@ -35,6 +35,7 @@ import re
 import signal
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 120.0
-         ) -> Any:
+def http(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 120.0,
+         token: str = "") -> Any:
+    """`token`: the worker's API token (the agent's vLLM workers demand it on /v1)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method=method)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data, headers, method=method)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         raw = r.read()
     return raw.decode() if path_is_text(url) else json.loads(raw)
@@ -312,9 +317,15 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
 
             # The same request done whole by one vLLM instance (P, greedy); vLLM tokenizes the
             # text itself and returns the ids it used.
+            token = routed[p_id].api_token  # the node's worker token: vLLM demands it
+            assert token and routed[d_id].api_token == token
+            with pytest.raises(urllib.error.HTTPError) as refused:  # without it: 401
+                await asyncio.to_thread(http, "POST", p_url + "/v1/completions", {
+                    "model": MODEL, "prompt": PROMPT, "max_tokens": 1})
+            assert refused.value.code == 401
             ref = await asyncio.to_thread(http, "POST", p_url + "/v1/completions", {
                 "model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-                "return_token_ids": True})
+                "return_token_ids": True}, token=token)
             ref_choice = ref["choices"][0]
             print(f"gateway: {got.text!r} ({got.finish_reason}); whole on P: "
                   f"{ref_choice['text']!r} ({ref_choice['finish_reason']}) ids "
@@ -325,6 +336,16 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
                 ref_choice["token_ids"])
             # Completions tokenization: the gateway's PromptBuilder == vLLM's.
             assert ref_choice["prompt_token_ids"] == ids
+
+            # --- confidence from vLLM's logprobs (asked for the meter only) -------------------
+            scored = await asyncio.to_thread(
+                client.completions.create, model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                temperature=0, extra_headers={"x-meshd-halt-below": "0"})
+            assert scored.choices[0].text == got.text and scored.choices[0].logprobs is None
+            assert scored.usage is not None
+            conf = (scored.usage.model_extra or {})["meshd"]
+            assert conf["tokens_scored"] == scored.usage.completion_tokens
+            assert 0.0 < conf["confidence_min"] <= conf["confidence_mean"] <= 1.0
 
             # --- KV events -> the gateway's PrefixIndex, under the gateway's own hashes -------
             hashes = list(rt.handler.prompts.hashes(ids, BLOCK))
@@ -346,7 +367,7 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
                 {"model": MODEL, "messages": MESSAGES}), BLOCK).token_ids)
             vchat = await asyncio.to_thread(http, "POST", p_url + "/v1/chat/completions", {
                 "model": MODEL, "messages": MESSAGES, "max_tokens": MAX_TOKENS,
-                "temperature": 0.0, "return_token_ids": True})
+                "temperature": 0.0, "return_token_ids": True}, token=token)
             assert vchat["prompt_token_ids"] == chat_ids
             builtin = rt.handler.prompts.tokenizer(MODEL).encode(_chat_text(MESSAGES, True))
             assert builtin != chat_ids  # meshd's own template would have diverged from vLLM's

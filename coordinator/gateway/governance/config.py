@@ -64,6 +64,8 @@ class TenantPolicy:
     privacy_classes: tuple[str, ...] = ()
     privacy_action: str = ""
     privacy_always: bool = False
+    # halt a choice once its rolling confidence drops below this (0: [gateway.confidence]'s)
+    confidence_halt_below: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm", "max_concurrent", "max_tokens",
@@ -85,6 +87,9 @@ class TenantPolicy:
             if len(key) < 8:
                 raise ValueError("api_keys: keys need >= 8 characters")
         check_classes(self.privacy_classes, "privacy_classes")
+        if not 0.0 <= self.confidence_halt_below < 1.0:
+            raise ValueError(f"confidence_halt_below: must be in [0, 1), got "
+                             f"{self.confidence_halt_below!r}")
         if self.privacy_action and self.privacy_action not in PRIVACY_ACTIONS:
             raise ValueError(f"privacy_action: must be refuse or mask, got "
                              f"{self.privacy_action!r}")

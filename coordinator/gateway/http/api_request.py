@@ -41,6 +41,7 @@ class ApiRequest:
     tenant: str | None
     received_at: float
     privacy: str = ""  # the client's x-meshd-privacy header ("sensitive", "auto" or "")
+    halt_below: str = ""  # the client's x-meshd-halt-below header (a confidence threshold)
 
     @property
     def stream(self) -> bool:

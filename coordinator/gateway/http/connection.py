@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from meshd.coordinator.gateway.http.server import GatewayServer
 
 _HDR = {b"content-type": 0, b"authorization": 1, b"x-request-id": 2, b"expect": 3,
-        b"content-length": 4, b"x-meshd-privacy": 5}
+        b"content-length": 4, b"x-meshd-privacy": 5, b"x-meshd-halt-below": 6}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DRAIN_BYTES = 64 << 10  # the most of a refused request's body read to keep the connection
 
@@ -39,14 +39,27 @@ _DRAIN_BYTES = 64 << 10  # the most of a refused request's body read to keep the
 class Pending:
     """A fully read request waiting for its turn. `error` set: answer it and do nothing else."""
 
-    __slots__ = ("auth", "body", "close_after", "ctype", "error", "keep_alive", "method",
-                 "path", "privacy", "rid", "route")
+    __slots__ = (
+        "auth",
+        "body",
+        "close_after",
+        "ctype",
+        "error",
+        "halt_below",
+        "keep_alive",
+        "method",
+        "path",
+        "privacy",
+        "rid",
+        "route",
+    )
 
     def __init__(self, route: Route | None, method: bytes, path: bytes, body: bytes,
                  hdrs: list[bytes | None], keep_alive: bool, error: ApiError | None,
                  close_after: bool = False) -> None:
         self.route, self.method, self.path, self.body = route, method, path, body
         self.ctype, self.auth, self.rid, self.privacy = hdrs[0], hdrs[1], hdrs[2], hdrs[5]
+        self.halt_below = hdrs[6]
         self.keep_alive, self.error, self.close_after = keep_alive, error, close_after
 
 
@@ -77,7 +90,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _begin(self) -> None:
         self.url = b""
-        self.hdrs: list[bytes | None] = [None, None, None, None, None, None]
+        self.hdrs: list[bytes | None] = [None] * 7
         self.body: list[bytes] = []
         self.body_size = 0
         self.head_size = 0
@@ -210,7 +223,7 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
-        self.queue.append(Pending(None, b"", b"", b"", [None] * 6, False, err, True))
+        self.queue.append(Pending(None, b"", b"", b"", [None] * 7, False, err, True))
 
     def pump(self) -> None:
         """Answer queued requests in order until one needs a handler task (or none are left)."""

@@ -211,11 +211,12 @@ class GatewayServer:
         obj = loads_body(p.body)  # the engine's worker server decodes with the same rules
         lim = self.config.limits
         privacy = p.privacy.decode("latin-1").strip().lower() if p.privacy else ""
+        halt = p.halt_below.decode("latin-1").strip() if p.halt_below else ""
         if route is Route.CHAT:
             return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
-                              self.loop.time(), privacy)
+                              self.loop.time(), privacy, halt)
         return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
-                          tenant, self.loop.time(), privacy)
+                          tenant, self.loop.time(), privacy, halt)
 
     def _metrics(self, conn: HttpConnection, responder: Responder) -> None:
         local = generate_latest(self.registry)  # before the scrape itself is in flight

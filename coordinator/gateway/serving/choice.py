@@ -28,6 +28,7 @@ import orjson
 from meshd.coordinator.gateway.config import Deadlines
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.serving import failures
+from meshd.coordinator.gateway.serving.confidence import HALTED, ConfidenceMeter
 from meshd.coordinator.gateway.serving.lifecycle import Action, Failure, Lifecycle, Phase
 from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, SeamText, parse_delta
 from meshd.coordinator.gateway.serving.step_timer import StepTimer
@@ -74,6 +75,10 @@ class ChoiceSpec:
     decode_text: Callable[[list[int]], str] | None = None
     # privacy routing: the node classes every worker of this choice must be on (None: any)
     classes: frozenset[str] | None = None
+    # confidence scoring (its own per choice), and whether the client asked for the logprobs
+    # (else they were asked for the meter only and are not forwarded)
+    meter: ConfidenceMeter | None = None
+    client_logprobs: bool = True
 
 
 class ChoiceRun:
@@ -273,6 +278,8 @@ class ChoiceRun:
                     await emit(deltas)
                 if failed is not None:
                     raise failed
+                if self.out.finish_reason == HALTED:
+                    return  # leaving aborts the worker's stream: it frees the request at once
                 step.touch()  # after forwarding: a slow client's drain is not a worker stall
 
     def _burst(self, worker_id: str, batch: list[bytes], first: bool
@@ -301,6 +308,12 @@ class ChoiceRun:
                         "text without token ids (return_token_ids)", worker_id)
                 if self._accept(delta):
                     out.append(delta)
+                    meter = self.spec.meter
+                    if meter is not None and delta.finish_reason is None and meter.halted():
+                        note = meter.why()
+                        self.out.finish_reason, self.out.note = HALTED, note
+                        out.append(Delta("", [], None, HALTED, note=note))
+                        return out, None
         return out, None
 
     def _accept(self, delta: Delta) -> bool:
@@ -315,7 +328,12 @@ class ChoiceRun:
         if delta.text:
             self.out.text.append(delta.text)
         if delta.logprobs:
-            self.out.logprobs.append(delta.logprobs)
+            if self.spec.meter is not None:
+                self.spec.meter.observe(delta.logprobs)
+            if self.spec.client_logprobs:
+                self.out.logprobs.append(delta.logprobs)
+            else:
+                delta.logprobs = None
         if delta.finish_reason is not None:
             self.out.finish_reason = delta.finish_reason
         return True

@@ -25,6 +25,12 @@ from meshd.coordinator.gateway.http.openai_api import ChatRequest
 from meshd.coordinator.gateway.http.responder import Responder
 from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
+from meshd.coordinator.gateway.serving.confidence import (
+    ConfidenceConfig,
+    ConfidenceMeter,
+    check_threshold,
+    summary,
+)
 from meshd.coordinator.gateway.serving.passthrough import passthrough
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
@@ -75,10 +81,12 @@ class MeshHandler:
     def __init__(self, pool: WorkerPool, router: Router, prompts: PromptBuilder,
                  deadlines: Deadlines | None = None, metrics: MeshMetrics | None = None,
                  clock: Any = time.monotonic, max_inflight: int = 1024,
-                 governor: Governor | None = None, privacy: PrivacyGuard | None = None) -> None:
+                 governor: Governor | None = None, privacy: PrivacyGuard | None = None,
+                 confidence: ConfidenceConfig | None = None) -> None:
         self.max_inflight = max_inflight
         self.governor = governor
         self.privacy = privacy
+        self.confidence = confidence or ConfidenceConfig()
         self.inflight = 0
         self.pool = pool
         self.source = PoolSource(pool)
@@ -154,7 +162,8 @@ class MeshHandler:
                            num_prompt_tokens=len(prompt_ids), block_hashes=block_hashes,
                            max_tokens=max_tokens or 16)
         start = self.clock()
-        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes)
+        halt = self._halt_below(req)
+        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt)
         timing = self.metrics.request(start)
         shaper = Shaper(req, vocab=self._vocab(body.model))
         headers = adm.headers if adm is not None else b""
@@ -164,7 +173,7 @@ class MeshHandler:
                                    headers)
             else:
                 outputs = await run_all([r.run(timing.emit) for r in runs])
-                responder.send(200, shaper.body(outputs, usage(len(prompt_ids), outputs)),
+                responder.send(200, shaper.body(outputs, _usage(len(prompt_ids), outputs, runs)),
                                headers=headers)
             timing.done("ok")
         except ApiError as e:
@@ -187,19 +196,44 @@ class MeshHandler:
             vocab = self._vocabs[model] = TokenVocab(tok.decode, tok.token_bytes)
         return vocab
 
+    def _halt_below(self, req: ApiRequest) -> float | None:
+        """The confidence threshold of `req` (0: scored, never halted), or None when it is
+        not scored at all: the client's x-meshd-halt-below, else its tenant's
+        `confidence_halt_below`, else `[gateway.confidence]` when enabled."""
+        if req.halt_below:
+            try:
+                value = float(req.halt_below)
+                check_threshold(value, "x-meshd-halt-below")
+            except ValueError:
+                raise ApiError(400, f"x-meshd-halt-below must be a number in [0, 1), got "
+                               f"{req.halt_below!r}.", code="invalid_halt_below") from None
+            return value
+        gov = self.governor
+        if gov is not None:
+            tenant = gov.policy.of(req.tenant or gov.config.default_tenant)
+            if tenant.confidence_halt_below:
+                return tenant.confidence_halt_below
+        return self.confidence.halt_below if self.confidence.enabled else None
+
     def _runs(self, req: ApiRequest, view: RequestView, prompt: tuple[int, ...],
               start: float, max_tokens: int | None,
-              classes: frozenset[str] | None = None) -> list[ChoiceRun]:
+              classes: frozenset[str] | None = None,
+              halt: float | None = None) -> list[ChoiceRun]:
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
+        client_logprobs = "logprobs" in worker_body
+        if halt is not None and not client_logprobs:  # asked for the meter only
+            worker_body["logprobs"] = self.confidence.top_logprobs
+            worker_body["return_tokens_as_token_ids"] = True
         decode = self.prompts.tokenizer(body.model).decode
         runs = []
         for i in range(s.n):
             wb = worker_body if s.seed is None else {**worker_body,
                                                      "seed": choice_seed(s.seed, i)}
+            meter = None if halt is None else ConfidenceMeter(self.confidence.window, halt)
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
-                              classes)
+                              classes, meter, client_logprobs)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs
@@ -243,8 +277,19 @@ class MeshHandler:
         if not responder.started:
             await responder.start_stream(headers=headers)
         if req.body.include_usage:
-            await responder.send_event(shaper.usage_chunk(usage(prompt_tokens, outputs)))
+            await responder.send_event(shaper.usage_chunk(_usage(prompt_tokens, outputs, runs)))
         await responder.end_stream()
+
+
+def _usage(prompt_tokens: int, outputs: Sequence[ChoiceOutput],
+           runs: Sequence[ChoiceRun]) -> dict[str, Any]:
+    """OpenAI's usage, with meshd's confidence summary when the choices were scored."""
+    out = usage(prompt_tokens, outputs)
+    meters = [r.spec.meter for r in runs if r.spec.meter is not None]
+    scored = summary(meters) if meters else None
+    if scored is not None:
+        out["meshd"] = scored
+    return out
 
 
 def settle(adm: Admitted, runs: Sequence[ChoiceRun]) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshd.coordinator.gateway.serving.confidence import HALTED
 from meshd.coordinator.gateway.serving.loop_metrics import (
     LoopCounter,
     LoopHistogram,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
     from meshd.coordinator.gateway.workers.pool import WorkerPool
 
+_CONFIDENCE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _WORKER_SUMS = {
     "meshd_engine_kv_transfer_pulled_bytes": "meshd_kv_transfer_bytes",
@@ -141,9 +143,12 @@ class MeshMetrics:
                                          "Decodes continued on another worker after a failure.")
         self.cached_tokens = LoopCounter("meshd_prefix_cache_hit_tokens",
                                          "Prompt tokens served from a worker's prefix cache.")
+        self.confidence = LoopHistogram("meshd_choice_confidence", "Mean token confidence "
+                                        "(exp(-entropy)) of each scored choice.", _CONFIDENCE)
+        self.halts = LoopCounter("meshd_confidence_halts", "Choices halted for low confidence.")
         self.registry.register(LoopMetricsCollector((
             self.ttft, self.itl, self.e2e, self.requests, self.prefill, self.continuations,
-            self.cached_tokens)))
+            self.cached_tokens, self.confidence, self.halts)))
         self._workers_registered = False
 
     def watch_workers(self, pool: WorkerPool) -> None:
@@ -170,3 +175,8 @@ class MeshMetrics:
                 self.continuations.inc(amount=lc.decode_attempts - 1)
             if run.out.cached_tokens:
                 self.cached_tokens.inc(amount=run.out.cached_tokens)
+            meter = run.spec.meter
+            if meter is not None and meter.count:
+                self.confidence.observe(meter.sum / meter.count)
+                if run.out.finish_reason == HALTED:
+                    self.halts.inc()

@@ -34,6 +34,7 @@ class Delta:
     logprobs: dict[str, Any] | None  # completions form: tokens, token_logprobs, top_logprobs
     finish_reason: str | None
     stop_reason: int | str | None = None
+    note: str | None = None  # why the gateway ended the choice (a confidence halt)
 
 
 def parse_delta(choice: Mapping[str, Any]) -> Delta:
@@ -99,6 +100,7 @@ class ChoiceOutput:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0
+    note: str | None = None  # why the gateway ended the choice (a confidence halt)
 
 
 class TokenVocab(NamedTuple):
@@ -233,6 +235,8 @@ class Shaper:
                     d.logprobs, self.vocab, self._offsets.get(index, 0), self.as_ids)
             choice = {"index": index, "text": d.text, "logprobs": lp,
                       "finish_reason": d.finish_reason}
+        if d.note is not None:
+            choice["meshd"] = {"halted": d.note}
         head = self._head
         if not head:  # a chunk is head + choice + tail, the head encoded once per request
             head = self._head = orjson.dumps(
@@ -256,6 +260,9 @@ class Shaper:
             else:
                 choices.append({"index": i, "text": text, "logprobs": completion_logprobs(
                     lp, self.vocab, 0, self.as_ids)[0], "finish_reason": o.finish_reason})
+        for c, o in zip(choices, outputs, strict=True):
+            if o.note is not None:
+                c["meshd"] = {"halted": o.note}
         obj = "chat.completion" if self.chat else "text_completion"
         return orjson.dumps({"id": self.id, "object": obj, "created": self.created,
                              "model": self.model, "choices": choices, "usage": usage})

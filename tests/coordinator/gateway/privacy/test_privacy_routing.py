@@ -61,16 +61,22 @@ async def mesh(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
             routing=RoutingConfig(scrape_interval_s=0.1, pd=PDConfig(min_uncached_tokens=0)),
             privacy=PrivacyConfig(enabled=True)), membership)
         await rt.start()
+        clients: list[openai.AsyncOpenAI] = []
         try:
             yield {"rt": rt, "url": f"http://127.0.0.1:{rt.config.port}", "members": current,
-                   "sec_p": sec_p, "sec_d": sec_d, "pub": pub, "all": members}
+                   "sec_p": sec_p, "sec_d": sec_d, "pub": pub, "all": members,
+                   "clients": clients}
         finally:
+            for c in clients:  # closed on this loop: no transport finalized on a dead one
+                await c.close()
             await rt.stop(2)
 
 
 def client(m: dict[str, Any], tenant: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=m["url"] + "/v1", api_key=KEYS[tenant], max_retries=0,
-                              timeout=60)
+    c = openai.AsyncOpenAI(base_url=m["url"] + "/v1", api_key=KEYS[tenant], max_retries=0,
+                           timeout=60)
+    m["clients"].append(c)
+    return c
 
 
 def prompt_tokens(m: dict[str, Any]) -> dict[str, float]:

@@ -33,8 +33,8 @@ def make_report() -> caps.Capabilities:
 async def test_routing_set_carries_attributes_and_experts_of_ready_workers(
         state_dir: Path) -> None:
     async with control_server(make_config(state_dir)) as run:
-        ident = Identity.generate()
-        run.store.add_key(ident.public_key, ident.node_id)
+        ident = Identity.generate()  # its privacy class is the one the operator pinned
+        run.store.add_key(ident.public_key, ident.node_id, pinned_attrs={"privacy": "high"})
         cfg = AgentConfig(coordinator=run.address, rpc_timeout_s=2.0)
         agent = Agent(cfg, ident, make_report, workers=lambda: (W0,))  # w1 not ready yet
         stop = asyncio.Event()

@@ -1,0 +1,125 @@
+"""Confidence of a choice's tokens, from the workers' logprobs, and the streaming halt.
+
+Per generated token the worker reports the sampled token's logprob and its `top_logprobs`
+alternatives (completions form). The token's entropy is estimated over those alternatives plus
+one bucket for the probability mass they leave out:
+
+    H = -sum(p_i ln p_i) - r ln r,   r = max(0, 1 - sum(p_i))      (nats)
+    confidence = exp(-H)                                           (1: certain; 1/k: k-way tie)
+
+`ConfidenceMeter` keeps the mean and minimum over the choice and a rolling mean over the last
+`window` tokens; with `halt_below` > 0 the choice is halted once that rolling mean (over a full
+window) drops below it. The gateway asks the workers for `top_logprobs` alternatives whatever
+the client asked (`[gateway.confidence] top_logprobs`), and strips them again when the client
+did not ask for logprobs, so the client's own answer is unchanged. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+HALTED = "low_confidence"  # the finish_reason of a halted choice
+
+
+@dataclass(frozen=True, slots=True)
+class ConfidenceConfig:
+    """`[gateway.confidence]`. `halt_below` 0: never halt (a tenant's `confidence_halt_below`
+    or a request's `x-meshd-halt-below` header may set one)."""
+
+    enabled: bool = False
+    top_logprobs: int = 5  # alternatives asked of the workers per token
+    window: int = 16  # tokens in the rolling mean the halt judges
+    halt_below: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_logprobs <= 20:
+            raise ValueError("gateway.confidence.top_logprobs: must be in 1..20")
+        if not 1 <= self.window <= 4096:
+            raise ValueError("gateway.confidence.window: must be in 1..4096")
+        check_threshold(self.halt_below, "gateway.confidence.halt_below")
+
+
+def check_threshold(value: float, where: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{where}: must be in [0, 1), got {value!r}")
+
+
+def token_confidence(sampled: float | None, top: Mapping[str, float] | None,
+                     token: str | None = None) -> float | None:
+    """exp(-entropy) of one position (None without any logprob). `token`: the sampled
+    token's name, counted once whether or not the alternatives list it."""
+    lps = list(top.values()) if top else []
+    if sampled is not None and (not top or token is None or token not in top):
+        lps.append(sampled)  # sampled outside the listed alternatives
+    if not lps:
+        return None
+    h, mass = 0.0, 0.0
+    for lp in lps:
+        if lp is None or lp != lp:  # None or NaN: not a usable logprob
+            continue
+        p = math.exp(min(lp, 0.0))
+        mass += p
+        if p > 0.0:
+            h -= p * math.log(p)
+    rest = 1.0 - mass
+    if rest > 1e-12:
+        h -= rest * math.log(rest)
+    return math.exp(-h)
+
+
+class ConfidenceMeter:
+    __slots__ = ("_recent", "_window_sum", "count", "halt_below", "min", "sum", "window")
+
+    def __init__(self, window: int, halt_below: float = 0.0) -> None:
+        self.window, self.halt_below = window, halt_below
+        self.count, self.sum, self.min = 0, 0.0, 1.0
+        self._recent: deque[float] = deque()
+        self._window_sum = 0.0
+
+    def observe(self, lp: Mapping[str, Any]) -> None:
+        """One completions-form logprobs object: `token_logprobs` and `top_logprobs` lists."""
+        sampled = lp.get("token_logprobs") or ()
+        tops = lp.get("top_logprobs") or ()
+        tokens = lp.get("tokens") or ()
+        for i, s in enumerate(sampled):
+            top = tops[i] if i < len(tops) and isinstance(tops[i], Mapping) else None
+            tok = tokens[i] if i < len(tokens) and isinstance(tokens[i], str) else None
+            c = token_confidence(s if isinstance(s, int | float) else None, top, tok)
+            if c is not None:
+                self.add(c)
+
+    def add(self, c: float) -> None:
+        self.count += 1
+        self.sum += c
+        self.min = min(self.min, c)
+        self._recent.append(c)
+        self._window_sum += c
+        if len(self._recent) > self.window:
+            self._window_sum -= self._recent.popleft()
+
+    @property
+    def rolling(self) -> float | None:
+        return self._window_sum / len(self._recent) if self._recent else None
+
+    def halted(self) -> bool:
+        return (self.halt_below > 0 and len(self._recent) >= self.window
+                and self._window_sum / self.window < self.halt_below)
+
+    def why(self) -> str:
+        return (f"the mean confidence of the last {self.window} tokens, {self.rolling:.3f}, "
+                f"fell below {self.halt_below:g}")
+
+
+def summary(meters: list[ConfidenceMeter]) -> dict[str, Any] | None:
+    """The usage extension over a request's choices (None when nothing was measured)."""
+    n = sum(m.count for m in meters)
+    if not n:
+        return None
+    return {"confidence_mean": round(sum(m.sum for m in meters) / n, 6),
+            "confidence_min": round(min(m.min for m in meters if m.count), 6),
+            "tokens_scored": n,
+            "halted": sum(1 for m in meters if m.halted())}
