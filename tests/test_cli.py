@@ -42,6 +42,7 @@ def test_identity_show_and_trust_lifecycle(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "must be hex" in bad.stderr and "Traceback" not in bad.stderr
     pinned = meshd("trust", "--state-dir", coord_dir, "add", pub, "--host", "GPU-7.lan")
     assert pinned.returncode == 0 and "workers may listen on gpu-7.lan" in pinned.stdout
+    assert "was revoked at" in pinned.stderr  # re-trusting a revoked key says so
     assert "gpu-7.lan" in meshd("trust", "--state-dir", coord_dir, "list").stdout
     bad = meshd("trust", "--state-dir", coord_dir, "add", pub, "--host", "a b")
     assert bad.returncode == 1 and "--host 'a b'" in bad.stderr and "Traceback" not in bad.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 
 from meshd import endpoints
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
                     raise CommandError(f"--host {args.host!r} is not an IP address or a host "
                                        "name") from None
             attrs = _attrs(args.attr)
+            before = store.key(key)
+            if before is not None and before.state == "revoked":
+                print(f"warning: {before.node_id} was revoked at {_when(before.revoked_at)}; "
+                      "adding it trusts it again", file=sys.stderr)
             try:
                 rec = store.add_key(key, node_id_for(key), args.label,
                                     "admin" if args.admin else "agent",

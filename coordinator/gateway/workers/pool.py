@@ -33,6 +33,7 @@ from meshd.coordinator.gateway.workers.prefill_ledger import PrefillLedger
 from meshd.coordinator.gateway.workers.protocol import PLAIN, UNKNOWN, probe
 from meshd.coordinator.gateway.workers.scrape import LoadScraper
 from meshd.scheduler.prefix_index import PrefixIndex
+from meshd.scheduler.privacy import node_class
 from meshd.scheduler.types import WorkerView
 from meshd.scheduler.views import LoadSample, WorkerFacts, build_view
 
@@ -233,15 +234,20 @@ class WorkerPool:
             self._views = None
 
     def routing_state(self) -> list[dict[str, object]]:
-        """One row per worker, for `/debug/workers` and `meshd status`."""
+        """One row per worker, for `/debug/workers` and `meshd status`; a member skipped as
+        malformed is a row with protocol `refused` and the reason."""
         now = time.monotonic()
-        return [{"worker_id": wid, "model": e.worker.model, "role": e.worker.role,
-                 "engine": e.worker.engine, "node_id": e.node_id, "healthy": e.healthy,
-                 "backoff_s": round(max(0.0, e.failed_until - now), 3),
-                 "protocol": e.protocol, "protocol_detail": e.protocol_detail,
-                 "queued_prefill_tokens": self._sample(wid, e).num_waiting_tokens,
-                 "experts": len(e.facts.experts)}
-                for wid, e in ((w, self.entries[w]) for w in self._order)]
+        rows: list[dict[str, object]] = [
+            {"worker_id": wid, "model": e.worker.model, "role": e.worker.role,
+             "engine": e.worker.engine, "node_id": e.node_id, "healthy": e.healthy,
+             "backoff_s": round(max(0.0, e.failed_until - now), 3),
+             "protocol": e.protocol, "protocol_detail": e.protocol_detail,
+             "queued_prefill_tokens": self._sample(wid, e).num_waiting_tokens,
+             "experts": len(e.facts.experts), "class": node_class(e.member.attributes)}
+            for wid, e in ((w, self.entries[w]) for w in self._order)]
+        rows += [{"worker_id": wid, "healthy": False, "protocol": "refused",
+                  "protocol_detail": why} for wid, why in sorted(self.refused.items())]
+        return rows
 
     def block_size(self, model: str) -> int | None:
         """The block size the gateway hashes `model`'s prompts with; None: unknown model."""

@@ -222,5 +222,9 @@ async def test_a_malformed_endpoint_is_skipped_and_the_others_still_join() -> No
     pool.update([caps.Member("n1", good), caps.Member("n2", bad), caps.Member("n1", later)])
     assert sorted(pool.entries) == ["w-good", "w-later"]
     assert "not-a-url" in pool.refused["w-bad"]
+    rows = {r["worker_id"]: r for r in pool.routing_state()}  # /debug/workers shows it
+    assert rows["w-bad"]["protocol"] == "refused" and "not-a-url" in str(
+        rows["w-bad"]["protocol_detail"])
+    assert rows["w-good"]["class"] == "public" and rows["w-good"]["healthy"]
     pool.update([caps.Member("n1", good)])
     assert sorted(pool.entries) == ["w-good"] and pool.refused == {}
