@@ -134,7 +134,6 @@ class CompletionHandler:
         if refusal is not None:
             raise ApiError(429, refusal.message(caller), err_type="rate_limit_error",
                            code="kv_leases_exhausted", retry_after=1.0)
-        held = 0
         try:
             return await self._respond(request, rid, req, reqs, False, True, None)
         finally:

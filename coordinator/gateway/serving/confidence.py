@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,19 +52,24 @@ def token_confidence(sampled: float | None, top: Mapping[str, float] | None,
                      token: str | None = None) -> float | None:
     """exp(-entropy) of one position (None without any logprob). `token`: the sampled
     token's name, counted once whether or not the alternatives list it."""
-    lps = list(top.values()) if top else []
-    if sampled is not None and (not top or token is None or token not in top):
-        lps.append(sampled)  # sampled outside the listed alternatives
-    if not lps:
-        return None
-    h, mass = 0.0, 0.0
-    for lp in lps:
-        if lp is None or lp != lp:  # None or NaN: not a usable logprob
-            continue
-        p = math.exp(min(lp, 0.0))
-        mass += p
-        if p > 0.0:
-            h -= p * math.log(p)
+    if not top:
+        return None if sampled is None else _confidence((sampled,))
+    if sampled is not None and (token is None or token not in top):
+        return _confidence((*top.values(), sampled))  # sampled outside the alternatives
+    return _confidence(top.values())
+
+
+def _confidence(logprobs: Iterable[float]) -> float:
+    """p ln p is p * logprob: one exp per alternative, one log for the rest of the mass.
+    A value that is not a number below or at 0 (NaN, a bogus positive) is skipped."""
+    h = mass = 0.0
+    for lp in logprobs:
+        if lp < 0.0:
+            p = math.exp(lp)
+            mass += p
+            h -= p * lp
+        elif lp == 0.0:
+            mass += 1.0
     rest = 1.0 - mass
     if rest > 1e-12:
         h -= rest * math.log(rest)
@@ -85,10 +90,14 @@ class ConfidenceMeter:
         sampled = lp.get("token_logprobs") or ()
         tops = lp.get("top_logprobs") or ()
         tokens = lp.get("tokens") or ()
+        n_tops, n_tokens = len(tops), len(tokens)
         for i, s in enumerate(sampled):
-            top = tops[i] if i < len(tops) and isinstance(tops[i], Mapping) else None
-            tok = tokens[i] if i < len(tokens) and isinstance(tokens[i], str) else None
-            c = token_confidence(s if isinstance(s, int | float) else None, top, tok)
+            top = tops[i] if i < n_tops else None
+            try:
+                c = token_confidence(s, top if isinstance(top, Mapping) else None,
+                                     tokens[i] if i < n_tokens else None)
+            except TypeError:  # a malformed entry (a worker's bug): not scored
+                continue
             if c is not None:
                 self.add(c)
 
