@@ -373,17 +373,17 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
                      "non_2xx": sum(r["non_2xx"] for r in runs),
                      "socket_errors": [r["socket_errors"] for r in runs if r["socket_errors"]],
                      "peak_rss_mb": rss.get(name), "rounds": runs})
-    hdr = (f"{'target':<18}{'mode':<7}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'+p50 ms':>9}"
+    hdr = (f"{'target':<21}{'mode':<7}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'+p50 ms':>9}"
            f"{'p99 ms':>9}{'cpu us/req':>11}{'rss MB':>8}{'non2xx':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['target']:<18}{r['mode']:<7}{r['concurrency']:>5}{r['rps']:>10.0f}"
+        print(f"{r['target']:<21}{r['mode']:<7}{r['concurrency']:>5}{r['rps']:>10.0f}"
               f"{r['p50_ms']:>9.3f}{r['added_p50_ms']:>9.3f}{r['p99_ms']:>9.2f}"
               f"{r['cpu_us_per_req']:>11.0f}{(r['peak_rss_mb'] or 0):>8.0f}{r['non_2xx']:>8}")
     failed = {t.name: t.error for t in targets if t.error}
     for name, err in failed.items():
-        print(f"{name:<18}NOT RUN: {err}")
+        print(f"{name:<21}NOT RUN: {err}")
     for name, c in costs.items():
         if c is not None and "admit_us" in c:
             print(f"\n{name}: admission timed in place by its replicas: admit {c['admit_us']:.1f}"
