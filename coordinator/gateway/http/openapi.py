@@ -14,6 +14,15 @@ import orjson
 _ERR = {"$ref": "#/components/responses/Error"}
 _RID = {"name": "X-Request-Id", "in": "header", "required": False,
         "description": "Echoed back; generated when absent.", "schema": {"type": "string"}}
+_PRIVACY = {"name": "X-Meshd-Privacy", "in": "header", "required": False,
+            "description": "sensitive: run only on nodes of the tenant's privacy classes "
+                           "(docs/trust.md); auto (default): the gateway decides.",
+            "schema": {"type": "string", "enum": ["sensitive", "auto"]}}
+_HALT = {"name": "X-Meshd-Halt-Below", "in": "header", "required": False,
+         "description": "Score token confidence and halt a choice (finish_reason "
+                        "low_confidence) when its rolling mean falls below this; 0 scores "
+                        "without halting.",
+         "schema": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}
 
 _COMMON_PROPS: dict[str, Any] = {
     "model": {"type": "string", "minLength": 1},
@@ -72,7 +81,7 @@ _COMPLETION_REQ = {
 
 def _generate(summary: str, schema_ref: str) -> dict[str, Any]:
     return {
-        "summary": summary, "parameters": [_RID],
+        "summary": summary, "parameters": [_RID, _PRIVACY, _HALT],
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": schema_ref}}}},
         "responses": {
