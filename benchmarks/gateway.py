@@ -157,10 +157,10 @@ def wait_ready(port: int, path: str, timeout: float, body: bytes | None = None) 
     raise RuntimeError(f"port {port} not ready after {timeout}s: {last}")
 
 
-def admission_cost(t: Target) -> dict[str, Any] | None:
-    """Admission's cost per request as the governed replicas time it in place (GET
-    /debug/governance, `cost_us`, over all of the target's requests). The replicas share one
-    port, so ask until each has answered."""
+def replica_costs(t: Target, key: str) -> tuple[list[dict[str, Any]], int]:
+    """What each replica of `t` reports at `key` of GET /debug/governance (`cost_us`, or
+    `privacy.cost_us`), for the replicas that timed any request, and how many answered. The
+    replicas share one port, so ask until each has answered."""
     seen: dict[str, dict[str, Any]] = {}
     for _ in range(50):
         req = urllib.request.Request(f"http://127.0.0.1:{t.port}/debug/governance",
@@ -168,37 +168,37 @@ def admission_cost(t: Target) -> dict[str, Any] | None:
                                               "connection": "close"})
         with urllib.request.urlopen(req, timeout=5) as r:
             d = json.loads(r.read())
-        seen[d["ledger"]["replica"]] = d["cost_us"]
+        value = d
+        for part in key.split("."):
+            value = value[part]
+        seen[d["ledger"]["replica"]] = value
         if len(seen) == len(t.procs):
             break
-    timed = [c for c in seen.values() if c["samples"]]
+    return [c for c in seen.values() if c["samples"]], len(seen)
+
+
+def admission_cost(t: Target) -> dict[str, Any] | None:
+    """Admission's cost per request as the governed replicas time it in place (`cost_us`,
+    over all of the target's requests), weighted over the replicas."""
+    timed, replicas = replica_costs(t, "cost_us")
     if not timed:
         return None
     n = sum(c["samples"] for c in timed)
     admit = sum(c["admit"] * c["samples"] for c in timed) / n
     settle = sum(c["settle"] * c["samples"] for c in timed) / n
     return {"admit_us": admit, "settle_us": settle, "total_us": admit + settle, "samples": n,
-            "sampled_every": timed[0]["every"], "replicas": len(seen)}
+            "sampled_every": timed[0]["every"], "replicas": replicas}
 
 
 def privacy_cost(t: Target) -> dict[str, Any] | None:
-    """The privacy stage's cost per request as the replicas time it in place (GET
-    /debug/governance, `privacy.cost_us`), weighted over the replicas."""
-    seen: dict[str, dict[str, Any]] = {}
-    for _ in range(50):
-        req = urllib.request.Request(f"http://127.0.0.1:{t.port}/debug/governance",
-                                     headers={"connection": "close"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            d = json.loads(r.read())
-        seen[d["ledger"]["replica"]] = d["privacy"]["cost_us"]
-        if len(seen) == len(t.procs):
-            break
-    timed = [c for c in seen.values() if c["samples"]]
+    """The privacy stage's cost per request as the replicas time it in place
+    (`privacy.cost_us`), weighted over the replicas."""
+    timed, replicas = replica_costs(t, "privacy.cost_us")
     if not timed:
         return None
     n = sum(c["samples"] for c in timed)
     return {"check_us": sum(c["check"] * c["samples"] for c in timed) / n, "samples": n,
-            "sampled_every": timed[0]["every"], "replicas": len(seen)}
+            "sampled_every": timed[0]["every"], "replicas": replicas}
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -20,6 +20,7 @@ from meshd.capabilities import Gpu
 from meshd.config import MeshConfig
 from meshd.node_agent import probe
 from meshd.node_agent.agent import Agent
+from meshd.node_agent.engine.worker_config import first_line
 from meshd.node_agent.identity import Identity
 from meshd.node_agent.launcher import (
     SECRET_FILE,
@@ -27,7 +28,6 @@ from meshd.node_agent.launcher import (
     embedded_experts,
     embedded_specs,
     ensure_secret,
-    read_token,
 )
 from meshd.node_agent.supervisor import Supervisor, WorkerSpec, WorkerSupervisor
 from meshd.node_agent.vllm_launcher import vllm_specs
@@ -53,7 +53,8 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
             secret_file = ensure_secret(v.kv_secret_file or state / SECRET_FILE)
         rdma = probe.probe_rdma() if v.device == "cuda" and v.kv_transfer == "auto" else ()
         specs += vllm_specs(v, node_id, host, gpus, secret_file=secret_file, rdma=rdma,
-                            api_token=read_token(token_file) if token_file else "")
+                            api_token=first_line(str(token_file), "worker token file")
+                            if token_file else "")
     return specs
 
 

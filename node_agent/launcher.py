@@ -15,6 +15,7 @@ from pathlib import Path
 
 from meshd.capabilities import Experts, Worker
 from meshd.config import WorkersConfig, parse_experts
+from meshd.node_agent.engine.worker_config import first_line
 from meshd.node_agent.supervisor import WorkerSpec
 
 SECRET_FILE = "kv_secret"
@@ -73,17 +74,11 @@ def embedded_experts(cfg: WorkersConfig, node_id: str) -> tuple[Experts, ...]:
     return tuple(out)
 
 
-def read_token(path: str | Path) -> str:
-    """The first line of a token file (`ensure_secret`'s)."""
-    lines = Path(path).expanduser().read_text().splitlines()
-    return lines[0].strip() if lines else ""
-
-
 def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str | Path,
                    token_file: str | Path | None = None) -> list[WorkerSpec]:
     """One spec per configured embedded worker; `host` is the address workers bind and report;
     `token_file`: the node's worker token (the workers demand it, the report carries it)."""
-    token = read_token(token_file) if token_file else ""
+    token = first_line(str(token_file), "worker token file") if token_file else ""
     specs = []
     for i, (role, worker_id) in enumerate(zip(roles(cfg), worker_ids(cfg, node_id),
                                               strict=True)):

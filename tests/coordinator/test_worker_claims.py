@@ -26,7 +26,12 @@ def worker(wid: str, port: int, host: str = "127.0.0.1", events: int = 0) -> Wor
 
 
 async def register(address: str, ident: Identity, *workers: Worker) -> pb.RegisterReply:
-    payload = pb.RegisterRequest(capabilities=caps.to_pb(make_report("h", workers)))
+    return await register_report(address, ident, make_report("h", workers))
+
+
+async def register_report(address: str, ident: Identity, report: caps.Capabilities
+                          ) -> pb.RegisterReply:
+    payload = pb.RegisterRequest(capabilities=caps.to_pb(report))
     client = ControlClient(address, ident)
     try:
         raw = seal(ident, "Register", payload.SerializeToString()).SerializeToString()
@@ -240,15 +245,8 @@ async def test_a_restart_keeps_each_nodes_state_and_revocation_evicts_at_once(
 
 async def register_attrs(address: str, ident: Identity, attributes: dict[str, str]
                          ) -> pb.RegisterReply:
-    report = caps.Capabilities(host=caps.Host("h", 2, 8 << 30), attributes=attributes)
-    payload = pb.RegisterRequest(capabilities=caps.to_pb(report))
-    client = ControlClient(address, ident)
-    try:
-        raw = seal(ident, "Register", payload.SerializeToString()).SerializeToString()
-        reply: pb.RegisterReply = await client.call_raw("Register", raw)
-        return reply
-    finally:
-        await client.close()
+    return await register_report(address, ident, caps.Capabilities(
+        host=caps.Host("h", 2, 8 << 30), attributes=attributes))
 
 
 async def test_a_node_claims_a_privacy_class_only_as_the_operator_pinned_it(

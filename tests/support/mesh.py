@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,15 @@ class EngineProc:
 
     def stop(self, sig: int = signal.SIGSTOP) -> None:
         os.killpg(self.proc.pid, sig)
+
+
+def worker_metric(url: str, name: str) -> float:
+    """A sample of a worker's `/metrics` summed over its labels (a process of its own: a
+    blocking read is fine from a test's event loop)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(
+        rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def start_engine(wid: str, role: str, secret: Path, logdir: Path, lease_s: float = 3.0,

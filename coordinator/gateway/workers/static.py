@@ -16,6 +16,7 @@ import orjson
 
 from meshd.capabilities import API_TOKEN, Member, Worker
 from meshd.coordinator.gateway.workers.client import BackendError, BackendPool
+from meshd.node_agent.engine.worker_config import first_line
 
 log = logging.getLogger("meshd.gateway.workers")
 
@@ -25,11 +26,7 @@ def static_token(path: str) -> str:
     the field when the file is unreadable, empty or not a usable header value."""
     if not path:
         return ""
-    try:
-        lines = Path(path).expanduser().read_text().splitlines()
-    except OSError as e:
-        raise ValueError(f"gateway.static_workers_token_file: {e}") from None
-    token = lines[0].strip() if lines else ""
+    token = first_line(str(Path(path).expanduser()), "gateway.static_workers_token_file")
     if not API_TOKEN.fullmatch(token):
         raise ValueError("gateway.static_workers_token_file: the first line must be a token "
                          "of 16-256 visible ASCII characters")

@@ -7,8 +7,6 @@ counted."""
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from support.mesh import engines
+from support.mesh import engines, worker_metric
 from support.net import free_port
 
 from meshd.capabilities import Member
@@ -29,14 +27,6 @@ from meshd.scheduler.pd import PDConfig
 KEYS = {"refuse": "key-refuse-0001", "mask": "key-masked-0001", "always": "key-always-0001"}
 SENSITIVE = "Please email the merger plan to jane.doe@example.com before noon. " * 3
 CLEAN = "Please send the quarterly summary to the team before noon today. " * 3
-
-
-def counter(url: str, name: str) -> float:
-    """A worker's counter (a process of its own: a blocking read is fine here)."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 @pytest.fixture
@@ -80,7 +70,8 @@ def client(m: dict[str, Any], tenant: str) -> openai.AsyncOpenAI:
 
 
 def prompt_tokens(m: dict[str, Any]) -> dict[str, float]:
-    return {k: counter(m[k].url, "vllm:prompt_tokens_total") for k in ("sec_p", "sec_d", "pub")}
+    return {k: worker_metric(m[k].url, "vllm:prompt_tokens_total")
+            for k in ("sec_p", "sec_d", "pub")}
 
 
 async def privacy_state(m: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +81,7 @@ async def privacy_state(m: dict[str, Any]) -> dict[str, Any]:
 
 async def test_sensitive_requests_run_only_on_eligible_nodes(mesh: dict[str, Any]) -> None:
     c = client(mesh, "refuse")
-    pulls = counter(mesh["sec_d"].url, "meshd_engine_kv_transfer_pulls_total")
+    pulls = worker_metric(mesh["sec_d"].url, "meshd_engine_kv_transfer_pulls_total")
     before = prompt_tokens(mesh)
     out = await c.completions.create(model="meshd-tiny", prompt=SENSITIVE, max_tokens=4,
                                      temperature=0)
@@ -110,7 +101,7 @@ async def test_sensitive_requests_run_only_on_eligible_nodes(mesh: dict[str, Any
     after = prompt_tokens(mesh)
     assert after["pub"] == before["pub"], "a sensitive prompt reached the public node"
     assert after["sec_p"] > before["sec_p"]  # prefilled on the restricted prefill worker,
-    assert counter(mesh["sec_d"].url, "meshd_engine_kv_transfer_pulls_total") > pulls
+    assert worker_metric(mesh["sec_d"].url, "meshd_engine_kv_transfer_pulls_total") > pulls
     # ... its KV pulled by the restricted decode worker (a prefix it caches stays there)
     state = await privacy_state(mesh)
     assert state["decisions"]["restricted"] == 4 and state["findings"]["email"] >= 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from support.mesh import engines
+from support.mesh import engines, worker_metric
 from support.net import free_port
 
 from meshd.capabilities import Member
@@ -26,13 +25,6 @@ from meshd.coordinator.gateway.serving.confidence import ConfidenceConfig
 
 KEYS = {"plain": "key-plain-00001", "strict": "key-strict-0001"}
 PROMPT = "Tell me a long story about the sea and the ships that sail on it. " * 2
-
-
-def worker_metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(m.group(1)) for m in re.finditer(
-        rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 @pytest.fixture
