@@ -153,8 +153,9 @@ class KVEventFeed:
             secure_client(sock, feed.keys)
         sock.connect(feed.replay_endpoint)
         try:
-            await sock.send_multipart([b"", start.to_bytes(8, "big", signed=True)])
             async with asyncio.timeout(self.replay_timeout_s):
+                # inside the deadline: a DEALER with no pipe (a refused handshake) blocks a send
+                await sock.send_multipart([b"", start.to_bytes(8, "big", signed=True)])
                 while True:
                     frames = await sock.recv_multipart()
                     if len(frames) < 2 or frames[1] == _END:
