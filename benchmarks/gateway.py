@@ -7,7 +7,8 @@ One fake OpenAI worker (benchmarks/fake_backend.py, own process) serves everythi
 the worker direct, meshd with 1 and 2 replicas (SO_REUSEPORT, one port), the mesh path with 2
 replicas (`meshd-mesh-2`) and the same with a tenant policy checking every limit
 (`meshd-mesh-gov-2`, `GOVERNANCE` below; `--skip gov` leaves it out), with privacy routing on
-(`meshd-mesh-privacy-2`, `PRIVACY`; `--skip privacy`), sglang-router
+(`meshd-mesh-privacy-2`, `PRIVACY`; `--skip privacy`), with a signed receipt on every response
+(`meshd-mesh-receipts-2`, `RECEIPTS`; `--skip receipts`), sglang-router
 (Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
 for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
 rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
@@ -46,6 +47,11 @@ BODY = {"model": "fake", "messages": [{"role": "user", "content": "Say hello."}]
 # Privacy routing on, every detector (the prompt is clean: it is routed as usual)
 PRIVACY = """[gateway.privacy]
 enabled = true
+"""
+
+# Every response signed (the default tenant's policy: these requests carry no API key)
+RECEIPTS = """[gateway.governance.defaults]
+receipts = true
 """
 
 # Every limit a tenant can have, set high enough never to refuse: what admission costs when
@@ -201,6 +207,17 @@ def privacy_cost(t: Target) -> dict[str, Any] | None:
             "sampled_every": timed[0]["every"], "replicas": replicas}
 
 
+def receipts_cost(t: Target) -> dict[str, Any] | None:
+    """Building and signing a response's receipt as the replicas time it in place
+    (`receipts.cost_us`), weighted over the replicas."""
+    timed, replicas = replica_costs(t, "receipts.cost_us")
+    if not timed:
+        return None
+    n = sum(c["samples"] for c in timed)
+    return {"build_us": sum(c["build"] * c["samples"] for c in timed) / n, "samples": n,
+            "sampled_every": timed[0]["every"], "replicas": replicas}
+
+
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = log.open("wb")
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -242,6 +259,16 @@ def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
                                   "--port", str(t.port), "--backend",
                                   f"http://127.0.0.1:{backend}", "--config", str(conf)],
                                  logs / f"mesh-privacy-{i}.log"))
+        targets.append(t)
+    if "mesh" not in skip and "receipts" not in skip:  # the mesh path, every response signed
+        t = Target("meshd-mesh-receipts-2", free_port())
+        conf = logs / "receipts.toml"
+        conf.write_text(RECEIPTS)
+        for i in range(2):
+            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
+                                  "--port", str(t.port), "--backend",
+                                  f"http://127.0.0.1:{backend}", "--config", str(conf)],
+                                 logs / f"mesh-receipts-{i}.log"))
         targets.append(t)
     if "sglang" not in skip:
         t = Target("sglang-router", free_port())
@@ -351,6 +378,8 @@ def main() -> None:
         costs.update({t.name: admission_cost(t) for t in live if t.name == "meshd-mesh-gov-2"})
         costs.update({t.name: privacy_cost(t) for t in live
                       if t.name == "meshd-mesh-privacy-2"})
+        costs.update({t.name: receipts_cost(t) for t in live
+                      if t.name == "meshd-mesh-receipts-2"})
     finally:
         for t in targets:
             t.stop()
@@ -373,21 +402,26 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
                      "non_2xx": sum(r["non_2xx"] for r in runs),
                      "socket_errors": [r["socket_errors"] for r in runs if r["socket_errors"]],
                      "peak_rss_mb": rss.get(name), "rounds": runs})
-    hdr = (f"{'target':<21}{'mode':<7}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'+p50 ms':>9}"
+    hdr = (f"{'target':<23}{'mode':<7}{'conc':>5}{'req/s':>10}{'p50 ms':>9}{'+p50 ms':>9}"
            f"{'p99 ms':>9}{'cpu us/req':>11}{'rss MB':>8}{'non2xx':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['target']:<21}{r['mode']:<7}{r['concurrency']:>5}{r['rps']:>10.0f}"
+        print(f"{r['target']:<23}{r['mode']:<7}{r['concurrency']:>5}{r['rps']:>10.0f}"
               f"{r['p50_ms']:>9.3f}{r['added_p50_ms']:>9.3f}{r['p99_ms']:>9.2f}"
               f"{r['cpu_us_per_req']:>11.0f}{(r['peak_rss_mb'] or 0):>8.0f}{r['non_2xx']:>8}")
     failed = {t.name: t.error for t in targets if t.error}
     for name, err in failed.items():
-        print(f"{name:<21}NOT RUN: {err}")
+        print(f"{name:<23}NOT RUN: {err}")
     for name, c in costs.items():
         if c is not None and "admit_us" in c:
             print(f"\n{name}: admission timed in place by its replicas: admit {c['admit_us']:.1f}"
                   f" + settle {c['settle_us']:.1f} = {c['total_us']:.1f} us of CPU per request "
+                  f"(thread CPU clock, {c['samples']} sampled requests, one in "
+                  f"{c['sampled_every']}, on {c['replicas']} replicas)")
+        elif c is not None and "build_us" in c:
+            print(f"\n{name}: each response's receipt (digests, JSON, one Ed25519 signature) "
+                  f"timed in place by its replicas: {c['build_us']:.1f} us of CPU per request "
                   f"(thread CPU clock, {c['samples']} sampled requests, one in "
                   f"{c['sampled_every']}, on {c['replicas']} replicas)")
         elif c is not None:
@@ -402,8 +436,9 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
         "load_generator": "wrk -t1 (same machine; shares the CPU cores with worker and proxy)",
         "cpus": os.cpu_count(), "note": "direct: cpu/rss are the fake worker's own",
         "rows": rows,
-        "admission_cost_us": {k: v for k, v in costs.items() if "privacy" not in k},
+        "admission_cost_us": {k: v for k, v in costs.items() if "gov" in k},
         "privacy_cost_us": {k: v for k, v in costs.items() if "privacy" in k},
+        "receipts_cost_us": {k: v for k, v in costs.items() if "receipts" in k},
         "not_run": failed, "logs": str(logs)},
         indent=1))
     print(f"\nwrote {out} (process logs in {logs})")

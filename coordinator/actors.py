@@ -20,7 +20,7 @@ from meshd.capabilities import member_to_dict
 from meshd.config import CoordinatorConfig
 from meshd.coordinator.grpc_server import ControlServer
 from meshd.coordinator.metrics import ControlMetrics
-from meshd.coordinator.store import Store
+from meshd.coordinator.store import KeyRecord, Store
 from meshd.node_agent import identity
 
 REGISTRY_NAME = "meshd-registry"
@@ -36,6 +36,13 @@ def ensure_admin_key(state_dir: str, store: Store) -> identity.Identity:
         store.add_key(ident.public_key, ident.node_id, "local admin", role="admin",
                       source="local-admin")
     return ident
+
+
+def published_key(rec: KeyRecord) -> dict[str, Any]:
+    """A node key as the mesh publishes it: id, public key, state, times in ms."""
+    return {"node_id": rec.node_id, "public_key": rec.public_key.hex(), "state": rec.state,
+            "added_at_ms": int(rec.added_at * 1000),
+            "revoked_at_ms": None if rec.revoked_at is None else int(rec.revoked_at * 1000)}
 
 
 class _RegistryActor:
@@ -60,6 +67,11 @@ class _RegistryActor:
     async def workers(self) -> list[dict[str, Any]]:
         """The routing set: workers of alive nodes, as plain dicts (`member_to_dict`)."""
         return [member_to_dict(m) for m in self.server.plane.routable_workers()]
+
+    async def node_keys(self) -> list[dict[str, Any]]:
+        """The trust store's agent keys as `GET /v1/meshd/keys` publishes them (receipts are
+        checked against these): revoked ones stay listed with their revocation time."""
+        return [published_key(r) for r in self.store.list_keys() if r.role == "agent"]
 
     async def shutdown(self) -> None:
         await self.server.stop()

@@ -68,6 +68,21 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"the gateway API key (default: ${env.API_KEY_VAR})")
     usage.add_argument("--json", action="store_true", help="print the gateway's JSON as it is")
 
+    receipt = sub.add_parser("receipt", help="signed inference receipts")
+    rsub = receipt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ver = rsub.add_parser("verify", help="check a saved response's receipt offline",
+                          description="Check a receipt against the mesh's published keys: the "
+                          "gateway's signature, the nodes' attestations (not revoked), the "
+                          "token counts, and the response text. Exit 0 verified, 1 not.")
+    ver.add_argument("file", help="a response body, an SSE capture of a stream, or a receipt")
+    ver.add_argument("--keys", metavar="FILE",
+                     help="a saved GET /v1/meshd/keys (default: ask the gateway)")
+    ver.add_argument("--api-key", metavar="KEY",
+                     help=f"the gateway API key (default: ${env.API_KEY_VAR})")
+    ver.add_argument("--allow-unattested", action="store_true",
+                     help="accept segments no node signed (vLLM workers, a cut-off stream)")
+    ver.add_argument("--json", action="store_true", help="print the result as JSON")
+
     ident = sub.add_parser("identity", help="this host's node identity")
     isub = ident.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = isub.add_parser("show", help="print node id and public key (creates the key)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from meshd.capabilities import Gpu
 from meshd.config import MeshConfig
-from meshd.node_agent import probe
+from meshd.node_agent import identity, probe
 from meshd.node_agent.agent import Agent
 from meshd.node_agent.engine.worker_config import first_line
 from meshd.node_agent.identity import Identity
@@ -44,7 +44,9 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
     token_file = ensure_secret(state / TOKEN_FILE) if w.count or v.count else None
     if w.count:
         secret = ensure_secret(w.kv_secret_file or state / SECRET_FILE)
-        specs += embedded_specs(w, node_id, host, secret, token_file)
+        key = state / identity.KEY_FILE  # the node's own: its workers attest their outputs
+        specs += embedded_specs(w, node_id, host, secret, token_file,
+                                key if key.is_file() else None)
     if v.count:
         if gpus is None:
             gpus = probe.probe_gpus()[0] if v.device == "cuda" else ()

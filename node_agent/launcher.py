@@ -75,9 +75,11 @@ def embedded_experts(cfg: WorkersConfig, node_id: str) -> tuple[Experts, ...]:
 
 
 def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str | Path,
-                   token_file: str | Path | None = None) -> list[WorkerSpec]:
+                   token_file: str | Path | None = None, key_file: str | Path | None = None
+                   ) -> list[WorkerSpec]:
     """One spec per configured embedded worker; `host` is the address workers bind and report;
-    `token_file`: the node's worker token (the workers demand it, the report carries it)."""
+    `token_file`: the node's worker token (the workers demand it, the report carries it);
+    `key_file`: the node's key, which the workers sign their outputs with (receipts)."""
     token = first_line(str(token_file), "worker token file") if token_file else ""
     specs = []
     for i, (role, worker_id) in enumerate(zip(roles(cfg), worker_ids(cfg, node_id),
@@ -93,6 +95,8 @@ def embedded_specs(cfg: WorkersConfig, node_id: str, host: str, secret_file: str
                 "--lease-timeout-s", str(cfg.lease_timeout_s)]
         if token_file:
             argv += ["--api-key-file", str(token_file)]
+        if key_file:
+            argv += ["--attest-key-file", str(key_file)]
         if cfg.model_path:
             argv += ["--model-path", cfg.model_path]
         if cfg.moe:

@@ -167,6 +167,42 @@ def test_workers_serve_only_the_mesh(up: Up) -> None:
     assert chat.usage is not None and chat.usage.completion_tokens >= 1
 
 
+def test_receipts_as_deployed(up: Up) -> None:
+    """Issue 12 §2 as `meshd up` deploys it: both replicas sign with the coordinator state
+    dir's receipt key, `/v1/meshd/keys` lists it and the agent's node key from the trust store
+    (through the registry actor), the decode worker the agent launched attests with the node
+    key, and `meshd receipt verify` (keys from the gateway) says verified."""
+    from meshd import receipts
+    from meshd.node_agent import identity
+
+    key_file = up.tmp / "coord" / "receipt.key"
+    gateway_key = identity.load(key_file)  # exists, 0600 (load refuses anything looser)
+    node = identity.load(up.tmp / "agent" / "node.key").node_id
+    req = urllib.request.Request(up.url + "/v1/meshd/keys")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        doc = json.loads(r.read())
+    keys = receipts.KeySet.from_json(doc)
+    assert node in keys.nodes
+    seen = set()
+    for i in range(4):  # both replicas answer some of these; new prompts: P/D each time
+        out = up.client().chat.completions.create(
+            model="meshd-tiny", messages=[{"role": "user", "content": f"receipt {i} " * 30}],
+            max_tokens=4, temperature=0, extra_headers={"x-meshd-receipt": "true"})
+        receipt = (out.model_extra or {})["meshd"]["receipt"]
+        result = receipts.verify(receipt, keys, {0: out.choices[0].message.content or ""})
+        assert result.ok and not result.notes, (result.problems, result.notes)
+        (choice,) = receipt["choices"]
+        assert choice["prefill"]["node_id"] == node == choice["segments"][0]["node_id"]
+        seen.add(receipt["gateway"]["key_id"])
+    assert seen == {receipts.gateway_key_id(gateway_key.public_key)}
+    saved = up.tmp / "receipt-response.json"
+    saved.write_text(json.dumps(out.model_dump()))
+    env = {**os.environ, "MESHD_GATEWAY_PORT": str(up.port)}
+    cmd = subprocess.run([sys.executable, "-m", "meshd", "receipt", "verify", str(saved)],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert cmd.returncode == 0 and "verified" in cmd.stdout, cmd.stdout + cmd.stderr
+
+
 def _stream_with_fault(up: Up, max_tokens: int, fault: Callable[[int], None]) -> tuple[str, str]:
     stream = up.client().completions.create(model="meshd-tiny", prompt=PROMPT,
                                             max_tokens=max_tokens, temperature=0, stream=True)

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,6 +29,7 @@ from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread, tun
 
 log = logging.getLogger("meshd.gateway")
 PREFIX = "meshd-gateway-"
+RECEIPT_KEY_FILE = "receipt.key"
 
 
 class _GatewayActor:
@@ -43,11 +45,18 @@ class _GatewayActor:
             rows = await asyncio.to_thread(ray.get, registry.workers.remote(), timeout=10)
             return [member_from_dict(r) for r in rows]
 
+        async def node_keys() -> list[dict[str, Any]]:
+            if registry is None:
+                return []
+            return list(await asyncio.to_thread(ray.get, registry.node_keys.remote(),
+                                                timeout=10))
+
         peers = (None if self.config.metrics_port else
                  _ray_peers(namespace, self.config, replica))
         ledger = _ledger(namespace, self.config)
         self.thread, self.loop, self.runtime = run_in_thread(
-            lambda: GatewayRuntime(self.config, membership, snapshot, replica, peers, ledger))
+            lambda: GatewayRuntime(self.config, membership, snapshot, replica, peers, ledger,
+                                   node_keys))
         tune_gc()  # this process is one replica
         host = self.config.host  # bound to every address: siblings may be on other nodes
         self._metrics_host = (ray.util.get_node_ip_address() if connect_host(host) != host
@@ -189,10 +198,14 @@ def _metrics_addresses(namespace: str, replicas: int, me: int, timeout_s: float
 GatewayActor: Any = ray.remote(num_cpus=0, max_restarts=-1)(_GatewayActor)
 
 
-def deploy(config: GatewayConfig, namespace: str = "meshd", timeout_s: float = 60.0
-           ) -> list[Any]:
+def deploy(config: GatewayConfig, namespace: str = "meshd", timeout_s: float = 60.0,
+           state_dir: str = "") -> list[Any]:
     """Start `config.replicas` gateway actors (or find running ones) and wait until each
-    serves; returns their handles."""
+    serves; returns their handles. `state_dir`: the coordinator's, where the replicas' shared
+    receipt key lives unless `[gateway.receipts] key_file` names one."""
+    if state_dir and not config.receipts.key_file:
+        config = dataclasses.replace(config, receipts=dataclasses.replace(
+            config.receipts, key_file=str(Path(state_dir).expanduser() / RECEIPT_KEY_FILE)))
     handles = [GatewayActor.options(name=f"{PREFIX}{i}", namespace=namespace,
                                     lifetime="detached", get_if_exists=True)
                .remote(dataclasses.asdict(config), namespace, i)

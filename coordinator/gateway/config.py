@@ -176,6 +176,16 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiptsConfig:
+    """`[gateway.receipts]`: the Ed25519 key receipts are signed with (created 0600 on first
+    start). `meshd up` and `meshd coordinator start` default it to `receipt.key` in the
+    coordinator's state dir, so every replica signs with one key; "" otherwise: each replica
+    a key of its own (`serving/receipts.py`)."""
+
+    key_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The OpenAI gateway: replicas sharing one port and the sections above.
 
@@ -210,6 +220,7 @@ class GatewayConfig:
     governance: GovernanceConfig = field(default_factory=GovernanceConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
+    receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

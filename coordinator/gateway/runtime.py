@@ -34,6 +34,7 @@ from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
+from meshd.coordinator.gateway.serving.receipts import ReceiptSigner, load_key
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
 from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
 from meshd.coordinator.gateway.workers.pool import WorkerPool
@@ -47,6 +48,8 @@ from meshd.scheduler.router import Router
 
 log = logging.getLogger("meshd.gateway")
 Membership = Callable[[], Awaitable[list[Member]]]
+NodeKeys = Callable[[], Awaitable[list[dict[str, Any]]]]
+KEYS_TTL_S = 5.0  # how long /v1/meshd/keys serves the trust store's node keys from cache
 
 
 def tune_gc() -> None:
@@ -83,6 +86,7 @@ class GatewayRuntime:
     replica: int | None = None  # index in the fleet: own metrics port + fleet /metrics
     peers: Peers | None = None  # where the siblings' metrics ports are (default: port rule)
     ledger: LedgerClient | None = None  # the fleet ledger (default: one in this process)
+    node_keys: NodeKeys | None = None  # the trust store's node keys (for /v1/meshd/keys)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -99,18 +103,23 @@ class GatewayRuntime:
                       if self.snapshot else PrefixIndex())
         self.health = CacheHealthMonitor(c.hash_seed)
         self.static_token = static_token(c.static_workers_token_file)
-        self.privacy = PrivacyGuard(c.privacy, self._tenant_privacy)
+        self.prompts = PromptBuilder(c.tokenizers, c.hash_seed)
+        self.privacy = PrivacyGuard(c.privacy, self._tenant_privacy,
+                                    lambda model, ids: self.prompts.tokenizer(model).decode(ids))
+        self.receipts = ReceiptSigner(load_key(c.receipts.key_file))
+        self._node_keys: tuple[float, list[dict[str, Any]]] | None = None
         self.pool = WorkerPool(self.index, c.routing, health=self.health)
         self.metrics = MeshMetrics()
         self.metrics.watch_workers(self.pool)
         self.metrics.watch_health(self.health)
         self.handler = MeshHandler(self.pool, make_router(c.routing, self.index),
-                                   PromptBuilder(c.tokenizers, c.hash_seed), c.deadlines,
+                                   self.prompts, c.deadlines,
                                    self.metrics, max_inflight=c.limits.max_inflight,
                                    governor=self.governor, privacy=self.privacy,
-                                   confidence=c.confidence)
+                                   confidence=c.confidence, receipts=self.receipts)
         self.governor.metrics.register(self.metrics.registry)
         self.privacy.register(self.metrics.registry)
+        self.receipts.register(self.metrics.registry)
         self.handler.on_runs = self.health.observe_runs
         self.fleet = (None if self.replica is None else
                       FleetMetrics(c, self.replica, self.metrics.registry, self.peers))
@@ -119,9 +128,10 @@ class GatewayRuntime:
                                     cache_health=self.health.to_json,
                                     workers=self.pool.routing_state,
                                     fleet=self.fleet.exposition if self.fleet else None,
-                                    usage=self._usage,
+                                    usage=self._usage, keys=self._keys,
                                     governance=lambda: {**self.governor.describe(),
-                                                        "privacy": self.privacy.describe()})
+                                                        "privacy": self.privacy.describe(),
+                                                        "receipts": self.receipts.describe()})
         self.server.set_keys(self.governor.policy.keys())
         self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None
@@ -131,6 +141,16 @@ class GatewayRuntime:
 
     async def _usage(self, tenant: str | None, path: str) -> dict[str, Any]:
         return await usage_report(self.governor, tenant, path)
+
+    async def _keys(self) -> dict[str, Any]:
+        """`GET /v1/meshd/keys`: what a receipt is checked against offline — this replica's
+        receipt key and the trust store's node keys, revoked ones with their revocation."""
+        now = asyncio.get_running_loop().time()
+        cached = self._node_keys
+        if self.node_keys is not None and (cached is None or now - cached[0] > KEYS_TTL_S):
+            cached = self._node_keys = (now, await self.node_keys())
+        return {"object": "meshd.keys", "gateways": [self.receipts.published()],
+                "nodes": cached[1] if cached else []}
 
     def _apply_policy(self, policy: Any) -> None:
         self.governor.apply(policy)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
             raise CommandError(f"Ray: {e}") from None
         try:
             _, info = actors.deploy(cfg.coordinator, cfg.ray.namespace)
-            gateways.deploy(cfg.gateway, cfg.ray.namespace)
+            gateways.deploy(cfg.gateway, cfg.ray.namespace, state_dir=state)
         except Exception as e:
             raise CommandError(f"coordinator did not start: {e}") from None
         finally:

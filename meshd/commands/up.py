@@ -86,7 +86,8 @@ async def _serve(cfg: MeshConfig, duration: float, dashboard: str) -> None:
     g = cfg.gateway
     url = f"http://{g.host}:{g.port}"
     print(f"starting {g.replicas} gateway replica(s)...", flush=True)
-    await asyncio.to_thread(gateways.deploy, g, cfg.ray.namespace)
+    await asyncio.to_thread(gateways.deploy, g, cfg.ray.namespace, 60.0,
+                            cfg.coordinator.state_dir)
     while not stop.is_set() and not _models(url):  # the gateway sees the workers
         if time.monotonic() - t0 > cfg.workers.ready_timeout_s:
             raise CommandError("the gateway sees no workers; check `meshd status`")

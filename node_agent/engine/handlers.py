@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from meshd import receipts
 from meshd.api_errors import ApiError, invalid, loads_body
 from meshd.node_agent.engine.api import EngineRequest, RequestOutput, TokenLogprob
 from meshd.node_agent.engine.openai_io import (
@@ -165,8 +166,20 @@ class CompletionHandler:
                                  "experts": choices[0].experts}
         if pulled is not None:
             extra["kv_pulled"] = pulled
+        if req.meshd_attest and self.s.attest_key is not None:
+            extra["attestations"] = self._attestations(rid, req, choices)
         body["meshd"] = extra
         return web.json_response(body, headers=headers)
+
+    def _attestations(self, rid: str, req: ParsedRequest,
+                      choices: list[Choice]) -> list[dict[str, Any]]:
+        """The node's signed statement of what each choice produced from the prompt."""
+        key = self.s.attest_key
+        assert key is not None
+        return [receipts.attest(key, model=self.s.info.name, request_id=rid, choice=c.index,
+                                prompt_ids=req.prompt, output_ids=c.token_ids,
+                                finish_reason=c.last.finish_reason if c.last else None)
+                for c in choices]
 
     def _check_disagg(self, req: ParsedRequest, producer: bool, consumer: bool) -> None:
         role = self.s.cfg.role
@@ -233,8 +246,12 @@ class CompletionHandler:
                 c.add(item[1], self.s.cfg.top_experts)
                 await _send(resp, ctx.chunk(ctx.delta_choice(c, item[1], tok)))
                 item = await anext(stream, None)
-        if ctx.req.include_usage:
-            await _send(resp, ctx.chunk(None, ctx.usage(choices)))
+        last = ctx.chunk(None, ctx.usage(choices)) if ctx.req.include_usage else None
+        if ctx.req.meshd_attest and self.s.attest_key is not None:  # after the last token
+            last = last or ctx.chunk(None)
+            last["meshd"] = {"attestations": self._attestations(ctx.rid, ctx.req, choices)}
+        if last is not None:
+            await _send(resp, last)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -47,6 +47,8 @@ class ParsedRequest:
     return_token_ids: bool = False  # vLLM extension: choices carry token_ids, prompt_token_ids
     # vLLM extension: logprobs name tokens "token_id:<id>", so tokens that decode alike differ
     return_tokens_as_token_ids: bool = False
+    # meshd extension: sign what each choice produced with the node's key (receipts)
+    meshd_attest: bool = False
 
 
 _MISSING = object()
@@ -221,7 +223,8 @@ def parse_request(body: Any, chat: bool, info: ModelInfo) -> ParsedRequest:
     return ParsedRequest(
         chat, prompt, sampling, int(_int(body, "n", 1, 1, MAX_N) or 1), stream, include_usage,
         kvp, _field(body, "return_token_ids", bool, False, "a boolean"),
-        _field(body, "return_tokens_as_token_ids", bool, False, "a boolean"))
+        _field(body, "return_tokens_as_token_ids", bool, False, "a boolean"),
+        _field(body, "meshd_attest", bool, False, "a boolean"))
 
 
 # -- responses -------------------------------------------------------------------------------

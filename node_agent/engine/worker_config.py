@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nacl.signing import SigningKey
 
 ROLES = ("prefill", "decode", "both")
 TRANSPORTS = ("tcp", "shm", "auto")  # auto: serve tcp and shm on one port; decode picks
@@ -32,7 +36,9 @@ class WorkerConfig:
     is set (the first line of `--api-key-file`; the agent always sets one, the node's worker
     token); `/health` and `/metrics` stay open, as on vLLM. Blocks held for decode peers are
     bounded: `max_leased_blocks` in all and `max_leased_blocks_per_caller` per peer address
-    (0: 3/4 and 1/2 of `num_blocks`); a prefill past a bound gets 429.
+    (0: 3/4 and 1/2 of `num_blocks`); a prefill past a bound gets 429. With `attest_key` (the
+    node's key file), a request carrying `meshd_attest` gets the node's signed attestation of
+    what each choice produced (`meshd/receipts.py`) in its last chunk's `meshd.attestations`.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +69,7 @@ class WorkerConfig:
     max_leased_blocks: int = 0
     max_leased_blocks_per_caller: int = 0
     kv_events_token_ids: bool = False  # BlockStored carries token ids (cache-health re-hash)
+    attest_key: str = ""  # the node's Ed25519 key file: sign outputs when asked (receipts)
 
     def __post_init__(self) -> None:
         _check(self.role in ROLES, "role", f"must be one of {ROLES}, got {self.role!r}")
@@ -130,6 +137,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                         "them to check its hash agrees; off: hashes only)")
     p.add_argument("--api-key-file", default="",
                    help="file whose first line is the bearer token serving calls must carry")
+    p.add_argument("--attest-key-file", default="",
+                   help="the node's Ed25519 key file (the agent's node.key): sign what each "
+                        "request produced when it asks (meshd_attest, for receipts)")
     p.add_argument("--max-leased-blocks", type=int, default=0,
                    help="blocks held for decode peers in all (0: 3/4 of --num-blocks)")
     p.add_argument("--max-leased-blocks-per-caller", type=int, default=0,
@@ -146,6 +156,8 @@ def from_args(args: argparse.Namespace) -> WorkerConfig:
     elif args.kv_secret_file:
         secret = first_line(args.kv_secret_file, "--kv-secret-file").encode()
     api_key = first_line(args.api_key_file, "--api-key-file") if args.api_key_file else ""
+    if args.attest_key_file:
+        attest_key(args.attest_key_file)  # refused at start, not at the first request
     default_name = "meshd-tiny-moe" if args.moe else "meshd-tiny"
     if args.model_path:
         default_name = Path(args.model_path).name
@@ -161,7 +173,7 @@ def from_args(args: argparse.Namespace) -> WorkerConfig:
         pull_timeout_s=args.pull_timeout_s, api_key=api_key,
         max_leased_blocks=args.max_leased_blocks,
         max_leased_blocks_per_caller=args.max_leased_blocks_per_caller,
-        kv_events_token_ids=args.kv_events_token_ids)
+        kv_events_token_ids=args.kv_events_token_ids, attest_key=args.attest_key_file)
 
 
 def first_line(path: str, flag: str) -> str:
@@ -175,3 +187,14 @@ def first_line(path: str, flag: str) -> str:
     if not line:
         raise ValueError(f"{flag}: the file is empty")
     return line
+
+
+def attest_key(path: str) -> SigningKey:
+    """The node key outputs are attested with (`--attest-key-file`); ValueError if unsafe or
+    unreadable."""
+    from meshd.node_agent import identity
+
+    try:
+        return identity.load(path).signing_key
+    except identity.IdentityError as e:
+        raise ValueError(f"--attest-key-file: {e}") from None

@@ -44,7 +44,12 @@ from meshd.node_agent.engine.kv_publisher import KVEventPublisher, to_u64
 from meshd.node_agent.engine.lease_quota import LeaseQuota
 from meshd.node_agent.engine.metrics import ServerSnapshot, render
 from meshd.node_agent.engine.openai_io import ModelInfo
-from meshd.node_agent.engine.worker_config import WorkerConfig, add_serve_flags, from_args
+from meshd.node_agent.engine.worker_config import (
+    WorkerConfig,
+    add_serve_flags,
+    attest_key,
+    from_args,
+)
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
@@ -110,6 +115,7 @@ class WorkerServer:
         m = engine.model_config
         self.info = ModelInfo(cfg.model_name, engine.tokenizer, m.max_model_len,
                               cfg.num_blocks * cfg.block_size, m.vocab_size)
+        self.attest_key = attest_key(cfg.attest_key) if cfg.attest_key else None
         self.handler = CompletionHandler(self)
 
     def _publish(self, events: list[Any]) -> None:
@@ -283,3 +289,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

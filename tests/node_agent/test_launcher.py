@@ -38,6 +38,30 @@ def test_engine_cli_accepts_the_launcher_flags(tmp_path: Path) -> None:
     add_serve_flags(p)
     cfg = from_args(p.parse_args(list(spec.argv[spec.argv.index("serve") + 1:])))
     assert (cfg.role, cfg.port, cfg.engine_id) == ("decode", 8100, "n-1-d0")
+    assert cfg.attest_key == ""
+
+
+def test_workers_attest_with_the_node_key(tmp_path: Path) -> None:
+    """Receipts (issue 12 §2): the agent launches its workers with the node's own key, which
+    they sign their outputs with; a key file others can read stops the worker at start."""
+    import argparse
+    import os
+
+    from meshd.node_agent import identity
+    from meshd.node_agent.engine.worker_config import add_serve_flags, from_args
+
+    ident = identity.load_or_create(tmp_path)
+    secret = ensure_secret(tmp_path / "s")
+    spec = embedded_specs(WorkersConfig(decode=1), ident.node_id, "127.0.0.1", secret,
+                          key_file=ident.path)[0]
+    p = argparse.ArgumentParser()
+    add_serve_flags(p)
+    args = p.parse_args(list(spec.argv[spec.argv.index("serve") + 1:]))
+    assert from_args(args).attest_key == str(ident.path)
+    assert ident.path is not None
+    os.chmod(ident.path, 0o644)
+    with pytest.raises(ValueError, match="--attest-key-file: refusing key file"):
+        from_args(args)
 
 
 @pytest.mark.parametrize(("env", "msg"), [

@@ -205,6 +205,7 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
     from support.control import control_server, make_config
 
     from meshd import config
+    from meshd.coordinator.actors import published_key
     from meshd.coordinator.gateway.config import RoutingConfig
     from meshd.coordinator.gateway.runtime import GatewayRuntime
     from meshd.node_agent import daemon
@@ -278,7 +279,10 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
                 membership_interval_s=0.5,
                 routing=RoutingConfig(pd=PDConfig(min_uncached_tokens=0),
                                       scrape_interval_s=0.3))
-            rt = GatewayRuntime(settings, membership)
+            async def node_keys() -> list[dict[str, Any]]:  # the trust store's, as deployed
+                return [published_key(r) for r in run.store.list_keys()]
+
+            rt = GatewayRuntime(settings, membership, node_keys=node_keys)
             await rt.start()
             pool = rt.pool
             assert set(pool.entries) == {p_id, d_id}
@@ -346,6 +350,24 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             conf = (scored.usage.model_extra or {})["meshd"]
             assert conf["tokens_scored"] == scored.usage.completion_tokens
             assert 0.0 < conf["confidence_min"] <= conf["confidence_mean"] <= 1.0
+
+            # --- a receipt over vLLM workers (a new prompt: P/D again): signed by the gateway,
+            # P named, D's segment unattested (vLLM cannot sign; the gateway does not ask) ---
+            from meshd import receipts
+
+            signed = await asyncio.to_thread(
+                client.completions.create, model=MODEL, prompt="Receipt: " + PROMPT,
+                max_tokens=MAX_TOKENS, temperature=0, extra_headers={"x-meshd-receipt": "true"})
+            receipt = (signed.model_extra or {})["meshd"]["receipt"]
+            keys = receipts.KeySet.from_json(await asyncio.to_thread(
+                http, "GET", f"http://127.0.0.1:{settings.port}/v1/meshd/keys"))
+            texts = {0: signed.choices[0].text}
+            (seg,) = receipt["choices"][0]["segments"]
+            assert seg["attestation"] is None and seg["worker_id"] == d_id
+            lenient = receipts.verify(receipt, keys, texts, allow_unattested=True)
+            assert lenient.ok, lenient.problems
+            assert receipt["choices"][0]["prefill"]["worker_id"] == p_id
+            assert not receipts.verify(receipt, keys, texts).ok  # strict: no node signed it
 
             # --- KV events -> the gateway's PrefixIndex, under the gateway's own hashes -------
             hashes = list(rt.handler.prompts.hashes(ids, BLOCK))

@@ -66,6 +66,8 @@ class TenantPolicy:
     privacy_always: bool = False
     # halt a choice once its rolling confidence drops below this (0: [gateway.confidence]'s)
     confidence_halt_below: float = 0.0
+    # every completion carries a signed receipt (a request's x-meshd-receipt overrides it)
+    receipts: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm", "max_concurrent", "max_tokens",

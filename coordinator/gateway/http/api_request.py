@@ -42,6 +42,7 @@ class ApiRequest:
     received_at: float
     privacy: str = ""  # the client's x-meshd-privacy header ("sensitive", "auto" or "")
     halt_below: str = ""  # the client's x-meshd-halt-below header (a confidence threshold)
+    receipt: str = ""  # the client's x-meshd-receipt header (true|false; "": the tenant's)
 
     @property
     def stream(self) -> bool:

@@ -23,6 +23,11 @@ _HALT = {"name": "X-Meshd-Halt-Below", "in": "header", "required": False,
                         "low_confidence) when its rolling mean falls below this; 0 scores "
                         "without halting.",
          "schema": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}}
+_RECEIPT = {"name": "X-Meshd-Receipt", "in": "header", "required": False,
+            "description": "true: the response carries a signed receipt (meshd.receipt; also "
+                           "this header on a non-streamed response, base64url JSON); false: "
+                           "none even if the tenant's policy gives one (docs/trust.md).",
+            "schema": {"type": "string", "enum": ["true", "false"]}}
 
 _COMMON_PROPS: dict[str, Any] = {
     "model": {"type": "string", "minLength": 1},
@@ -81,7 +86,7 @@ _COMPLETION_REQ = {
 
 def _generate(summary: str, schema_ref: str) -> dict[str, Any]:
     return {
-        "summary": summary, "parameters": [_RID, _PRIVACY, _HALT],
+        "summary": summary, "parameters": [_RID, _PRIVACY, _HALT, _RECEIPT],
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": schema_ref}}}},
         "responses": {
@@ -151,6 +156,12 @@ SPEC: dict[str, Any] = {
             "every tenant (query `tenant` to pick one), any other tenant its own; query "
             "`since` / `until` (YYYY-MM-DD, inclusive; default this month)",
             "application/json", {"type": "object", "required": ["data", "totals", "limits"]})},
+        "/v1/meshd/keys": {"get": {
+            **_get("The keys receipts are checked against: the gateway's receipt key and the "
+                   "trust store's node keys, each revoked one with its revocation time "
+                   "(`meshd receipt verify`)", "application/json",
+                   {"type": "object", "required": ["gateways", "nodes"]}),
+            "security": [{"bearer": []}]}},
     },
 }
 

@@ -19,6 +19,7 @@ class Route(enum.Enum):
     WORKERS = "workers"
     USAGE = "usage"
     GOVERNANCE = "governance"
+    KEYS = "keys"
 
 
 ROUTES: dict[bytes, dict[bytes, Route]] = {
@@ -32,10 +33,12 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/debug/workers": {b"GET": Route.WORKERS},
     b"/v1/meshd/usage": {b"GET": Route.USAGE},
     b"/debug/governance": {b"GET": Route.GOVERNANCE},
+    b"/v1/meshd/keys": {b"GET": Route.KEYS},
 }
 
 # Routes that need `Authorization: Bearer` when API keys are configured.
-AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MODELS, Route.USAGE})
+AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MODELS, Route.USAGE,
+                           Route.KEYS})
 
 
 def served() -> set[tuple[str, str]]:

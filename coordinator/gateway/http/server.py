@@ -48,6 +48,7 @@ _PROM_CT = CONTENT_TYPE_LATEST.encode()
 FleetView = Callable[[bytes], Awaitable[bytes]]
 # GET /v1/meshd/usage: (the caller's tenant or None without auth, the path with its query).
 UsageView = Callable[[str | None, str], Awaitable[dict[str, Any]]]
+KeysView = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class GatewayServer:
@@ -65,6 +66,7 @@ class GatewayServer:
                  workers: Callable[[], list[dict[str, Any]]] | None = None,
                  fleet: FleetView | None = None,
                  usage: UsageView | None = None,
+                 keys: KeysView | None = None,
                  governance: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.handler = handler
@@ -76,6 +78,7 @@ class GatewayServer:
         self._workers = workers
         self._fleet = fleet
         self._usage = usage
+        self._keys_view = keys
         self._governance = governance
         self._keys: dict[bytes, str] = {}  # sha256(key) -> tenant
         self.set_keys({})
@@ -201,6 +204,10 @@ class GatewayServer:
                 path = p.path.decode("latin-1")
                 conn.start_task(self._usage_task(self._usage, tenant, path, responder),
                                 responder)
+            elif route is Route.KEYS:
+                if self._keys_view is None:
+                    raise errors.not_found("/v1/meshd/keys")
+                conn.start_task(self._keys_task(self._keys_view, responder), responder)
         except ApiError as e:
             responder.send_error(e)
 
@@ -212,11 +219,12 @@ class GatewayServer:
         lim = self.config.limits
         privacy = p.privacy.decode("latin-1").strip().lower() if p.privacy else ""
         halt = p.halt_below.decode("latin-1").strip() if p.halt_below else ""
+        receipt = p.receipt.decode("latin-1") if p.receipt else ""
         if route is Route.CHAT:
             return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
-                              self.loop.time(), privacy, halt)
+                              self.loop.time(), privacy, halt, receipt)
         return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
-                          tenant, self.loop.time(), privacy, halt)
+                          tenant, self.loop.time(), privacy, halt, receipt)
 
     def _metrics(self, conn: HttpConnection, responder: Responder) -> None:
         local = generate_latest(self.registry)  # before the scrape itself is in flight
@@ -229,6 +237,17 @@ class GatewayServer:
     async def _usage_task(usage: UsageView, tenant: str | None, path: str,
                           responder: Responder) -> None:
         responder.send(200, orjson.dumps(await usage(tenant, path)))
+
+    @staticmethod
+    async def _keys_task(keys: KeysView, responder: Responder) -> None:
+        try:
+            doc = await keys()
+        except Exception as e:  # the registry is unreachable: say so, never a partial list
+            log.warning("/v1/meshd/keys: %s", e)
+            raise ApiError(503, "The mesh's node keys are unavailable (the coordinator's "
+                           "registry did not answer); retry shortly.", err_type="server_error",
+                           code="keys_unavailable", retry_after=1.0) from None
+        responder.send(200, orjson.dumps(doc))
 
     @staticmethod
     async def _fleet_metrics(fleet: FleetView, local: bytes, responder: Responder) -> None:

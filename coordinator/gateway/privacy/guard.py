@@ -12,15 +12,17 @@ retries and continuations among those workers only, so its KV blocks never leave
 no eligible worker serves the model the tenant's (else the config's) action applies: refuse
 (403 `sensitive_data_refused`, naming what was found, never the values) or mask (each finding
 replaced by `[KIND]`; the request then goes anywhere). A request sensitive only by header or
-policy has nothing to mask and is refused.
+policy has nothing to mask and is refused. A prompt sent as token ids is read as the model's
+tokenizer decodes it (`decode`); masked, it is sent on as the masked text.
 
 Off (`enabled = false`, no header, no `privacy_always`): one header and one policy lookup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -37,6 +39,7 @@ from meshd.coordinator.gateway.privacy.detect import Detector, Scan
 from meshd.scheduler.privacy import node_class
 
 HEADER_VALUES = ("sensitive", "auto")
+Decode = Callable[[str, Sequence[int]], str]  # (model, token ids) -> text
 DECISIONS = ("clean", "restricted", "masked", "refused")
 
 
@@ -53,9 +56,13 @@ class TenantPrivacy(Protocol):
 
 class PrivacyGuard:
     def __init__(self, config: PrivacyConfig,
-                 tenant_of: Callable[[str | None], TenantPrivacy] | None = None) -> None:
-        """`tenant_of(tenant)`: the tenant's policy (None: defaults for all)."""
+                 tenant_of: Callable[[str | None], TenantPrivacy] | None = None,
+                 decode: Decode | None = None) -> None:
+        """`tenant_of(tenant)`: the tenant's policy (None: defaults for all); `decode(model,
+        ids)`: the model's tokenizer, to read a token-id prompt (None: such prompts are
+        sensitive only by header or policy)."""
         self.config = config
+        self.decode = decode
         default = TenantPolicy()
         self.tenant_of = tenant_of or (lambda _t: default)
         self.detector = Detector(config.detectors, config.patterns, config.phone_regions)
@@ -94,7 +101,11 @@ class PrivacyGuard:
         if req.privacy not in ("", "auto", "sensitive"):
             raise ApiError(400, f"x-meshd-privacy must be one of {', '.join(HEADER_VALUES)}, "
                            f"got {req.privacy!r}.", code="invalid_privacy_header")
-        scan = self.detector.scan(texts(req)) if self.config.enabled else Scan(())
+        read = req  # a token-id prompt is scanned (and masked) as the text it encodes
+        if self.config.enabled and self.decode is not None and _token_prompt(req):
+            with contextlib.suppress(ValueError, IndexError, KeyError, OverflowError):
+                read = as_text(req, self.decode)  # ids it cannot decode are refused later
+        scan = self.detector.scan(texts(read)) if self.config.enabled else Scan(())
         for kind, n in scan.kinds().items():
             self.findings[kind] = self.findings.get(kind, 0) + n
         declared = req.privacy == "sensitive" or pol.privacy_always
@@ -110,7 +121,7 @@ class PrivacyGuard:
         if (pol.privacy_action or self.config.action) == "mask" and scan.sensitive \
                 and not declared:
             self.decisions["masked"] += 1
-            return mask_request(req, self.detector), None
+            return mask_request(read, self.detector), None
         self.decisions["refused"] += 1
         who = f"tenant {req.tenant!r}" if req.tenant else "this gateway"
         raise ApiError(403, f"This request holds sensitive data ({why}) and {who} may send it "
@@ -119,9 +130,23 @@ class PrivacyGuard:
                        code="sensitive_data_refused")
 
 
+def _token_prompt(req: ApiRequest) -> bool:
+    return not isinstance(req.body, ChatRequest) and isinstance(req.body.prompt, tuple)
+
+
+def as_text(req: ApiRequest, decode: Decode) -> ApiRequest:
+    """`req` with its token-id prompt replaced by the text the model's tokenizer decodes."""
+    body = req.body
+    assert not isinstance(body, ChatRequest) and isinstance(body.prompt, tuple)
+    text = decode(body.model, body.prompt)
+    return dataclasses.replace(req, body=dataclasses.replace(body, prompt=text),
+                               payload={**req.payload, "prompt": text})
+
+
 def texts(req: ApiRequest) -> list[str]:
     """The request's text as the detector reads it: a chat's message contents, or a text
-    prompt (a token-id prompt has no text here: only the header or policy marks it)."""
+    prompt (a token-id prompt is decoded first, `as_text`; without a tokenizer it has no
+    text: only the header or policy marks it)."""
     body = req.body
     if isinstance(body, ChatRequest):
         return [m.content for m in body.messages if m.content]

@@ -30,6 +30,7 @@ from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.serving import failures
 from meshd.coordinator.gateway.serving.confidence import HALTED, ConfidenceMeter
 from meshd.coordinator.gateway.serving.lifecycle import Action, Failure, Lifecycle, Phase
+from meshd.coordinator.gateway.serving.receipts import Provenance, Segment, attestation_of
 from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, SeamText, parse_delta
 from meshd.coordinator.gateway.serving.step_timer import StepTimer
 from meshd.coordinator.gateway.serving.worker_source import WorkerSource
@@ -79,6 +80,9 @@ class ChoiceSpec:
     # (else they were asked for the meter only and are not forwarded)
     meter: ConfidenceMeter | None = None
     client_logprobs: bool = True
+    # receipts: worker id -> (node id, attests?); set, the run records where its tokens came
+    # from (`segments`, `prefilled_on`) and asks the workers that can to attest them
+    provenance: Provenance | None = None
 
 
 class ChoiceRun:
@@ -101,6 +105,8 @@ class ChoiceRun:
         self.decision: Decision | None = None  # the first routing decision (cache health)
         self.cached = 0  # prompt tokens the decode worker caches (when it prefills itself)
         self.loop = loop
+        self.segments: list[Segment] = []  # decode streams, when a receipt is wanted
+        self.prefilled_on: tuple[str, str] | None = None  # (worker, node) of a remote prefill
 
     @property
     def view(self) -> RequestView:
@@ -179,6 +185,8 @@ class ChoiceRun:
                 self.counters.prefill_fallbacks += 1
                 return None, decision
             self.counters.disaggregated += 1
+            if spec.provenance is not None:
+                self.prefilled_on = (decision.prefill, spec.provenance(decision.prefill)[0])
             return self._prefilled(data, decision)
 
     def _prefilled(self, data: Any, decision: Decision) -> tuple[dict[str, Any] | None,
@@ -261,6 +269,11 @@ class ChoiceRun:
             body["max_tokens"] = remaining
         if params:
             body["kv_transfer_params"] = params
+        if spec.provenance is not None:
+            node, attests = spec.provenance(worker_id)
+            self.segments.append(Segment(worker_id, node, len(self.out.token_ids)))
+            if attests:
+                body["meshd_attest"] = True
         first = self.lc.decode_attempts <= 1
         # One timer for the stream: first token within first_token_s, then each next one
         # within inter_token_s, never past the request's deadline.
@@ -297,6 +310,8 @@ class ChoiceRun:
                 return out, BackendProtocolError("stream chunk is not an object", worker_id)
             if "error" in chunk:  # vLLM reports mid-stream failures as an error event
                 return out, BackendProtocolError(f"error event: {chunk['error']}", worker_id)
+            if "meshd" in chunk and self.segments:  # the worker's attestation, after its last token
+                self.segments[-1].attestation = attestation_of(chunk["meshd"])
             usage = chunk.get("usage")
             if usage and first:
                 details = usage.get("prompt_tokens_details") or {}

@@ -33,6 +33,13 @@ from meshd.coordinator.gateway.serving.confidence import (
 )
 from meshd.coordinator.gateway.serving.passthrough import passthrough
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
+from meshd.coordinator.gateway.serving.receipts import (
+    HEADER,
+    MAX_HEADER_BYTES,
+    ReceiptSigner,
+    header_value,
+    wanted,
+)
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
 from meshd.coordinator.gateway.serving.shapes import (
     ChoiceOutput,
@@ -82,10 +89,12 @@ class MeshHandler:
                  deadlines: Deadlines | None = None, metrics: MeshMetrics | None = None,
                  clock: Any = time.monotonic, max_inflight: int = 1024,
                  governor: Governor | None = None, privacy: PrivacyGuard | None = None,
-                 confidence: ConfidenceConfig | None = None) -> None:
+                 confidence: ConfidenceConfig | None = None,
+                 receipts: ReceiptSigner | None = None) -> None:
         self.max_inflight = max_inflight
         self.governor = governor
         self.privacy = privacy
+        self.receipts = receipts
         self.confidence = confidence or ConfidenceConfig()
         self.inflight = 0
         self.pool = pool
@@ -127,15 +136,21 @@ class MeshHandler:
         if self.privacy is not None:  # before tokenizing: masking changes the prompt
             req, classes = self.privacy.check(req, self.pool.node_attributes)
             body = req.body
+        receipt = self._wants_receipt(req)
         if self.pool.passthrough(body.model) or (
                 isinstance(body, ChatRequest) and (body.tools or body.response_format)):
+            if receipt and req.receipt:  # asked for: say why not (a tenant default: none)
+                raise ApiError(400, "Receipts need the mesh path: this request is passed "
+                               "through as it is (tools, response_format, or a model only "
+                               "plain OpenAI workers serve), so the gateway does not see its "
+                               "tokens.", code="receipt_unavailable")
             await self._passthrough(req, responder, classes)
             return
         prompt = self.prompts.build(req, block_size)
         adm = None if self.governor is None else await self.governor.admit(req, prompt.token_ids)
         try:
             await self._serve(req, responder, prompt.token_ids, prompt.block_hashes, adm,
-                              classes)
+                              classes, receipt)
         finally:
             if adm is not None and not adm.done:  # the client left, or a deadline: settle
                 adm.finish(0, 0)
@@ -155,7 +170,7 @@ class MeshHandler:
 
     async def _serve(self, req: ApiRequest, responder: Responder, prompt_ids: tuple[int, ...],
                      block_hashes: Any, adm: Admitted | None,
-                     classes: frozenset[str] | None = None) -> None:
+                     classes: frozenset[str] | None = None, receipt: bool = False) -> None:
         body = req.body
         max_tokens = body.sampling.max_tokens or (adm.max_tokens if adm else None)
         view = RequestView(request_id=req.request_id, model=body.model,
@@ -163,18 +178,24 @@ class MeshHandler:
                            max_tokens=max_tokens or 16)
         start = self.clock()
         halt = self._halt_below(req)
-        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt)
+        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt, receipt)
         timing = self.metrics.request(start)
         shaper = Shaper(req, vocab=self._vocab(body.model))
         headers = adm.headers if adm is not None else b""
+        sign = self._signer(req, shaper, prompt_ids, runs) if receipt else None
         try:
             if body.stream:
                 await self._stream(runs, shaper, responder, req, timing, len(prompt_ids),
-                                   headers)
+                                   headers, sign)
             else:
                 outputs = await run_all([r.run(timing.emit) for r in runs])
-                responder.send(200, shaper.body(outputs, _usage(len(prompt_ids), outputs, runs)),
-                               headers=headers)
+                signed = sign(outputs) if sign is not None else None
+                out = shaper.body(outputs, _usage(len(prompt_ids), outputs, runs),
+                                  None if signed is None else {"receipt": signed})
+                value = header_value(signed) if signed is not None else b""
+                if value and len(value) <= MAX_HEADER_BYTES:  # clients cap header blocks
+                    headers += b"%b: %b\r\n" % (HEADER, value)
+                responder.send(200, out, headers=headers)
             timing.done("ok")
         except ApiError as e:
             timing.done("timeout" if e.status == 504 else "error")
@@ -195,6 +216,33 @@ class MeshHandler:
             tok = self.prompts.tokenizer(model)
             vocab = self._vocabs[model] = TokenVocab(tok.decode, tok.token_bytes)
         return vocab
+
+    def _tenant(self, req: ApiRequest) -> str | None:
+        gov = self.governor
+        return req.tenant or (gov.config.default_tenant if gov is not None else None)
+
+    def _wants_receipt(self, req: ApiRequest) -> bool:
+        """A signed receipt for `req`: its x-meshd-receipt header, else its tenant's policy."""
+        if self.receipts is None:
+            return False
+        gov = self.governor
+        default = gov is not None and gov.policy.of(self._tenant(req) or "").receipts
+        return wanted(req.receipt, default)
+
+    def _signer(self, req: ApiRequest, shaper: Shaper, prompt_ids: tuple[int, ...],
+                runs: list[ChoiceRun]) -> Callable[[Sequence[ChoiceOutput]],
+                                                   dict[str, Any] | None]:
+        """Signs the receipt of the finished choices (the request's facts taken now)."""
+        signer = self.receipts
+        assert signer is not None
+        created = int(time.time() * 1000)
+        tenant = self._tenant(req)
+
+        def sign(outputs: Sequence[ChoiceOutput]) -> dict[str, Any] | None:
+            return signer.build(request_id=req.request_id, response_id=shaper.id,
+                                model=req.body.model, tenant=tenant, created_ms=created,
+                                prompt_ids=prompt_ids, runs=runs, outputs=outputs)
+        return sign
 
     def _halt_below(self, req: ApiRequest) -> float | None:
         """The confidence threshold of `req` (0: scored, never halted), or None when it is
@@ -218,7 +266,7 @@ class MeshHandler:
     def _runs(self, req: ApiRequest, view: RequestView, prompt: tuple[int, ...],
               start: float, max_tokens: int | None,
               classes: frozenset[str] | None = None,
-              halt: float | None = None) -> list[ChoiceRun]:
+              halt: float | None = None, receipt: bool = False) -> list[ChoiceRun]:
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
@@ -227,13 +275,14 @@ class MeshHandler:
             worker_body["logprobs"] = self.confidence.top_logprobs
             worker_body["return_tokens_as_token_ids"] = True
         decode = self.prompts.tokenizer(body.model).decode
+        provenance = self.pool.provenance if receipt else None
         runs = []
         for i in range(s.n):
             wb = worker_body if s.seed is None else {**worker_body,
                                                      "seed": choice_seed(s.seed, i)}
             meter = None if halt is None else ConfidenceMeter(self.confidence.window, halt)
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
-                              classes, meter, client_logprobs)
+                              classes, meter, client_logprobs, provenance)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs
@@ -263,7 +312,9 @@ class MeshHandler:
         return out
 
     async def _stream(self, runs: list[ChoiceRun], shaper: Shaper, responder: Responder,
-                      req: ApiRequest, timing: Any, prompt_tokens: int, headers: bytes) -> None:
+                      req: ApiRequest, timing: Any, prompt_tokens: int, headers: bytes,
+                      sign: Callable[[Sequence[ChoiceOutput]], dict[str, Any] | None] | None
+                      ) -> None:
         def emitter(i: int) -> Callable[[list[Delta]], Coroutine[Any, Any, None]]:
             async def emit(deltas: list[Delta]) -> None:  # one write per worker read burst
                 timing.burst(deltas)
@@ -278,6 +329,9 @@ class MeshHandler:
             await responder.start_stream(headers=headers)
         if req.body.include_usage:
             await responder.send_event(shaper.usage_chunk(_usage(prompt_tokens, outputs, runs)))
+        signed = sign(outputs) if sign is not None else None
+        if signed is not None:  # the last chunk: after every token and the usage
+            await responder.send_event(shaper.meshd_chunk({"receipt": signed}))
         await responder.end_stream()
 
 

@@ -247,7 +247,12 @@ class Shaper:
     def usage_chunk(self, usage: dict[str, Any]) -> bytes:
         return orjson.dumps(self._envelope([], usage))
 
-    def body(self, outputs: Sequence[ChoiceOutput], usage: dict[str, Any]) -> bytes:
+    def meshd_chunk(self, meshd: dict[str, Any]) -> bytes:
+        """A chunk with no choices carrying meshd's own fields (a receipt)."""
+        return orjson.dumps({**self._envelope([]), "meshd": meshd})
+
+    def body(self, outputs: Sequence[ChoiceOutput], usage: dict[str, Any],
+             meshd: dict[str, Any] | None = None) -> bytes:
         choices = []
         for i, o in enumerate(outputs):
             text = "".join(o.text)
@@ -264,8 +269,11 @@ class Shaper:
             if o.note is not None:
                 c["meshd"] = {"halted": o.note}
         obj = "chat.completion" if self.chat else "text_completion"
-        return orjson.dumps({"id": self.id, "object": obj, "created": self.created,
-                             "model": self.model, "choices": choices, "usage": usage})
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+               "choices": choices, "usage": usage}
+        if meshd is not None:
+            out["meshd"] = meshd
+        return orjson.dumps(out)
 
 
 def usage(prompt_tokens: int, outputs: Sequence[ChoiceOutput]) -> dict[str, Any]:

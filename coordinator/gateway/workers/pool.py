@@ -196,6 +196,14 @@ class WorkerPool:
         to them as they are instead of driving P/D."""
         return self._passthrough.get(model, False)
 
+    def provenance(self, worker_id: str) -> tuple[str, bool]:
+        """(node id, whether it signs its outputs) of a worker, for receipts: the embedded
+        engine attests with its node's key (the agent launches it with one); vLLM cannot."""
+        e = self.entries.get(worker_id)
+        if e is None:
+            return "", False
+        return e.node_id, e.worker.engine == "embedded"
+
     def node_attributes(self, model: str) -> list[Mapping[str, str]]:
         """The node attributes of every healthy worker serving `model` (privacy routing asks
         whether an eligible one exists before it routes)."""

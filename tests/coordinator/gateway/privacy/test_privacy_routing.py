@@ -141,3 +141,33 @@ async def test_no_eligible_node_refuses_or_masks_as_the_tenant_says(
     state = await privacy_state(mesh)
     assert state["decisions"]["refused"] == 2 and state["decisions"]["masked"] == 1
     assert state["decisions"]["clean"] >= 2
+
+
+async def test_a_token_id_prompt_is_read_as_its_text(mesh: dict[str, Any]) -> None:
+    """A prompt sent as token ids is decoded with the model's tokenizer and scanned like
+    text: restricted when an eligible node serves, refused or masked (sent on as the masked
+    text) when none does. Its ids reach the eligible workers unchanged."""
+    rt, members = mesh["rt"], mesh["members"]
+    tok = rt.prompts.tokenizer("meshd-tiny")
+    ids = tok.encode(SENSITIVE + " (ids)")
+    before = prompt_tokens(mesh)
+    out = await client(mesh, "refuse").completions.create(model="meshd-tiny", prompt=ids,
+                                                          max_tokens=2, temperature=0)
+    assert out.usage is not None and out.usage.prompt_tokens == len(ids)
+    after = prompt_tokens(mesh)
+    assert after["pub"] == before["pub"] and after["sec_p"] > before["sec_p"]
+    members[:] = [m for m in mesh["all"] if m.node_id == "n-pub"]
+    await rt.refresh()
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        await client(mesh, "refuse").completions.create(model="meshd-tiny", prompt=ids,
+                                                        max_tokens=2)
+    assert isinstance(e.value.body, dict) and "email x3" in e.value.body["message"]
+    masked = await client(mesh, "mask").completions.create(
+        model="meshd-tiny", prompt=tok.encode("Contact jane.doe@example.com now."),
+        max_tokens=2)
+    literal = await client(mesh, "mask").completions.create(
+        model="meshd-tiny", prompt="Contact [EMAIL] now.", max_tokens=2)
+    assert masked.usage is not None and literal.usage is not None
+    assert masked.usage.prompt_tokens == literal.usage.prompt_tokens
+    state = await privacy_state(mesh)
+    assert state["decisions"] == {"clean": 1, "restricted": 1, "masked": 1, "refused": 1}

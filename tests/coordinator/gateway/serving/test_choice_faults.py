@@ -18,11 +18,14 @@ from typing import Any
 
 import orjson
 import pytest
+from nacl.signing import SigningKey
 
+from meshd import receipts
 from meshd.coordinator.gateway.config import Deadlines
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
 from meshd.coordinator.gateway.serving.mesh import run_all
+from meshd.coordinator.gateway.serving.receipts import Provenance, ReceiptSigner, Segment
 from meshd.coordinator.gateway.serving.shapes import Delta
 from meshd.coordinator.gateway.workers.client import (
     BackendConnectError,
@@ -63,6 +66,8 @@ class ScriptedSource:
     calls: list[tuple[str, str]] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
     open_streams: int = 0
+    keys: dict[str, SigningKey] = field(default_factory=dict)  # workers that attest (receipts)
+    asked_to_attest: list[str] = field(default_factory=list)
 
     def views(self) -> Sequence[WorkerView]:
         return [WorkerView(w, r, "m", healthy=w not in self.failed)
@@ -105,13 +110,16 @@ class ScriptedSource:
         assert list(body["prompt"][len(PROMPT):]) == list(range(done))
         assert body["max_tokens"] == MAX_TOKENS - done
         self.open_streams += 1
+        if body.get("meshd_attest"):
+            self.asked_to_attest.append(worker_id)
         try:
-            events = self._events(worker_id, step, done)
+            events = self._events(worker_id, step, done, body)
             yield AllAtOnce(events) if self.burst else OneByOne(events)
         finally:
             self.open_streams -= 1
 
-    async def _events(self, worker_id: str, step: Any, done: int) -> AsyncIterator[bytes]:
+    async def _events(self, worker_id: str, step: Any, done: int,
+                      body: dict[str, Any]) -> AsyncIterator[bytes]:
         kind, k = (step, MAX_TOKENS) if step == "ok" else step
         for i in range(done, MAX_TOKENS):
             if i - done == k:
@@ -127,6 +135,13 @@ class ScriptedSource:
             yield orjson.dumps({"choices": [{"index": 0, "text": text_of([i]),
                                              "token_ids": [i], "finish_reason": finish}]})
             await asyncio.sleep(0)
+        key = self.keys.get(worker_id)
+        if key is not None and body.get("meshd_attest"):  # as the engine does, after the end
+            att = receipts.attest(key, model="m", request_id="r1-d", choice=0,
+                                  prompt_ids=body["prompt"],
+                                  output_ids=list(range(done, MAX_TOKENS)),
+                                  finish_reason="length")
+            yield orjson.dumps({"choices": [], "meshd": {"attestations": [att]}})
 
 
 class OneByOne:
@@ -163,9 +178,11 @@ def make_router() -> Router:
 
 
 def make_run(source: ScriptedSource, deadlines: Deadlines = FAST, index: int = 0,
-             counters: Counters | None = None) -> ChoiceRun:
+             counters: Counters | None = None, provenance: Provenance | None = None
+             ) -> ChoiceRun:
     view = RequestView("r1", "m", len(PROMPT), (), max_tokens=MAX_TOKENS)
-    spec = ChoiceSpec("r1", index, view, PROMPT, {"model": "m"}, MAX_TOKENS, (), text_of)
+    spec = ChoiceSpec("r1", index, view, PROMPT, {"model": "m"}, MAX_TOKENS, (), text_of,
+                      provenance=provenance)
     return ChoiceRun(spec, source, make_router(), deadlines, counters or Counters(),
                      time.monotonic)
 
@@ -358,3 +375,60 @@ async def test_a_burst_that_ends_in_a_failure_forwards_what_came_before(fault: A
     out = await make_run(source, counters=counters).run(emit)
     assert "".join(d.text for d in got) == EXPECTED == "".join(out.text)
     assert counters.continuations == 1
+
+
+async def test_a_receipt_names_each_segment_of_a_continued_choice() -> None:
+    """Receipts (issue 12 §2): P's node, then one segment per decode stream from the token it
+    started at; only workers that can attest are asked to; a segment cut off by its worker's
+    death is unattested (so the receipt verifies only when that is allowed), the one that
+    finished is attested, and the whole verifies against the nodes' and the gateway's keys."""
+    node_key = {w: SigningKey(bytes([i + 1]) * 32) for i, w in enumerate(("p0", "d0", "d1"))}
+    nodes = {w: receipts.node_id_for(bytes(k.verify_key)) for w, k in node_key.items()}
+    source = ScriptedSource({"p0": P, "d0": D, "d1": D}, {"d0": [("die", 5)]},
+                            keys={"d0": node_key["d0"], "d1": node_key["d1"]})
+    run = make_run(source, provenance=lambda w: (nodes[w], w != "p0"))
+
+    async def emit(deltas: list[Delta]) -> None:
+        pass
+
+    out = await run.run(emit)
+    assert out.token_ids == list(range(MAX_TOKENS))
+    assert run.prefilled_on == ("p0", nodes["p0"])
+    assert [(s.worker_id, s.node_id, s.start) for s in run.segments] == [
+        ("d0", nodes["d0"], 0), ("d1", nodes["d1"], 5)]
+    assert source.asked_to_attest == ["d0", "d1"]
+    assert run.segments[0].attestation is None  # d0 died before its end
+    assert isinstance(run.segments[1].attestation, dict)
+
+    gateway = SigningKey(bytes([9]) * 32)
+    signer = ReceiptSigner(gateway)
+    receipt = signer.build(request_id="r1", response_id="cmpl-r1", model="m", tenant="t",
+                           created_ms=receipts.now_ms(), prompt_ids=PROMPT, runs=[run],
+                           outputs=[out])
+    assert receipt is not None and signer.issued == 1
+    (choice,) = receipt["choices"]
+    assert [(s["start"], s["tokens"]) for s in choice["segments"]] == [(0, 5), (5, 7)]
+    assert choice["prefill"] == {"worker_id": "p0", "node_id": nodes["p0"]}
+    keys = receipts.KeySet.from_json({
+        "gateways": [signer.published()],
+        "nodes": [{"node_id": nodes[w], "public_key": bytes(k.verify_key).hex()}
+                  for w, k in node_key.items()]})
+    strict = receipts.verify(receipt, keys, {0: EXPECTED})
+    assert len(strict.problems) == 1 and "segment 0: not attested" in strict.problems[0]
+    lenient = receipts.verify(receipt, keys, {0: EXPECTED}, allow_unattested=True)
+    assert lenient.ok, lenient.problems
+
+
+def test_a_stream_that_failed_before_its_first_token_is_no_segment() -> None:
+    """A decode stream that produced nothing (refused before its first token) and sent no
+    attestation is left out of the receipt: it holds no tokens to account for."""
+    run = make_run(ScriptedSource({"b0": B}, {}), provenance=lambda w: ("n-x", False))
+    run.segments = [Segment("b0", "n-x", 0), Segment("b1", "n-y", 0)]
+    run.out.token_ids = [1, 2]
+    run.out.text = ["ab"]
+    signer = ReceiptSigner(SigningKey(bytes([9]) * 32))
+    receipt = signer.build(request_id="r1", response_id="cmpl-r1", model="m", tenant=None,
+                           created_ms=0, prompt_ids=PROMPT, runs=[run], outputs=[run.out])
+    assert receipt is not None
+    assert [s["worker_id"] for s in receipt["choices"][0]["segments"]] == ["b1"]
+
