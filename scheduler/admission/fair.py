@@ -30,6 +30,7 @@ T = TypeVar("T")
 # A heap entry: (counter, tick of last admission, tenant, version). Live iff its version is the
 # backlog's current one; stale entries are dropped lazily when they reach the top.
 _Key = tuple[float, int, str, int]
+_INF = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +131,16 @@ class FairQueue(Generic[T]):
         `cost / weight` to the tenant. O(1). `priority` matters only once requests queue."""
         if self.active >= self._limit or self._queued:
             return False
-        _check_request(weight, cost)
-        t = self._use(tenant, weight)
-        t.counter += cost / weight  # _admit, inlined: this runs on every request
+        if not (0 < weight < _INF and 0 <= cost < _INF):
+            _check_request(weight, cost)
+        # _use and _admit, inlined: this runs on every request
+        t = self._tenants.get(tenant)
+        if t is None:
+            t = self._use(tenant, weight)
+        else:
+            self._tenants.move_to_end(tenant)
+            t.weight = weight
+        t.counter += cost / weight
         self._tick += 1
         t.last = self._tick
         if not t.active:
@@ -174,7 +182,7 @@ class FairQueue(Generic[T]):
         t = self._tenants.get(tenant)
         if t is None or not t.active:
             raise ValueError(f"fair queue: release for {tenant!r}, which has no active request")
-        if not 0 <= actual_service < math.inf or not 0 <= charged < math.inf:
+        if not (0 <= actual_service < _INF and 0 <= charged < _INF):
             raise ValueError(f"fair queue: service must be >= 0 (got {actual_service}, {charged})")
         delta = (actual_service - charged) / t.weight
         if delta:

@@ -231,7 +231,8 @@ class Pool:
     one. A reservation the credit does not cover carves more; when a meter cannot give it,
     that meter is the one short (its `need` asks the next sync for more)."""
 
-    __slots__ = ("_book", "carved", "credit", "gauge", "retired", "sels", "slots", "spent")
+    __slots__ = ("_book", "_counting", "_gauges", "_slot_sels", "carved", "credit", "gauge",
+                 "retired", "sels", "slots", "spent")
 
     def __init__(self, book: LeaseBook, meters: Sequence[LocalMeter], sels: Sequence[int]
                  ) -> None:
@@ -242,6 +243,10 @@ class Pool:
         self.slots = tuple(tuple(ms) for ms in order.values())
         self.sels = tuple(sel for sel, _ in order)
         self.gauge = tuple(kind is Kind.GAUGE for _, kind in order)
+        # (slot, sel) pairs for the hot path: every slot, the COUNTER ones, the GAUGE ones
+        self._slot_sels = tuple(enumerate(self.sels))
+        self._counting = tuple((j, sel) for j, sel in self._slot_sels if not self.gauge[j])
+        self._gauges = tuple((j, sel) for j, sel in self._slot_sels if self.gauge[j])
         n = len(self.slots)
         self.credit = [0] * n  # carved from every meter of the slot, not reserved
         self.spent = [0] * n  # settled as used since the last flush (COUNTER slots)
@@ -251,14 +256,14 @@ class Pool:
     def reserve(self, use: Sequence[int]) -> LocalMeter | None:
         """Reserve `use[sel]` on every slot, or nothing: None on success, else the first meter
         short."""
-        credit, sels = self.credit, self.sels
-        for j, sel in enumerate(sels):
+        credit = self.credit
+        for j, sel in self._slot_sels:
             u = use[sel]
             if credit[j] < u:
                 short = self._carve(j, u - credit[j], u)
                 if short is not None:
-                    for k in range(j):
-                        credit[k] += use[sels[k]]
+                    for k, sel_k in self._slot_sels[:j]:
+                        credit[k] += use[sel_k]
                     return short
             credit[j] -= u
         return None
@@ -282,14 +287,15 @@ class Pool:
         if ticket.settled:
             return
         ticket.settled = True
-        stale = ticket.epoch != self._book.epoch
-        credit, spent, use = self.credit, self.spent, ticket.use
-        for j, sel in enumerate(self.sels):
-            if self.gauge[j]:
-                credit[j] += use[sel]
-            elif not stale:
-                credit[j] += use[sel] - used[sel]
-                spent[j] += used[sel]
+        credit, use = self.credit, ticket.use
+        for j, sel in self._gauges:
+            credit[j] += use[sel]
+        if ticket.epoch == self._book.epoch:  # else stale: the COUNTER slots book nothing
+            spent = self.spent
+            for j, sel in self._counting:
+                u = used[sel]
+                credit[j] += use[sel] - u
+                spent[j] += u
 
     def flush(self) -> None:
         """Hand the unreserved credit back to the meters and book what was spent."""

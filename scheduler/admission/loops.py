@@ -55,11 +55,10 @@ class LoopConfig:
                 raise ValueError(f"gateway.governance.loops.{name}: must be {rule} (got {got!r})")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """What tripped. A dataclass, not a NamedTuple: a `count` field would shadow tuple.count.
-    Not frozen: it is made on every request a rule holds, and a frozen init costs a
-    microsecond."""
+    `check` returns shared instances made once (a verdict may hold on every request)."""
 
     rule: str  # REPEAT_PROMPT | REPEAT_OUTPUT
     count: int  # repeats seen within the window when it tripped
@@ -89,7 +88,14 @@ class LoopBreaker:
         self._window, self._max_repeats = config.window_s, config.max_repeats  # hot path
         self._tail = config.tail_tokens
         self._output_cap = HISTORY_FACTOR * config.max_output_repeats
-        self._trips = {REPEAT_PROMPT: 0, REPEAT_OUTPUT: 0}  # verdicts returned by check
+        self._max_output = config.max_output_repeats
+        # the verdicts `check` can return, by count: a key's history holds at most
+        # `_prompt_cap` prompts and an output run at most `max_output_repeats` times
+        self._prompt_verdicts = [Verdict(REPEAT_PROMPT, n, config.window_s)
+                                 for n in range(self._prompt_cap + 1)]
+        self._output_verdicts = [Verdict(REPEAT_OUTPUT, n, config.window_s)
+                                 for n in range(self._max_output + 1)]
+        self._prompt_trips = self._output_trips = 0  # verdicts returned by check, per rule
         self._recorded = 0  # repeat_output trips recorded by observe
 
     def signature(self, token_ids: Sequence[int]) -> int:
@@ -97,17 +103,24 @@ class LoopBreaker:
         Integer-tuple hashes do not depend on PYTHONHASHSEED."""
         return hash(tuple(token_ids[-self._tail:]))
 
-    def check(self, key: str, prompt_sig: int, prompt_len: int) -> Verdict | None:
+    def check(self, key: str, prompt_sig: int, prompt_len: int,
+              now: float | None = None) -> Verdict | None:
         """Record this prompt for `key` and return what tripped, or None. The prompt rule is
         judged first (this prompt included); else a repeat_output trip still in force.
-        `prompt_len` is not used by either rule here (observe gets the length it judges)."""
+        `prompt_len` is not used by either rule here (observe gets the length it judges);
+        `now`: the clock's time, when the caller has just read it."""
         if not self.config.enabled:
             return None
-        now = self._clock()
-        st = self._state(key)
+        if now is None:
+            now = self._clock()
+        st = self._keys.get(key)  # _state(key), inlined: this runs on every request
+        if st is None:
+            st = self._state(key)
+        else:
+            self._keys.move_to_end(key)
         prompts, counts = st.prompts, st.counts
-        cutoff = now - self._window
-        while prompts and (prompts[0][0] <= cutoff or len(prompts) >= self._prompt_cap):
+        cutoff, cap = now - self._window, self._prompt_cap
+        while prompts and (prompts[0][0] <= cutoff or len(prompts) >= cap):
             old = prompts.popleft()[1]
             left = counts[old] - 1
             if left:
@@ -117,11 +130,11 @@ class LoopBreaker:
         prompts.append((now, prompt_sig))
         count = counts[prompt_sig] = counts.get(prompt_sig, 0) + 1
         if count >= self._max_repeats:
-            self._trips[REPEAT_PROMPT] += 1
-            return Verdict(REPEAT_PROMPT, count, self._window)
+            self._prompt_trips += 1
+            return self._prompt_verdicts[count]
         if now < st.trip_until:
-            self._trips[REPEAT_OUTPUT] += 1
-            return Verdict(REPEAT_OUTPUT, st.trip_count, self._window)
+            self._output_trips += 1
+            return self._output_verdicts[st.trip_count]
         return None
 
     def observe(self, key: str, prompt_len: int, output_sig: int) -> None:
@@ -132,38 +145,44 @@ class LoopBreaker:
         if not self.config.enabled:
             return
         now = self._clock()
-        st = self._state(key)
+        st = self._keys.get(key)  # _state(key), inlined
+        if st is None:
+            st = self._state(key)
+        else:
+            self._keys.move_to_end(key)
         outputs = st.outputs
         entry = outputs.pop(output_sig, None)  # re-inserted last: the dict is oldest-first
         if entry is None or prompt_len < entry[1]:  # new, or the prompt shrank: a new run
-            times: deque[float] = deque(maxlen=self.config.max_output_repeats)
+            times: deque[float] = deque(maxlen=self._max_output)
         else:
             times = entry[0]
         times.append(now)
-        cutoff = now - self.config.window_s
+        cutoff = now - self._window
         while times[0] <= cutoff:
             times.popleft()
         outputs[output_sig] = (times, prompt_len)
         if len(outputs) > self._output_cap:
             del outputs[next(iter(outputs))]
         run = len(times)
-        if run >= self.config.max_output_repeats:
-            st.trip_until = now + self.config.window_s
+        if run >= self._max_output:
+            st.trip_until = now + self._window
             st.trip_count = run
             self._recorded += 1
 
     def stats(self) -> dict[str, int]:
         """Keys tracked, verdicts returned per rule, repeat_output trips recorded."""
-        return {"keys": len(self._keys), **self._trips, "repeat_output_recorded": self._recorded}
+        return {"keys": len(self._keys), REPEAT_PROMPT: self._prompt_trips,
+                REPEAT_OUTPUT: self._output_trips, "repeat_output_recorded": self._recorded}
 
     def _state(self, key: str) -> _KeyState:
-        st = self._keys.get(key)
+        keys = self._keys
+        st = keys.get(key)
         if st is None:
-            if len(self._keys) >= self.config.max_keys:
-                self._keys.popitem(last=False)
-            st = self._keys[key] = _KeyState()
+            if len(keys) >= self.config.max_keys:
+                keys.popitem(last=False)
+            st = keys[key] = _KeyState()
         else:
-            self._keys.move_to_end(key)
+            keys.move_to_end(key)
         return st
 
     def check_integrity(self) -> None:

@@ -15,6 +15,7 @@ honest about it (`x-meshd-completion-estimate`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -36,13 +37,25 @@ class Price:
 FREE = Price()
 
 
+class _Prices(dict[str, Price]):
+    """Prices by model; a model without its own gets `default` (and is not added)."""
+
+    __slots__ = ("default",)
+
+    def __init__(self, prices: dict[str, Price]) -> None:
+        super().__init__(prices)
+        self.default = prices.get("*", FREE)
+
+    def __missing__(self, model: str) -> Price:
+        return self.default
+
+
 class PriceTable:
     def __init__(self, prices: dict[str, Price]) -> None:
-        self._prices = dict(prices)
-        self._default = self._prices.get("*", FREE)
-
-    def of(self, model: str) -> Price:
-        return self._prices.get(model, self._default)
+        self._prices = _Prices(prices)
+        # of(model): its price ("*"'s, else free, for a model without its own); a bound dict
+        # lookup, not a method, since it runs twice per request
+        self.of: Callable[[str], Price] = self._prices.__getitem__
 
     def priced(self) -> bool:
         """Whether any model costs anything (spend meters are skipped otherwise)."""

@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from meshd.coordinator.gateway.governance.config import GovernanceConfig, Policy, TenantPolicy
+from meshd.coordinator.gateway.governance.config import GovernanceConfig, Policy
 from meshd.coordinator.gateway.governance.keeper import Keeper, UsageBuffer
-from meshd.coordinator.gateway.governance.meters import USD, Bound, MeterSet, bind, units
+from meshd.coordinator.gateway.governance.meters import USD, Bound, MeterSet
 from meshd.coordinator.gateway.governance.metrics import CpuSample, GovernanceMetrics
+from meshd.coordinator.gateway.governance.plan import TenantPlan
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.ledger_actor import LedgerClient
@@ -41,43 +42,26 @@ from meshd.scheduler.admission.loops import LoopBreaker
 from meshd.scheduler.admission.prices import CompletionEstimate, PriceTable
 
 log = logging.getLogger("meshd.gateway.governance")
-_NO_HEADERS = b""
-_ESTIMATE_MAX_TOKENS = b"x-meshd-completion-estimate: max_tokens\r\n"
 _NOTHING = (0, 0, 0, 0, 0)  # what a refused request used, on every meter
-
-
-def _rate_lines(bound: Bound, wall: float) -> bytes:
-    """OpenAI's x-ratelimit-* for the tenant's rpm and tpm (none when it has neither), as
-    header lines: one formatting per meter, on every request."""
-    out = b""
-    credit = bound.pool.credit
-    for limit, remaining, reset, m, slot in bound.rate:
-        # the best local estimate of what is left fleet-wide: this replica's lease and
-        # pool credit, and what the ledger had not granted at the last sync
-        left = m.held + credit[slot] + (m.free if m.free > 0 else 0)
-        out += b"%b%b%d\r\n%b%ds\r\n" % (
-            limit, remaining, left if left > 0 else 0, reset,
-            math.ceil(m.expires_at - wall) if m.expires_at > wall else 0)
-    return out
 
 
 class Admitted:
     """One admitted request's reservation, fair-share slot and loop-breaker key."""
 
     __slots__ = ("_gov", "bound", "completion", "done", "fair_cost", "headers", "loop_key",
-                 "max_tokens", "model", "n", "policy", "prompt", "source", "tenant", "ticket")
+                 "max_tokens", "model", "n", "plan", "prompt", "source", "tenant", "ticket")
 
-    def __init__(self, gov: Governor, tenant: str, policy: TenantPolicy, model: str,
-                 prompt: int, completion: int, n: int, source: str) -> None:
-        self._gov = gov
-        self.tenant, self.policy, self.model = tenant, policy, model
+    def __init__(self, gov: Governor, plan: TenantPlan, model: str, prompt: int,
+                 completion: int, n: int, source: str, loop_key: str,
+                 max_tokens: int | None) -> None:
+        self._gov, self.plan, self.tenant, self.model = gov, plan, plan.tenant, model
         self.prompt, self.completion, self.n, self.source = prompt, completion, n, source
+        self.loop_key = loop_key
+        self.max_tokens = max_tokens  # the policy's cap, sent when the client set none
         self.bound: Bound | None = None
         self.ticket: PoolTicket | None = None
         self.fair_cost = -1.0  # service charged to the fair queue; < 0: holds no slot
-        self.loop_key = ""
-        self.max_tokens: int | None = None  # the policy's cap, sent when the client set none
-        self.headers = _NO_HEADERS
+        self.headers = b""
         self.done = False
 
     def finish(self, completion: int, cached: int, output: Sequence[int] = ()) -> None:
@@ -111,8 +95,8 @@ class Governor:
         self.outstanding = 0  # admitted, not yet settled
         # what admission costs this replica, timed in place on a sample of requests
         self.admit_cpu, self.settle_cpu = CpuSample(), CpuSample()
-        self._day = ("", 0.0)
-        self._bounds: dict[str, Bound] = {}  # tenant -> its meters now (see _bound)
+        self._day, self._day_until = "", 0.0  # the UTC day usage is booked on, until when
+        self._plans: dict[str, TenantPlan] = {}  # tenant -> what admission reads of it
         self.apply(config.policy())
 
     def apply(self, policy: Policy) -> None:
@@ -123,31 +107,24 @@ class Governor:
         # move between labels), bounded by the tenants the policies ever named
         self.metrics.known = frozenset({*self.metrics.known, *policy.tenants, *self.keyed,
                                         self.config.default_tenant})
-        priced = self.prices.priced()
-        self._fleet = MeterSet(self.book, None, None, policy.fleet, priced)
-        self._sets: dict[str, MeterSet] = {}
-        for b in self._bounds.values():
-            b.pool.retired = True  # its running requests settle on it
-        self._bounds = {}
-        self._priced = priced
+        self._priced = self.prices.priced()
+        self._fleet = MeterSet(self.book, None, None, policy.fleet, self._priced)
+        self._drop_plans()
 
-    def _bound(self, tenant: str, policy: TenantPolicy, wall: float) -> Bound:
-        """The meters a request of `tenant` touches now (cached until a window turns over)."""
-        b = self._bounds.get(tenant)
-        if b is not None and wall < b.until:
-            return b
-        if b is not None:
-            b.pool.retired = True  # a window turned over: its running requests settle on it
-        ms = self._sets.get(tenant)
-        if ms is None:
-            if len(self._sets) > 10_000:
-                self._sets.clear()
-                for old in self._bounds.values():
-                    old.pool.retired = True
-                self._bounds.clear()
-            ms = self._sets[tenant] = MeterSet(self.book, tenant, policy, None, self._priced)
-        b = self._bounds[tenant] = bind(ms, self._fleet, wall)
-        return b
+    def _drop_plans(self) -> None:
+        for plan in self._plans.values():
+            plan.bound.pool.retired = True  # its running requests settle on it
+        self._plans = {}
+
+    def _plan(self, tenant: str) -> TenantPlan:
+        """The plan of a tenant that has none under the policy in force yet."""
+        if len(self._plans) > 10_000:
+            self._drop_plans()
+        policy = self.policy.of(tenant)
+        plan = self._plans[tenant] = TenantPlan(
+            tenant, policy, MeterSet(self.book, tenant, policy, None, self._priced),
+            self._fleet, self.max_tokens, self.config.loops.action, self.wall())
+        return plan
 
     # ---- admission
     async def admit(self, req: ApiRequest, prompt_ids: Sequence[int] | None,
@@ -156,50 +133,60 @@ class Governor:
         the worker tokenizes) or raise ApiError saying which rule refused it."""
         t0 = self.admit_cpu.start()
         waited = False  # an admission that waited is not sampled (the wait is not its cost)
-        body = req.body
         tenant = req.tenant or self.config.default_tenant
-        pol = self.policy.of(tenant)
+        plan = self._plans.get(tenant) or self._plan(tenant)
+        body = req.body
         model = body.model
-        if pol.models and model not in pol.models:
+        if plan.models and model not in plan.models:
             self._refused(tenant, model, "model_not_allowed")
             raise ApiError(403, f"Tenant {tenant!r} may not use the model {model!r}.",
                            err_type="permission_error", param="model", code="model_not_allowed")
         s = body.sampling
-        cap = pol.max_tokens or self.max_tokens
-        if s.max_tokens is not None:
-            if s.max_tokens > cap:
+        max_tokens, n, cap = s.max_tokens, s.n, plan.cap
+        if max_tokens is not None:
+            if max_tokens > cap:
                 self._refused(tenant, model, "max_tokens")
-                raise ApiError(400, f"'max_tokens' ({s.max_tokens}) exceeds tenant {tenant!r}'s "
+                raise ApiError(400, f"'max_tokens' ({max_tokens}) exceeds tenant {tenant!r}'s "
                                f"limit of {cap}.", param="max_tokens", code="max_tokens_exceeded")
-            est, source = s.max_tokens, "max_tokens"
+            completion, source = max_tokens * n, "max_tokens"
         else:
             est, source = self.estimates.estimate(tenant, model, cap)
+            completion = est * n
         prompt = len(prompt_ids) if prompt_ids is not None else approx_prompt
-        adm = Admitted(self, tenant, pol, model, prompt, est * s.n, s.n, source)
-        if s.max_tokens is None and pol.max_tokens:
-            adm.max_tokens = pol.max_tokens
         # The common case runs without a suspension point: no await below unless the loop
         # breaker slows the request, the leases do not cover it, or it must queue.
-        if self.loops.config.enabled and prompt_ids is not None:
-            slow = self._check_loop(adm, req, prompt_ids)
+        loop_key = ""
+        now = self.clock()
+        if prompt_ids is not None and self.loops.config.enabled:
+            user = body.user
+            loop_key = f"{tenant}/{user}" if user else tenant
+            slow = self._check_loop(plan, model, loop_key, prompt_ids, now)
             if slow:
                 waited = True
                 await asyncio.sleep(slow)
+                plan = self._plans.get(tenant) or self._plan(tenant)  # a reload meanwhile
+                now = self.clock()
+        adm = Admitted(self, plan, model, prompt, completion, n, source, loop_key,
+                       (plan.policy.max_tokens or None) if max_tokens is None else None)
         wall = self.wall()
-        bound = self._bound(tenant, pol, wall)
+        if wall >= plan.until:
+            plan.rebind(self._fleet, wall)
+        bound = plan.bound
         if bound.meters:
-            use = units(prompt, adm.completion,
-                        self.prices.of(model).cost(prompt, 0, adm.completion))
+            head = plan.head_max if source == "max_tokens" else plan.head_est
+            spend = self.prices.of(model).cost(prompt, 0, completion)
+            use = (1, prompt, completion, spend, prompt + completion)  # units(...), inlined
             pool = bound.pool
-            if not self.book.valid(self.clock()) or pool.reserve(use) is not None:
-                waited = True
+            if not self.book.valid(now) or pool.reserve(use) is not None:
+                waited = True  # the leases are past their deadline or do not cover it
                 await self._reserve_slow(adm, bound, use, wall)
             adm.bound, adm.ticket = bound, pool.ticket(use)
-            adm.headers = self._headers(adm, bound, wall)
+            adm.headers = (head % bound.rate_values(wall) if source == "max_tokens" else
+                           head % (source.encode(), completion, *bound.rate_values(wall)))
         self.outstanding += 1
         if self.config.fair.max_active:
-            cost = self.fair.service(prompt, adm.completion)
-            if self.fair.try_enter(tenant, pol.priority_class, pol.weight, cost):
+            cost = self.fair.service(prompt, completion)
+            if self.fair.try_enter(tenant, plan.priority, plan.weight, cost):
                 adm.fair_cost = cost
             else:
                 waited = True
@@ -208,32 +195,33 @@ class Governor:
                 except BaseException:
                     self.settle(adm, 0, 0, (), refused=True)
                     raise
-        self.metrics.admitted(tenant)
+        admissions = self.metrics.admissions  # metrics.admitted(tenant), inlined
+        admissions[tenant] = admissions.get(tenant, 0) + 1
         if t0 and not waited:
             self.admit_cpu.stop(t0)
         return adm
 
-    def _check_loop(self, adm: Admitted, req: ApiRequest, prompt_ids: Sequence[int]) -> float:
+    def _check_loop(self, plan: TenantPlan, model: str, key: str, prompt_ids: Sequence[int],
+                    now: float) -> float:
         """Seconds to slow the request down (0: none); raises when the action is refuse."""
-        user = req.body.user
-        key = adm.loop_key = f"{adm.tenant}/{user}" if user else adm.tenant
-        verdict = self.loops.check(key, self.loops.signature(prompt_ids), len(prompt_ids))
+        loops = self.loops
+        verdict = loops.check(key, loops.signature(prompt_ids), len(prompt_ids), now)
         if verdict is None:
             return 0.0
-        action = adm.policy.loop_action or self.loops.config.action
-        self.metrics.loop(adm.tenant, verdict.rule, action)
-        if verdict.count == self.loops.config.max_repeats:  # once per streak, not per request
+        action = plan.loop_action
+        self.metrics.loop(plan.tenant, verdict.rule, action)
+        if verdict.count == loops.config.max_repeats:  # once per streak, not per request
             log.warning("loop breaker: %s tripped %s (%d in %.0fs), action %s", key,
                         verdict.rule, verdict.count, verdict.window_s, action)
         if action == "refuse":
-            self._refused(adm.tenant, adm.model, "loop_detected")
+            self._refused(plan.tenant, model, "loop_detected")
             what = ("near-identical prompts" if verdict.rule == "repeat_prompt"
                     else "identical completions to growing prompts")
             raise ApiError(429, f"Runaway loop detected for {key!r}: rule {verdict.rule} "
                            f"({verdict.count} {what} within {verdict.window_s:g}s). Change the "
                            f"prompt or wait.", err_type="rate_limit_error", code="loop_detected",
                            retry_after=verdict.window_s)
-        return self.loops.config.slow_s if action == "slow" else 0.0
+        return loops.config.slow_s if action == "slow" else 0.0
 
     async def _reserve_slow(self, adm: Admitted, bound: Bound, use: Sequence[int],
                             wall: float) -> None:
@@ -296,24 +284,16 @@ class Governor:
         self.usage.add(self._today(), tenant, model, 0, 0, 0, 0, 0, refused=1)
 
     @staticmethod
-    def _headers(adm: Admitted, bound: Bound, wall: float) -> bytes:
-        """The response's x-meshd-completion-estimate and x-ratelimit-* lines, encoded."""
-        if adm.source == "max_tokens":
-            return _ESTIMATE_MAX_TOKENS + _rate_lines(bound, wall)
-        return (b"x-meshd-completion-estimate: %b;tokens=%d\r\n"
-                % (adm.source.encode(), adm.completion) + _rate_lines(bound, wall))
-
-    @staticmethod
     def _rate_headers(bound: Bound, wall: float) -> tuple[tuple[str, str], ...]:
         """x-ratelimit-* of a refusal, as (name, value) pairs."""
-        lines = _rate_lines(bound, wall).decode("latin-1").split("\r\n")
+        lines = (bound.rate_fmt % bound.rate_values(wall)).decode("latin-1").split("\r\n")
         return tuple((k, v) for k, _, v in (line.partition(": ") for line in lines if line))
 
     async def _queue(self, adm: Admitted, cost: float) -> None:
         """Wait in the tenant's fair-share queue for a slot (or 503 past the deadline)."""
-        pol = adm.policy
+        plan = adm.plan
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = self.fair.enqueue(adm.tenant, pol.priority_class, pol.weight, cost,
+        entry = self.fair.enqueue(adm.tenant, plan.priority, plan.weight, cost,
                                   (fut, adm.tenant, cost))
         if entry is None:
             self._refused(adm.tenant, adm.model, "queue_full")
@@ -344,26 +324,26 @@ class Governor:
         t0 = self.settle_cpu.start()
         adm.done = True
         self.outstanding -= 1
-        cost = self.prices.of(adm.model).cost(adm.prompt, cached, completion)
-        if adm.ticket is not None and adm.bound is not None:
+        prompt = adm.prompt
+        cost = self.prices.of(adm.model).cost(prompt, cached, completion)
+        if adm.ticket is not None and adm.bound is not None:  # units(...), inlined
             adm.bound.pool.settle(adm.ticket, _NOTHING if refused else
-                                  units(adm.prompt, completion, cost))
+                                  (1, prompt, completion, cost, prompt + completion))
         if adm.fair_cost >= 0:
-            self._wake(self.fair.release(adm.tenant, self.fair.service(adm.prompt, completion),
-                                         adm.fair_cost))
-        if not refused:
-            self._book_usage(adm, completion, cached, output, cost)
+            woken = self.fair.release(adm.tenant, self.fair.service(prompt, completion),
+                                      adm.fair_cost)
+            if woken:
+                self._wake(woken)
+        if not refused:  # book the usage
+            self.usage.add(self._today(), adm.tenant, adm.model, 1, prompt, cached, completion,
+                           cost)
+            if adm.source != "max_tokens":
+                self.estimates.observe(adm.tenant, adm.model, completion // adm.n)
+            if output and adm.loop_key:
+                loops = self.loops
+                loops.observe(adm.loop_key, prompt, loops.signature(output))
         if t0:
             self.settle_cpu.stop(t0)
-
-    def _book_usage(self, adm: Admitted, completion: int, cached: int, output: Sequence[int],
-                    cost: int) -> None:
-        self.usage.add(self._today(), adm.tenant, adm.model, 1, adm.prompt, cached,
-                       completion, cost)
-        if adm.source != "max_tokens":
-            self.estimates.observe(adm.tenant, adm.model, completion // adm.n)
-        if output and adm.loop_key:
-            self.loops.observe(adm.loop_key, adm.prompt, self.loops.signature(output))
 
     def _wake(self, items: list[Any]) -> None:
         while items:
@@ -374,13 +354,13 @@ class Governor:
                 fut.set_result(None)
 
     def _today(self) -> str:
-        day, until = self._day
         wall = self.wall()
-        if wall >= until:
-            t = time.gmtime(wall)
-            day = f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
-            self._day = (day, wall - wall % 86400 + 86400)
-        return day
+        if wall < self._day_until:
+            return self._day
+        t = time.gmtime(wall)
+        self._day = f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+        self._day_until = wall - wall % 86400 + 86400
+        return self._day
 
     def describe(self) -> dict[str, Any]:
         """GET /debug/governance: this replica's view (`meshd status` prints it)."""
@@ -389,7 +369,10 @@ class Governor:
             tenants.setdefault(t, {})[outcome] = v
         k = self.keeper
         return {"tenants": tenants, "outstanding": self.outstanding,
-                "cost_us": {"admit": self.admit_cpu.mean_us(), "settle": self.settle_cpu.mean_us(),
+                # net of the clock's own cost (`clock`, in each of admit and settle)
+                "cost_us": {"admit": self.admit_cpu.net_mean_us(),
+                            "settle": self.settle_cpu.net_mean_us(),
+                            "clock": round(CpuSample.clock_ns() / 1000, 2),
                             "samples": self.admit_cpu.samples, "every": CpuSample.EVERY},
                 "reserved_units": self.book.inflight(),
                 "fair": {"max_active": self.config.fair.max_active, "active": self.fair.active,

@@ -13,6 +13,7 @@ its tenant has.
 from __future__ import annotations
 
 import calendar
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,31 +62,48 @@ _LIMITS = {
 class Bound:
     """The meters a request of one tenant touches in the current windows (the tenant's, then
     the fleet's), reserved together through one `Pool`; `rate` are the rpm/tpm meters the
-    x-ratelimit-* headers report; valid while wall time < `until`."""
+    x-ratelimit-* headers report (each with its pool slot), `rate_fmt` those headers' lines
+    with their per-request values left as %d (`rate_fmt % rate_values(wall)`); valid while
+    wall time < `until`."""
 
-    __slots__ = ("limits", "meters", "pool", "rate", "until")
+    __slots__ = ("_rate_end", "limits", "meters", "pool", "rate", "rate_fmt", "until")
 
     def __init__(self, book: LeaseBook, pairs: Sequence[tuple[Limit, LocalMeter]],
                  until: float) -> None:
         self.limits = tuple(limit for limit, _ in pairs)
         self.meters = tuple(m for _, m in pairs)
         self.pool = book.pool(self.meters, [limit.sel for limit in self.limits])
-        self.rate = tuple(_rate(limit, m, self.pool.slot_of(m)) for limit, m in pairs
-                          if limit.name in ("rpm", "tpm"))
+        rate = [(limit, m) for limit, m in pairs if limit.name in ("rpm", "tpm")]
+        self.rate = tuple((m, self.pool.slot_of(m)) for _, m in rate)
+        self.rate_fmt = b"".join(_rate_fmt(limit, m) for limit, m in rate)
+        ends = {m.expires_at for _, m in rate}
+        assert len(ends) <= 1, "rpm and tpm windows end together"
+        self._rate_end = ends.pop() if ends else 0.0
         self.until = until
+
+    def rate_values(self, wall: float) -> tuple[int, ...]:
+        """Per rate meter, what is left and the seconds to its window's end: the best local
+        estimate of what is left fleet-wide (this replica's lease and pool credit, and what
+        the ledger had not granted at the last sync)."""
+        credit, end = self.pool.credit, self._rate_end
+        reset = math.ceil(end - wall) if end > wall else 0
+        out: list[int] = []
+        for m, slot in self.rate:
+            left = m.held + credit[slot] + (m.free if m.free > 0 else 0)
+            out.append(left if left > 0 else 0)
+            out.append(reset)
+        return tuple(out)
 
     def limit_of(self, meter: LocalMeter) -> Limit:
         return self.limits[self.meters.index(meter)]
 
 
-def _rate(limit: Limit, m: LocalMeter, slot: int) -> tuple[bytes, bytes, bytes, LocalMeter, int]:
-    """The x-ratelimit-* header lines of an rpm or tpm meter, encoded: the limit line whole,
-    the remaining and reset lines' names (their values change per request); the meter and its
-    pool slot."""
+def _rate_fmt(limit: Limit, m: LocalMeter) -> bytes:
+    """The x-ratelimit-* header lines of an rpm or tpm meter: the limit whole (as of the
+    bind), the remaining and reset values left as %d."""
     kind = "requests" if limit.name == "rpm" else "tokens"
-    return (f"x-ratelimit-limit-{kind}: {m.limit}\r\n".encode(),
-            f"x-ratelimit-remaining-{kind}: ".encode(), f"x-ratelimit-reset-{kind}: ".encode(),
-            m, slot)
+    return (f"x-ratelimit-limit-{kind}: {m.limit}\r\nx-ratelimit-remaining-{kind}: %d\r\n"
+            f"x-ratelimit-reset-{kind}: %ds\r\n").encode()
 
 
 def _day_end(wall: float) -> tuple[str, float]:

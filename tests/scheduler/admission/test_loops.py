@@ -188,3 +188,15 @@ def test_config_validation_names_the_field(field: str, value: Any, message: str)
 @pytest.mark.parametrize("action", ["log", "slow", "refuse"])
 def test_every_action_is_accepted(action: str) -> None:
     assert LoopConfig(action=action).action == action
+
+
+def test_a_long_storm_counts_up_to_the_history_and_a_passed_in_now_is_used() -> None:
+    lb, clock = make_breaker(max_repeats=2, window_s=10.0, max_output_repeats=2)
+    got = make_verdicts(lb, clock, [7] * 20, step_s=0.1)  # history: 8 x 2 = 16 prompts
+    assert [v.count if v else 0 for v in got] == [0, *range(2, 17), 16, 16, 16, 16]
+    assert lb.check("t/u", 7, 100, now=clock.now + 60.0) is None  # the history expired
+    clock.now += 60.0
+    lb.observe("t/u", 5, 9)
+    lb.observe("t/u", 6, 9)  # two equal outputs to growing prompts: in force for window_s
+    assert lb.check("t/u", 8, 100) == Verdict("repeat_output", 2, 10.0)
+    assert lb.check("t/u", 8, 100, now=clock.now + 10.0) is None  # past the trip's window
