@@ -60,6 +60,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
+from meshd.kv_transfer.lease_quota import LeaseQuota
 from meshd.kv_transfer.leases import LeaseTable
 from meshd.kv_transfer.mux import MuxServer
 from meshd.kv_transfer.offering import make_offer, serve_kv
@@ -86,6 +87,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 # Under "vllm." so records use vLLM's handler and format.
@@ -128,6 +130,9 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         if role == KVConnectorRole.SCHEDULER:
             self._pending_loads: dict[str, LoadPlan] = {}
             self._pending_leases: dict[str, tuple[int, ...]] = {}
+            pool = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
+            bound = self._settings.max_leased_blocks or max(1, pool * 3 // 4)
+            self._quota = LeaseQuota(bound, bound)  # no callers here: the total bounds all
             log.info("meshd connector (scheduler) engine=%s producer=%s consumer=%s "
                      "transfer server %s:%s serving %s (%s KV, host %s)", self._engine_id,
                      self._producer, self._consumer, self._settings.remote_host,
@@ -216,6 +221,12 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         self._pending_leases = {}
         return meta
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """The worker's finished sends: those leases ended (pulled or expired); their blocks
+        stop counting against the bound."""
+        for rid in connector_output.finished_sending or ():
+            self._quota.end(rid)
+
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
         return self._finished(request, list(block_ids))
@@ -234,6 +245,12 @@ class MeshdConnector(KVConnectorBase_V1, SupportsHMA):
         if request.status != RequestStatus.FINISHED_LENGTH_CAPPED or not block_ids:
             return False, None  # EOS or abort: free now, the decode side prefills itself
         rid = request.request_id
+        refusal = self._quota.admit("", len(block_ids))
+        if refusal is not None:  # free the blocks now; the decode side prefills itself
+            log.warning("meshd: %s: not holding its %d blocks for a decode peer: %d held, "
+                        "lease bound %d", rid, len(block_ids), refusal.used, refusal.bound)
+            return False, None
+        self._quota.settle("", len(block_ids), rid, len(block_ids))
         self._pending_leases[rid] = tuple(block_ids)
         return True, self._offer.params(
             request_id=rid, block_ids=block_ids, engine_id=self._engine_id,

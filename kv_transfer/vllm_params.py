@@ -46,7 +46,9 @@ class ConnectorSettings:
     here on one port, see `select.offer`); the decode side pulls over what the prefill response
     names, picking per pair from `auto`'s list (`select.pull_transport`); `hostname` (default: the
     machine's), `rdma`, `nvlink`: this host's facts for that pick (the launcher fills them from
-    the capability report); `lease_timeout_s`, `pull_timeout_s`, `lookup_wait_s`."""
+    the capability report); `lease_timeout_s`, `pull_timeout_s`, `lookup_wait_s`;
+    `max_leased_blocks`: the most blocks a prefill side holds for decode peers at once (0: 3/4
+    of its KV pool; past it a prefill's blocks are freed at once and it answers without params)."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -58,6 +60,7 @@ class ConnectorSettings:
     lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S
     pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
     lookup_wait_s: float = DEFAULT_LOOKUP_WAIT_S
+    max_leased_blocks: int = 0
     hostname: str = ""
     rdma: bool = False
     nvlink: bool = False
@@ -94,6 +97,14 @@ class ConnectorSettings:
                 if not value > 0 or math.isinf(value):
                     raise ValueError(f"kv_connector_extra_config.{key}: must be > 0")
                 kw[key] = value
+        if "max_leased_blocks" in extra:
+            value = extra["max_leased_blocks"]
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if not _is_int(value) or value < 0:
+                raise ValueError("kv_connector_extra_config.max_leased_blocks: must be an int "
+                                 ">= 0")
+            kw["max_leased_blocks"] = value
         for key in ("rdma", "nvlink"):
             if key in extra:
                 value = extra[key]

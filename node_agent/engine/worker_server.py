@@ -31,6 +31,7 @@ from aiohttp import web
 from meshd.api_errors import ApiError
 from meshd.kv_transfer.auth import load_authenticator
 from meshd.kv_transfer.conn import ServerConfig
+from meshd.kv_transfer.lease_quota import LeaseQuota
 from meshd.kv_transfer.mux import MuxServer
 from meshd.kv_transfer.offering import make_offer, serve_kv
 from meshd.kv_transfer.select import HostFacts
@@ -41,7 +42,6 @@ from meshd.node_agent.engine.disagg import DisaggStats, EngineLeases, Puller, bl
 from meshd.node_agent.engine.engine import Engine
 from meshd.node_agent.engine.handlers import CompletionHandler
 from meshd.node_agent.engine.kv_publisher import KVEventPublisher, to_u64
-from meshd.node_agent.engine.lease_quota import LeaseQuota
 from meshd.node_agent.engine.metrics import ServerSnapshot, render
 from meshd.node_agent.engine.openai_io import ModelInfo
 from meshd.node_agent.engine.worker_config import (

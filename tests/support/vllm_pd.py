@@ -124,9 +124,10 @@ def prompt_ids(seed: int, n: int = 100) -> list[int]:
 
 @contextlib.contextmanager
 def start_pd(tmp: Path, transport: str, extra: list[str], lease_s: float = LEASE_S,
-             pull_timeout_s: float = 20.0) -> Iterator[PD]:
-    """P (`kv_producer`, serving `transport`) and D (`kv_consumer`) on one tiny Llama; both
-    process groups are killed on exit."""
+             pull_timeout_s: float = 20.0, max_leased_blocks: int = 0) -> Iterator[PD]:
+    """P (`kv_producer`, serving `transport`, holding at most `max_leased_blocks` for decode
+    peers; 0: the connector's default) and D (`kv_consumer`) on one tiny Llama; both process
+    groups are killed on exit."""
     cap = capture_module()
     model = cap.build_tiny_models(tmp, ["llama"])["llama"]
     secret = tmp / "kv_secret"
@@ -136,7 +137,8 @@ def start_pd(tmp: Path, transport: str, extra: list[str], lease_s: float = LEASE
     p = cap.VllmServer(model, MODEL, vllm_python=VLLM_PY, log_path=tmp / "p.log", extra_args=[
         "--kv-transfer-config", kv_config("kv_producer", "meshd-p", {
             "secret_file": str(secret), "host": "127.0.0.1", "port": kv_port,
-            "lease_timeout_s": lease_s, "transport": transport}), *extra,
+            "lease_timeout_s": lease_s, "transport": transport,
+            "max_leased_blocks": max_leased_blocks}), *extra,
     ])
     d = cap.VllmServer(model, MODEL, vllm_python=VLLM_PY, log_path=tmp / "d.log", extra_args=[
         "--kv-transfer-config", kv_config("kv_consumer", "meshd-d", {

@@ -10,7 +10,8 @@ P serves `auto` (TCP and shared memory on one port) and D picks shared memory; t
 peers serve TCP. Checked: D's greedy
 tokens equal P doing the whole request; D loaded the prompt's KV from P
 (`vllm:external_prefix_cache_hits` and the connector's log) rather than recomputing it; P frees
-the blocks once D read them, and after the lease timeout when nobody reads them; a broken
+the blocks once D read them, and after the lease timeout when nobody reads them, and holds no
+more than its lease bound (past it, a prefill answers without params); a broken
 transfer (a peer with the wrong mesh secret, a dead port, P killed before D pulls) makes D
 recompute and still answer the same tokens.
 """
@@ -40,6 +41,9 @@ RECOVERED = r"Recovered from KV load failure"  # vLLM's scheduler, policy "recom
 # The fake peers below serve plain TCP, so D pulls over both. The mesh suite
 # (test_vllm_mesh.py) runs an explicit single transport, tcp.
 TRANSPORT = "auto"
+# P holds at most this many blocks for decode peers (a 100-token prompt is 7 blocks): the other
+# tests stay far below it, test_leases_past_the_bound_are_not_held goes past it.
+MAX_LEASED = 40
 
 pytestmark = [
     pytest.mark.vllm,
@@ -51,7 +55,8 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
     require_meshd_in_vllm_venv()
-    with start_pd(tmp_path_factory.mktemp("pd"), TRANSPORT, []) as pair:
+    with start_pd(tmp_path_factory.mktemp("pd"), TRANSPORT, [],
+                  max_leased_blocks=MAX_LEASED) as pair:
         yield pair
 
 
@@ -224,6 +229,29 @@ def test_dead_peer_makes_decode_recompute(pd: PD) -> None:
     assert list(out["choices"][0]["token_ids"]) == ref
     assert pd.wait_log(pd.d, r"KV load for \S+ failed \(connect", 5)
     assert pd.wait_count(pd.d, RECOVERED, recovered, 5)
+
+
+@pytest.mark.timeout(300)
+def test_leases_past_the_bound_are_not_held(pd: PD) -> None:
+    """Issue 12 §5 on vLLM: prefills nobody pulls hold P's blocks up to the connector's bound;
+    past it P frees the blocks at once and answers without kv_transfer_params (the decode
+    side prefills itself); once the leases expire, P holds blocks again."""
+    assert pd.wait_metric(pd.p, "vllm:kv_cache_usage_perc", 0.0, LEASE_S + 10) == 0.0
+    held = []
+    refused = len(re.findall(r"lease bound", pd.log(pd.p)))
+    for k in range(MAX_LEASED // 7 + 2):  # bounded: one past the bound, and one more
+        params = pd.prefill(prompt_ids(40 + k)).get("kv_transfer_params")
+        if params is None:
+            break
+        held.append(params["remote_request_id"])
+    assert len(held) == MAX_LEASED // 7, held  # 5 x 7 = 35 blocks held; a 6th would be 42
+    assert pd.wait_count(pd.p, r"lease bound 40", refused, 5)
+    for rid in held:
+        assert pd.wait_log(pd.p, rf"lease of {re.escape(rid)} ended", LEASE_S + 10)
+    again = pd.prefill(prompt_ids(60)).get("kv_transfer_params")
+    assert again is not None  # the expired leases stopped counting
+    out = pd.decode(prompt_ids(60), again)
+    assert list(out["choices"][0]["token_ids"]) == pd.whole(pd.p, prompt_ids(60))
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from meshd.node_agent.engine.lease_quota import LeaseQuota
+from meshd.kv_transfer.lease_quota import LeaseQuota
 
 from .server_helpers import SECRET, ServerProc, http, make_prompt, make_server, metrics, wait_for
 

@@ -5,8 +5,10 @@ worker pulls them or the lease expires (`kv_transfer.leases`). Without a bound, 
 requests nobody pulls hold the whole KV pool for the lease's lifetime and every other request
 waits. `LeaseQuota` counts, per caller (the peer address) and in all, the blocks of requests
 admitted and not yet answered (`pending`) and of leases granted and not yet ended (`held`); a
-request that would take either count past its bound is refused (the handler answers 429, and the
-gateway prefills elsewhere or on the decode worker).
+request that would take either count past its bound is refused: the embedded engine's handler
+answers 429 (the gateway prefills elsewhere or on the decode worker); the vLLM connector, which
+sees no caller (vLLM's API key admits only the mesh), bounds the total and frees the blocks at
+once, answering without `kv_transfer_params` (the decode worker prefills itself).
 
 Thread-safe: `admit`/`settle` run on the server's event loop, `end` on whichever thread ended
 the lease (a transport thread or the engine's step thread).
