@@ -68,11 +68,11 @@ class CannedSource:
         raise AssertionError("no failures here")
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float, queued_tokens: int = 0) -> Any:
+                      timeout_s: float, queued_tokens: int = 0, traceparent: str = "") -> Any:
         raise AssertionError("colocated: no prefill")
 
     def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-               timeout_s: float, queued_tokens: int = 0) -> _Events:
+               timeout_s: float, queued_tokens: int = 0, traceparent: str = "") -> _Events:
         orjson.dumps(body)  # what the client does with it
         return _Events(self.events)
 

@@ -40,15 +40,18 @@ class Router:
     def decide(self, request: RequestView, workers: Sequence[WorkerView]) -> Decision:
         """Raises `NoWorkerAvailable` when no worker can decode the request."""
         req = self.with_prefix(request)
-        d = _view(self.decode.select(req, workers), workers)
+        d_sel = self.decode.select(req, workers)
+        d = _view(d_sel, workers)
         d_id = d.worker_id
         if self.prefill is not None and self.pd is not None:
             choice = self.pd.decide(req, d, workers)
             if choice.disaggregate:
-                p = _view(self.prefill.select(req, workers), workers)
+                p_sel = self.prefill.select(req, workers)
+                p = _view(p_sel, workers)
                 p_id = p.worker_id
-                return Decision(p_id, d_id, p_id != d_id, req.cached_tokens(p_id, p.block_size))
-        return Decision(d_id, d_id, False, req.cached_tokens(d_id, d.block_size))
+                return Decision(p_id, d_id, p_id != d_id, req.cached_tokens(p_id, p.block_size),
+                                d_sel.scores, p_sel.scores)
+        return Decision(d_id, d_id, False, req.cached_tokens(d_id, d.block_size), d_sel.scores)
 
 
     def decode_for(self, request: RequestView, workers: Sequence[WorkerView]) -> str:

@@ -87,13 +87,17 @@ class Decision(NamedTuple):
     """The scheduler's answer: where to prefill and where to decode.
 
     `prefill` equals `decode` when the request is served colocated (local prefill).
-    `cached_tokens` is the prefix the chosen prefill worker already holds.
+    `cached_tokens` is the prefix the chosen prefill worker already holds. The scores are the
+    selectors' weighted totals of the candidates they scored (traces name the best few;
+    None: the selector gave none).
     """
 
     prefill: str
     decode: str
     disaggregated: bool
     cached_tokens: int
+    decode_scores: Mapping[str, float] | None = None
+    prefill_scores: Mapping[str, float] | None = None
 
 
 class NoWorkerAvailable(Exception):

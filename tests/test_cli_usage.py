@@ -20,7 +20,7 @@ from support.net import free_port
 
 from meshd import cli, config, env
 from meshd.commands import gateway_get
-from meshd.commands.status import governance_section
+from meshd.commands.status import governance_section, requests_section
 from meshd.commands.usage import limits_table, usage_table
 from meshd.coordinator.actors import ensure_admin_key
 from meshd.coordinator.gateway.config import GatewayConfig
@@ -319,6 +319,23 @@ def make_governance(**over: Any) -> dict[str, Any]:
 ])
 def test_governance_section(report: dict[str, Any] | None, why: str, want: list[str]) -> None:
     assert governance_section("gw:1", report, why).splitlines() == want
+
+
+def test_requests_section() -> None:
+    """`meshd status`'s request records: hourly rollups summed per tenant and model."""
+    hour = {"tenant": "acme", "model": "m", "requests": 3, "errors": 1, "prompt_tokens": 300,
+            "completion_tokens": 30, "ttft_count": 2, "ttft_sum_s": 0.1, "ttft_max_s": 0.07}
+    report = {"rollups": [hour, {**hour, "requests": 1, "errors": 0, "ttft_max_s": 0.09},
+                          {**hour, "tenant": "", "model": "m2", "ttft_count": 0}]}
+    assert requests_section("gw:1", report, "").splitlines() == [
+        "requests (gateway gw:1, last 24 h, this replica):",
+        "  TENANT MODEL REQUESTS ERRORS   PROMPT COMPLETION  TTFT MEAN  TTFT MAX",
+        "  -      m2           3      1      300         30          -         -",
+        "  acme   m            4      1      600         60      50 ms     90 ms"]
+    assert requests_section("gw:1", {"rollups": []}, "").splitlines()[1] == \
+        "  (no requests recorded)"
+    assert requests_section("gw:1", None, "HTTP 404: no records") == \
+        "requests: gateway gw:1: HTTP 404: no records"
 
 
 @pytest.mark.parametrize(("environ", "want"), [

@@ -83,7 +83,9 @@ async def test_status_prints_cache_routing_section(tmp_path: Path) -> None:
         lines = out.stdout.strip().splitlines()
         assert any(line.startswith(f"cache routing: gateway 127.0.0.1:{down} unreachable")
                    for line in lines)
-        assert lines[-1].startswith(f"governance: gateway 127.0.0.1:{down} unreachable")
+        assert any(line.startswith(f"governance: gateway 127.0.0.1:{down} unreachable")
+                   for line in lines)
+        assert lines[-1].startswith(f"requests: gateway 127.0.0.1:{down} unreachable")
         js = await asyncio.to_thread(meshd, *args, "--json", MESHD_GATEWAY_PORT=str(down))
         cr = json.loads(js.stdout)["cache_routing"]
         assert cr["reachable"] is False and cr["error"]

@@ -30,6 +30,7 @@ from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread, tun
 log = logging.getLogger("meshd.gateway")
 PREFIX = "meshd-gateway-"
 RECEIPT_KEY_FILE = "receipt.key"
+RECORDS_DIR = "records"  # request records, one file per replica
 
 
 class _GatewayActor:
@@ -202,10 +203,15 @@ def deploy(config: GatewayConfig, namespace: str = "meshd", timeout_s: float = 6
            state_dir: str = "") -> list[Any]:
     """Start `config.replicas` gateway actors (or find running ones) and wait until each
     serves; returns their handles. `state_dir`: the coordinator's, where the replicas' shared
-    receipt key lives unless `[gateway.receipts] key_file` names one."""
-    if state_dir and not config.receipts.key_file:
+    receipt key and their request records live unless `[gateway.receipts] key_file` and
+    `[gateway.records] dir` name other places."""
+    state = Path(state_dir).expanduser() if state_dir else None
+    if state is not None and not config.receipts.key_file:
         config = dataclasses.replace(config, receipts=dataclasses.replace(
-            config.receipts, key_file=str(Path(state_dir).expanduser() / RECEIPT_KEY_FILE)))
+            config.receipts, key_file=str(state / RECEIPT_KEY_FILE)))
+    if state is not None and not config.records.dir:
+        config = dataclasses.replace(config, records=dataclasses.replace(
+            config.records, dir=str(state / RECORDS_DIR)))
     handles = [GatewayActor.options(name=f"{PREFIX}{i}", namespace=namespace,
                                     lifetime="detached", get_if_exists=True)
                .remote(dataclasses.asdict(config), namespace, i)

@@ -20,6 +20,7 @@ from typing import Any
 
 from meshd.coordinator.gateway.governance.config import GovernanceConfig
 from meshd.coordinator.gateway.privacy.config import PrivacyConfig
+from meshd.coordinator.gateway.records.record import RetentionPolicy
 from meshd.coordinator.gateway.serving.confidence import ConfidenceConfig
 from meshd.scheduler.pd import PDConfig
 
@@ -186,6 +187,61 @@ class ReceiptsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """`[gateway.tracing]`: W3C trace context on every request (the client's `traceparent`
+    continued, one per worker call passed on) and OpenTelemetry spans with the GenAI semantic
+    conventions, exported over OTLP/HTTP when `otlp_endpoint` is set (`tracing/`). `sampler`:
+    `parentbased_always_on` (default: every request, unless the client's parent says not),
+    `always_on`, `always_off`, `ratio`, `parentbased_ratio`, `parentbased_always_off`;
+    `ratio` for the ratio samplers."""
+
+    enabled: bool = True
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0
+    otlp_endpoint: str = ""  # e.g. http://collector:4318/v1/traces; "": spans not exported
+    otlp_headers: dict[str, str] = field(default_factory=dict)
+    service_name: str = "meshd-gateway"
+    export_interval_s: float = 1.0
+    export_timeout_s: float = 10.0
+    max_queue: int = 10_000  # traces waiting for export; past it the oldest are dropped
+
+    def __post_init__(self) -> None:
+        from meshd.coordinator.gateway.tracing.context import Sampler
+
+        Sampler(self.sampler, self.ratio)  # raises naming the field
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"gateway.tracing.otlp_endpoint: must be an http(s) URL, got "
+                             f"{self.otlp_endpoint!r}")
+        _positive(self, "tracing.", ("export_interval_s", "export_timeout_s"))
+        if self.max_queue < 1:
+            raise ValueError("gateway.tracing.max_queue: must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsConfig:
+    """`[gateway.records]`: the local store of request records (`records/`), one SQLite file
+    per replica in `dir` (`meshd up` and `meshd coordinator start` default it to `records/`
+    in the coordinator's state dir; "": no store). Raw records are kept `raw_days`, their
+    hourly rollups `rollup_days`; at most `max_raw_rows` raw rows (the oldest go first, still
+    rolled up); `max_buffer` records wait for the next flush (every `flush_interval_s`)."""
+
+    dir: str = ""
+    raw_days: float = 7.0
+    rollup_days: float = 90.0
+    max_raw_rows: int = 1_000_000
+    max_buffer: int = 100_000
+    flush_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.policy()  # raises naming the field
+        _positive(self, "records.", ("flush_interval_s",))
+
+    def policy(self) -> RetentionPolicy:
+        return RetentionPolicy(self.raw_days, self.rollup_days, self.max_raw_rows,
+                               self.max_buffer)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The OpenAI gateway: replicas sharing one port and the sections above.
 
@@ -221,6 +277,8 @@ class GatewayConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
     receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

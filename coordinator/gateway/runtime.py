@@ -21,7 +21,10 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from opentelemetry.sdk.resources import Resource
 
 from meshd.capabilities import Member
 from meshd.coordinator.gateway.config import GatewayConfig, RoutingConfig
@@ -30,12 +33,18 @@ from meshd.coordinator.gateway.governance.admission import Governor
 from meshd.coordinator.gateway.governance.config import TenantPolicy
 from meshd.coordinator.gateway.governance.reload import PolicyWatcher
 from meshd.coordinator.gateway.governance.usage import usage_report
+from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
+from meshd.coordinator.gateway.records.report import records_report
+from meshd.coordinator.gateway.records.store import RecordStore
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.receipts import ReceiptSigner, load_key
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.tracing.context import Sampler
+from meshd.coordinator.gateway.tracing.sink import TraceSink, otlp_exporter
+from meshd.coordinator.gateway.tracing.tracer import Tracer
 from meshd.coordinator.gateway.workers.cache_monitor import CacheHealthMonitor
 from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.coordinator.gateway.workers.static import discover_static, static_token
@@ -87,6 +96,7 @@ class GatewayRuntime:
     peers: Peers | None = None  # where the siblings' metrics ports are (default: port rule)
     ledger: LedgerClient | None = None  # the fleet ledger (default: one in this process)
     node_keys: NodeKeys | None = None  # the trust store's node keys (for /v1/meshd/keys)
+    span_exporter: Any = None  # an OTel SpanExporter instead of the config's OTLP (tests)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -107,6 +117,8 @@ class GatewayRuntime:
         self.privacy = PrivacyGuard(c.privacy, self._tenant_privacy,
                                     lambda model, ids: self.prompts.tokenizer(model).decode(ids))
         self.receipts = ReceiptSigner(load_key(c.receipts.key_file))
+        self.records = self._records()
+        self.traces, self.tracer = self._tracing()
         self._node_keys: tuple[float, list[dict[str, Any]]] | None = None
         self.pool = WorkerPool(self.index, c.routing, health=self.health)
         self.metrics = MeshMetrics()
@@ -116,7 +128,8 @@ class GatewayRuntime:
                                    self.prompts, c.deadlines,
                                    self.metrics, max_inflight=c.limits.max_inflight,
                                    governor=self.governor, privacy=self.privacy,
-                                   confidence=c.confidence, receipts=self.receipts)
+                                   confidence=c.confidence, receipts=self.receipts,
+                                   tracer=self.tracer)
         self.governor.metrics.register(self.metrics.registry)
         self.privacy.register(self.metrics.registry)
         self.receipts.register(self.metrics.registry)
@@ -129,12 +142,48 @@ class GatewayRuntime:
                                     workers=self.pool.routing_state,
                                     fleet=self.fleet.exposition if self.fleet else None,
                                     usage=self._usage, keys=self._keys,
+                                    requests=self._requests,
                                     governance=lambda: {**self.governor.describe(),
                                                         "privacy": self.privacy.describe(),
-                                                        "receipts": self.receipts.describe()})
+                                                        "receipts": self.receipts.describe(),
+                                                        "tracing": self.traces.describe()})
         self.server.set_keys(self.governor.policy.keys())
         self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None
+
+    def _tracing(self) -> tuple[TraceSink, Tracer | None]:
+        """Spans to the OTLP collector `[gateway.tracing]` names (or the injected exporter)."""
+        t = self.config.tracing
+        exporter = self.span_exporter or (
+            otlp_exporter(t.otlp_endpoint, dict(t.otlp_headers), t.export_timeout_s)
+            if t.enabled and t.otlp_endpoint else None)
+        resource = Resource.create({"service.name": t.service_name,
+                                    "service.instance.id": replica_id(self.replica)})
+        def node_of(worker_id: str) -> str:
+            return self.pool.provenance(worker_id)[0]
+
+        sink = TraceSink(exporter, resource, node_of, t.max_queue, t.export_interval_s,
+                         self.records)
+        if not t.enabled:
+            return sink, None
+        return sink, Tracer(Sampler(t.sampler, t.ratio), [sink.add])
+
+    def _records(self) -> RecordStore | None:
+        """This replica's request record store (one file per replica: one writer each)."""
+        r = self.config.records
+        if not r.dir:
+            return None
+        name = (f"gateway-{self.replica}.db" if self.replica is not None
+                else f"gateway-pid{os.getpid()}-{next(_RUNTIMES)}.db")
+        return RecordStore(Path(r.dir).expanduser() / name, r.policy())
+
+    async def _requests(self, query: dict[str, str]) -> dict[str, Any]:
+        """`GET /debug/requests`: this replica's request records and hourly rollups."""
+        store = self.records
+        if store is None:
+            raise ApiError(404, "This gateway keeps no request records ([gateway.records] dir "
+                           "is not set).", err_type="not_found_error", code="no_records")
+        return await asyncio.to_thread(records_report, store, query)
 
     def _tenant_privacy(self, tenant: str | None) -> TenantPolicy:
         return self.governor.policy.of(tenant or self.config.governance.default_tenant)
@@ -173,6 +222,9 @@ class GatewayRuntime:
             await self.fleet.start()
         await self.governor.keeper.start()
         await self.server.start()
+        self.traces.start()
+        if self.records is not None:
+            self.records.start(self.config.records.flush_interval_s)
         self._task = asyncio.get_running_loop().create_task(self._membership_loop())
         self.policy.start()
 
@@ -195,6 +247,9 @@ class GatewayRuntime:
         if self.fleet is not None:
             await self.fleet.stop()
         await self.pool.close()
+        await asyncio.to_thread(self.traces.close, timeout_s)
+        if self.records is not None:
+            await asyncio.to_thread(self.records.close, timeout_s)
 
     def index_snapshot(self) -> bytes:
         """This replica's prefix index, for a new sibling (call on the runtime's loop)."""

@@ -1,6 +1,7 @@
 """`meshd status`: the coordinator's node table, fetched with a signed admin request, then what
 the gateway on `cfg.gateway` reports (2 s timeout each): its routing set (`GET /debug/workers`),
-cache-routing health (`GET /debug/cache-health`) and tenant admission (`GET /debug/governance`).
+cache-routing health (`GET /debug/cache-health`), tenant admission (`GET /debug/governance`)
+and its request records of the last 24 h (`GET /debug/requests?rollups=1`).
 A gateway that does not answer is one line per section, never an error."""
 
 from __future__ import annotations
@@ -150,6 +151,44 @@ def governance_section(address: str, report: dict[str, Any] | None, why: str) ->
     return "\n".join(rows)
 
 
+def fetch_requests(host: str, port: int, timeout_s: float = 2.0
+                   ) -> tuple[str, dict[str, Any] | None, str]:
+    return fetch_gateway(host, port, "/debug/requests?rollups=1", timeout_s, ("rollups", list))
+
+
+def requests_section(address: str, report: dict[str, Any] | None, why: str) -> str:
+    """The gateway replica's request records over the last 24 h, per tenant and model (its
+    hourly rollups): requests, errors, tokens, TTFT mean and max."""
+    if report is None:
+        if why.startswith("HTTP"):  # it answered: no records kept there, say its reason
+            return f"requests: gateway {address}: {why}"
+        return f"requests: gateway {address} unreachable ({why})"
+    acc: dict[tuple[str, str], dict[str, float]] = {}
+    for h in report["rollups"]:
+        a = acc.setdefault((h.get("tenant") or "-", h.get("model") or "-"), dict.fromkeys(
+            ("requests", "errors", "prompt_tokens", "completion_tokens", "ttft_count",
+             "ttft_sum_s", "ttft_max_s"), 0.0))
+        for k in ("requests", "errors", "prompt_tokens", "completion_tokens", "ttft_count",
+                  "ttft_sum_s"):
+            a[k] += h.get(k) or 0
+        a["ttft_max_s"] = max(a["ttft_max_s"], h.get("ttft_max_s") or 0.0)
+    rows = [f"requests (gateway {address}, last 24 h, this replica):"]
+    if not acc:
+        rows.append("  (no requests recorded)")
+        return "\n".join(rows)
+    tw = max(len("TENANT"), *(len(t) for t, _ in acc))
+    mw = max(len("MODEL"), *(len(m) for _, m in acc))
+    rows.append(f"  {'TENANT':<{tw}} {'MODEL':<{mw}} {'REQUESTS':>8} {'ERRORS':>6} "
+                f"{'PROMPT':>8} {'COMPLETION':>10} {'TTFT MEAN':>10} {'TTFT MAX':>9}")
+    for (t, m), a in sorted(acc.items()):
+        mean = f"{a['ttft_sum_s'] / a['ttft_count'] * 1000:.0f} ms" if a["ttft_count"] else "-"
+        peak = f"{a['ttft_max_s'] * 1000:.0f} ms" if a["ttft_count"] else "-"
+        rows.append(f"  {t:<{tw}} {m:<{mw}} {int(a['requests']):>8} {int(a['errors']):>6} "
+                    f"{int(a['prompt_tokens']):>8} {int(a['completion_tokens']):>10} "
+                    f"{mean:>10} {peak:>9}")
+    return "\n".join(rows)
+
+
 def _section(address: str, report: dict[str, Any] | None, why: str) -> dict[str, Any]:
     """A gateway section for `--json`."""
     return {"gateway": address, "reachable": report is not None,
@@ -170,17 +209,19 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
     gw, health, why = fetch_cache_health(cfg.gateway.host, cfg.gateway.port)
     _, routing, rwhy = fetch_gateway(cfg.gateway.host, cfg.gateway.port, "/debug/workers")
     _, gov, gwhy = fetch_governance(cfg.gateway.host, cfg.gateway.port)
+    _, recs, qwhy = fetch_requests(cfg.gateway.host, cfg.gateway.port)
     if args.json:
         out = MessageToDict(reply, preserving_proto_field_name=True)
         out["cache_routing"] = _section(gw, health, why)
         out["routing_set"] = _section(gw, routing, rwhy)
         out["governance"] = _section(gw, gov, gwhy)
+        out["requests"] = _section(gw, recs, qwhy)
         print(json.dumps(out, indent=2))
     else:
         print(f"coordinator {address}, up {time.time() - reply.coordinator_started_unix:.0f}s")
         print(table(reply))
         for section in (routing_section(gw, routing, rwhy), cache_section(gw, health, why),
-                        governance_section(gw, gov, gwhy)):
+                        governance_section(gw, gov, gwhy), requests_section(gw, recs, qwhy)):
             print()
             print(section)
     return 0

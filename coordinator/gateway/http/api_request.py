@@ -43,6 +43,7 @@ class ApiRequest:
     privacy: str = ""  # the client's x-meshd-privacy header ("sensitive", "auto" or "")
     halt_below: str = ""  # the client's x-meshd-halt-below header (a confidence threshold)
     receipt: str = ""  # the client's x-meshd-receipt header (true|false; "": the tenant's)
+    traceparent: bytes | None = None  # the client's W3C traceparent header, as sent
 
     @property
     def stream(self) -> bool:

@@ -156,6 +156,11 @@ SPEC: dict[str, Any] = {
             "every tenant (query `tenant` to pick one), any other tenant its own; query "
             "`since` / `until` (YYYY-MM-DD, inclusive; default this month)",
             "application/json", {"type": "object", "required": ["data", "totals", "limits"]})},
+        "/debug/requests": {"get": _get(
+            "This replica's request records (newest first; query request_id, tenant, model, "
+            "outcome, limit) or, with rollups=1, its hourly rollups between since and until "
+            "(unix seconds; default the last 24 h); 404 where the replica keeps none",
+            "application/json", {"type": "object", "required": ["object", "stats"]})},
         "/v1/meshd/keys": {"get": {
             **_get("The keys receipts are checked against: the gateway's receipt key and the "
                    "trust store's node keys, each revoked one with its revocation time "

@@ -20,6 +20,7 @@ class Route(enum.Enum):
     USAGE = "usage"
     GOVERNANCE = "governance"
     KEYS = "keys"
+    REQUESTS = "requests"
 
 
 ROUTES: dict[bytes, dict[bytes, Route]] = {
@@ -34,6 +35,7 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/v1/meshd/usage": {b"GET": Route.USAGE},
     b"/debug/governance": {b"GET": Route.GOVERNANCE},
     b"/v1/meshd/keys": {b"GET": Route.KEYS},
+    b"/debug/requests": {b"GET": Route.REQUESTS},
 }
 
 # Routes that need `Authorization: Bearer` when API keys are configured.

@@ -49,6 +49,7 @@ FleetView = Callable[[bytes], Awaitable[bytes]]
 # GET /v1/meshd/usage: (the caller's tenant or None without auth, the path with its query).
 UsageView = Callable[[str | None, str], Awaitable[dict[str, Any]]]
 KeysView = Callable[[], Awaitable[dict[str, Any]]]
+RequestsView = Callable[[dict[str, str]], Awaitable[dict[str, Any]]]
 
 
 class GatewayServer:
@@ -67,6 +68,7 @@ class GatewayServer:
                  fleet: FleetView | None = None,
                  usage: UsageView | None = None,
                  keys: KeysView | None = None,
+                 requests: RequestsView | None = None,
                  governance: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.handler = handler
@@ -79,6 +81,7 @@ class GatewayServer:
         self._fleet = fleet
         self._usage = usage
         self._keys_view = keys
+        self._requests_view = requests
         self._governance = governance
         self._keys: dict[bytes, str] = {}  # sha256(key) -> tenant
         self.set_keys({})
@@ -204,6 +207,12 @@ class GatewayServer:
                 path = p.path.decode("latin-1")
                 conn.start_task(self._usage_task(self._usage, tenant, path, responder),
                                 responder)
+            elif route is Route.REQUESTS:
+                if self._requests_view is None:
+                    raise errors.not_found("/debug/requests")
+                query = _query(p.path)
+                conn.start_task(self._json_task(self._requests_view(query), responder),
+                                responder)
             elif route is Route.KEYS:
                 if self._keys_view is None:
                     raise errors.not_found("/v1/meshd/keys")
@@ -222,9 +231,9 @@ class GatewayServer:
         receipt = p.receipt.decode("latin-1") if p.receipt else ""
         if route is Route.CHAT:
             return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
-                              self.loop.time(), privacy, halt, receipt)
+                              self.loop.time(), privacy, halt, receipt, p.traceparent)
         return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
-                          tenant, self.loop.time(), privacy, halt, receipt)
+                          tenant, self.loop.time(), privacy, halt, receipt, p.traceparent)
 
     def _metrics(self, conn: HttpConnection, responder: Responder) -> None:
         local = generate_latest(self.registry)  # before the scrape itself is in flight
@@ -237,6 +246,10 @@ class GatewayServer:
     async def _usage_task(usage: UsageView, tenant: str | None, path: str,
                           responder: Responder) -> None:
         responder.send(200, orjson.dumps(await usage(tenant, path)))
+
+    @staticmethod
+    async def _json_task(pending: Awaitable[dict[str, Any]], responder: Responder) -> None:
+        responder.send(200, orjson.dumps(await pending))
 
     @staticmethod
     async def _keys_task(keys: KeysView, responder: Responder) -> None:
@@ -304,3 +317,12 @@ class GatewayServer:
             r.send_error(err)
         elif not r.finished:
             r.abort_stream(err)
+
+
+def _query(path: bytes) -> dict[str, str]:
+    """A request path's query as {name: last value}."""
+    from urllib.parse import parse_qsl
+
+    _, _, q = path.decode("latin-1").partition("?")
+    return dict(parse_qsl(q, keep_blank_values=True))
+

@@ -34,6 +34,8 @@ from meshd.coordinator.gateway.serving.receipts import Provenance, Segment, atte
 from meshd.coordinator.gateway.serving.shapes import ChoiceOutput, Delta, SeamText, parse_delta
 from meshd.coordinator.gateway.serving.step_timer import StepTimer
 from meshd.coordinator.gateway.serving.worker_source import WorkerSource
+from meshd.coordinator.gateway.tracing.context import TraceContext
+from meshd.coordinator.gateway.tracing.trace import Call
 from meshd.coordinator.gateway.workers.client import (
     BackendError,
     BackendHTTPError,
@@ -83,6 +85,9 @@ class ChoiceSpec:
     # receipts: worker id -> (node id, attests?); set, the run records where its tokens came
     # from (`segments`, `prefilled_on`) and asks the workers that can to attest them
     provenance: Provenance | None = None
+    # tracing: the request's trace context; set, each worker call gets its own span id (in
+    # its `traceparent`) and is recorded in `calls`
+    trace: TraceContext | None = None
 
 
 class ChoiceRun:
@@ -107,6 +112,7 @@ class ChoiceRun:
         self.loop = loop
         self.segments: list[Segment] = []  # decode streams, when a receipt is wanted
         self.prefilled_on: tuple[str, str] | None = None  # (worker, node) of a remote prefill
+        self.calls: list[Call] = []  # worker calls, when traced
 
     @property
     def view(self) -> RequestView:
@@ -166,12 +172,16 @@ class ChoiceRun:
             body = {**spec.body, "prompt": list(spec.prompt), "max_tokens": 1,
                     "stream": False, "kv_transfer_params": dict(_NO_REMOTE)}
             timeout = self.lc.step_timeout(self.clock(), self.lc.deadlines.prefill_s)
+            tp = self._call("prefill", decision.prefill) if spec.trace is not None else ""
             try:
                 data = await self.source.prefill(decision.prefill, body,
                                                  f"{spec.request_id}-p", max(timeout, 1e-3),
-                                                 len(spec.prompt) - decision.cached_tokens)
+                                                 len(spec.prompt) - decision.cached_tokens,
+                                                 traceparent=tp)
             except BackendError as e:
                 failure = failures.classify(e)
+                if tp:
+                    self.calls[-1].finish(self.clock(), failure.value)
                 if isinstance(e, BackendHTTPError) and failure is Failure.BAD_REQUEST:
                     raise self._rejected(e) from None
                 action = self._failed(decision.prefill, failure, str(e))
@@ -185,6 +195,8 @@ class ChoiceRun:
                 self.counters.prefill_fallbacks += 1
                 return None, decision
             self.counters.disaggregated += 1
+            if tp:
+                self.calls[-1].finish(self.clock(), "ok")
             if spec.provenance is not None:
                 self.prefilled_on = (decision.prefill, spec.provenance(decision.prefill)[0])
             return self._prefilled(data, decision)
@@ -218,6 +230,9 @@ class ChoiceRun:
                 worker_id = self._after_stream_failure(worker_id, e)
                 params = None  # the new worker prefills prompt + tokens so far itself
                 continue
+            if self.calls:
+                self.calls[-1].finish(self.clock(), "halted" if self.out.finish_reason == HALTED
+                                      else "ok", len(self.out.token_ids))
             if self.out.finish_reason is None and self._remaining() != 0:
                 raise self._give_up(Failure.WORKER_ERROR, f"{worker_id} ended the stream early")
             break
@@ -228,6 +243,8 @@ class ChoiceRun:
         """Record a failed decode stream; returns the worker to continue on, or raises."""
         now = self.clock()
         failure = failures.classify(e, self.lc, now)
+        if self.calls:
+            self.calls[-1].finish(now, failure.value, len(self.out.token_ids))
         if isinstance(e, TimeoutError):  # our own step deadline: a stall, or the end
             detail = f"{worker_id} stalled" if failure is Failure.TIMEOUT else "deadline"
         else:
@@ -254,6 +271,13 @@ class ChoiceRun:
         self.lc.redecode(self.clock(), nxt)
         return nxt
 
+    def _call(self, kind: str, worker_id: str) -> str:
+        """Record a traced worker call; the `traceparent` it sends."""
+        assert self.spec.trace is not None
+        span, tp = self.spec.trace.child()
+        self.calls.append(Call(kind, worker_id, span, self.clock(), len(self.out.token_ids)))
+        return tp
+
     def _remaining(self) -> int | None:
         if self.spec.max_tokens is None:
             return None
@@ -275,6 +299,7 @@ class ChoiceRun:
             if attests:
                 body["meshd_attest"] = True
         first = self.lc.decode_attempts <= 1
+        tp = self._call("decode", worker_id) if spec.trace is not None else ""
         # One timer for the stream: first token within first_token_s, then each next one
         # within inter_token_s, never past the request's deadline.
         loop = self.loop
@@ -284,7 +309,7 @@ class ChoiceRun:
         queued = 0 if params else len(body["prompt"]) - self.cached
         async with StepTimer(d.first_token_s, d.inter_token_s, deadline, loop) as step, \
                 self.source.stream(worker_id, body, f"{spec.request_id}-d",
-                                   d.first_token_s, queued) as events:
+                                   d.first_token_s, queued, traceparent=tp) as events:
             while batch := await events.next_batch():
                 deltas, failed = self._burst(worker_id, batch, first)
                 if deltas:  # what was accepted goes out before a failure in the same burst

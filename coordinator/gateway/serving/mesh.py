@@ -49,6 +49,8 @@ from meshd.coordinator.gateway.serving.shapes import (
     usage,
 )
 from meshd.coordinator.gateway.serving.worker_source import PoolSource
+from meshd.coordinator.gateway.tracing.trace import RequestTrace
+from meshd.coordinator.gateway.tracing.tracer import Tracer
 from meshd.coordinator.gateway.workers.pool import WorkerPool
 from meshd.scheduler.router import Router
 from meshd.scheduler.types import RequestView
@@ -90,11 +92,12 @@ class MeshHandler:
                  clock: Any = time.monotonic, max_inflight: int = 1024,
                  governor: Governor | None = None, privacy: PrivacyGuard | None = None,
                  confidence: ConfidenceConfig | None = None,
-                 receipts: ReceiptSigner | None = None) -> None:
+                 receipts: ReceiptSigner | None = None, tracer: Tracer | None = None) -> None:
         self.max_inflight = max_inflight
         self.governor = governor
         self.privacy = privacy
         self.receipts = receipts
+        self.tracer = tracer
         self.confidence = confidence or ConfidenceConfig()
         self.inflight = 0
         self.pool = pool
@@ -121,12 +124,33 @@ class MeshHandler:
         self.inflight += 1
         if self.loop is None:  # a handler serves one loop; finding it costs a syscall
             self.loop = asyncio.get_running_loop()
+        tracer = self.tracer
+        if tracer is None:
+            try:
+                await self._handle(req, responder, None)
+            finally:
+                self.inflight -= 1
+            return
+        trace = tracer.begin(req, self.clock())
+        status, outcome = 0, "cancelled"
         try:
-            await self._handle(req, responder)
+            await self._handle(req, responder, trace)
+            status, outcome = responder.status or 200, "ok"
+        except ApiError as e:
+            status = e.status if not responder.started else responder.status
+            outcome = ("timeout" if e.status == 504 else
+                       "refused" if e.status in (403, 429) else "error")
+            raise
+        except Exception:
+            status, outcome = 500, "error"
+            raise
         finally:
             self.inflight -= 1
+            trace.close(self.clock(), status, outcome)
+            tracer.finished(trace)
 
-    async def _handle(self, req: ApiRequest, responder: Responder) -> None:
+    async def _handle(self, req: ApiRequest, responder: Responder,
+                      trace: RequestTrace | None) -> None:
         body = req.body
         block_size = self.pool.block_size(body.model)
         if block_size is None:
@@ -144,13 +168,17 @@ class MeshHandler:
                                "through as it is (tools, response_format, or a model only "
                                "plain OpenAI workers serve), so the gateway does not see its "
                                "tokens.", code="receipt_unavailable")
+            if trace is not None:
+                trace.passthrough = True
             await self._passthrough(req, responder, classes)
             return
         prompt = self.prompts.build(req, block_size)
+        if trace is not None:
+            trace.prompt_tokens = len(prompt.token_ids)
         adm = None if self.governor is None else await self.governor.admit(req, prompt.token_ids)
         try:
             await self._serve(req, responder, prompt.token_ids, prompt.block_hashes, adm,
-                              classes, receipt)
+                              classes, receipt, trace)
         finally:
             if adm is not None and not adm.done:  # the client left, or a deadline: settle
                 adm.finish(0, 0)
@@ -170,7 +198,8 @@ class MeshHandler:
 
     async def _serve(self, req: ApiRequest, responder: Responder, prompt_ids: tuple[int, ...],
                      block_hashes: Any, adm: Admitted | None,
-                     classes: frozenset[str] | None = None, receipt: bool = False) -> None:
+                     classes: frozenset[str] | None = None, receipt: bool = False,
+                     trace: RequestTrace | None = None) -> None:
         body = req.body
         max_tokens = body.sampling.max_tokens or (adm.max_tokens if adm else None)
         view = RequestView(request_id=req.request_id, model=body.model,
@@ -178,10 +207,14 @@ class MeshHandler:
                            max_tokens=max_tokens or 16)
         start = self.clock()
         halt = self._halt_below(req)
-        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt, receipt)
+        runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt, receipt,
+                          trace)
         timing = self.metrics.request(start)
         shaper = Shaper(req, vocab=self._vocab(body.model))
         headers = adm.headers if adm is not None else b""
+        if trace is not None:
+            trace.runs = runs
+            headers += b"x-meshd-trace-id: %032x\r\n" % trace.ctx.trace_id
         sign = self._signer(req, shaper, prompt_ids, runs) if receipt else None
         try:
             if body.stream:
@@ -204,6 +237,8 @@ class MeshHandler:
             timing.done("cancelled")
             raise
         finally:
+            if trace is not None and timing.first:
+                trace.ttft = timing.first - start
             self.metrics.observe_runs(runs)
             if self.on_runs is not None:
                 self.on_runs(runs)
@@ -266,7 +301,8 @@ class MeshHandler:
     def _runs(self, req: ApiRequest, view: RequestView, prompt: tuple[int, ...],
               start: float, max_tokens: int | None,
               classes: frozenset[str] | None = None,
-              halt: float | None = None, receipt: bool = False) -> list[ChoiceRun]:
+              halt: float | None = None, receipt: bool = False,
+              trace: RequestTrace | None = None) -> list[ChoiceRun]:
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
@@ -276,13 +312,14 @@ class MeshHandler:
             worker_body["return_tokens_as_token_ids"] = True
         decode = self.prompts.tokenizer(body.model).decode
         provenance = self.pool.provenance if receipt else None
+        ctx = trace.ctx if trace is not None else None
         runs = []
         for i in range(s.n):
             wb = worker_body if s.seed is None else {**worker_body,
                                                      "seed": choice_seed(s.seed, i)}
             meter = None if halt is None else ConfidenceMeter(self.confidence.window, halt)
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
-                              classes, meter, client_logprobs, provenance)
+                              classes, meter, client_logprobs, provenance, ctx)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs

@@ -51,12 +51,13 @@ class WorkerSource(Protocol):
         ...
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float, queued_tokens: int = 0) -> Any:
-        """The worker's JSON answer to a non-streamed completion."""
+                      timeout_s: float, queued_tokens: int = 0, traceparent: str = "") -> Any:
+        """The worker's JSON answer to a non-streamed completion. `traceparent`: the call's
+        W3C trace context header ("": none)."""
         ...
 
     def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-               timeout_s: float, queued_tokens: int = 0
+               timeout_s: float, queued_tokens: int = 0, traceparent: str = ""
                ) -> AbstractAsyncContextManager[EventBatches]:
         """A streamed completion; `timeout_s` bounds the headers and each gap between events."""
         ...
@@ -75,27 +76,33 @@ class PoolSource:
         self.pool.mark_failed(worker_id)
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float, queued_tokens: int = 0) -> Any:
+                      timeout_s: float, queued_tokens: int = 0, traceparent: str = "") -> Any:
         pool = self.pool
         handle = (pool.prefill_started(worker_id, queued_tokens)
                   if queued_tokens >= LEDGER_MIN_TOKENS else 0)
         try:
             r = await pool.pool(worker_id).post_json(
-                PATH, body, headers=(("x-request-id", request_id),), timeout=timeout_s)
+                PATH, body, headers=_headers(request_id, traceparent), timeout=timeout_s)
         finally:
             if handle:
                 pool.prefill_done(handle)
         return r.data
 
     def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-               timeout_s: float, queued_tokens: int = 0
+               timeout_s: float, queued_tokens: int = 0, traceparent: str = ""
                ) -> AbstractAsyncContextManager[EventBatches]:
         stream = self.pool.pool(worker_id).stream(PATH, body,
-                                                  headers=(("x-request-id", request_id),),
+                                                  headers=_headers(request_id, traceparent),
                                                   timeout=timeout_s)
         if queued_tokens < LEDGER_MIN_TOKENS:
             return stream
         return _Queued(stream, self.pool, worker_id, queued_tokens)
+
+
+def _headers(request_id: str, traceparent: str) -> tuple[tuple[str, str], ...]:
+    if traceparent:
+        return (("x-request-id", request_id), ("traceparent", traceparent))
+    return (("x-request-id", request_id),)
 
 
 class _Queued:

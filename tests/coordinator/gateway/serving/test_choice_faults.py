@@ -27,6 +27,7 @@ from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Coun
 from meshd.coordinator.gateway.serving.mesh import run_all
 from meshd.coordinator.gateway.serving.receipts import Provenance, ReceiptSigner, Segment
 from meshd.coordinator.gateway.serving.shapes import Delta
+from meshd.coordinator.gateway.tracing.context import TraceContext, parse_traceparent
 from meshd.coordinator.gateway.workers.client import (
     BackendConnectError,
     BackendHTTPError,
@@ -68,6 +69,7 @@ class ScriptedSource:
     open_streams: int = 0
     keys: dict[str, SigningKey] = field(default_factory=dict)  # workers that attest (receipts)
     asked_to_attest: list[str] = field(default_factory=list)
+    traceparents: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, worker, tp)
 
     def views(self) -> Sequence[WorkerView]:
         return [WorkerView(w, r, "m", healthy=w not in self.failed)
@@ -83,8 +85,9 @@ class ScriptedSource:
         return steps[min(n, len(steps)) - 1]
 
     async def prefill(self, worker_id: str, body: dict[str, Any], request_id: str,
-                      timeout_s: float, queued_tokens: int = 0) -> Any:
+                      timeout_s: float, queued_tokens: int = 0, traceparent: str = "") -> Any:
         step = self._step(worker_id, "prefill")
+        self.traceparents.append(("prefill", worker_id, traceparent))
         assert body["max_tokens"] == 1 and body["kv_transfer_params"]["do_remote_decode"]
         if step == "connect":
             raise BackendConnectError("refused", worker_id)
@@ -100,8 +103,10 @@ class ScriptedSource:
 
     @contextlib.asynccontextmanager
     async def stream(self, worker_id: str, body: dict[str, Any], request_id: str,
-                     timeout_s: float, queued_tokens: int = 0) -> AsyncIterator[OneByOne]:
+                     timeout_s: float, queued_tokens: int = 0, traceparent: str = ""
+                     ) -> AsyncIterator[OneByOne]:
         step = self._step(worker_id, "stream")
+        self.traceparents.append(("decode", worker_id, traceparent))
         if step == "connect":
             raise BackendConnectError("refused", worker_id)
         if step == "reject":
@@ -178,11 +183,11 @@ def make_router() -> Router:
 
 
 def make_run(source: ScriptedSource, deadlines: Deadlines = FAST, index: int = 0,
-             counters: Counters | None = None, provenance: Provenance | None = None
-             ) -> ChoiceRun:
+             counters: Counters | None = None, provenance: Provenance | None = None,
+             trace: TraceContext | None = None) -> ChoiceRun:
     view = RequestView("r1", "m", len(PROMPT), (), max_tokens=MAX_TOKENS)
     spec = ChoiceSpec("r1", index, view, PROMPT, {"model": "m"}, MAX_TOKENS, (), text_of,
-                      provenance=provenance)
+                      provenance=provenance, trace=trace)
     return ChoiceRun(spec, source, make_router(), deadlines, counters or Counters(),
                      time.monotonic)
 
@@ -431,4 +436,32 @@ def test_a_stream_that_failed_before_its_first_token_is_no_segment() -> None:
                            created_ms=0, prompt_ids=PROMPT, runs=[run], outputs=[run.out])
     assert receipt is not None
     assert [s["worker_id"] for s in receipt["choices"][0]["segments"]] == ["b1"]
+
+
+async def test_each_worker_call_is_a_traced_span_with_its_own_traceparent() -> None:
+    """Tracing (issue 13 §2): every worker call gets the request's trace id and a span id of
+    its own in its `traceparent`, recorded with its outcome and tokens: a prefill retried on
+    another worker, a decode continued after its worker died, each a span."""
+    source = ScriptedSource({"p0": P, "p1": P, "d0": D, "d1": D},
+                            {"p0": ["connect"], "d0": [("die", 5)]})
+    ctx = TraceContext(0xABC, 0x1, 0, True)
+    run = make_run(source, trace=ctx)
+
+    async def emit(deltas: list[Delta]) -> None:
+        pass
+
+    await run.run(emit)
+    calls = [(c.kind, c.worker_id, c.outcome, c.tokens) for c in run.calls]
+    assert calls == [("prefill", "p0", "connect", 0), ("prefill", "p1", "ok", 0),
+                     ("decode", "d0", "worker_error", 5), ("decode", "d1", "ok", 7)]
+    sent = [(k, w, parse_traceparent(tp)) for k, w, tp in source.traceparents]
+    assert [(k, w) for k, w, _ in sent] == [(c[0], c[1]) for c in calls]
+    for (_, _, parent), call in zip(sent, run.calls, strict=True):
+        assert parent is not None and parent.trace_id == 0xABC and parent.sampled
+        assert parent.span_id == call.span_id
+        assert call.start <= call.end
+    assert len({c.span_id for c in run.calls}) == 4
+    untraced = ScriptedSource({"b0": B}, {})
+    await make_run(untraced).run(emit)
+    assert untraced.traceparents == [("decode", "b0", "")]  # off: no header, nothing recorded
 

@@ -1,0 +1,1 @@
+"""Request tracing at the gateway: W3C trace context, OpenTelemetry spans (GenAI conventions)."""
