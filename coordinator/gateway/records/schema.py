@@ -43,7 +43,7 @@ ROLLUP_COLUMNS = ("hour", "tenant", "model", *ROLLUP_COUNTERS,
                   "e2e_count", "e2e_sum", "e2e_max", "e2e_hist")
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS records (
-    {', '.join(_column(n) for n in FIELDS)}, UNIQUE (request_id)
+    {', '.join(_column(n) for n in FIELDS)}, UNIQUE (request_id, started_at)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS records_by_time ON records(started_at);
 CREATE INDEX IF NOT EXISTS records_by_tenant ON records(tenant, started_at);
@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS rollups (
 CREATE INDEX IF NOT EXISTS rollups_by_tenant ON rollups(tenant, hour);
 """
 INSERT = (f"INSERT INTO records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))}) "
-          "ON CONFLICT(request_id) DO NOTHING")
+          "ON CONFLICT(request_id, started_at) DO NOTHING")
 SELECT = f"SELECT {', '.join(FIELDS)} FROM records"
 REPLACE_ROLLUP = f"INSERT OR REPLACE INTO rollups VALUES ({', '.join('?' * 16)})"
 SELECT_ROLLUP = f"SELECT {', '.join(ROLLUP_COLUMNS)} FROM rollups"

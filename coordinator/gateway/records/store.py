@@ -19,7 +19,6 @@ them in a thread. `get` also sees the buffer; `recent` and `rollups` see what ha
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import threading
@@ -234,13 +233,15 @@ class RecordStore:
         self._closed = True
 
     def get(self, request_id: str) -> RequestRecord | None:
-        """The record of `request_id`, buffered or flushed; None when unknown."""
+        """The newest record of `request_id` (a client may reuse an `X-Request-Id`), buffered
+        or flushed; None when unknown."""
         with self._buf_lock:
-            for rec in itertools.chain(self._flushing, self._buf):
+            for rec in reversed([*self._flushing, *self._buf]):
                 if rec.request_id == request_id:
                     return rec
         with self._lock:
-            row = self._db.execute(f"{SELECT} WHERE request_id = ?", (request_id,)).fetchone()
+            row = self._db.execute(f"{SELECT} WHERE request_id = ? ORDER BY started_at DESC "
+                                   f"LIMIT 1", (request_id,)).fetchone()
         return None if row is None else RequestRecord(*row)
 
     def recent(self, limit: int = 100, tenant: str | None = None, model: str | None = None,

@@ -208,6 +208,22 @@ def test_a_duplicate_request_id_is_counted_once() -> None:
     s.check_integrity()
 
 
+def test_a_reused_request_id_keeps_both_requests() -> None:
+    """A client may send the same X-Request-Id twice: two requests (two start times), both
+    kept and counted; a record sent twice (the same start) is still one."""
+    s = make_store()
+    first = make_record(0)
+    again = dataclasses.replace(first, started_at=first.started_at + 5, outcome="error")
+    s.add(first)
+    s.add(again)
+    s.add(again)
+    assert s.flush() == 2
+    (row,) = s.rollups(T0, T0 + 3600)
+    assert (row["requests"], row["errors"]) == (2, 1)
+    assert s.get("req-0") == again  # the newest
+    s.check_integrity()
+
+
 class FailingDB:
     """The store's connection, failing the next rollup write (a full disk, say)."""
 
