@@ -183,39 +183,23 @@ def replica_costs(t: Target, key: str) -> tuple[list[dict[str, Any]], int]:
     return [c for c in seen.values() if c["samples"]], len(seen)
 
 
+def weighted_cost(t: Target, key: str, fields: dict[str, str]) -> dict[str, Any] | None:
+    """A stage's cost per request as `t`'s replicas time it in place (GET /debug/governance
+    at `key`: `cost_us`, `privacy.cost_us`, ...), each of `fields` (the replica's name ->
+    ours) weighted over the replicas by their samples."""
+    timed, replicas = replica_costs(t, key)
+    if not timed:
+        return None
+    n = sum(c["samples"] for c in timed)
+    out: dict[str, Any] = {ours: sum(c[theirs] * c["samples"] for c in timed) / n
+                           for theirs, ours in fields.items()}
+    return {**out, "samples": n, "sampled_every": timed[0]["every"], "replicas": replicas}
+
+
 def admission_cost(t: Target) -> dict[str, Any] | None:
-    """Admission's cost per request as the governed replicas time it in place (`cost_us`,
-    over all of the target's requests), weighted over the replicas."""
-    timed, replicas = replica_costs(t, "cost_us")
-    if not timed:
-        return None
-    n = sum(c["samples"] for c in timed)
-    admit = sum(c["admit"] * c["samples"] for c in timed) / n
-    settle = sum(c["settle"] * c["samples"] for c in timed) / n
-    return {"admit_us": admit, "settle_us": settle, "total_us": admit + settle, "samples": n,
-            "sampled_every": timed[0]["every"], "replicas": replicas}
-
-
-def privacy_cost(t: Target) -> dict[str, Any] | None:
-    """The privacy stage's cost per request as the replicas time it in place
-    (`privacy.cost_us`), weighted over the replicas."""
-    timed, replicas = replica_costs(t, "privacy.cost_us")
-    if not timed:
-        return None
-    n = sum(c["samples"] for c in timed)
-    return {"check_us": sum(c["check"] * c["samples"] for c in timed) / n, "samples": n,
-            "sampled_every": timed[0]["every"], "replicas": replicas}
-
-
-def receipts_cost(t: Target) -> dict[str, Any] | None:
-    """Building and signing a response's receipt as the replicas time it in place
-    (`receipts.cost_us`), weighted over the replicas."""
-    timed, replicas = replica_costs(t, "receipts.cost_us")
-    if not timed:
-        return None
-    n = sum(c["samples"] for c in timed)
-    return {"build_us": sum(c["build"] * c["samples"] for c in timed) / n, "samples": n,
-            "sampled_every": timed[0]["every"], "replicas": replicas}
+    """Admission's cost (admit + settle) per request, over all of the target's requests."""
+    c = weighted_cost(t, "cost_us", {"admit": "admit_us", "settle": "settle_us"})
+    return None if c is None else {**c, "total_us": c["admit_us"] + c["settle_us"]}
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -376,10 +360,10 @@ def main() -> None:
                         cells.setdefault((t.name, mode, conc), []).append(r)
         rss = {t.name: peak_rss_mb(t.pids or [backend.pid]) for t in live}
         costs.update({t.name: admission_cost(t) for t in live if t.name == "meshd-mesh-gov-2"})
-        costs.update({t.name: privacy_cost(t) for t in live
-                      if t.name == "meshd-mesh-privacy-2"})
-        costs.update({t.name: receipts_cost(t) for t in live
-                      if t.name == "meshd-mesh-receipts-2"})
+        costs.update({t.name: weighted_cost(t, "privacy.cost_us", {"check": "check_us"})
+                      for t in live if t.name == "meshd-mesh-privacy-2"})
+        costs.update({t.name: weighted_cost(t, "receipts.cost_us", {"build": "build_us"})
+                      for t in live if t.name == "meshd-mesh-receipts-2"})
     finally:
         for t in targets:
             t.stop()

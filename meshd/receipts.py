@@ -33,6 +33,8 @@ import orjson
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from meshd.node_agent.identity import node_id_for
+
 ATTESTATION_CONTEXT = b"meshd-attestation-v1\n"
 RECEIPT_CONTEXT = b"meshd-receipt-v1\n"
 VERSION = 1
@@ -58,11 +60,6 @@ def ids_digest(ids: Sequence[int]) -> str:
 def text_digest(text: str) -> str:
     """SHA-256 (hex) of the text's UTF-8 bytes."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def node_id_for(public_key: bytes) -> str:
-    """A node's id from its public key (the same rule as `node_agent.identity`)."""
-    return "n-" + hashlib.sha256(public_key).hexdigest()[:16]
 
 
 def gateway_key_id(public_key: bytes) -> str:
