@@ -6,7 +6,8 @@
   `stream_options.include_usage`) and `data: [DONE]`.
 - GET /v1/models, GET /health, GET /fake/stats (counters as JSON).
 With `return_token_ids` (vLLM's extension, what the mesh path asks for) each stream chunk also
-carries the token ids of its text (`t<i> ` -> three ids).
+carries the token ids of its text (`t<i> ` -> three ids); a completions request with an int
+`logprobs` (k) gets completions-form logprobs with k alternatives per token.
 Test knobs, read from the request body (unknown fields that a gateway passes through):
 `fake_delay` (seconds between stream chunks), `fake_chunks` (override), `fake_status` (answer
 that HTTP status with an OpenAI error body). `FakeBackend.stats["aborted"]` counts streams whose
@@ -35,13 +36,24 @@ def _frame(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(ev), ev)
 
 
-def _completion(chat: bool, model: str, rid: str, ids: bool = False) -> bytes:
+def _logprobs(token_ids: list[int], k: int) -> dict[str, Any]:
+    """Completions-form logprobs of `token_ids` with `k` alternatives each, tokens named
+    `token_id:<id>` (vLLM's `return_tokens_as_token_ids`): a confident, varied distribution."""
+    names = [f"token_id:{t}" for t in token_ids]
+    tops = [{name: -0.2, **{f"token_id:{(t + j) % 256}": -2.0 - j for j in range(1, k)}}
+            for name, t in zip(names, token_ids, strict=True)]
+    return {"tokens": names, "token_logprobs": [-0.2] * len(names), "top_logprobs": tops,
+            "text_offset": list(range(len(names)))}
+
+
+def _completion(chat: bool, model: str, rid: str, ids: bool = False, k: int = 0) -> bytes:
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     if chat:
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
                                   "message": {"role": "assistant", "content": "hello there !"}}
     else:
-        choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
+        choice = {"index": 0, "finish_reason": "stop",
+                  "logprobs": _logprobs([104, 101, 108], k) if k else None,
                   "text": "hello there !"}
     if ids:
         choice["token_ids"] = [104, 101, 108]
@@ -50,14 +62,18 @@ def _completion(chat: bool, model: str, rid: str, ids: bool = False) -> bytes:
                          "usage": usage})
 
 
-def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = False) -> bytes:
+def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = False,
+           k: int = 0) -> bytes:
+    token_ids = [116, 48 + i % 10, 32]
     if chat:
         choice: dict[str, Any] = {"index": 0, "delta": {"content": f"t{i} "},
                                   "finish_reason": "stop" if last else None}
     else:
         choice = {"index": 0, "text": f"t{i} ", "finish_reason": "stop" if last else None}
+        if k:  # completions-form logprobs, asked for with an int `logprobs`
+            choice["logprobs"] = _logprobs(token_ids, k)
     if ids:  # vLLM's `return_token_ids`: the ids behind this chunk's text
-        choice["token_ids"] = [116, 48 + i % 10, 32]
+        choice["token_ids"] = token_ids
     return orjson.dumps({"id": rid, "object": "chat.completion.chunk" if chat
                          else "text_completion", "created": 1700000000, "model": model,
                          "choices": [choice]})
@@ -80,7 +96,7 @@ class FakeBackend:
                                       "completed_streams": 0, "queued_peak": 0}
         self.last_body: dict[str, Any] = {}
         self.last_request_id = b""
-        self._cache: dict[tuple[bool, str, bool], bytes] = {}
+        self._cache: dict[tuple[bool, str, bool, int], bytes] = {}
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -88,11 +104,11 @@ class FakeBackend:
         self.server = await loop.create_server(lambda: _Conn(self), host, port, backlog=2048)
         return int(self.server.sockets[0].getsockname()[1])
 
-    def body_for(self, chat: bool, model: str, ids: bool = False) -> bytes:
-        key = (chat, model, ids)
+    def body_for(self, chat: bool, model: str, ids: bool = False, k: int = 0) -> bytes:
+        key = (chat, model, ids, k)
         b = self._cache.get(key)
         if b is None:
-            b = self._cache[key] = _completion(chat, model, "cmpl-fake", ids)
+            b = self._cache[key] = _completion(chat, model, "cmpl-fake", ids, k)
         return b
 
 
@@ -160,7 +176,8 @@ class _Conn(asyncio.Protocol):
                       else self._stream(req, chat, model, conn))
             asyncio.get_running_loop().create_task(stream)
         else:
-            body = be.body_for(chat, model, bool(req.get("return_token_ids")) and be.token_ids)
+            body = be.body_for(chat, model, bool(req.get("return_token_ids")) and be.token_ids,
+                               _top_k(req))
             t.write(_OK + _JSON_HEAD % (len(body), conn) + body)
 
     async def _limited(self, req: dict[str, Any], chat: bool, model: str, conn: bytes) -> None:
@@ -191,11 +208,12 @@ class _Conn(asyncio.Protocol):
         n = int(req.get("fake_chunks", be.chunks))
         ids = bool(req.get("return_token_ids")) and be.token_ids
         delay = float(req.get("fake_delay", 0.0))
+        k = _top_k(req)
         be.stats["streams"] += 1
         self.streaming = True
         out = [_SSE_HEAD % conn]
         for i in range(n):
-            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1, ids)))
+            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1, ids, k)))
             if delay:
                 t.write(b"".join(out))
                 out.clear()
@@ -211,6 +229,12 @@ class _Conn(asyncio.Protocol):
         self.streaming = False
         be.stats["completed_streams"] += 1
         t.write(b"".join(out))
+
+
+def _top_k(req: dict[str, Any]) -> int:
+    """Alternatives per token a completions request asked for (`logprobs`: an int), else 0."""
+    lp = req.get("logprobs")
+    return lp if type(lp) is int and lp > 0 else 0
 
 
 async def _main(port: int, chunks: int, capacity: int = 0) -> None:

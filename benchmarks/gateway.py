@@ -1,14 +1,15 @@
 """Gateway throughput/latency/CPU benchmark: meshd vs sglang-router vs LiteLLM vs direct.
 
     scripts/bench_env.sh                       # once: competitors into .venv-bench
-    .venv/bin/python benchmarks/gateway.py [--duration 3] [--rounds 2]
+    .venv/bin/python benchmarks/gateway.py [--duration 3] [--rounds 2] [--only NAME,...]
 
 One fake OpenAI worker (benchmarks/fake_backend.py, own process) serves everything. Targets:
 the worker direct, meshd with 1 and 2 replicas (SO_REUSEPORT, one port), the mesh path with 2
 replicas (`meshd-mesh-2`) and the same with a tenant policy checking every limit
 (`meshd-mesh-gov-2`, `GOVERNANCE` below; `--skip gov` leaves it out), with privacy routing on
 (`meshd-mesh-privacy-2`, `PRIVACY`; `--skip privacy`), with a signed receipt on every response
-(`meshd-mesh-receipts-2`, `RECEIPTS`; `--skip receipts`), sglang-router
+(`meshd-mesh-receipts-2`, `RECEIPTS`; `--skip receipts`), with every choice scored for
+confidence (`meshd-mesh-confidence-2`, `CONFIDENCE`; `--skip confidence`), sglang-router
 (Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
 for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
 rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
@@ -52,6 +53,12 @@ enabled = true
 # Every response signed (the default tenant's policy: these requests carry no API key)
 RECEIPTS = """[gateway.governance.defaults]
 receipts = true
+"""
+
+# Every choice's tokens scored for confidence (the workers asked for top-5 alternatives per
+# token; never halted: the threshold is 0)
+CONFIDENCE = """[gateway.confidence]
+enabled = true
 """
 
 # Every limit a tenant can have, set high enough never to refuse: what admission costs when
@@ -202,57 +209,62 @@ def admission_cost(t: Target) -> dict[str, Any] | None:
     return None if c is None else {**c, "total_us": c["admit_us"] + c["settle_us"]}
 
 
+def confidence_cost(t: Target) -> dict[str, Any] | None:
+    """Scoring's cost per choice: each replica's mean per worker delta times its deltas per
+    choice (weighted over the replicas by their samples)."""
+    return weighted_cost(t, "confidence.cost_us", {"observe": "observe_us", "choice": "choice_us",
+                                                   "deltas_per_choice": "deltas_per_choice"})
+
+
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     f = log.open("wb")
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
-def start_targets(backend: int, logs: Path, skip: set[str]) -> list[Target]:
+# what `--only NAME` keeps out of the skip set
+_SKIP_KEYS = {"meshd-1": ("plain",), "meshd-2": ("plain",), "meshd-mesh-2": ("mesh", "mesh2"),
+              "meshd-mesh-gov-2": ("mesh", "gov"), "meshd-mesh-privacy-2": ("mesh", "privacy"),
+              "meshd-mesh-receipts-2": ("mesh", "receipts"),
+              "meshd-mesh-confidence-2": ("mesh", "confidence"), "sglang-router": ("sglang",),
+              "litellm": ("litellm",)}
+
+
+def start_targets(backend: int, logs: Path, skip: set[str], only: set[str]) -> list[Target]:
+    """The targets to measure: all but `skip`'s, or only `only`'s (and always direct)."""
     chat = json.dumps(BODY).encode()
     targets = [Target("direct", backend)]
-    for n in (1, 2):
+    if only:
+        skip = skip | {"sglang", "litellm", "mesh", "gov", "privacy", "receipts", "plain", "mesh2",
+                       "confidence"}
+        skip -= {k for name in only for k in _SKIP_KEYS.get(name, ())}
+    for n in (1, 2) if "plain" not in skip else ():
         t = Target(f"meshd-{n}", free_port())
         for i in range(n):
             t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--port",
                                   str(t.port), "--backend", f"http://127.0.0.1:{backend}"],
                                  logs / f"meshd{n}-{i}.log"))
         targets.append(t)
-    if "mesh" not in skip:  # the full mesh path: tokenize + hash + route + lifecycle + reshape
-        t = Target("meshd-mesh-2", free_port())
+    # the full mesh path (tokenize + hash + route + lifecycle + reshape), plain and with
+    # each governance and trust stage on: (name, skip key, config, extra args)
+    meshes = [("meshd-mesh-2", "mesh2", "", []),
+              ("meshd-mesh-gov-2", "gov", GOVERNANCE, ["--api-key", f"bench={KEY}"]),
+              ("meshd-mesh-privacy-2", "privacy", PRIVACY, []),
+              ("meshd-mesh-receipts-2", "receipts", RECEIPTS, []),
+              ("meshd-mesh-confidence-2", "confidence", CONFIDENCE, [])]
+    for name, key, conf, extra in meshes if "mesh" not in skip else ():
+        if key in skip:
+            continue
+        t = Target(name, free_port())
+        args = list(extra)
+        if conf:
+            path = logs / f"{key}.toml"
+            path.write_text(conf)
+            args += ["--config", str(path)]
         for i in range(2):
             t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
                                   "--port", str(t.port), "--backend",
-                                  f"http://127.0.0.1:{backend}"], logs / f"mesh-{i}.log"))
-        targets.append(t)
-    if "mesh" not in skip and "gov" not in skip:  # the same with a tenant policy in force
-        t = Target("meshd-mesh-gov-2", free_port())
-        policy = logs / "governance.toml"
-        policy.write_text(GOVERNANCE)
-        for i in range(2):
-            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
-                                  "--port", str(t.port), "--backend",
-                                  f"http://127.0.0.1:{backend}", "--config", str(policy),
-                                  "--api-key", f"bench={KEY}"], logs / f"mesh-gov-{i}.log"))
-        targets.append(t)
-    if "mesh" not in skip and "privacy" not in skip:  # the mesh path with privacy routing on
-        t = Target("meshd-mesh-privacy-2", free_port())
-        conf = logs / "privacy.toml"
-        conf.write_text(PRIVACY)
-        for i in range(2):
-            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
-                                  "--port", str(t.port), "--backend",
-                                  f"http://127.0.0.1:{backend}", "--config", str(conf)],
-                                 logs / f"mesh-privacy-{i}.log"))
-        targets.append(t)
-    if "mesh" not in skip and "receipts" not in skip:  # the mesh path, every response signed
-        t = Target("meshd-mesh-receipts-2", free_port())
-        conf = logs / "receipts.toml"
-        conf.write_text(RECEIPTS)
-        for i in range(2):
-            t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
-                                  "--port", str(t.port), "--backend",
-                                  f"http://127.0.0.1:{backend}", "--config", str(conf)],
-                                 logs / f"mesh-receipts-{i}.log"))
+                                  f"http://127.0.0.1:{backend}", *args],
+                                 logs / f"{name}-{i}.log"))
         targets.append(t)
     if "sglang" not in skip:
         t = Target("sglang-router", free_port())
@@ -328,6 +340,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma list: sglang,litellm")
+    ap.add_argument("--only", default="", help="comma list of target names to run (and direct)")
     a = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("needs wrk (apt-get install -y wrk)")
@@ -341,7 +354,8 @@ def main() -> None:
     backend = spawn([sys.executable, str(ROOT / "benchmarks" / "fake_backend.py"), "--port",
                      str(bport), "--chunks", "8"], logs / "backend.log")
     wait_ready(bport, "/health", 15)
-    targets = start_targets(bport, logs, set(filter(None, a.skip.split(","))))
+    targets = start_targets(bport, logs, set(filter(None, a.skip.split(","))),
+                            set(filter(None, a.only.split(","))))
     live = [t for t in targets if t.error is None]
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     costs: dict[str, dict[str, Any] | None] = {}
@@ -364,6 +378,8 @@ def main() -> None:
                       for t in live if t.name == "meshd-mesh-privacy-2"})
         costs.update({t.name: weighted_cost(t, "receipts.cost_us", {"build": "build_us"})
                       for t in live if t.name == "meshd-mesh-receipts-2"})
+        costs.update({t.name: confidence_cost(t) for t in live
+                      if t.name == "meshd-mesh-confidence-2"})
     finally:
         for t in targets:
             t.stop()
@@ -403,6 +419,12 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
                   f" + settle {c['settle_us']:.1f} = {c['total_us']:.1f} us of CPU per request "
                   f"(thread CPU clock, {c['samples']} sampled requests, one in "
                   f"{c['sampled_every']}, on {c['replicas']} replicas)")
+        elif c is not None and "choice_us" in c:
+            print(f"\n{name}: confidence scoring timed in place by its replicas: "
+                  f"{c['choice_us']:.1f} us of CPU per choice ({c['observe_us']:.2f} us per "
+                  f"worker delta x {c['deltas_per_choice']:.1f} deltas; thread CPU clock, "
+                  f"{c['samples']} sampled deltas, one in {c['sampled_every']}, on "
+                  f"{c['replicas']} replicas)")
         elif c is not None and "build_us" in c:
             print(f"\n{name}: each response's receipt (digests, JSON, one Ed25519 signature) "
                   f"timed in place by its replicas: {c['build_us']:.1f} us of CPU per request "
@@ -423,6 +445,7 @@ def report(targets: list[Target], cells: dict[tuple[str, str, int], list[dict[st
         "admission_cost_us": {k: v for k, v in costs.items() if "gov" in k},
         "privacy_cost_us": {k: v for k, v in costs.items() if "privacy" in k},
         "receipts_cost_us": {k: v for k, v in costs.items() if "receipts" in k},
+        "confidence_cost_us": {k: v for k, v in costs.items() if "confidence" in k},
         "not_run": failed, "logs": str(logs)},
         indent=1))
     print(f"\nwrote {out} (process logs in {logs})")

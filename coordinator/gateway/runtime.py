@@ -143,10 +143,7 @@ class GatewayRuntime:
                                     fleet=self.fleet.exposition if self.fleet else None,
                                     usage=self._usage, keys=self._keys,
                                     requests=self._requests,
-                                    governance=lambda: {**self.governor.describe(),
-                                                        "privacy": self.privacy.describe(),
-                                                        "receipts": self.receipts.describe(),
-                                                        "tracing": self.traces.describe()})
+                                    governance=self._governance)
         self.server.set_keys(self.governor.policy.keys())
         self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None
@@ -176,6 +173,13 @@ class GatewayRuntime:
         name = (f"gateway-{self.replica}.db" if self.replica is not None
                 else f"gateway-pid{os.getpid()}-{next(_RUNTIMES)}.db")
         return RecordStore(Path(r.dir).expanduser() / name, r.policy())
+
+    def _governance(self) -> dict[str, Any]:
+        """GET /debug/governance: admission, and what the trust stages cost and did."""
+        return {**self.governor.describe(), "privacy": self.privacy.describe(),
+                "receipts": self.receipts.describe(),
+                "confidence": self.handler.confidence_cost.describe(),
+                "tracing": self.traces.describe()}
 
     async def _requests(self, query: dict[str, str]) -> dict[str, Any]:
         """`GET /debug/requests`: this replica's request records and hourly rollups."""

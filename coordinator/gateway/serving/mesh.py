@@ -27,6 +27,7 @@ from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
 from meshd.coordinator.gateway.serving.choice import ChoiceRun, ChoiceSpec, Counters
 from meshd.coordinator.gateway.serving.confidence import (
     ConfidenceConfig,
+    ConfidenceCost,
     ConfidenceMeter,
     check_threshold,
     summary,
@@ -99,6 +100,7 @@ class MeshHandler:
         self.receipts = receipts
         self.tracer = tracer
         self.confidence = confidence or ConfidenceConfig()
+        self.confidence_cost = ConfidenceCost()
         self.inflight = 0
         self.pool = pool
         self.source = PoolSource(pool)
@@ -317,7 +319,8 @@ class MeshHandler:
         for i in range(s.n):
             wb = worker_body if s.seed is None else {**worker_body,
                                                      "seed": choice_seed(s.seed, i)}
-            meter = None if halt is None else ConfidenceMeter(self.confidence.window, halt)
+            meter = None if halt is None else ConfidenceMeter(self.confidence.window, halt,
+                                                              self.confidence_cost)
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
                               classes, meter, client_logprobs, provenance, ctx)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,

@@ -7,8 +7,10 @@ import math
 
 import pytest
 
+from meshd.coordinator.gateway.governance.metrics import CpuSample
 from meshd.coordinator.gateway.serving.confidence import (
     ConfidenceConfig,
+    ConfidenceCost,
     ConfidenceMeter,
     summary,
     token_confidence,
@@ -72,3 +74,45 @@ def test_summary_over_choices() -> None:
 def test_config_errors(kw: dict[str, object], msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         ConfidenceConfig(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rows", [
+    [{"a": 0.0}],
+    [{"a": math.log(0.5), "b": math.log(0.3)}, {"x": math.log(0.9)}],
+    [{"a": math.log(0.25), "b": math.log(0.25), "c": math.log(0.25), "d": math.log(0.25)}] * 5,
+])
+def test_observe_scores_each_position_as_token_confidence_does(rows: list[dict[str, float]]
+                                                               ) -> None:
+    m = ConfidenceMeter(window=3)
+    m.observe(lp(*rows))
+    want = [token_confidence(r[next(iter(r))], r, next(iter(r))) for r in rows]
+    assert m.count == len(rows)
+    assert m.sum == pytest.approx(sum(c for c in want if c is not None))
+    assert m.min == pytest.approx(min(c for c in want if c is not None))
+    assert m.rolling == pytest.approx(sum(want[-3:]) / len(want[-3:]))
+
+
+def test_malformed_positions_are_skipped_not_raised() -> None:
+    m = ConfidenceMeter(window=4)
+    m.observe({"tokens": ["a", ["unhashable"], "c", "d"],
+               "token_logprobs": [-0.1, -0.2, "bogus", None],
+               "top_logprobs": [{"a": -0.1}, {"b": -0.2}, {"c": -0.3}, None]})
+    # a, and c from its alternatives (its own logprob is not read: c is listed); b's token is
+    # unhashable, d has no logprob at all
+    assert m.count == 2
+    m.observe({"token_logprobs": []})
+    assert m.count == 2
+
+
+def test_the_replica_cost_counts_choices_and_deltas_and_times_a_sample() -> None:
+    cost = ConfidenceCost()
+    meters = [ConfidenceMeter(16, 0.0, cost) for _ in range(2)]
+    for _ in range(CpuSample.EVERY):
+        for m in meters:
+            m.observe(lp({"a": -0.1}, {"b": -0.2}))
+    d = cost.describe()
+    assert (d["choices"], d["deltas"]) == (2, 2 * CpuSample.EVERY)
+    assert d["cost_us"]["samples"] == 2
+    assert d["cost_us"]["deltas_per_choice"] == CpuSample.EVERY
+    assert d["cost_us"]["choice"] == pytest.approx(d["cost_us"]["observe"] * CpuSample.EVERY,
+                                                   abs=0.01 * CpuSample.EVERY)
