@@ -265,6 +265,10 @@ class GatewayConfig:
     # meshd engine): the first line of this file, read when the gateway starts; "": none.
     static_workers_token_file: str = ""
     tokenizers: dict[str, str] = field(default_factory=dict)  # model -> tokenizer dir
+    # model -> the parser of its tool calls / reasoning in generated text (vLLM's names;
+    # a model without one: what its chat template writes, `serving/output_parsers.py`)
+    tool_parsers: dict[str, str] = field(default_factory=dict)
+    reasoning_parsers: dict[str, str] = field(default_factory=dict)
     hash_seed: str = "0"
     membership_interval_s: float = 1.0
     metrics_port: int = 0  # replica i's own /metrics at metrics_port + i; 0: a free port each
@@ -296,6 +300,18 @@ class GatewayConfig:
                                  f"ROLE=http://HOST:PORT, got {entry!r}")
         _positive(self, "", ("membership_interval_s", "metrics_timeout_s"))
         self._check_metrics_ports()
+        self._check_parsers()
+
+    def _check_parsers(self) -> None:
+        from meshd.coordinator.gateway.tools.registry import REASONING_PARSERS, TOOL_PARSERS
+
+        for where, names, registry in (("tool_parsers", self.tool_parsers, TOOL_PARSERS),
+                                       ("reasoning_parsers", self.reasoning_parsers,
+                                        REASONING_PARSERS)):
+            for model, name in names.items():
+                if name not in registry.names():
+                    raise ValueError(f"gateway.{where}.{model}: unknown parser {name!r}; "
+                                     f"valid: {', '.join(sorted(registry.names()))}")
 
     def _check_metrics_ports(self) -> None:
         top = self.metrics_port + max(self.replicas, 1) - 1

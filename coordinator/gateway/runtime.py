@@ -39,9 +39,11 @@ from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
 from meshd.coordinator.gateway.records.report import records_report
 from meshd.coordinator.gateway.records.store import RecordStore
 from meshd.coordinator.gateway.serving.mesh import MeshHandler
+from meshd.coordinator.gateway.serving.output_parsers import OutputParsers
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.receipts import ReceiptSigner, load_key
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.serving.responses_memory import ResponsesMemory
 from meshd.coordinator.gateway.tracing.context import Sampler
 from meshd.coordinator.gateway.tracing.sink import TraceSink, otlp_exporter
 from meshd.coordinator.gateway.tracing.tracer import Tracer
@@ -129,7 +131,10 @@ class GatewayRuntime:
                                    self.metrics, max_inflight=c.limits.max_inflight,
                                    governor=self.governor, privacy=self.privacy,
                                    confidence=c.confidence, receipts=self.receipts,
-                                   tracer=self.tracer)
+                                   tracer=self.tracer,
+                                   parsers=OutputParsers(c.tool_parsers, c.reasoning_parsers,
+                                                         self.prompts.tokenizer),
+                                   responses=self._responses())
         self.governor.metrics.register(self.metrics.registry)
         self.privacy.register(self.metrics.registry)
         self.receipts.register(self.metrics.registry)
@@ -165,6 +170,12 @@ class GatewayRuntime:
             return sink, None
         return sink, Tracer(Sampler(t.sampler, t.ratio), [sink.add])
 
+    def _responses(self) -> ResponsesMemory:
+        """The Responses API's memory: shared by the replicas through `[gateway.records] dir`
+        when there is one, else this replica's own."""
+        d = self.config.records.dir
+        return ResponsesMemory(Path(d).expanduser() / "responses.sqlite" if d else None)
+
     def _records(self) -> RecordStore | None:
         """This replica's request record store (one file per replica: one writer each)."""
         r = self.config.records
@@ -179,6 +190,7 @@ class GatewayRuntime:
         return {**self.governor.describe(), "privacy": self.privacy.describe(),
                 "receipts": self.receipts.describe(),
                 "confidence": self.handler.confidence_cost.describe(),
+                "responses": self.handler.responses.describe(),
                 "tracing": self.traces.describe()}
 
     async def _requests(self, query: dict[str, str]) -> dict[str, Any]:

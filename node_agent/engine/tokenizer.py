@@ -3,7 +3,9 @@
 `load_tokenizer(path, vocab_size)`: a HF `tokenizers` tokenizer from `path/tokenizer.json` if
 present, else `ByteTokenizer` (ids 0..255 are bytes, then special tokens). Both implement the
 `Tokenizer` protocol: `encode`, `decode` (special tokens skipped), `token_bytes` (one token's raw
-bytes, for logprobs), `apply_chat_template`.
+bytes, for logprobs), `apply_chat_template` (messages in the Hugging Face convention and the
+OpenAI tool list, chat_format.py: the model's own template if it has one, else meshd's
+built-in format).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
+
+from meshd.node_agent.engine.chat_format import ChatTemplate, Message, ToolSpecs
+from meshd.node_agent.engine.chat_format import chat_text as _chat_text
 
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>",
                   "<|end|>")
@@ -34,20 +39,10 @@ class Tokenizer(Protocol):
         tokens (skipped by `decode`) and unknown ids give b""."""
         ...
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
-                            add_generation_prompt: bool = True) -> list[int]: ...
-
-
-def _chat_text(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-    parts = []
-    for m in messages:
-        role = m.get("role", "")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"messages: unknown role {role!r} (system, user, assistant)")
-        parts.append(f"<|{role}|>{m.get('content', '')}<|end|>")
-    if add_generation_prompt:
-        parts.append("<|assistant|>")
-    return "".join(parts)
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            *, tools: ToolSpecs | None = None) -> list[int]:
+        """The prompt's ids; ValueError for messages or tools the template cannot render."""
+        ...
 
 
 class ByteTokenizer:
@@ -86,9 +81,9 @@ class ByteTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return bytes((token_id,)) if 0 <= token_id < 256 else b""
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
-                            add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(_chat_text(messages, add_generation_prompt), add_bos=True)
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            *, tools: ToolSpecs | None = None) -> list[int]:
+        return self.encode(_chat_text(messages, add_generation_prompt, tools), add_bos=True)
 
 
 def _token_text(tok: object) -> str:
@@ -108,35 +103,6 @@ def _template_source(cfg: Mapping[str, object]) -> str | None:
         default = named.get("default")
         return default if isinstance(default, str) and default else None
     return None
-
-
-class ChatTemplate:
-    """A model's jinja chat template, rendered the way transformers does (sandboxed, trim and
-    lstrip blocks, `loopcontrols`, `raise_exception`, the special tokens as variables), so the
-    gateway's chat prompts are the ones vLLM builds from the same `tokenizer_config.json`."""
-
-    def __init__(self, source: str, special: Mapping[str, str]) -> None:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise ValueError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-        env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(source)
-        self._special = dict(special)
-
-    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-        import jinja2
-
-        try:
-            return str(self._template.render(messages=[dict(m) for m in messages],
-                                             add_generation_prompt=add_generation_prompt,
-                                             **self._special))
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template: {e}") from None
 
 
 def _gpt2_byte_chars() -> dict[str, int]:
@@ -228,12 +194,12 @@ class HFTokenizer:
                 pass
         return self.decode([token_id]).encode("utf-8")
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]],
-                            add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            *, tools: ToolSpecs | None = None) -> list[int]:
         if self.chat_template is not None:
-            text = self.chat_template.render(messages, add_generation_prompt)
+            text = self.chat_template.render(messages, add_generation_prompt, tools=tools)
             return self.encode(text, add_bos=False)
-        return self.encode(_chat_text(messages, add_generation_prompt), add_bos=True)
+        return self.encode(_chat_text(messages, add_generation_prompt, tools), add_bos=True)
 
 
 def load_tokenizer(path: str | Path | None) -> Tokenizer:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 class Endpoint(enum.Enum):
     CHAT = "/v1/chat/completions"
     COMPLETIONS = "/v1/completions"
+    MESSAGES = "/v1/messages"  # Anthropic Messages: a ChatRequest with its conversation
+    RESPONSES = "/v1/responses"  # OpenAI Responses: the same
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,9 @@ class ApiRequest:
     halt_below: str = ""  # the client's x-meshd-halt-below header (a confidence threshold)
     receipt: str = ""  # the client's x-meshd-receipt header (true|false; "": the tenant's)
     traceparent: bytes | None = None  # the client's W3C traceparent header, as sent
+    # MESSAGES / RESPONSES: the dialect's own request (`dialects.anthropic.MessagesRequest`,
+    # `dialects.responses.ResponsesRequest`), for the response's shape
+    dialect: Any = None
 
     @property
     def stream(self) -> bool:

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 _HDR = {b"content-type": 0, b"authorization": 1, b"x-request-id": 2, b"expect": 3,
         b"content-length": 4, b"x-meshd-privacy": 5, b"x-meshd-halt-below": 6,
-        b"x-meshd-receipt": 7, b"traceparent": 8}
+        b"x-meshd-receipt": 7, b"traceparent": 8, b"x-api-key": 9}
+_NHDR = 10
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DRAIN_BYTES = 64 << 10  # the most of a refused request's body read to keep the connection
 
@@ -41,6 +42,7 @@ class Pending:
     """A fully read request waiting for its turn. `error` set: answer it and do nothing else."""
 
     __slots__ = (
+        "api_key",
         "auth",
         "body",
         "close_after",
@@ -63,6 +65,7 @@ class Pending:
         self.route, self.method, self.path, self.body = route, method, path, body
         self.ctype, self.auth, self.rid, self.privacy = hdrs[0], hdrs[1], hdrs[2], hdrs[5]
         self.halt_below, self.receipt, self.traceparent = hdrs[6], hdrs[7], hdrs[8]
+        self.api_key = hdrs[9]  # Anthropic's clients authenticate with x-api-key
         self.keep_alive, self.error, self.close_after = keep_alive, error, close_after
 
 
@@ -93,7 +96,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _begin(self) -> None:
         self.url = b""
-        self.hdrs: list[bytes | None] = [None] * 9
+        self.hdrs: list[bytes | None] = [None] * _NHDR
         self.body: list[bytes] = []
         self.body_size = 0
         self.head_size = 0
@@ -226,7 +229,7 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
-        self.queue.append(Pending(None, b"", b"", b"", [None] * 9, False, err, True))
+        self.queue.append(Pending(None, b"", b"", b"", [None] * _NHDR, False, err, True))
 
     def pump(self) -> None:
         """Answer queued requests in order until one needs a handler task (or none are left)."""

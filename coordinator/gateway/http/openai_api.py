@@ -75,6 +75,11 @@ class ChatRequest:
     tool_choice: Any
     response_format: Any
     extra: dict[str, Any]
+    # The structured conversation (`dialects.model.Conversation`): every /v1/messages and
+    # /v1/responses request, and a chat request with tools or a tool-call chain; the prompt is
+    # then rendered from it, tools included. None: the plain `messages` are the prompt.
+    conversation: Any = None
+    prefill: str = ""  # Anthropic: the final assistant turn's text, continued by the model
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +97,7 @@ class CompletionRequest:
 _COMMON = frozenset({"model", "stream", "stream_options", "n", "stop", "seed", "temperature",
                      "top_p", "max_tokens", "user"})
 _CHAT_KNOWN = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
-                         "tools", "tool_choice", "response_format"}
+                         "tools", "tool_choice", "response_format", "parallel_tool_calls"}
 _COMPLETION_KNOWN = _COMMON | {"prompt", "logprobs"}
 
 
@@ -227,11 +232,18 @@ def parse_chat(obj: object, lim: Limits) -> ChatRequest:
         raise invalid("'response_format' must be an object.", "response_format")
     sampling = _sampling(body, lim, True)
     _check_forwarded(body, lim, sampling.max_tokens)
+    messages = tuple(_message(m, i) for i, m in enumerate(msgs))
+    conv = None
+    if tools or any(m.tool_calls or m.role in ("tool", "function") for m in messages):
+        from meshd.coordinator.gateway.dialects.openai_chat import conversation_from_chat
+
+        conv = conversation_from_chat(msgs, tools, tool_choice, body.get("parallel_tool_calls"))
     return ChatRequest(
-        model=model, messages=tuple(_message(m, i) for i, m in enumerate(msgs)),
+        model=model, messages=messages,
         stream=stream, include_usage=include_usage, sampling=sampling,
         logprobs=logprobs, top_logprobs=top, user=opt_str(body, "user"), tools=tools,
-        tool_choice=tool_choice, response_format=rf, extra=_extra(body, _CHAT_KNOWN))
+        tool_choice=tool_choice, response_format=rf,
+        extra=_extra(body, _CHAT_KNOWN), conversation=conv)
 
 
 def _prompt(v: object, lim: Limits) -> str | tuple[int, ...]:

@@ -110,10 +110,29 @@ SPEC: dict[str, Any] = {
              "description": "OpenAI-compatible API of the meshd coordinator."},
     "servers": [{"url": "/"}],
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                            "x-api-key": {"type": "apiKey", "in": "header",
+                                          "name": "x-api-key"}},
         "schemas": {
             "ChatCompletionRequest": _CHAT_REQ,
             "CompletionRequest": _COMPLETION_REQ,
+            "MessagesRequest": {"type": "object",
+                                "required": ["model", "max_tokens", "messages"],
+                                "properties": {"model": {"type": "string"},
+                                               "max_tokens": {"type": "integer"},
+                                               "messages": {"type": "array"},
+                                               "system": {"type": ["string", "array"]},
+                                               "tools": {"type": "array"},
+                                               "stream": {"type": "boolean"}}},
+            "ResponsesRequest": {"type": "object", "required": ["model"],
+                                 "properties": {"model": {"type": "string"},
+                                                "input": {"type": ["string", "array"]},
+                                                "instructions": {"type": ["string", "null"]},
+                                                "previous_response_id": {
+                                                    "type": ["string", "null"]},
+                                                "tools": {"type": "array"},
+                                                "store": {"type": "boolean"},
+                                                "stream": {"type": "boolean"}}},
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["message", "type", "param", "code"],
                 "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -130,6 +149,15 @@ SPEC: dict[str, Any] = {
             "security": [{"bearer": []}]}},
         "/v1/completions": {"post": {
             **_generate("Create a completion", "#/components/schemas/CompletionRequest"),
+            "security": [{"bearer": []}]}},
+        "/v1/messages": {"post": {
+            **_generate("Create a message (Anthropic Messages API; errors in Anthropic's "
+                        "shape; `x-api-key` or a bearer token; docs/api.md)",
+                        "#/components/schemas/MessagesRequest"),
+            "security": [{"bearer": []}, {"x-api-key": []}]}},
+        "/v1/responses": {"post": {
+            **_generate("Create a response (OpenAI Responses API, with previous_response_id; "
+                        "docs/api.md)", "#/components/schemas/ResponsesRequest"),
             "security": [{"bearer": []}]}},
         "/v1/models": {"get": {
             **_get("List models", "application/json", {"type": "object"}),

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Protocol
 
+import orjson
+
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.sse import LAST_CHUNK, chunk_frame, done_frame, error_event
 
@@ -55,10 +57,13 @@ def encode_headers(headers: Headers) -> bytes:
 class Responder:
     """Answers one request. `request_id` is echoed as X-Request-Id on every response."""
 
-    __slots__ = ("_conn", "_rid_line", "keep_alive", "request_id", "state", "status")
+    __slots__ = ("_conn", "_rid_line", "anthropic", "keep_alive", "named", "request_id",
+                 "state", "status")
 
     def __init__(self, conn: Sink, request_id: str, keep_alive: bool) -> None:
         self._conn = conn
+        self.anthropic = False  # errors in Anthropic's shape (the /v1/messages route)
+        self.named = False  # a stream of named events (Messages, Responses): no [DONE]
         self.request_id = request_id
         self._rid_line = b"x-request-id: %b\r\n" % request_id.encode()
         self.keep_alive = keep_alive
@@ -97,7 +102,13 @@ class Responder:
         """The OpenAI error body with `err.status` (and Retry-After when set)."""
         hdrs = err.headers if err.retry_after is None else (
             ("retry-after", f"{err.retry_after:g}"), *err.headers)
-        self.send(err.status, err.body(), JSON, hdrs)
+        if self.anthropic:
+            from meshd.coordinator.gateway.dialects.anthropic_out import anthropic_error_body
+
+            body = orjson.dumps(anthropic_error_body(err.status, err.message))
+        else:
+            body = err.body()
+        self.send(err.status, body, JSON, hdrs)
 
     async def start_stream(self, status: int = 200, headers: Headers = ()) -> None:
         """Send the headers of an SSE response."""
@@ -123,6 +134,14 @@ class Responder:
         if self.state == STREAMING:
             conn.write(b"".join([chunk_frame(d) for d in batch]))
 
+    async def send_sse(self, events: list[bytes]) -> None:
+        """Whole SSE events (`event:` and `data:` lines, encoded by the caller) in one write."""
+        conn = self._conn
+        if conn.write_paused:
+            await conn.drain()
+        if self.state == STREAMING and events:
+            conn.write(b"".join([b"%x\r\n%b\r\n" % (len(e), e) for e in events]))
+
     async def end_stream(self, done: bool = True) -> None:
         """``data: [DONE]`` (unless `done` is false) and the end of the chunked body."""
         if self.state != STREAMING:
@@ -137,6 +156,18 @@ class Responder:
         if self.state != STREAMING:
             return
         self.state = DONE
-        frame = chunk_frame(error_event(err.message, err.err_type, err.code))
-        self._conn.write(frame + done_frame() + LAST_CHUNK)
+        if self.anthropic:
+            from meshd.coordinator.gateway.dialects.anthropic_out import anthropic_error_body
+
+            ev = b"event: error\ndata: %b\n\n" % orjson.dumps(
+                anthropic_error_body(err.status, err.message))
+            self._conn.write(b"%x\r\n%b\r\n" % (len(ev), ev) + LAST_CHUNK)
+        elif self.named:  # the Responses API's error event
+            ev = b"event: error\ndata: %b\n\n" % orjson.dumps(
+                {"type": "error", "code": err.code or err.err_type, "message": err.message,
+                 "param": err.param, "sequence_number": 0})
+            self._conn.write(b"%x\r\n%b\r\n" % (len(ev), ev) + LAST_CHUNK)
+        else:
+            frame = chunk_frame(error_event(err.message, err.err_type, err.code))
+            self._conn.write(frame + done_frame() + LAST_CHUNK)
         self._conn.response_done(self.status, self.keep_alive)

@@ -11,6 +11,8 @@ import enum
 class Route(enum.Enum):
     CHAT = "chat"
     COMPLETIONS = "completions"
+    MESSAGES = "messages"  # Anthropic Messages
+    RESPONSES = "responses"  # OpenAI Responses
     MODELS = "models"
     HEALTH = "health"
     METRICS = "metrics"
@@ -26,6 +28,8 @@ class Route(enum.Enum):
 ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/v1/chat/completions": {b"POST": Route.CHAT},
     b"/v1/completions": {b"POST": Route.COMPLETIONS},
+    b"/v1/messages": {b"POST": Route.MESSAGES},
+    b"/v1/responses": {b"POST": Route.RESPONSES},
     b"/v1/models": {b"GET": Route.MODELS},
     b"/health": {b"GET": Route.HEALTH},
     b"/metrics": {b"GET": Route.METRICS},
@@ -39,8 +43,10 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
 }
 
 # Routes that need `Authorization: Bearer` when API keys are configured.
-AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MODELS, Route.USAGE,
-                           Route.KEYS})
+AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MESSAGES, Route.RESPONSES,
+                           Route.MODELS, Route.USAGE, Route.KEYS})
+# Routes whose requests run a handler (the inference endpoints).
+INFERENCE = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MESSAGES, Route.RESPONSES})
 
 
 def served() -> set[tuple[str, str]]:

@@ -32,11 +32,12 @@ from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.http import errors
 from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint, Handler
 from meshd.coordinator.gateway.http.connection import HttpConnection, Pending
+from meshd.coordinator.gateway.http.dialect_requests import parse_messages, parse_responses
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.openai_api import parse_chat, parse_completion
 from meshd.coordinator.gateway.http.openapi import SPEC_BYTES
 from meshd.coordinator.gateway.http.responder import Responder
-from meshd.coordinator.gateway.http.routes import AUTHENTICATED, Route
+from meshd.coordinator.gateway.http.routes import AUTHENTICATED, INFERENCE, Route
 from meshd.coordinator.gateway.http.stats import GatewayStats, StatsCollector
 
 log = logging.getLogger(__name__)
@@ -172,12 +173,14 @@ class GatewayServer:
             rid = f"{self._rid_prefix}{self._rid_n:x}"
         responder = Responder(conn, rid, p.keep_alive and not p.close_after)
         try:
+            route = p.route
+            if route is Route.MESSAGES:  # Anthropic's error shape, from the first byte
+                responder.anthropic = True
             if p.error is not None:
                 raise p.error
-            route = p.route
-            tenant = self._authenticate(p.auth) if self._keys and route in AUTHENTICATED \
-                else None
-            if route is Route.CHAT or route is Route.COMPLETIONS:
+            tenant = self._authenticate(p.auth, p.api_key) if self._keys and \
+                route in AUTHENTICATED else None
+            if route in INFERENCE:
                 req = self._parse(p, route, rid, tenant)
                 conn.start_task(self.handler.handle(req, responder), responder)
             elif route is Route.MODELS:
@@ -232,6 +235,12 @@ class GatewayServer:
         if route is Route.CHAT:
             return ApiRequest(Endpoint.CHAT, rid, parse_chat(obj, lim), obj, p.body, tenant,
                               self.loop.time(), privacy, halt, receipt, p.traceparent)
+        if route is Route.MESSAGES or route is Route.RESPONSES:
+            endpoint, (body, dialect) = ((Endpoint.MESSAGES, parse_messages(obj, lim))
+                                         if route is Route.MESSAGES else
+                                         (Endpoint.RESPONSES, parse_responses(obj, lim)))
+            return ApiRequest(endpoint, rid, body, obj, p.body, tenant, self.loop.time(),
+                              privacy, halt, receipt, p.traceparent, dialect)
         return ApiRequest(Endpoint.COMPLETIONS, rid, parse_completion(obj, lim), obj, p.body,
                           tenant, self.loop.time(), privacy, halt, receipt, p.traceparent)
 
@@ -266,11 +275,12 @@ class GatewayServer:
     async def _fleet_metrics(fleet: FleetView, local: bytes, responder: Responder) -> None:
         responder.send(200, await fleet(local), _PROM_CT)
 
-    def _authenticate(self, auth: bytes | None) -> str:
-        """The bearer token's tenant. Keys are looked up by their SHA-256, so the time taken
-        says nothing about how much of a key a guess got right, and is the same for one key
-        or ten thousand."""
-        token = auth[7:] if auth is not None and auth[:7].lower() == b"bearer " else b""
+    def _authenticate(self, auth: bytes | None, api_key: bytes | None = None) -> str:
+        """The tenant of the bearer token (or of `x-api-key`, as Anthropic's clients send it).
+        Keys are looked up by their SHA-256, so the time taken says nothing about how much of
+        a key a guess got right, and is the same for one key or ten thousand."""
+        token = auth[7:] if auth is not None and auth[:7].lower() == b"bearer " else (
+            api_key or b"")
         found = self._keys.get(hashlib.sha256(token).digest())
         if found is None:
             raise errors.unauthorized()

@@ -159,15 +159,27 @@ def mask_request(req: ApiRequest, detector: Detector) -> ApiRequest:
     if isinstance(body, ChatRequest):
         msgs = [dataclasses.replace(m, content=detector.mask(m.content)[0]) if m.content else m
                 for m in body.messages]
-        payload["messages"] = [_masked_message(raw, m.content)
-                               for raw, m in zip(payload["messages"], msgs, strict=True)]
+        if body.conversation is None:
+            payload["messages"] = [_masked_message(raw, m.content)
+                                   for raw, m in zip(payload["messages"], msgs, strict=True)]
+        else:  # the text is the conversation's, masked below: none is left in the payload
+            payload = {k: v for k, v in payload.items() if k not in _TEXT_FIELDS}
         new_body: Any = dataclasses.replace(body, messages=tuple(msgs))
+        if body.conversation is not None:  # the prompt is rendered from it: mask it too
+            from meshd.coordinator.gateway.privacy.conversation import mask_conversation
+
+            new_body = dataclasses.replace(new_body, conversation=mask_conversation(
+                body.conversation, lambda t: detector.mask(t)[0]), prefill=detector.mask(
+                body.prefill)[0] if body.prefill else "")
     else:
         assert isinstance(body.prompt, str)
         text = detector.mask(body.prompt)[0]
         payload["prompt"] = text
         new_body = dataclasses.replace(body, prompt=text)
     return dataclasses.replace(req, body=new_body, payload=payload, raw=orjson.dumps(payload))
+
+
+_TEXT_FIELDS = frozenset({"messages", "input", "system", "instructions"})
 
 
 def _masked_message(raw: Any, content: str | None) -> Any:

@@ -376,6 +376,7 @@ class ChoiceRun:
                 delta.logprobs = None
         if delta.finish_reason is not None:
             self.out.finish_reason = delta.finish_reason
+            self.out.stop_reason = delta.stop_reason
         return True
 
 

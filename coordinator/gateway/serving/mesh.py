@@ -5,8 +5,11 @@ Per request: tokenize and hash the prompt once (`PromptBuilder`), build the sche
 (`Shaper`): an SSE stream whose chunks are forwarded as workers produce tokens, or one body.
 The request's end — an error in any choice, the client leaving, a deadline — ends every choice
 it started on every worker: the first choice to fail cancels its siblings (which aborts their
-worker connections) before the error goes out. Models served only by plain OpenAI workers, and
-chat with `tools` or `response_format`, go through `passthrough` instead.
+worker connections) before the error goes out. Anthropic Messages, OpenAI Responses and chat
+with tools take the same path; their output is parsed and shaped by `dialect_shapes` (tool
+calls, reasoning, the dialect's events), and a Responses conversation is kept for
+`previous_response_id` (`responses_memory`). Models served only by plain OpenAI workers, and
+chat with `response_format`, go through `passthrough` instead.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, TypeVar
 from meshd.coordinator.gateway.config import Deadlines
 from meshd.coordinator.gateway.governance.admission import Admitted, Governor
 from meshd.coordinator.gateway.http import errors
-from meshd.coordinator.gateway.http.api_request import ApiRequest
+from meshd.coordinator.gateway.http.api_request import ApiRequest, Endpoint
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.openai_api import ChatRequest
 from meshd.coordinator.gateway.http.responder import Responder
@@ -32,6 +35,14 @@ from meshd.coordinator.gateway.serving.confidence import (
     check_threshold,
     summary,
 )
+from meshd.coordinator.gateway.serving.dialect_shapes import (
+    ChatToolsShape,
+    DialectShape,
+    MessagesShape,
+    ResponsesShape,
+)
+from meshd.coordinator.gateway.serving.dialect_stream import stream_dialect
+from meshd.coordinator.gateway.serving.output_parsers import OutputParsers
 from meshd.coordinator.gateway.serving.passthrough import passthrough
 from meshd.coordinator.gateway.serving.prompts import PromptBuilder
 from meshd.coordinator.gateway.serving.receipts import (
@@ -42,6 +53,7 @@ from meshd.coordinator.gateway.serving.receipts import (
     wanted,
 )
 from meshd.coordinator.gateway.serving.request_metrics import MeshMetrics
+from meshd.coordinator.gateway.serving.responses_memory import ResponsesMemory
 from meshd.coordinator.gateway.serving.shapes import (
     ChoiceOutput,
     Delta,
@@ -93,8 +105,12 @@ class MeshHandler:
                  clock: Any = time.monotonic, max_inflight: int = 1024,
                  governor: Governor | None = None, privacy: PrivacyGuard | None = None,
                  confidence: ConfidenceConfig | None = None,
-                 receipts: ReceiptSigner | None = None, tracer: Tracer | None = None) -> None:
+                 receipts: ReceiptSigner | None = None, tracer: Tracer | None = None,
+                 parsers: OutputParsers | None = None,
+                 responses: ResponsesMemory | None = None) -> None:
         self.max_inflight = max_inflight
+        self.parsers = parsers or OutputParsers({}, {}, prompts.tokenizer)
+        self.responses = responses or ResponsesMemory()
         self.governor = governor
         self.privacy = privacy
         self.receipts = receipts
@@ -159,12 +175,21 @@ class MeshHandler:
             raise ApiError(404, f"The model {body.model!r} does not exist.", param="model",
                            err_type="not_found_error", code="model_not_found")
         classes = None
+        if req.endpoint is Endpoint.RESPONSES:  # the stored conversation it continues
+            req = await self.responses.resolve(req)
+            body = req.body
         if self.privacy is not None:  # before tokenizing: masking changes the prompt
             req, classes = self.privacy.check(req, self.pool.node_attributes)
             body = req.body
         receipt = self._wants_receipt(req)
+        if req.dialect is not None and self.pool.passthrough(body.model):
+            raise ApiError(400, f"The model {body.model!r} is served only by plain OpenAI "
+                           f"workers, which meshd passes requests through to as they are; "
+                           f"{req.endpoint.value} needs the mesh path (a vLLM or meshd "
+                           f"worker).", param="model", code="dialect_unavailable")
         if self.pool.passthrough(body.model) or (
-                isinstance(body, ChatRequest) and (body.tools or body.response_format)):
+                isinstance(body, ChatRequest) and body.response_format
+                and req.dialect is None):
             if receipt and req.receipt:  # asked for: say why not (a tenant default: none)
                 raise ApiError(400, "Receipts need the mesh path: this request is passed "
                                "through as it is (tools, response_format, or a model only "
@@ -212,14 +237,20 @@ class MeshHandler:
         runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt, receipt,
                           trace)
         timing = self.metrics.request(start)
-        shaper = Shaper(req, vocab=self._vocab(body.model))
+        shaper = self._shape(req)
         headers = adm.headers if adm is not None else b""
         if trace is not None:
             trace.runs = runs
             headers += b"x-meshd-trace-id: %032x\r\n" % trace.ctx.trace_id
         sign = self._signer(req, shaper, prompt_ids, runs) if receipt else None
         try:
-            if body.stream:
+            if isinstance(shaper, DialectShape) and body.stream:
+                keep = (self._keeper(req, shaper) if isinstance(shaper, ResponsesShape)
+                        else None)
+                await stream_dialect(runs, shaper, responder, timing, len(prompt_ids),
+                                     headers, sign, _usage, run_all, keep)
+            elif body.stream:
+                assert isinstance(shaper, Shaper)
                 await self._stream(runs, shaper, responder, req, timing, len(prompt_ids),
                                    headers, sign)
             else:
@@ -230,6 +261,8 @@ class MeshHandler:
                 value = header_value(signed) if signed is not None else b""
                 if value and len(value) <= MAX_HEADER_BYTES:  # clients cap header blocks
                     headers += b"%b: %b\r\n" % (HEADER, value)
+                if isinstance(shaper, ResponsesShape):  # stored before the client has it
+                    await self.responses.keep(req, shaper)
                 responder.send(200, out, headers=headers)
             timing.done("ok")
         except ApiError as e:
@@ -246,6 +279,30 @@ class MeshHandler:
                 self.on_runs(runs)
             if adm is not None:
                 settle(adm, runs)
+
+    def _keeper(self, req: ApiRequest, shape: ResponsesShape
+                ) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def keep() -> None:
+            await self.responses.keep(req, shape)
+        return keep
+
+    def _shape(self, req: ApiRequest) -> Shaper | DialectShape:
+        """How the response is written: the dialect's shape, chat's with an output parser when
+        there are tools to parse (or a reasoning parser), else the plain `Shaper`."""
+        body = req.body
+        conv = body.conversation if isinstance(body, ChatRequest) else None
+        tools = conv is not None and bool(conv.tools) and (
+            conv.tool_choice is None or conv.tool_choice.mode != "none")
+        parser = self.parsers.for_request(body.model, tools)
+        if req.endpoint is Endpoint.MESSAGES:
+            return MessagesShape(parser or self.parsers.plain(), body.model, req.request_id)
+        if req.endpoint is Endpoint.RESPONSES:
+            return ResponsesShape(parser or self.parsers.plain(), body.model, req.request_id,
+                                  req.dialect)
+        if parser is not None and isinstance(body, ChatRequest):
+            return ChatToolsShape(parser, body.model, req.request_id, body.sampling.n,
+                                  body.include_usage)
+        return Shaper(req, vocab=self._vocab(body.model))
 
     def _vocab(self, model: str) -> TokenVocab:
         vocab = self._vocabs.get(model)
@@ -266,7 +323,8 @@ class MeshHandler:
         default = gov is not None and gov.policy.of(self._tenant(req) or "").receipts
         return wanted(req.receipt, default)
 
-    def _signer(self, req: ApiRequest, shaper: Shaper, prompt_ids: tuple[int, ...],
+    def _signer(self, req: ApiRequest, shaper: Shaper | DialectShape,
+                prompt_ids: tuple[int, ...],
                 runs: list[ChoiceRun]) -> Callable[[Sequence[ChoiceOutput]],
                                                    dict[str, Any] | None]:
         """Signs the receipt of the finished choices (the request's facts taken now)."""

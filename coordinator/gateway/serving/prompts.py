@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
@@ -44,7 +45,9 @@ class PromptBuilder:
         """Token ids and block hashes of the request's prompt; ApiError(400) if it has none."""
         body = req.body
         tok = self.tokenizer(body.model)
-        if isinstance(body, ChatRequest):
+        if isinstance(body, ChatRequest) and body.conversation is not None:
+            ids = self._render(tok, body.conversation, body.prefill)
+        elif isinstance(body, ChatRequest):
             messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
             try:
                 ids = tok.apply_chat_template(messages)
@@ -57,6 +60,24 @@ class PromptBuilder:
         if not ids:
             raise ApiError(400, "The prompt is empty.", param="prompt")
         return Prompt(tuple(ids), self.hashes(ids, block_size))
+
+    @staticmethod
+    def _render(tok: Tokenizer, conv: Any, prefill: str) -> list[int]:
+        """A structured conversation through the model's template, tools included (none when
+        the tool choice is "none", as vLLM does); an Anthropic prefill continues the
+        assistant turn the template opens."""
+        from meshd.coordinator.gateway.dialects.template import to_template_messages
+
+        messages, tools = to_template_messages(conv)
+        if conv.tool_choice is not None and conv.tool_choice.mode == "none":
+            tools = None
+        try:
+            ids = tok.apply_chat_template(messages, tools=tools)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        if prefill:
+            ids.extend(tok.encode(prefill, add_bos=False))
+        return ids
 
     def hashes(self, token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
         hasher = self._hashers.get(block_size)

@@ -101,6 +101,7 @@ class ChoiceOutput:
     finish_reason: str | None = None
     cached_tokens: int = 0
     note: str | None = None  # why the gateway ended the choice (a confidence halt)
+    stop_reason: int | str | None = None  # the worker's: the stop string (or token) it matched
 
 
 class TokenVocab(NamedTuple):

@@ -23,23 +23,31 @@ def make_chat(**kw: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [U], **kw}
 
 
+CALL = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
 def test_chat_normalized() -> None:
     r = parse_chat(make_chat(
         messages=[{"role": "system", "content": [{"type": "text", "text": "a"},
                                                  {"type": "text", "text": "b"}]},
-                  {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+                  {"role": "assistant", "content": None, "tool_calls": [CALL]},
                   {"role": "tool", "content": "x", "tool_call_id": "1"}],
         stream=True, stream_options={"include_usage": True}, n=2, stop="END", seed=7,
         temperature=0, top_p=1, max_tokens=5, max_completion_tokens=9, logprobs=True,
-        top_logprobs=20, user="u", tools=[{"type": "function"}], tool_choice="auto",
+        top_logprobs=20, user="u", tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice="auto",
         response_format={"type": "json_object"}, min_p=0.1), LIM)
     assert r.messages == (ChatMessage("system", "a\nb"),
-                          ChatMessage("assistant", None, tool_calls=[{"id": "1"}]),
+                          ChatMessage("assistant", None, tool_calls=[CALL]),
                           ChatMessage("tool", "x", tool_call_id="1"))
     assert r.sampling == Sampling(n=2, stop=("END",), seed=7, temperature=0.0, top_p=1.0,
                                   max_tokens=9)
     assert (r.stream, r.include_usage, r.logprobs, r.top_logprobs) == (True, True, True, 20)
     assert r.response_format == {"type": "json_object"} and r.extra == {"min_p": 0.1}
+    # tools and a tool-call chain: the structured conversation the prompt is rendered from
+    assert r.conversation is not None and [t.role for t in r.conversation.turns] == [
+        "assistant", "user"]
+    assert r.conversation.turns[0].blocks[0].id == "1"
 
 
 def test_completion_normalized() -> None:

@@ -1,0 +1,213 @@
+"""Anthropic Messages, OpenAI Responses and chat tool calls through the real gateway (mesh path)
+with the official `anthropic` and `openai` SDKs as clients, sync and streaming, behind a worker
+that replays scripted completions (`support.scripted_worker`: random weights cannot make a real
+tool call). The worker's prompts show what the chat template made of each conversation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+from support.net import free_port
+from support.scripted_worker import ScriptedWorker
+
+from meshd.coordinator.gateway.config import GatewayConfig, RecordsConfig
+from meshd.coordinator.gateway.runtime import GatewayRuntime
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]}}
+OPENAI_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": WEATHER["input_schema"]}}
+RESPONSES_WEATHER = {"type": "function", "name": "get_weather",
+                     "description": "The weather in a city.",
+                     "parameters": WEATHER["input_schema"]}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@dataclass
+class Mesh:
+    worker: ScriptedWorker
+    rt: GatewayRuntime
+    url: str
+
+    def anthropic(self) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=self.url, api_key="x", max_retries=0)
+
+    def openai(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    worker = ScriptedWorker()
+    await worker.start()
+    cfg = GatewayConfig(port=free_port(), static_workers=(worker.url,),
+                        records=RecordsConfig(dir=str(tmp_path / "records")))
+    rt = GatewayRuntime(cfg)
+    await rt.start()
+    try:
+        yield Mesh(worker, rt, f"http://127.0.0.1:{cfg.port}")
+    finally:
+        await rt.stop(2)
+        await worker.stop()
+
+
+async def test_an_anthropic_tool_call_chain_round_trips_with_the_tools_in_the_prompt(
+        mesh: Mesh) -> None:
+    mesh.worker.script("Let me look." + CALL, "It is sunny in Paris.")
+    client = mesh.anthropic()
+    first = await client.messages.create(
+        model="scripted", max_tokens=200, tools=[WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert first.stop_reason == "tool_use"
+    kinds = [b.type for b in first.content]
+    assert kinds == ["text", "tool_use"]
+    use = first.content[1]
+    assert use.type == "tool_use" and use.name == "get_weather"
+    assert use.input == {"city": "Paris"} and use.id.startswith("toolu_")
+    prompt = mesh.worker.prompt_text()
+    assert "<tools>" in prompt and '"get_weather"' in prompt and "Weather in Paris?" in prompt
+    assert first.usage.input_tokens == len(mesh.worker.prompts[-1])
+
+    second = await client.messages.create(
+        model="scripted", max_tokens=200, tools=[WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                "content": "sunny, 21C"}]}])
+    assert second.stop_reason == "end_turn"
+    assert [b.type for b in second.content] == ["text"]
+    assert second.content[0].text == "It is sunny in Paris."  # type: ignore[union-attr]
+    prompt = mesh.worker.prompt_text()
+    assert "<tool_response>\nsunny, 21C\n</tool_response>" in prompt
+    assert '"city": "Paris"' in prompt or '"city":"Paris"' in prompt  # the call, re-rendered
+
+
+async def test_an_anthropic_stream_is_the_documented_event_sequence(mesh: Mesh) -> None:
+    mesh.worker.script("Checking." + CALL)
+    client = mesh.anthropic()
+    names = []
+    async with client.messages.stream(
+            model="scripted", max_tokens=200, tools=[WEATHER],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": "Weather?"}]) as stream:
+        async for event in stream:
+            names.append(event.type)
+        final = await stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content] == ["text", "tool_use"]
+    assert final.content[0].text == "Checking."  # type: ignore[union-attr]
+    assert final.content[1].input == {"city": "Paris"}  # type: ignore[union-attr]
+    raw = [n for n in names if not n.endswith(("text", "input_json"))]  # SDK's derived events
+    assert raw[0] == "message_start" and raw[-1] == "message_stop"
+    assert raw.count("content_block_start") == raw.count("content_block_stop") == 2
+    assert "message_delta" in raw
+
+
+async def test_stop_sequences_and_max_tokens_map_to_anthropic_stop_reasons(mesh: Mesh) -> None:
+    mesh.worker.script("one two STOP three", "abcdefghijklmnop")
+    client = mesh.anthropic()
+    r = await client.messages.create(model="scripted", max_tokens=50, stop_sequences=["STOP"],
+                                     messages=[{"role": "user", "content": "count"}])
+    assert (r.stop_reason, r.stop_sequence) == ("stop_sequence", "STOP")
+    assert r.content[0].text == "one two "  # type: ignore[union-attr]
+    r = await client.messages.create(model="scripted", max_tokens=4,
+                                     messages=[{"role": "user", "content": "letters"}])
+    assert r.stop_reason == "max_tokens" and r.usage.output_tokens <= 4
+
+
+async def test_anthropic_errors_are_anthropic_shaped(mesh: Mesh) -> None:
+    client = mesh.anthropic()
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(
+            model="scripted", max_tokens=10,
+            messages=[{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": [{"type": "tool_result",
+                                                    "tool_use_id": "toolu_nope",
+                                                    "content": "x"}]}])
+    assert "unexpected tool_use_id found in tool_result blocks" in str(e.value)
+    body = e.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.NotFoundError):
+        await client.messages.create(model="no-such-model", max_tokens=10,
+                                     messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_openai_chat_tool_calls_streamed_and_not_and_continued_in_anthropic(
+        mesh: Mesh) -> None:
+    mesh.worker.script(CALL, CALL, "Sunny.")
+    client = mesh.openai()
+    r = await client.chat.completions.create(
+        model="scripted", tools=[OPENAI_WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+
+    stream = await client.chat.completions.create(
+        model="scripted", tools=[OPENAI_WEATHER], stream=True,  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"}])
+    name, args, call_id, finish = "", "", "", None
+    async for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or ():
+                call_id = tc.id or call_id
+                name += (tc.function.name or "") if tc.function else ""
+                args += (tc.function.arguments or "") if tc.function else ""
+            finish = c.finish_reason or finish
+    assert (name, json.loads(args), finish) == ("get_weather", {"city": "Paris"}, "tool_calls")
+
+    # the chain goes on in Anthropic's dialect with the OpenAI call's id
+    a = await mesh.anthropic().messages.create(
+        model="scripted", max_tokens=50, tools=[WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": [{"type": "tool_use", "id": call_id,
+                                                     "name": "get_weather",
+                                                     "input": {"city": "Paris"}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call_id,
+                                                "content": "sunny"}]}])
+    assert a.content[0].text == "Sunny."  # type: ignore[union-attr]
+
+
+async def test_responses_stateless_stored_and_continued_by_previous_response_id(
+        mesh: Mesh) -> None:
+    mesh.worker.script(CALL, "It is sunny.", "Bonjour.")
+    client = mesh.openai()
+    first = await client.responses.create(model="scripted", input="Weather in Paris?",
+                                          instructions="Be brief.",
+                                          tools=[RESPONSES_WEATHER])  # type: ignore[list-item]
+    assert first.status == "completed"
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    assert "Be brief." in mesh.worker.prompt_text()
+
+    second = await client.responses.create(
+        model="scripted", previous_response_id=first.id, instructions="Be brief.",
+        tools=[RESPONSES_WEATHER],  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert second.output_text == "It is sunny."
+    prompt = mesh.worker.prompt_text()
+    assert "Weather in Paris?" in prompt and "sunny" in prompt  # the stored turns came back
+
+    events = []
+    stream = await client.responses.create(model="scripted", input="Say hi in French.",
+                                           stream=True)
+    async for ev in stream:
+        events.append(ev.type)
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    assert "response.output_text.delta" in events
+
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="scripted", input="x",
+                                      previous_response_id="resp_missing")
