@@ -20,7 +20,10 @@ _MAX_CACHED = 4096  # per-scorer identity caches restart past this many entries
 
 class PrefixScorer:
     """Fraction of the prompt that needs no prefill on the worker:
-    `min(cached_blocks[w] * block_size, prompt) / prompt` (0 for an empty prompt)."""
+    `min(cached_blocks[w] * block_size, prompt) / prompt` (0 for an empty prompt). With a
+    client cache hint (`cache_hint_tokens`, shorter than the prompt) the fraction is of the
+    hinted prefix: a worker holding all of it scores 1, as if it held the whole prompt — the
+    rest is new text that no worker holds."""
 
     name = "prefix"
 
@@ -29,6 +32,9 @@ class PrefixScorer:
         cached = request.cached_blocks
         if n <= 0 or not cached:
             return {}
+        hint = request.cache_hint_tokens
+        if 0 < hint < n:
+            n = hint
         out: dict[str, float] = {}
         for w in workers:
             blocks = cached.get(w.worker_id)

@@ -70,13 +70,16 @@ class RequestView:
     # that worker already caches. Absent workers hold none. Plugins read it, never mutate it.
     cached_blocks: Mapping[str, int] = field(default_factory=dict)
     token_ids: Sequence[int] = ()  # optional prompt tokens (approximate baselines only)
+    # The client's cache hint (Anthropic `cache_control`): the leading prompt tokens it marked
+    # as the prefix it will send again; prefix locality is judged on them (0: the whole prompt)
+    cache_hint_tokens: int = 0
 
     def with_cached_blocks(self, cached_blocks: Mapping[str, int]) -> RequestView:
         """This request with `cached_blocks` replaced (`dataclasses.replace`, without its
         per-call field introspection: this runs once per routed request)."""
         return RequestView(self.request_id, self.model, self.num_prompt_tokens, self.block_hashes,
                            self.max_tokens, self.experts, self.attributes, cached_blocks,
-                           self.token_ids)
+                           self.token_ids, self.cache_hint_tokens)
 
     def cached_tokens(self, worker_id: str, block_size: int) -> int:
         """Prompt tokens `worker_id` needs not prefill (matched full blocks, capped)."""

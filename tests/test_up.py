@@ -130,6 +130,36 @@ def test_meshd_up_serves_the_openai_api(up: Up) -> None:
     assert sum(len(c.choices) for c in comp) >= 1
 
 
+def test_meshd_up_serves_anthropic_messages_and_openai_responses(up: Up) -> None:
+    """Issue 14 as `meshd up` deploys it, with the official SDKs' sync clients: Messages
+    (body and stream), Responses (body, stream, and a follow-up by previous_response_id,
+    which must find the stored conversation on whichever replica it lands: the store is the
+    records dir's, shared by both)."""
+    import anthropic
+
+    a = anthropic.Anthropic(base_url=up.url, api_key="x", max_retries=0, timeout=60)
+    msg = a.messages.create(model="meshd-tiny", max_tokens=5, system="Be terse.",
+                            messages=[{"role": "user", "content": "hello " * 10}])
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.stop_reason in ("end_turn", "max_tokens") and 1 <= msg.usage.output_tokens <= 5
+    with a.messages.stream(model="meshd-tiny", max_tokens=4,
+                           messages=[{"role": "user", "content": "stream " * 10}]) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens >= 1 and final.stop_reason in ("end_turn", "max_tokens")
+    client = up.client()
+    first = client.responses.create(model="meshd-tiny", input="remember " * 8,
+                                    max_output_tokens=4)
+    assert first.status in ("completed", "incomplete") and first.usage is not None
+    for _ in range(4):  # each follow-up may land on either replica
+        nxt = client.responses.create(model="meshd-tiny", input="and then",
+                                      previous_response_id=first.id, max_output_tokens=2)
+        assert nxt.usage is not None and nxt.usage.input_tokens > first.usage.input_tokens
+    events = [e.type for e in client.responses.create(model="meshd-tiny", input="go " * 5,
+                                                      max_output_tokens=3, stream=True)]
+    assert events[0] == "response.created"
+    assert events[-1] in ("response.completed", "response.incomplete")
+
+
 def _reference(up: Up, max_tokens: int) -> str:
     """The prefill worker doing the whole request itself (greedy), straight to its port."""
     body = json.dumps({"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": max_tokens,

@@ -122,7 +122,8 @@ def test_approx_tree_prefers_remembered_prefix_then_balances() -> None:
 
 def test_with_cached_blocks_copies_every_field() -> None:
     req = RequestView("r", "m", 48, (1, 2, 3), max_tokens=9, experts={1: 2},
-                      attributes={"tenant": "t"}, cached_blocks={"a": 1}, token_ids=(5, 6))
+                      attributes={"tenant": "t"}, cached_blocks={"a": 1}, token_ids=(5, 6),
+                      cache_hint_tokens=32)
     assert req.with_cached_blocks({"b": 2}) == dataclasses.replace(req, cached_blocks={"b": 2})
     # every field above differs from its default, so a field added later must be copied too
     assert all(getattr(req, f.name) != f.default for f in dataclasses.fields(req)

@@ -5,10 +5,11 @@ worker behind the real gateway (as a static worker): it speaks the part of vLLM'
 mesh path uses (`POST /v1/completions` with a token-id prompt, `return_token_ids`, streaming,
 `stream_options.include_usage`, `max_tokens`, `stop`) and answers each request with the next
 scripted reply (a 1-token request, the gateway pool's protocol probe, gets one token and
-leaves the script alone). Token ids are the reply's UTF-8 bytes, as the gateway's default
-byte tokenizer reads them, sent a few whole characters per chunk. Every prompt it receives
-is kept (`prompts`, token ids), so a test can decode what the gateway's chat template made of
-a conversation.
+leaves the script alone, and is not kept in `prompts`). Token ids are the reply's encoding
+by the model's tokenizer (default: its UTF-8 bytes, as the gateway's byte tokenizer reads
+them), sent a few whole characters per chunk. Every other prompt it receives is kept
+(`prompts`, token ids), so a test can decode what the gateway's chat template made of a
+conversation.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.node_agent.engine.tokenizer import ByteTokenizer
+from meshd.node_agent.engine.tokenizer import ByteTokenizer, Tokenizer
 
 
 class ScriptedWorker:
-    def __init__(self, model: str = "scripted", chars_per_chunk: int = 3) -> None:
+    """`tokenizer`: the served model's (the gateway's for this model); default bytes."""
+
+    def __init__(self, model: str = "scripted", chars_per_chunk: int = 3,
+                 tokenizer: Tokenizer | None = None) -> None:
         self.model = model
+        self.tok = tokenizer or ByteTokenizer()
         self.chars_per_chunk = chars_per_chunk
         self.replies: deque[str] = deque()
+        self.cached_tokens = 0  # what its usage reports as served from its prefix cache
         self.prompts: list[list[int]] = []
         self.bodies: list[dict[str, Any]] = []
         self._runner: web.AppRunner | None = None
@@ -38,7 +44,7 @@ class ScriptedWorker:
 
     def prompt_text(self, i: int = -1) -> str:
         """The i-th prompt received, decoded with the byte tokenizer."""
-        return ByteTokenizer().decode(self.prompts[i])
+        return self.tok.decode(self.prompts[i])
 
     async def start(self) -> int:
         app = web.Application()
@@ -87,8 +93,8 @@ class ScriptedWorker:
         step = self.chars_per_chunk
         for k in range(0, len(text), step):
             piece = text[k:k + step]
-            ids = list(piece.encode("utf-8"))
-            if len(ids) > budget:
+            ids = self.tok.encode(piece, add_bos=False)
+            if len(ids) > budget:  # cut whole pieces: the ids still spell the text sent
                 finish, stop_reason = "length", None
                 break
             budget -= len(ids)
@@ -97,19 +103,22 @@ class ScriptedWorker:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         req = await request.json()
-        self.bodies.append(req)
         prompt = req.get("prompt")
-        self.prompts.append(list(prompt) if isinstance(prompt, list) else [])
+        ids = list(prompt) if isinstance(prompt, list) else []
+        if req.get("max_tokens") != 1:  # the probe is not one of the requests a test sends
+            self.bodies.append(req)
+            self.prompts.append(ids)
         pieces, finish, stop_reason = self._pieces(req)
-        n_out = sum(len(ids) for _, ids in pieces)
-        usage = {"prompt_tokens": len(self.prompts[-1]), "completion_tokens": n_out,
-                 "total_tokens": len(self.prompts[-1]) + n_out,
-                 "prompt_tokens_details": {"cached_tokens": 0}}
+        n_out = sum(len(p) for _, p in pieces)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": n_out,
+                 "total_tokens": len(ids) + n_out,
+                 "prompt_tokens_details": {"cached_tokens": min(self.cached_tokens,
+                                                                len(ids))}}
         base = {"id": "cmpl-scripted", "object": "text_completion", "created": 1700000000,
                 "model": self.model}
         if not req.get("stream"):
-            ids = [i for _, p in pieces for i in p]
-            choice = {"index": 0, "text": "".join(t for t, _ in pieces), "token_ids": ids,
+            out = [i for _, p in pieces for i in p]
+            choice = {"index": 0, "text": "".join(t for t, _ in pieces), "token_ids": out,
                       "logprobs": None, "finish_reason": finish, "stop_reason": stop_reason}
             return web.json_response({**base, "choices": [choice], "usage": usage})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})

@@ -399,6 +399,26 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
                                            temperature=0)
             timings["gateway_chat_s"] = time.monotonic() - t0
             assert chat.choices[0].message.content == vchat["choices"][0]["message"]["content"]
+
+            # --- Anthropic Messages and OpenAI Responses over vLLM (issue 14): the same
+            # conversation renders the same prompt, so greedy decoding gives vLLM's own answer
+            import anthropic
+
+            want = vchat["choices"][0]["message"]["content"]
+            system, user = MESSAGES[0]["content"], MESSAGES[1]["content"]
+            a = anthropic.Anthropic(base_url=f"http://127.0.0.1:{settings.port}",
+                                    api_key="none", timeout=120, max_retries=0)
+            msg = await asyncio.to_thread(
+                a.messages.create, model=MODEL, max_tokens=MAX_TOKENS,
+                extra_body={"temperature": 0},  # (the SDK's typed arguments dropped it)
+                system=system, messages=[{"role": "user", "content": user}])
+            assert msg.content[0].text == want  # type: ignore[union-attr]
+            assert msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) == len(
+                vchat["prompt_token_ids"])
+            resp = await asyncio.to_thread(
+                client.responses.create, model=MODEL, instructions=system, input=user,
+                max_output_tokens=MAX_TOKENS, temperature=0)
+            assert resp.output_text == want
             print(f"timings: {timings}")
         finally:
             if rt is not None:

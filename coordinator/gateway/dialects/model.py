@@ -188,6 +188,23 @@ def cache_hint_prefix(conv: Conversation) -> int:
     return last
 
 
+def truncated(conv: Conversation, units: int) -> Conversation:
+    """`conv` with only its first `units` units (counted as `cache_hint_prefix` counts them):
+    the prefix a cache hint marks, for rendering."""
+    tools = conv.tools[:units]
+    left = max(0, units - len(conv.tools))
+    system = conv.system[:left]
+    left = max(0, left - len(conv.system))
+    turns: list[Turn] = []
+    for turn in conv.turns:
+        if left <= 0:
+            break
+        turns.append(turn if len(turn.blocks) <= left else Turn(turn.role, turn.blocks[:left]))
+        left -= len(turn.blocks)
+    return Conversation(system, tuple(turns), tools, conv.tool_choice,
+                        conv.parallel_tool_calls, conv.open_start)
+
+
 def cache_hint_count(conv: Conversation) -> int:
     """How many tools and blocks carry `cache_hint` (Anthropic allows at most 4)."""
     return (sum(t.cache_hint for t in conv.tools) + sum(t.cache_hint for t in conv.system)

@@ -187,6 +187,13 @@ class MeshHandler:
                            f"workers, which meshd passes requests through to as they are; "
                            f"{req.endpoint.value} needs the mesh path (a vLLM or meshd "
                            f"worker).", param="model", code="dialect_unavailable")
+        if req.dialect is not None and isinstance(body, ChatRequest) and \
+                (body.response_format or {}).get("type", "text") != "text":
+            raise ApiError(400, "Structured output (text.format json_object / json_schema) "
+                           "needs constrained decoding by the workers, which the mesh path "
+                           "does not offer yet; ask for text, or use /v1/chat/completions "
+                           "with response_format on a plain OpenAI worker.",
+                           param="text.format", code="unsupported_format")
         if self.pool.passthrough(body.model) or (
                 isinstance(body, ChatRequest) and body.response_format
                 and req.dialect is None):
@@ -205,7 +212,7 @@ class MeshHandler:
         adm = None if self.governor is None else await self.governor.admit(req, prompt.token_ids)
         try:
             await self._serve(req, responder, prompt.token_ids, prompt.block_hashes, adm,
-                              classes, receipt, trace)
+                              classes, receipt, trace, prompt.cache_hint_tokens)
         finally:
             if adm is not None and not adm.done:  # the client left, or a deadline: settle
                 adm.finish(0, 0)
@@ -226,12 +233,12 @@ class MeshHandler:
     async def _serve(self, req: ApiRequest, responder: Responder, prompt_ids: tuple[int, ...],
                      block_hashes: Any, adm: Admitted | None,
                      classes: frozenset[str] | None = None, receipt: bool = False,
-                     trace: RequestTrace | None = None) -> None:
+                     trace: RequestTrace | None = None, cache_hint: int = 0) -> None:
         body = req.body
         max_tokens = body.sampling.max_tokens or (adm.max_tokens if adm else None)
         view = RequestView(request_id=req.request_id, model=body.model,
                            num_prompt_tokens=len(prompt_ids), block_hashes=block_hashes,
-                           max_tokens=max_tokens or 16)
+                           max_tokens=max_tokens or 16, cache_hint_tokens=cache_hint)
         start = self.clock()
         halt = self._halt_below(req)
         runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt, receipt,

@@ -23,6 +23,9 @@ from meshd.scheduler.block_hash import BlockHasher, to_int64
 class Prompt:
     token_ids: tuple[int, ...]
     block_hashes: tuple[int, ...]  # low 64 bits, as published in KV events
+    # the client's cache hint (Anthropic `cache_control`): the prompt's tokens up to the end of
+    # the last marked block, the prefix it will send again (0: no hint); a routing hint
+    cache_hint_tokens: int = 0
 
 
 class PromptBuilder:
@@ -45,8 +48,10 @@ class PromptBuilder:
         """Token ids and block hashes of the request's prompt; ApiError(400) if it has none."""
         body = req.body
         tok = self.tokenizer(body.model)
+        hint = 0
         if isinstance(body, ChatRequest) and body.conversation is not None:
             ids = self._render(tok, body.conversation, body.prefill)
+            hint = self._hint_tokens(tok, body.conversation, ids)
         elif isinstance(body, ChatRequest):
             messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
             try:
@@ -59,7 +64,30 @@ class PromptBuilder:
             ids = list(body.prompt)
         if not ids:
             raise ApiError(400, "The prompt is empty.", param="prompt")
-        return Prompt(tuple(ids), self.hashes(ids, block_size))
+        return Prompt(tuple(ids), self.hashes(ids, block_size), hint)
+
+    @staticmethod
+    def _hint_tokens(tok: Tokenizer, conv: Any, ids: list[int]) -> int:
+        """How much of `ids` the cache-hinted prefix is: the conversation cut after its last
+        hinted unit, rendered without a generation prompt, as far as it agrees with `ids`
+        (exact whatever the template does after the cut)."""
+        from meshd.coordinator.gateway.dialects.model import cache_hint_prefix, truncated
+        from meshd.coordinator.gateway.dialects.template import to_template_messages
+
+        units = cache_hint_prefix(conv)
+        if not units:
+            return 0
+        messages, tools = to_template_messages(truncated(conv, units))
+        try:
+            head = tok.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
+        except ValueError:
+            return 0
+        n = 0
+        for a, b in zip(head, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        return n
 
     @staticmethod
     def _render(tok: Tokenizer, conv: Any, prefill: str) -> list[int]:

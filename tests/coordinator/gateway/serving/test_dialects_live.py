@@ -111,7 +111,7 @@ async def test_an_anthropic_stream_is_the_documented_event_sequence(mesh: Mesh) 
 
 
 async def test_stop_sequences_and_max_tokens_map_to_anthropic_stop_reasons(mesh: Mesh) -> None:
-    mesh.worker.script("one two STOP three", "abcdefghijklmnop")
+    mesh.worker.script("one two STOP three", "abcdefghijklmnop", "cached")
     client = mesh.anthropic()
     r = await client.messages.create(model="scripted", max_tokens=50, stop_sequences=["STOP"],
                                      messages=[{"role": "user", "content": "count"}])
@@ -120,6 +120,11 @@ async def test_stop_sequences_and_max_tokens_map_to_anthropic_stop_reasons(mesh:
     r = await client.messages.create(model="scripted", max_tokens=4,
                                      messages=[{"role": "user", "content": "letters"}])
     assert r.stop_reason == "max_tokens" and r.usage.output_tokens <= 4
+    mesh.worker.cached_tokens = 32  # the worker's prefix cache served 32 prompt tokens
+    r = await client.messages.create(model="scripted", max_tokens=50,
+                                     messages=[{"role": "user", "content": "x" * 60}])
+    prompt = len(mesh.worker.prompts[-1])
+    assert r.usage.cache_read_input_tokens == 32 and r.usage.input_tokens == prompt - 32
 
 
 async def test_anthropic_errors_are_anthropic_shaped(mesh: Mesh) -> None:
@@ -211,3 +216,41 @@ async def test_responses_stateless_stored_and_continued_by_previous_response_id(
     with pytest.raises(openai.NotFoundError):
         await client.responses.create(model="scripted", input="x",
                                       previous_response_id="resp_missing")
+    with pytest.raises(openai.BadRequestError) as e:  # refused, never silently ignored
+        await client.responses.create(model="scripted", input="x",
+                                      text={"format": {"type": "json_object"}})
+    assert "text.format" in str(e.value)
+
+
+async def test_reasoning_is_kept_apart_in_every_dialect(tmp_path: Path) -> None:
+    """A model with a reasoning parser (`qwen3`): its `<think>` block comes back as chat's
+    `reasoning_content`, an Anthropic `thinking` block and a Responses `reasoning` item."""
+    worker = ScriptedWorker()
+    await worker.start()
+    worker.script("<think>The user greets.</think>Hello!")
+    cfg = GatewayConfig(port=free_port(), static_workers=(worker.url,),
+                        reasoning_parsers={"scripted": "qwen3"})
+    rt = GatewayRuntime(cfg)
+    await rt.start()
+    try:
+        mesh = Mesh(worker, rt, f"http://127.0.0.1:{cfg.port}")
+        chat = await mesh.openai().chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "hi"}])
+        message = chat.choices[0].message
+        assert message.content == "Hello!"
+        assert (message.model_extra or {})["reasoning_content"] == "The user greets."
+        a = await mesh.anthropic().messages.create(
+            model="scripted", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+        assert [b.type for b in a.content] == ["thinking", "text"]
+        assert a.content[0].thinking == "The user greets."  # type: ignore[union-attr]
+        async with mesh.anthropic().messages.stream(
+                model="scripted", max_tokens=50,
+                messages=[{"role": "user", "content": "hi"}]) as stream:
+            final = await stream.get_final_message()
+        assert final.content[0].thinking == "The user greets."  # type: ignore[union-attr]
+        r = await mesh.openai().responses.create(model="scripted", input="hi")
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output_text == "Hello!"
+    finally:
+        await rt.stop(2)
+        await worker.stop()
