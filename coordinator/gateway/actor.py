@@ -4,8 +4,13 @@ Each replica is its own process running a `GatewayRuntime` on a uvloop event loo
 all replicas bind the same port with SO_REUSEPORT, so the kernel spreads connections over them
 and the gateway uses every core. Membership comes from the registry actor's routing set.
 Replica i serves its own metrics on a port of its own and publishes it (`metrics_address`), so
-/metrics on the shared port merges every replica's (`fleet.py`); `_mirror_metrics` copies its
-own samples into `ray.util.metrics` (Ray tags them by actor).
+/metrics on the shared port merges every replica's (`fleet.py`).
+
+On the Ray dashboard a replica shows as `meshd-gateway-<i>` with a repr naming its replica
+index, the OpenAI port and its own metrics address (Ray reads the repr once, at start). Its
+live figures (in flight, workers, requests by outcome, TTFT p50/p95, prefix hit rate:
+`ray_figures.py`) are copied into `ray.util.metrics`, tagged `actor=meshd-gateway-<i>`, by a
+`RayMetricsBridge` task on the replica's own event loop, where that state lives.
 """
 
 from __future__ import annotations
@@ -13,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,10 @@ from meshd.config import build
 from meshd.coordinator import actors
 from meshd.coordinator.gateway.config import GatewayConfig
 from meshd.coordinator.gateway.fleet import Peer, Peers, connect_host
+from meshd.coordinator.gateway.ray_figures import GATEWAY_SPECS, GatewayFigures
 from meshd.coordinator.gateway.runtime import GatewayRuntime, run_in_thread, tune_gc
+from meshd.coordinator.ray_metrics import RayMetricsBridge
+from meshd.endpoints import host_port
 
 log = logging.getLogger("meshd.gateway")
 PREFIX = "meshd-gateway-"
@@ -62,31 +68,21 @@ class _GatewayActor:
         host = self.config.host  # bound to every address: siblings may be on other nodes
         self._metrics_host = (ray.util.get_node_ip_address() if connect_host(host) != host
                               else host)
-        self._mirror = threading.Thread(target=self._mirror_metrics, daemon=True,
-                                        name="meshd-gateway-ray-metrics")
-        self._mirror.start()
+        self.replica = replica
+        bridge = RayMetricsBridge(f"{PREFIX}{replica}", GATEWAY_SPECS,
+                                  GatewayFigures(self.runtime))
+        self._figures = asyncio.run_coroutine_threadsafe(bridge.run(), self.loop)
 
-    def _mirror_metrics(self, period_s: float = 5.0) -> None:
-        """Copy the gateway's Prometheus samples into `ray.util.metrics` gauges, so the Ray
-        dashboard (and Ray's own Prometheus export) shows the serving figures per replica."""
-        from ray.util import metrics as rm
-
-        gauges: dict[str, Any] = {}
-        while self.thread.is_alive():
-            for family in self.runtime.metrics.registry.collect():
-                for sample in family.samples:
-                    if sample.name.endswith(("_created", "_bucket")):
-                        continue
-                    keys = tuple(sorted(sample.labels))
-                    gauge = gauges.get(sample.name)
-                    if gauge is None:
-                        gauge = gauges[sample.name] = rm.Gauge(
-                            sample.name, family.documentation or sample.name, tag_keys=keys)
-                    try:
-                        gauge.set(float(sample.value), tags=dict(sample.labels))
-                    except ValueError:  # label set changed shape; skip this sample
-                        continue
-            time.sleep(period_s)
+    def __repr__(self) -> str:
+        """What the Ray dashboard shows (read once, when the actor starts)."""
+        c = getattr(self, "config", None)
+        if c is None or not hasattr(self, "_figures"):
+            return "meshd gateway replica (starting)"
+        fleet = self.runtime.fleet
+        own = (f", own metrics http://{host_port(self._metrics_host, fleet.port)}/metrics"
+               if fleet is not None else "")
+        return (f"meshd gateway replica {self.replica} of {c.replicas}: OpenAI API on "
+                f"{host_port(c.host, c.port)}{own}")
 
     def metrics_address(self) -> tuple[str, int]:
         """(host, port) of this replica's own /metrics, for the siblings' fleet view."""
@@ -108,6 +104,7 @@ class _GatewayActor:
         return self.runtime.describe()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._figures.cancel()
         fut = asyncio.run_coroutine_threadsafe(self.runtime.stop(timeout_s), self.loop)
         try:
             fut.result(timeout_s + 5)

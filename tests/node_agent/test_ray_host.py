@@ -112,3 +112,55 @@ async def test_workers_die_with_a_killed_actor(ray_session: Any, tmp_path: Path)
         await wait_for(lambda: sup.ready_workers() == (), 10)  # the refresh notices
     finally:
         await sup.stop(grace_s=1)
+
+
+def test_the_host_actor_repr_lists_its_workers() -> None:
+    from meshd.capabilities import Worker
+    from meshd.node_agent.ray_host import describe_workers
+
+    ws = [Worker(f"w{i}", f"http://h:{i}", "decode", "m") for i in range(6)]
+    assert describe_workers(ws[:2]) == "meshd workers: w0 decode m http://h:0, w1 decode m http://h:1"
+    assert describe_workers(ws).endswith("w3 decode m http://h:3, +2 more")
+    assert describe_workers([]) == "meshd workers: none"
+
+
+def make_env_worker(tmp_path: Path, out: Path) -> Any:
+    """`health_worker`, writing its OMP_NUM_THREADS (or "unset") to `out` first."""
+    import dataclasses
+    import sys
+
+    spec = health_worker(tmp_path, life=120.0)
+    code = (f"import os, sys; open({str(out)!r}, 'w').write("
+            "os.environ.get('OMP_NUM_THREADS', 'unset')); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    return dataclasses.replace(spec, argv=(sys.executable, "-c", code, *spec.argv[1:]))
+
+
+@pytest.mark.parametrize("agent_value", [None, "3"])
+async def test_workers_get_the_agents_omp_threads_not_rays(
+        ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        agent_value: str | None) -> None:
+    """Ray sets OMP_NUM_THREADS=1 in a CPU-less actor; the workers must see the agent's (a CPU
+    engine on one thread otherwise). The actor's repr (what the dashboard shows) names them."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    if agent_value is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", agent_value)
+    out = tmp_path / "omp"
+    node_id = ray.get_runtime_context().get_node_id()
+    sup = RaySupervisor([make_env_worker(tmp_path, out)], tmp_path / "logs", node_id,
+                        refresh_s=0.2)
+    await sup.start()
+    try:
+        assert await sup.wait_ready(30)
+        assert out.read_text() == (agent_value or "unset")
+        raw = state._connect_and_get_accessor().get_actor_info(
+            ray.get_actor(actor_name(node_id))._actor_id)
+        shown = gcs_pb2.ActorTableData.FromString(raw).repr_name
+        assert shown == "meshd workers: w0 both tiny " + sup.specs[0].worker.endpoint
+    finally:
+        await sup.stop(grace_s=5)
