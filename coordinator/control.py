@@ -21,6 +21,7 @@ from meshd.config import CoordinatorConfig
 from meshd.coordinator import claims
 from meshd.coordinator.metrics import ControlMetrics
 from meshd.coordinator.nodes import ALIVE, LEFT, Node, NodeTable
+from meshd.coordinator.roles import RoleAsk, RoleBook
 from meshd.coordinator.store import NodeRow, Store
 from meshd.coordinator.verify import Rejected, Verified, Verifier
 from meshd.proto.v1 import control_pb2 as pb
@@ -55,6 +56,7 @@ class ControlPlane:
         self.started_at = clock()
         self.verifier = Verifier(store, config.timestamp_window_s, clock, self.started_at)
         self.table = NodeTable(config.suspect_after_s, config.dead_after_s)
+        self.roles = RoleBook()
         now = clock()
         revoked = self._revoked()
         self.table.restore((Node(r.node_id, r.public_key, caps.from_dict(r.capabilities),
@@ -125,15 +127,48 @@ class ControlPlane:
         self.metrics.heartbeat(now - sealed.envelope.timestamp_ms / 1000.0)
         if change is not None:
             self.metrics.set_node_counts(self.table.counts())
+        node_id = sealed.who.node_id
+        self.roles.ack(node_id, req.role_generation)
         return pb.HeartbeatReply(heartbeat_interval_s=self.config.heartbeat_interval_s,
-                                 state=ALIVE)
+                                 state=ALIVE, role_changes=[
+                                     _role_pb(a) for a in self.roles.pending(node_id)])
 
     async def deregister(self, raw: bytes) -> pb.DeregisterReply:
         sealed = self.open(raw, "Deregister")
         _parse(pb.DeregisterRequest, sealed.envelope.payload)
         if self.table.deregister(sealed.who.node_id) is not None:
             await self.flush()
+        self.roles.forget(sealed.who.node_id)
         return pb.DeregisterReply()
+
+    def set_role(self, raw: bytes) -> pb.SetRoleReply:
+        """An admin asks a worker to take another role (the agent drains and restarts it)."""
+        req = _parse(pb.SetRoleRequest, self.open(raw, "SetRole", admin=True).envelope.payload)
+        role = caps.role_name(req.role)
+        node = self.table.nodes.get(req.node_id)
+        if node is None or node.state != ALIVE:
+            raise RequestError("NOT_FOUND", "no_such_node",
+                               f"node {req.node_id!r} is not alive in the mesh")
+        worker = next((w for w in node.capabilities.workers
+                       if w.worker_id == req.worker_id), None)
+        if worker is None:
+            raise RequestError("NOT_FOUND", "no_such_worker",
+                               f"node {req.node_id} reports no worker {req.worker_id!r}")
+        if role is None:
+            raise RequestError("INVALID_ARGUMENT", "bad_role",
+                               "role must be prefill, decode or both")
+        if worker.role == role:
+            raise RequestError("FAILED_PRECONDITION", "same_role",
+                               f"worker {worker.worker_id} already has role {role}")
+        if worker.engine != "embedded":
+            raise RequestError("UNIMPLEMENTED", "engine_cannot_rerole",
+                               f"worker {worker.worker_id} runs engine {worker.engine!r}; "
+                               f"only embedded workers change roles at runtime yet")
+        try:
+            ask = self.roles.ask(node.node_id, worker.worker_id, role)
+        except ValueError as e:
+            raise RequestError("FAILED_PRECONDITION", "role_change_pending", str(e)) from None
+        return pb.SetRoleReply(generation=ask.generation)
 
     def status(self, raw: bytes) -> pb.StatusReply:
         self.open(raw, "Status", admin=True)
@@ -147,7 +182,8 @@ class ControlPlane:
                 last_heartbeat_unix=n.last_heartbeat, heartbeat_age_s=now - n.last_heartbeat,
                 workers=[caps.worker_to_pb(replace(w, api_token=""))
                          for w in c.workers],
-                attributes=dict(c.attributes), ray_node_id=c.ray_node_id))
+                attributes=dict(c.attributes), ray_node_id=c.ray_node_id,
+                pending_roles=[_role_pb(a) for a in self.roles.pending(n.node_id)]))
         return out
 
     def routable_workers(self) -> list[caps.Member]:
@@ -157,7 +193,8 @@ class ControlPlane:
         revoked = self._revoked()
         return [m for n in self.table.nodes.values()
                 if n.state == ALIVE and n.public_key not in revoked
-                for m in caps.members(n.node_id, n.capabilities)]
+                for m in caps.members(n.node_id, n.capabilities)
+                if m.worker.worker_id not in self.roles.draining(n.node_id)]
 
     def _revoked(self) -> set[bytes]:
         return {k.public_key for k in self.store.list_keys() if k.state == "revoked"}
@@ -181,6 +218,10 @@ class ControlPlane:
         self.metrics.set_node_counts(self.table.counts())
 
 
+def _role_pb(a: RoleAsk) -> pb.RoleChange:
+    return pb.RoleChange(worker_id=a.worker_id, role=caps.ROLES[a.role], generation=a.generation)
+
+
 def _join_token(payload: bytes) -> str:
     try:
         return pb.RegisterRequest.FromString(payload).join_token
@@ -188,7 +229,8 @@ def _join_token(payload: bytes) -> str:
         return ""  # reported as a malformed payload after authentication
 
 
-M = TypeVar("M", pb.RegisterRequest, pb.HeartbeatRequest, pb.DeregisterRequest)
+M = TypeVar("M", pb.RegisterRequest, pb.HeartbeatRequest, pb.DeregisterRequest,
+            pb.SetRoleRequest)
 
 
 def _parse(cls: type[M], payload: bytes) -> M:

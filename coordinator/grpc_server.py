@@ -54,6 +54,7 @@ class ControlServer:
             "Heartbeat": self._unary("Heartbeat", _awaitable(p.heartbeat)),
             "Deregister": self._unary("Deregister", lambda raw, _: p.deregister(raw)),
             "Status": self._unary("Status", _awaitable(p.status)),
+            "SetRole": self._unary("SetRole", _awaitable(p.set_role)),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.grpc_port = server.add_insecure_port(self.config.address)

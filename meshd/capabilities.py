@@ -19,6 +19,11 @@ from meshd.proto.v1 import control_pb2 as pb
 ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE,
          "both": pb.WORKER_ROLE_BOTH}
 _ROLE_NAMES = {v: k for k, v in ROLES.items()}
+
+
+def role_name(role: int) -> str | None:
+    """A protobuf WorkerRole's name (prefill | decode | both), None if unset or unknown."""
+    return _ROLE_NAMES.get(role)  # type: ignore[call-overload]
 WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # A worker's API token goes into an HTTP header line: visible ASCII only (no CR/LF, no spaces)
 API_TOKEN = re.compile(r"[!-~]{16,256}")

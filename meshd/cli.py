@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    role = sub.add_parser("role", help="change a worker's role at runtime (drained first)")
+    rsub_role = role.add_subparsers(dest="role_command", required=True)
+    rset = rsub_role.add_parser("set", help="ask NODE's agent to re-role WORKER to ROLE")
+    rset.add_argument("node", help="node id (`meshd status`)")
+    rset.add_argument("worker", help="worker id (`meshd status`)")
+    rset.add_argument("role", choices=("prefill", "decode", "both"))
+    rset.add_argument("--coordinator", help="coordinator address host:port")
+    rset.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
     usage = sub.add_parser("usage", help="tenants' tokens, spend and limits, from the gateway",
                            description="Requests, tokens and spend per tenant and model over a "
                            "range of UTC days, and the current limits, from the gateway at "
@@ -134,7 +142,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             out["coordinator"][flag] = getattr(args, flag)
     if cmd == "up" and args.port is not None:
         out["gateway"] = {"port": args.port}
-    if cmd in ("agent", "status") and args.coordinator:
+    if cmd in ("agent", "status", "role") and args.coordinator:
         out["agent"]["coordinator"] = args.coordinator
     if cmd == "agent":
         if args.join_token:

@@ -6,6 +6,9 @@
   coordinator restores node records from its store, so heartbeats resume without operator
   action. Told `not_registered`: registers again.
 - Refused for good (revoked or unknown key, used token): stops with `AgentRefused`.
+- Told to change a worker's role (a heartbeat reply's `role_changes`): hands each new one to
+  the supervisor (`rerole`: drain, restart in the role) and acknowledges it in the next
+  heartbeat (`role_generation`); the drained worker leaves its next registration.
 - On stop (SIGTERM): deregisters within a deadline, then returns.
 """
 
@@ -65,9 +68,11 @@ def host_load() -> tuple[float, int]:
 class Agent:
     def __init__(self, config: AgentConfig, identity: Identity,
                  report: Callable[[], caps.Capabilities],
-                 workers: Callable[[], tuple[caps.Worker, ...]] | None = None) -> None:
+                 workers: Callable[[], tuple[caps.Worker, ...]] | None = None,
+                 rerole: Callable[[str, str], bool] | None = None) -> None:
         """`report` is called at each registration; `workers` (the supervisor's ready workers)
-        is checked every tick and a change re-registers with the new set."""
+        is checked every tick and a change re-registers with the new set; `rerole(worker_id,
+        role)` starts a role change (None: this agent's supervisor cannot)."""
         self.config = config
         self.identity = identity
         self.report = report
@@ -77,6 +82,8 @@ class Agent:
         self.status = AgentStatus(identity.node_id)
         self.interval_s = 2.0
         self._seq = 0
+        self.rerole = rerole
+        self.role_generation = 0  # the highest role change taken
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; raises AgentRefused when the coordinator refuses us."""
@@ -132,9 +139,20 @@ class Agent:
         self._seq += 1
         load, avail = host_load()
         reply = await self.client.heartbeat(pb.HeartbeatRequest(
-            seq=self._seq, cpu_load=load, memory_available_bytes=avail))
+            seq=self._seq, cpu_load=load, memory_available_bytes=avail,
+            role_generation=self.role_generation))
         self.interval_s = reply.heartbeat_interval_s or self.interval_s
         self.status.heartbeats += 1
+        for change in reply.role_changes:
+            if change.generation <= self.role_generation:
+                continue
+            role = caps.role_name(change.role)
+            started = (self.rerole is not None and role is not None
+                       and self.rerole(change.worker_id, role))
+            log.log(logging.INFO if started else logging.WARNING,
+                    "role change %d: worker %s -> %s %s", change.generation, change.worker_id,
+                    role, "started" if started else "not possible here (dropped)")
+            self.role_generation = change.generation
 
     async def _leave(self) -> None:
         t0 = time.monotonic()

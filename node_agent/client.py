@@ -16,7 +16,7 @@ from meshd.proto.v1 import control_pb2 as pb
 
 _REPLIES: dict[str, Any] = {
     "Register": pb.RegisterReply, "Heartbeat": pb.HeartbeatReply,
-    "Deregister": pb.DeregisterReply, "Status": pb.StatusReply,
+    "Deregister": pb.DeregisterReply, "Status": pb.StatusReply, "SetRole": pb.SetRoleReply,
 }
 
 
@@ -74,6 +74,13 @@ class ControlClient:
     async def deregister(self, reason: str = "", timeout_s: float | None = None) -> None:
         await self.call("Deregister", pb.DeregisterRequest(reason=reason).SerializeToString(),
                         timeout_s)
+
+    async def set_role(self, node_id: str, worker_id: str, role: pb.WorkerRole
+                       ) -> pb.SetRoleReply:
+        """Admin keys: ask `worker_id` of `node_id` to take `role` (a pb WorkerRole)."""
+        req = pb.SetRoleRequest(node_id=node_id, worker_id=worker_id, role=role)
+        reply: pb.SetRoleReply = await self.call("SetRole", req.SerializeToString())
+        return reply
 
     async def status(self) -> pb.StatusReply:
         reply: pb.StatusReply = await self.call("Status", pb.StatusRequest().SerializeToString())

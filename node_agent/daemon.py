@@ -28,6 +28,7 @@ from meshd.node_agent.launcher import (
     embedded_experts,
     embedded_specs,
     ensure_secret,
+    respec,
 )
 from meshd.node_agent.supervisor import Supervisor, WorkerSpec, WorkerSupervisor
 from meshd.node_agent.vllm_launcher import vllm_specs
@@ -71,7 +72,7 @@ def make_supervisor(cfg: MeshConfig, ident: Identity,
         from meshd.node_agent.ray_host import RaySupervisor
 
         return RaySupervisor(specs, state / "logs", ray_node_id)
-    return Supervisor(specs, state / "logs")
+    return Supervisor(specs, state / "logs", respec=respec)
 
 
 def join_ray(cfg: MeshConfig) -> tuple[str, bool]:
@@ -109,7 +110,8 @@ async def run(cfg: MeshConfig, ident: Identity, stop: asyncio.Event,
         experts = embedded_experts(cfg.workers, ident.node_id)
         agent = Agent(a, ident, lambda: probe.probe(address=a.host, attributes=a.attributes,
                                                     ray_node_id=ray_node_id, experts=experts),
-                      workers=sup.ready_workers)
+                      workers=sup.ready_workers,
+                      rerole=getattr(sup, "rerole", None))
         await sup.start()
         try:
             await agent.run(stop)

@@ -8,6 +8,7 @@ An MoE placement (`[workers] experts`) becomes the report's expert records (`emb
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sys
@@ -38,6 +39,24 @@ def ensure_secret(path: str | Path) -> Path:
 
 def roles(cfg: WorkersConfig) -> list[str]:
     return ["prefill"] * cfg.prefill + ["decode"] * cfg.decode + ["both"] * cfg.both
+
+
+def respec(spec: WorkerSpec, role: str) -> WorkerSpec | None:
+    """An embedded worker's spec in another role, under the id that role gives its slot
+    (`<node>-p0` as decode is `<node>-d0`: a new worker to the gateways, with a fresh cache
+    view); None for workers of other engines (vLLM's KV role is fixed at launch here)."""
+    w = spec.worker
+    if w.engine != "embedded" or "--role" not in spec.argv:
+        return None
+    node, _, slot = w.worker_id.rpartition("-")
+    new_id = f"{node}-{role[0]}{slot[1:]}"
+    argv = list(spec.argv)
+    argv[argv.index("--role") + 1] = role
+    if "--engine-id" in argv:
+        argv[argv.index("--engine-id") + 1] = new_id
+    return dataclasses.replace(spec, worker=dataclasses.replace(w, worker_id=new_id,
+                                                                 role=role),
+                               argv=tuple(argv))
 
 
 def worker_ids(cfg: WorkersConfig, node_id: str) -> list[str]:

@@ -5,6 +5,14 @@ A `WorkerSpec` says how to run one worker (the embedded engine's `meshd engine s
 process in its own process group, polls `GET <health_url>` until ready (deadline), restarts it
 with capped exponential backoff when it exits or stops answering, and on `stop()` sends SIGTERM
 to the group, then SIGKILL after a grace period. Output goes to `<log_dir>/<worker_id>.log`.
+
+`rerole(worker_id, role)` changes a worker's role at runtime (the coordinator asks, the agent
+calls it): the worker is drained — it leaves `ready_workers` at once, so the agent's next
+registration takes it out of the routing set — until its own `/metrics` show nothing running,
+waiting or leased (KV blocks a decode worker has yet to pull) for `_IDLE_POLLS` polls in a
+row; then it is restarted with the new role's spec (`respec`) under a new worker id. A worker
+that does not drain within `drain_timeout_s` keeps its role and is served again: a role change
+never ends a request.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ class WorkerSpec:
     ready_timeout_s: float = 180.0
     health_interval_s: float = 2.0
     max_backoff_s: float = 30.0
+    metrics_url: str = ""  # the worker's /metrics (what a drain watches); "" = health's host
+    drain_timeout_s: float = 120.0
 
 
 class WorkerSupervisor(Protocol):
@@ -66,6 +76,8 @@ class WorkerState:
     started_at: float = 0.0
     last_exit: int | None = None
     log_file: IO[bytes] | None = None
+    draining: bool = False  # a role change waits for it to finish its requests
+    role_changes: int = 0
 
 
 _PR_SET_PDEATHSIG = 1
@@ -110,22 +122,110 @@ def _healthy(url: str, timeout_s: float) -> bool:
         return False
 
 
+_IDLE_POLLS = 3  # consecutive idle /metrics polls before a drained worker restarts
+_IDLE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                "meshd_engine_kv_leased_blocks")
+# the respec of a worker for a new role (launcher.respec); None when its engine cannot
+Respec = Callable[[WorkerSpec, str], WorkerSpec | None]
+
+
+def _busy(url: str, timeout_s: float) -> float | None:
+    """Requests running + waiting + KV blocks leased, from the worker's /metrics (None: no
+    answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            text = r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _IDLE_GAUGES:
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class Supervisor:
-    def __init__(self, specs: Sequence[WorkerSpec], log_dir: str | Path) -> None:
+    def __init__(self, specs: Sequence[WorkerSpec], log_dir: str | Path,
+                 respec: Respec | None = None, settle_s: float = 2.0,
+                 poll_s: float = 0.5) -> None:
+        """`respec`: how a worker's spec looks in another role (None: no role changes);
+        `settle_s`: how long a drained worker waits before its first idle poll (the gateways'
+        membership refresh must have taken it out of their routing sets)."""
         self.states = {s.worker.worker_id: WorkerState(s) for s in specs}
         self.log_dir = Path(log_dir).expanduser()
+        self._respec = respec
+        self._settle_s, self._poll_s = settle_s, poll_s
         self._tasks: list[asyncio.Task[None]] = []
+        self._keepers: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
 
     def ready_workers(self) -> tuple[Worker, ...]:
-        return tuple(st.spec.worker for st in self.states.values() if st.ready)
+        return tuple(st.spec.worker for st in self.states.values()
+                     if st.ready and not st.draining)
 
     def all_ready(self) -> bool:
         return all(st.ready for st in self.states.values())
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._tasks = [asyncio.create_task(self._keep(st)) for st in self.states.values()]
+        self._keepers = {wid: asyncio.create_task(self._keep(st))
+                         for wid, st in self.states.items()}
+
+    def rerole(self, worker_id: str, role: str) -> bool:
+        """Start changing `worker_id`'s role (drain, then restart); False when it cannot be
+        (unknown worker, a change under way, its engine cannot, the same role)."""
+        st = self.states.get(worker_id)
+        if st is None or st.draining or self._respec is None or st.spec.worker.role == role:
+            return False
+        new = self._respec(st.spec, role)
+        if new is None:
+            return False
+        st.draining = True
+        self._tasks.append(asyncio.create_task(self._rerole(st, new)))
+        return True
+
+    async def _rerole(self, st: WorkerState, new: WorkerSpec) -> None:
+        old = st.spec.worker.worker_id
+        url = st.spec.metrics_url or st.spec.health_url.rsplit("/", 1)[0] + "/metrics"
+        log.info("worker %s: draining for role %s", old, new.worker.role)
+        if not await self._drained(url, st.spec.drain_timeout_s):
+            st.draining = False
+            log.warning("worker %s still busy after %.0fs: keeps role %s and is served again",
+                        old, st.spec.drain_timeout_s, st.spec.worker.role)
+            return
+        keeper = self._keepers.pop(old, None)
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        await self._terminate(st, 10.0)
+        if st.log_file is not None:
+            st.log_file.close()
+            st.log_file = None
+        if self._stopping:
+            return
+        del self.states[old]
+        nid = new.worker.worker_id
+        st.spec, st.ready, st.draining, st.proc = new, False, False, None
+        st.role_changes += 1
+        self.states[nid] = st
+        self._keepers[nid] = asyncio.create_task(self._keep(st))
+        log.info("worker %s restarted as %s (role %s)", old, nid, new.worker.role)
+
+    async def _drained(self, url: str, timeout_s: float) -> bool:
+        """Nothing running, waiting or leased for `_IDLE_POLLS` polls in a row, in time."""
+        deadline = time.monotonic() + timeout_s
+        await asyncio.sleep(self._settle_s)
+        idle = 0
+        while time.monotonic() < deadline:
+            busy = await asyncio.to_thread(_busy, url, 2.0)
+            idle = idle + 1 if busy == 0 else 0
+            if idle >= _IDLE_POLLS:
+                return True
+            await asyncio.sleep(self._poll_s)
+        return False
 
     async def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -137,9 +237,10 @@ class Supervisor:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         self._stopping = True
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._keepers.values()]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await asyncio.gather(*(self._terminate(st, grace_s) for st in self.states.values()))
@@ -225,5 +326,7 @@ class Supervisor:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"worker_id": wid, "ready": st.ready, "restarts": st.restarts,
-                 "pid": st.proc.pid if st.proc else None, "last_exit": st.last_exit}
+                 "pid": st.proc.pid if st.proc else None, "last_exit": st.last_exit,
+                 "role": st.spec.worker.role, "draining": st.draining,
+                 "role_changes": st.role_changes}
                 for wid, st in self.states.items()]

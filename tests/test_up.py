@@ -35,6 +35,21 @@ class Up:
     worker_base: int
     tmp: Path
     out: list[str]
+    grpc_port: int = 0
+
+    def meshd(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """A `meshd` command against this mesh's coordinator (its admin key)."""
+        env = {**os.environ, "MESHD_COORDINATOR_STATE_DIR": str(self.tmp / "coord")}
+        return subprocess.run([sys.executable, "-m", "meshd", *argv, "--coordinator",
+                               f"127.0.0.1:{self.grpc_port}"], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    def workers(self) -> dict[str, tuple[str, int]]:
+        """worker id -> (node id, role) as the coordinator sees them (`meshd status`)."""
+        cmd = self.meshd("status", "--json")
+        assert cmd.returncode == 0, cmd.stderr
+        return {w["worker_id"]: (n["node_id"], w["role"])
+                for n in json.loads(cmd.stdout)["nodes"] for w in n.get("workers", ())}
 
     @property
     def url(self) -> str:
@@ -92,7 +107,7 @@ def _start_up(tmp: Path) -> Up:
                              "--grpc-port", str(grpc_port), "--metrics-port", "0",
                              "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    up = Up(proc, port, worker_base, tmp, [])
+    up = Up(proc, port, worker_base, tmp, [], grpc_port)
     assert proc.stdout is not None
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -289,6 +304,65 @@ def test_decode_worker_death_mid_stream_loses_nothing(up: Up, fault: str) -> Non
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     _wait_pd_resumes(up, pid if fault == "kill" else None)
+
+
+def _continuations(up: Up) -> float:
+    """The fleet's decode continuations (a choice moved to another worker mid-stream)."""
+    with urllib.request.urlopen(up.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("meshd_decode_continuations_total")]
+    assert values, "the fleet /metrics has no meshd_decode_continuations_total"
+    return sum(values)
+
+
+def _rerole_and_wait(up: Up, worker: str, role: str, timeout_s: float = 90) -> str:
+    """`meshd role set`, then until the coordinator sees the slot's new worker; its id."""
+    node = up.workers()[worker][0]
+    cmd = up.meshd("role", "set", node, worker, role)
+    assert cmd.returncode == 0 and "asked" in cmd.stdout, cmd.stdout + cmd.stderr
+    new = f"{worker.rpartition('-')[0]}-{role[0]}{worker.rpartition('-')[2][1:]}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = up.workers()
+        if worker not in seen and seen.get(new, ("", ""))[1] == f"WORKER_ROLE_{role.upper()}":
+            return new
+        time.sleep(0.5)
+    raise AssertionError(f"{worker} did not come back as {role}: {up.workers()}")
+
+
+def test_a_worker_changes_role_mid_stream_and_loses_nothing(up: Up) -> None:
+    """Issue 13 §4's actuator: the decode worker is asked (mid-stream, through `meshd role
+    set`) to become a `both` worker. It leaves the routing set at once, finishes the stream
+    it is decoding — the client gets every token — then restarts in its new role under a new
+    id and is served again; and back to decode."""
+    expected = _reference(up, 300)
+    decode = next(w for w, (_, role) in up.workers().items() if role == "WORKER_ROLE_DECODE")
+    _wait_pd_resumes(up, None)  # the stream below is decoded on the decode worker
+    asked: list[subprocess.CompletedProcess[str]] = []
+
+    def rerole(n: int) -> None:
+        asked.append(up.meshd("role", "set", up.workers()[decode][0], decode, "both"))
+
+    moved = _continuations(up)
+    text, finish = _stream_with_fault(up, 300, rerole)
+    assert asked and asked[0].returncode == 0, asked[0].stderr if asked else "not asked"
+    assert text == expected and finish == "length"
+    # drained, not failed over: the stream never left the worker it was decoding on
+    assert _continuations(up) == moved
+    new = f"{decode.rpartition('-')[0]}-b{decode.rpartition('-')[2][1:]}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and up.workers().get(new, ("", ""))[1] != \
+            "WORKER_ROLE_BOTH":
+        time.sleep(0.5)
+    assert up.workers()[new][1] == "WORKER_ROLE_BOTH" and decode not in up.workers()
+    again = up.client().completions.create(model="meshd-tiny", prompt=PROMPT, max_tokens=12,
+                                           temperature=0)
+    assert again.choices[0].text == expected[:len(again.choices[0].text)]
+    refused = up.meshd("role", "set", up.workers()[new][0], new, "both")
+    assert refused.returncode != 0 and "already has role both" in refused.stderr
+    assert _rerole_and_wait(up, new, "decode") == decode  # the module's topology again
+    _wait_pd_resumes(up, None)
 
 
 def test_meshd_up_stops_cleanly(up: Up) -> None:

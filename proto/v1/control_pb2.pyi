@@ -188,26 +188,56 @@ class WorkerLoad(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("seq", "cpu_load", "memory_available_bytes", "workers", "capabilities_changed")
+    __slots__ = ("seq", "cpu_load", "memory_available_bytes", "workers", "capabilities_changed", "role_generation")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CPU_LOAD_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    ROLE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     seq: int
     cpu_load: float
     memory_available_bytes: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerLoad]
     capabilities_changed: bool
-    def __init__(self, seq: _Optional[int] = ..., cpu_load: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., capabilities_changed: _Optional[bool] = ...) -> None: ...
+    role_generation: int
+    def __init__(self, seq: _Optional[int] = ..., cpu_load: _Optional[float] = ..., memory_available_bytes: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLoad, _Mapping]]] = ..., capabilities_changed: _Optional[bool] = ..., role_generation: _Optional[int] = ...) -> None: ...
+
+class RoleChange(_message.Message):
+    __slots__ = ("worker_id", "role", "generation")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: WorkerRole
+    generation: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("heartbeat_interval_s", "state")
+    __slots__ = ("heartbeat_interval_s", "state", "role_changes")
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_CHANGES_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_s: float
     state: str
-    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+    role_changes: _containers.RepeatedCompositeFieldContainer[RoleChange]
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., state: _Optional[str] = ..., role_changes: _Optional[_Iterable[_Union[RoleChange, _Mapping]]] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("node_id", "worker_id", "role")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    worker_id: str
+    role: WorkerRole
+    def __init__(self, node_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
+
+class SetRoleReply(_message.Message):
+    __slots__ = ("generation",)
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    def __init__(self, generation: _Optional[int] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("reason",)
@@ -224,7 +254,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "host", "gpu_count", "gpu_names", "state", "last_heartbeat_unix", "heartbeat_age_s", "workers", "attributes", "ray_node_id")
+    __slots__ = ("node_id", "host", "gpu_count", "gpu_names", "state", "last_heartbeat_unix", "heartbeat_age_s", "workers", "attributes", "ray_node_id", "pending_roles")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +272,7 @@ class NodeStatus(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     RAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ROLES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     host: str
     gpu_count: int
@@ -252,7 +283,8 @@ class NodeStatus(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     attributes: _containers.ScalarMap[str, str]
     ray_node_id: str
-    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., gpu_count: _Optional[int] = ..., gpu_names: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., ray_node_id: _Optional[str] = ...) -> None: ...
+    pending_roles: _containers.RepeatedCompositeFieldContainer[RoleChange]
+    def __init__(self, node_id: _Optional[str] = ..., host: _Optional[str] = ..., gpu_count: _Optional[int] = ..., gpu_names: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., last_heartbeat_unix: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., ray_node_id: _Optional[str] = ..., pending_roles: _Optional[_Iterable[_Union[RoleChange, _Mapping]]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("nodes", "coordinator_started_unix")

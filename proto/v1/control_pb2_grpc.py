@@ -54,6 +54,11 @@ class ControlStub:
                 request_serializer=meshd_dot_proto_dot_v1_dot_control__pb2.SignedEnvelope.SerializeToString,
                 response_deserializer=meshd_dot_proto_dot_v1_dot_control__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/meshd.v1.Control/SetRole',
+                request_serializer=meshd_dot_proto_dot_v1_dot_control__pb2.SignedEnvelope.SerializeToString,
+                response_deserializer=meshd_dot_proto_dot_v1_dot_control__pb2.SetRoleReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -88,6 +93,13 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRole(self, request, context):
+        """SetRoleRequest; admin keys only
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=meshd_dot_proto_dot_v1_dot_control__pb2.SignedEnvelope.FromString,
                     response_serializer=meshd_dot_proto_dot_v1_dot_control__pb2.StatusReply.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=meshd_dot_proto_dot_v1_dot_control__pb2.SignedEnvelope.FromString,
+                    response_serializer=meshd_dot_proto_dot_v1_dot_control__pb2.SetRoleReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Control:
             '/meshd.v1.Control/Status',
             meshd_dot_proto_dot_v1_dot_control__pb2.SignedEnvelope.SerializeToString,
             meshd_dot_proto_dot_v1_dot_control__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshd.v1.Control/SetRole',
+            meshd_dot_proto_dot_v1_dot_control__pb2.SignedEnvelope.SerializeToString,
+            meshd_dot_proto_dot_v1_dot_control__pb2.SetRoleReply.FromString,
             options,
             channel_credentials,
             insecure,
