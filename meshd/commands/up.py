@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import signal
 import time
-import urllib.request
+from typing import Any
 
 import ray
 
@@ -44,14 +44,13 @@ def _trust_local_agent(cfg: MeshConfig) -> identity.Identity:
     return ident
 
 
-def _models(url: str) -> list[str]:
+def _all_see_workers(handles: list[Any]) -> bool:
+    """Does every gateway replica list a model (its routing set holds workers)?"""
     try:
-        with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
-            import json
-
-            return [m["id"] for m in json.loads(r.read())["data"]]
-    except (OSError, ValueError, KeyError):
-        return []
+        infos = ray.get([h.info.remote() for h in handles], timeout=5)
+    except Exception:  # a replica busy starting: ask again
+        return False
+    return all(info.get("models") for info in infos)
 
 
 async def _serve(cfg: MeshConfig, duration: float, dashboard: str) -> None:
@@ -86,9 +85,10 @@ async def _serve(cfg: MeshConfig, duration: float, dashboard: str) -> None:
     g = cfg.gateway
     url = f"http://{g.host}:{g.port}"
     print(f"starting {g.replicas} gateway replica(s)...", flush=True)
-    await asyncio.to_thread(gateways.deploy, g, cfg.ray.namespace, 60.0,
-                            cfg.coordinator.state_dir)
-    while not stop.is_set() and not _models(url):  # the gateway sees the workers
+    handles = await asyncio.to_thread(gateways.deploy, g, cfg.ray.namespace, 60.0,
+                                      cfg.coordinator.state_dir)
+    # every replica sees the workers (the kernel may hand the first request to any of them)
+    while not stop.is_set() and not await asyncio.to_thread(_all_see_workers, handles):
         if time.monotonic() - t0 > cfg.workers.ready_timeout_s:
             raise CommandError("the gateway sees no workers; check `meshd status`")
         await asyncio.sleep(0.3)
