@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     rset.add_argument("role", choices=("prefill", "decode", "both"))
     rset.add_argument("--coordinator", help="coordinator address host:port")
     rset.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
+    plan = sub.add_parser("plan", help="the P/D planner on the mesh's last window "
+                                       "(--apply: re-role workers)")
+    plan.add_argument("--model", help="the model whose workers to plan (default: [workers])")
+    plan.add_argument("--window", type=float, default=300.0, metavar="S",
+                      help="seconds of request records to plan from (default 300)")
+    plan.add_argument("--ttft", type=float, default=2.0, metavar="S",
+                      help="TTFT SLO (default 2)")
+    plan.add_argument("--itl", type=float, default=0.1, metavar="S",
+                      help="mean inter-token gap SLO (default 0.1)")
+    plan.add_argument("--sample", type=int, default=300, metavar="N",
+                      help="synthetic requests each candidate is simulated on (default 300)")
+    plan.add_argument("--apply", action="store_true", help="ask for the role changes")
+    plan.add_argument("--coordinator", help="coordinator address host:port")
+    plan.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
     usage = sub.add_parser("usage", help="tenants' tokens, spend and limits, from the gateway",
                            description="Requests, tokens and spend per tenant and model over a "
                            "range of UTC days, and the current limits, from the gateway at "
@@ -142,7 +156,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             out["coordinator"][flag] = getattr(args, flag)
     if cmd == "up" and args.port is not None:
         out["gateway"] = {"port": args.port}
-    if cmd in ("agent", "status", "role") and args.coordinator:
+    if cmd in ("agent", "status", "role", "plan") and args.coordinator:
         out["agent"]["coordinator"] = args.coordinator
     if cmd == "agent":
         if args.join_token:

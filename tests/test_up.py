@@ -175,6 +175,23 @@ def test_meshd_up_serves_anthropic_messages_and_openai_responses(up: Up) -> None
     assert events[-1] in ("response.completed", "response.incomplete")
 
 
+def test_meshd_plan_reads_the_fleets_window_and_plans_the_workers(up: Up) -> None:
+    """`meshd plan` on the running mesh: the replicas' request records of the window, the
+    workers' roles and calibrated timing in, every candidate split simulated and the plan's
+    role changes out (not applied here: `--apply` goes through `meshd role`, tested below)."""
+    client = up.client()
+    for i in range(4):  # the window holds at least these (records are flushed every second)
+        client.completions.create(model="meshd-tiny", prompt=f"plan {i} " * 30, max_tokens=4,
+                                  temperature=0)
+    time.sleep(1.5)
+    cmd = up.meshd("plan", "--window", "600", "--sample", "40", "--ttft", "5", "--itl", "1")
+    assert cmd.returncode == 0, cmd.stdout + cmd.stderr
+    out = cmd.stdout
+    assert out.startswith("window: ") and "requests over 600s" in out
+    assert "<- plan" in out and "1P1D" in out and "2C" in out  # both candidates of 2 workers
+    assert ("no change" in out) or ("changes: " in out and "--apply" in out)
+
+
 def _reference(up: Up, max_tokens: int) -> str:
     """The prefill worker doing the whole request itself (greedy), straight to its port."""
     body = json.dumps({"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": max_tokens,

@@ -251,7 +251,8 @@ class WorkerPool:
              "backoff_s": round(max(0.0, e.failed_until - now), 3),
              "protocol": e.protocol, "protocol_detail": e.protocol_detail,
              "queued_prefill_tokens": self._sample(wid, e).num_waiting_tokens,
-             "experts": len(e.facts.experts), "class": node_class(e.member.attributes)}
+             "experts": len(e.facts.experts), "class": node_class(e.member.attributes),
+             "cost": dict(e.calibration.published)}
             for wid, e in ((w, self.entries[w]) for w in self._order)]
         rows += [{"worker_id": wid, "healthy": False, "protocol": "refused",
                   "protocol_detail": why} for wid, why in sorted(self.refused.items())]

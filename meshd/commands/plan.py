@@ -1,0 +1,162 @@
+"""`meshd plan`: the P/D planner on the live mesh's last window, and (`--apply`) its role changes.
+
+What it reads, on the coordinator host: the gateway replicas' request records of the last
+`--window` seconds (every replica's file in the records dir: the whole fleet's arrivals, prompt
+and output lengths, prefix-cache hits), the workers of `--model` and their roles (the
+coordinator's node table, signed with its admin key), and the workers' calibrated step-time
+figures (`GET /debug/workers` on the gateway: `cost`, what each replica measured from the
+workers' `/metrics`), which become the simulator's timing. It prints every candidate split the
+planner simulated and the one it picks for the SLO (`--ttft`, `--itl`), then the fewest role
+changes that reach it; `--apply` asks for them (`SetRole`: each worker is drained first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from meshd import capabilities as caps
+from meshd.commands import CommandError, gateway_get
+from meshd.config import MeshConfig
+from meshd.coordinator.actors import ADMIN_KEY_FILE
+from meshd.node_agent import identity
+from meshd.node_agent.client import ControlClient, ControlError
+from meshd.proto.v1 import control_pb2 as pb
+from meshd.scheduler.planner import Plan, Planner, PlannerConfig, median_cost, timing_from_cost
+from meshd.scheduler.role_moves import role_moves
+from meshd.scheduler.sim.trace import TraceRequest
+from meshd.scheduler.workload_stats import WorkloadStats
+
+RECORDS_DIR = "records"  # under the coordinator's state dir (gateway/actor.py deploys it)
+
+
+def window_requests(records_dir: Path, model: str, since: float
+                    ) -> tuple[list[TraceRequest], float]:
+    """The finished requests for `model` that started at or after `since`, from every replica's
+    record file (read-only), as a trace; and their prefix-cache hit ratio."""
+    out: list[TraceRequest] = []
+    prompt = cached = 0
+    for path in sorted(records_dir.glob("gateway-*.db")):
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        except sqlite3.Error:
+            continue
+        try:
+            rows = db.execute("SELECT request_id, started_at, prompt_tokens, cached_tokens, "
+                              "completion_tokens FROM records WHERE model = ? AND "
+                              "started_at >= ? AND outcome = 'ok'", (model, since)).fetchall()
+        except sqlite3.Error:  # a file being created: no table yet
+            rows = []
+        finally:
+            db.close()
+        for rid, t, p, c, o in rows:
+            out.append(TraceRequest(str(rid), float(t), int(p), max(1, int(o))))
+            prompt, cached = prompt + int(p), cached + int(c)
+    out.sort(key=lambda r: r.arrival_s)
+    return out, (min(cached / prompt, 0.99) if prompt else 0.0)
+
+
+def workers_of(reply: pb.StatusReply, model: str) -> list[tuple[str, str, str]]:
+    """(node id, worker id, role) of `model`'s workers on alive nodes, sorted."""
+    return sorted((n.node_id, w.worker_id, caps.role_name(w.role) or "?")
+                  for n in reply.nodes if n.state == "alive"
+                  for w in n.workers if w.model == model)
+
+
+def split_of(workers: list[tuple[str, str, str]]) -> tuple[int, int, int]:
+    roles = [r for _, _, r in workers]
+    return roles.count("prefill"), roles.count("decode"), roles.count("both")
+
+
+def calibrated(cfg: MeshConfig, model: str) -> list[dict[str, float]]:
+    """The gateway replica's measured cost figures for `model`'s workers (may be none)."""
+    g = cfg.gateway
+    reply = gateway_get(g.host, g.port, "/debug/workers", timeout_s=2.0)
+    rows = reply.body.get("workers") if isinstance(reply.body, dict) else None
+    return [dict(r["cost"]) for r in rows or ()
+            if isinstance(r, dict) and r.get("model") == model and r.get("cost")]
+
+
+def table(plan: Plan, current: tuple[int, int, int]) -> str:
+    rows = [f"{'split':<8}{'goodput':>10}{'in SLO':>8}{'TTFT p99':>10}{'ITL p99':>9}"
+            f"{'SLO load':>10}"]
+    for c in sorted(plan.candidates, key=lambda c: -c.goodput):
+        mark = " <- plan" if c.split == plan.split else (" (now)" if c.split == current else "")
+        rows.append(f"{c.label:<8}{c.goodput:>10.3g}{100 * c.attainment:>7.0f}%"
+                    f"{c.ttft_p99_s:>9.2f}s{c.itl_p99_s * 1000:>7.0f}ms{c.slo_load:>10.2f}{mark}")
+    return "\n".join(rows)
+
+
+async def _status_and_apply(address: str, ident: identity.Identity, timeout_s: float,
+                            changes: list[tuple[str, str, str]] | None = None
+                            ) -> tuple[pb.StatusReply | None, list[str]]:
+    client = ControlClient(address, ident, timeout_s)
+    try:
+        if changes is None:
+            return await client.status(), []
+        done = []
+        for node, worker, role in changes:
+            try:
+                await client.set_role(node, worker, caps.ROLES[role])
+                done.append(f"asked {worker} -> {role}")
+            except ControlError as e:
+                done.append(f"{worker} -> {role} refused: {e.detail}")
+        return None, done
+    finally:
+        await client.close()
+
+
+def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    try:
+        ident = identity.load(f"{cfg.coordinator.state_dir}/{ADMIN_KEY_FILE}")
+    except identity.IdentityError as e:
+        raise CommandError(f"{e}; run `meshd plan` on the coordinator host") from None
+    address = args.coordinator or f"{cfg.coordinator.grpc_host}:{cfg.coordinator.grpc_port}"
+    model = args.model or cfg.workers.model_name
+    try:
+        reply, _ = asyncio.run(_status_and_apply(address, ident, cfg.agent.rpc_timeout_s))
+    except ControlError as e:
+        raise CommandError(f"coordinator {address}: {e.code.name}: {e.detail}") from None
+    assert reply is not None
+    workers = workers_of(reply, model)
+    if not workers:
+        raise CommandError(f"no alive workers serve the model {model!r}")
+    records = Path(cfg.gateway.records.dir or
+                   Path(cfg.coordinator.state_dir) / RECORDS_DIR).expanduser()
+    reqs, hits = window_requests(records, model, time.time() - args.window)
+    if len(reqs) < 2:
+        raise CommandError(f"{len(reqs)} finished request(s) for {model!r} in the last "
+                           f"{args.window:g}s in {records}: nothing to plan from")
+    stats = WorkloadStats.from_requests(reqs, args.window, hits)
+    current = split_of(workers)
+    pcfg = PlannerConfig(len(workers), ttft_s=args.ttft, itl_s=args.itl,
+                         sample_requests=args.sample)
+    planner = Planner(pcfg, deployed=current)
+    costs = calibrated(cfg, model)
+    if costs:
+        planner.set_timing(timing_from_cost(median_cost(costs), pcfg.timing))
+    plan = planner.plan(stats)
+    timing = (f"calibrated from {len(costs)} worker(s)" if costs
+              else "the default model (no calibration yet)")
+    print(f"window: {len(reqs)} requests over {args.window:g}s "
+          f"({stats.arrival_rate_rps:.2f}/s, peak {stats.peak_rate_rps:.2f}/s), prefix hits "
+          f"{100 * hits:.0f}%; timing: {timing}")
+    print(table(plan, current))
+    moves = role_moves([(w, r) for _, w, r in workers], plan.split)
+    node_of = {w: n for n, w, _ in workers}
+    if not moves:
+        print(f"\nplan {plan.label} is what runs now: no change")
+        return 0
+    print(f"\nplan {plan.label} ({plan.reason}); changes: "
+          + ", ".join(f"{w} -> {r}" for w, r in moves))
+    if not args.apply:
+        print("(--apply asks for them; each worker is drained first)")
+        return 0
+    _, done = asyncio.run(_status_and_apply(address, ident, cfg.agent.rpc_timeout_s,
+                                            [(node_of[w], w, r) for w, r in moves]))
+    print("\n".join(done))
+    return 0 if all(" refused: " not in d for d in done) else 1
+
