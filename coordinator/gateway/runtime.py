@@ -33,6 +33,7 @@ from meshd.coordinator.gateway.governance.admission import Governor
 from meshd.coordinator.gateway.governance.config import TenantPolicy
 from meshd.coordinator.gateway.governance.reload import PolicyWatcher
 from meshd.coordinator.gateway.governance.usage import usage_report
+from meshd.coordinator.gateway.http.api_request import ApiRequest
 from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.server import GatewayServer
 from meshd.coordinator.gateway.privacy.guard import PrivacyGuard
@@ -148,7 +149,8 @@ class GatewayRuntime:
                                     fleet=self.fleet.exposition if self.fleet else None,
                                     usage=self._usage, keys=self._keys,
                                     requests=self._requests,
-                                    governance=self._governance)
+                                    governance=self._governance,
+                                    count_tokens=self._count_tokens)
         self.server.set_keys(self.governor.policy.keys())
         self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None
@@ -184,6 +186,15 @@ class GatewayRuntime:
         name = (f"gateway-{self.replica}.db" if self.replica is not None
                 else f"gateway-pid{os.getpid()}-{next(_RUNTIMES)}.db")
         return RecordStore(Path(r.dir).expanduser() / name, r.policy())
+
+    def _count_tokens(self, req: ApiRequest) -> dict[str, Any]:
+        """POST /v1/messages/count_tokens: the prompt's length as the model's workers see it
+        (its own tokenizer and template, tools included)."""
+        block = self.pool.block_size(req.body.model)
+        if block is None:
+            raise ApiError(404, f"The model {req.body.model!r} does not exist.",
+                           param="model", err_type="not_found_error", code="model_not_found")
+        return {"input_tokens": len(self.prompts.build(req, block).token_ids)}
 
     def _governance(self) -> dict[str, Any]:
         """GET /debug/governance: admission, and what the trust stages cost and did."""

@@ -155,6 +155,16 @@ SPEC: dict[str, Any] = {
                         "shape; `x-api-key` or a bearer token; docs/api.md)",
                         "#/components/schemas/MessagesRequest"),
             "security": [{"bearer": []}, {"x-api-key": []}]}},
+        "/v1/messages/count_tokens": {"post": {
+            "summary": "Count a Messages request's input tokens (Anthropic's count_tokens: the "
+                       "body without max_tokens), with the model's own tokenizer and template",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"type": "object", "required": ["model", "messages"]}}}},
+            "responses": {"200": {"description": "{input_tokens}", "content": {
+                "application/json": {"schema": {"type": "object",
+                                                "required": ["input_tokens"]}}}},
+                          **{code: _ERR for code in ("400", "401", "404", "413", "415")}},
+            "security": [{"bearer": []}, {"x-api-key": []}]}},
         "/v1/responses": {"post": {
             **_generate("Create a response (OpenAI Responses API, with previous_response_id; "
                         "docs/api.md)", "#/components/schemas/ResponsesRequest"),

@@ -12,6 +12,7 @@ class Route(enum.Enum):
     CHAT = "chat"
     COMPLETIONS = "completions"
     MESSAGES = "messages"  # Anthropic Messages
+    COUNT_TOKENS = "count_tokens"  # Anthropic's /v1/messages/count_tokens
     RESPONSES = "responses"  # OpenAI Responses
     MODELS = "models"
     HEALTH = "health"
@@ -29,6 +30,7 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/v1/chat/completions": {b"POST": Route.CHAT},
     b"/v1/completions": {b"POST": Route.COMPLETIONS},
     b"/v1/messages": {b"POST": Route.MESSAGES},
+    b"/v1/messages/count_tokens": {b"POST": Route.COUNT_TOKENS},
     b"/v1/responses": {b"POST": Route.RESPONSES},
     b"/v1/models": {b"GET": Route.MODELS},
     b"/health": {b"GET": Route.HEALTH},
@@ -44,7 +46,7 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
 
 # Routes that need `Authorization: Bearer` when API keys are configured.
 AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MESSAGES, Route.RESPONSES,
-                           Route.MODELS, Route.USAGE, Route.KEYS})
+                           Route.COUNT_TOKENS, Route.MODELS, Route.USAGE, Route.KEYS})
 # Routes whose requests run a handler (the inference endpoints).
 INFERENCE = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MESSAGES, Route.RESPONSES})
 

@@ -70,7 +70,8 @@ class GatewayServer:
                  usage: UsageView | None = None,
                  keys: KeysView | None = None,
                  requests: RequestsView | None = None,
-                 governance: Callable[[], dict[str, Any]] | None = None) -> None:
+                 governance: Callable[[], dict[str, Any]] | None = None,
+                 count_tokens: Callable[[ApiRequest], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.handler = handler
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -84,6 +85,7 @@ class GatewayServer:
         self._keys_view = keys
         self._requests_view = requests
         self._governance = governance
+        self._count_tokens = count_tokens
         self._keys: dict[bytes, str] = {}  # sha256(key) -> tenant
         self.set_keys({})
         self.conns: set[HttpConnection] = set()
@@ -174,7 +176,7 @@ class GatewayServer:
         responder = Responder(conn, rid, p.keep_alive and not p.close_after)
         try:
             route = p.route
-            if route is Route.MESSAGES:  # Anthropic's error shape, from the first byte
+            if route is Route.MESSAGES or route is Route.COUNT_TOKENS:  # Anthropic's shape
                 responder.anthropic = True
             if p.error is not None:
                 raise p.error
@@ -183,6 +185,11 @@ class GatewayServer:
             if route in INFERENCE:
                 req = self._parse(p, route, rid, tenant)
                 conn.start_task(self.handler.handle(req, responder), responder)
+            elif route is Route.COUNT_TOKENS:
+                if self._count_tokens is None:
+                    raise errors.not_found("/v1/messages/count_tokens")
+                req = self._parse(p, Route.MESSAGES, rid, tenant, count_only=True)
+                responder.send(200, orjson.dumps(self._count_tokens(req)))
             elif route is Route.MODELS:
                 responder.send(200, self._models_body())
             elif route is Route.HEALTH:
@@ -223,11 +230,19 @@ class GatewayServer:
         except ApiError as e:
             responder.send_error(e)
 
-    def _parse(self, p: Pending, route: Route, rid: str, tenant: str | None) -> ApiRequest:
+    def _parse(self, p: Pending, route: Route, rid: str, tenant: str | None,
+               count_only: bool = False) -> ApiRequest:
+        """`count_only`: a count_tokens body (a Messages body without `max_tokens`)."""
         ct = p.ctype
         if ct is not None and not ct.lower().startswith(_JSON_CT):
             raise errors.unsupported_media_type(ct.decode("latin-1"))
         obj = loads_body(p.body)  # the engine's worker server decodes with the same rules
+        if count_only and isinstance(obj, dict):
+            if "max_tokens" in obj or "stream" in obj:
+                raise errors.invalid("count_tokens takes a Messages body without "
+                                     "'max_tokens' and 'stream'.",
+                                     "max_tokens" if "max_tokens" in obj else "stream")
+            obj = {**obj, "max_tokens": 1}
         lim = self.config.limits
         privacy = p.privacy.decode("latin-1").strip().lower() if p.privacy else ""
         halt = p.halt_below.decode("latin-1").strip() if p.halt_below else ""

@@ -82,6 +82,13 @@ async def test_an_anthropic_tool_call_chain_round_trips_with_the_tools_in_the_pr
                   {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                                 "content": "sunny, 21C"}]}])
+    counted = await client.messages.count_tokens(
+        model="scripted", tools=[WEATHER],  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": first.content},  # type: ignore[typeddict-item]
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                "content": "sunny, 21C"}]}])
+    assert counted.input_tokens == len(mesh.worker.prompts[-1])  # what the worker was sent
     assert second.stop_reason == "end_turn"
     assert [b.type for b in second.content] == ["text"]
     assert second.content[0].text == "It is sunny in Paris."  # type: ignore[union-attr]
