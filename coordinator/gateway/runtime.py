@@ -150,7 +150,8 @@ class GatewayRuntime:
                                     usage=self._usage, keys=self._keys,
                                     requests=self._requests,
                                     governance=self._governance,
-                                    count_tokens=self._count_tokens)
+                                    count_tokens=self._count_tokens,
+                                    response_item=self.handler.responses.item)
         self.server.set_keys(self.governor.policy.keys())
         self.policy = PolicyWatcher(c.governance, self._apply_policy, self.governor.metrics)
         self._task: asyncio.Task[None] | None = None

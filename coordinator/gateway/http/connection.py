@@ -25,7 +25,7 @@ import httptools
 
 from meshd.coordinator.gateway.http.errors import ApiError, invalid, too_large
 from meshd.coordinator.gateway.http.responder import Responder
-from meshd.coordinator.gateway.http.routes import ROUTES, Route
+from meshd.coordinator.gateway.http.routes import ROUTES, Route, route_of_item
 
 if TYPE_CHECKING:
     from meshd.coordinator.gateway.http.server import GatewayServer
@@ -160,7 +160,7 @@ class HttpConnection(asyncio.Protocol):
         self.read_deadline = self.srv.now + cfg.body_timeout_s
         url = self.url
         path = url.split(b"?", 1)[0] if b"?" in url else url
-        methods = ROUTES.get(path)
+        methods = ROUTES.get(path) or route_of_item(path)
         if methods is None:
             self._refuse(self.srv.not_found(path))
             return

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 _ERR = {"$ref": "#/components/responses/Error"}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _RID = {"name": "X-Request-Id", "in": "header", "required": False,
         "description": "Echoed back; generated when absent.", "schema": {"type": "string"}}
 _PRIVACY = {"name": "X-Meshd-Privacy", "in": "header", "required": False,
@@ -169,6 +170,13 @@ SPEC: dict[str, Any] = {
             **_generate("Create a response (OpenAI Responses API, with previous_response_id; "
                         "docs/api.md)", "#/components/schemas/ResponsesRequest"),
             "security": [{"bearer": []}]}},
+        "/v1/responses/{id}": {
+            "get": {**_get("A stored response (the tenant's own; 404 when not stored, expired "
+                           "or another tenant's)", "application/json", {"type": "object"}),
+                    "parameters": [_ID], "security": [{"bearer": []}]},
+            "delete": {**_get("Forget a stored response", "application/json",
+                              {"type": "object", "required": ["id", "deleted"]}),
+                       "parameters": [_ID], "security": [{"bearer": []}]}},
         "/v1/models": {"get": {
             **_get("List models", "application/json", {"type": "object"}),
             "security": [{"bearer": []}]}},

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+import re
 
 
 class Route(enum.Enum):
@@ -14,6 +15,7 @@ class Route(enum.Enum):
     MESSAGES = "messages"  # Anthropic Messages
     COUNT_TOKENS = "count_tokens"  # Anthropic's /v1/messages/count_tokens
     RESPONSES = "responses"  # OpenAI Responses
+    RESPONSE_ITEM = "response_item"  # GET / DELETE /v1/responses/{id}
     MODELS = "models"
     HEALTH = "health"
     METRICS = "metrics"
@@ -44,13 +46,38 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
     b"/debug/requests": {b"GET": Route.REQUESTS},
 }
 
+# Paths with an id: prefix -> methods (the id is the rest of the path, `item_id`)
+ITEMS: dict[bytes, dict[bytes, Route]] = {
+    b"/v1/responses/": {b"GET": Route.RESPONSE_ITEM, b"DELETE": Route.RESPONSE_ITEM},
+}
+_ITEM_ID = re.compile(rb"[A-Za-z0-9_\-]{1,128}")
+
+
+def route_of_item(path: bytes) -> dict[bytes, Route] | None:
+    """The methods of a path with an id (`/v1/responses/resp_...`), None if it is not one."""
+    for prefix, methods in ITEMS.items():
+        if path.startswith(prefix) and _ITEM_ID.fullmatch(path[len(prefix):]):
+            return methods
+    return None
+
+
+def item_id(path: bytes) -> str:
+    """The id of an item path (the query string dropped)."""
+    path = path.split(b"?", 1)[0]
+    return path.rsplit(b"/", 1)[1].decode("ascii")
+
+
 # Routes that need `Authorization: Bearer` when API keys are configured.
 AUTHENTICATED = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MESSAGES, Route.RESPONSES,
-                           Route.COUNT_TOKENS, Route.MODELS, Route.USAGE, Route.KEYS})
+                           Route.COUNT_TOKENS, Route.RESPONSE_ITEM, Route.MODELS, Route.USAGE,
+                           Route.KEYS})
 # Routes whose requests run a handler (the inference endpoints).
 INFERENCE = frozenset({Route.CHAT, Route.COMPLETIONS, Route.MESSAGES, Route.RESPONSES})
 
 
 def served() -> set[tuple[str, str]]:
-    """{(method, path)} in lower-case method form as OpenAPI writes it."""
-    return {(m.decode().lower(), p.decode()) for p, ms in ROUTES.items() for m in ms}
+    """{(method, path)} in lower-case method form as OpenAPI writes it (an item path as
+    `{prefix}{id}`)."""
+    out = {(m.decode().lower(), p.decode()) for p, ms in ROUTES.items() for m in ms}
+    return out | {(m.decode().lower(), p.decode() + "{id}") for p, ms in ITEMS.items()
+                  for m in ms}

@@ -37,7 +37,7 @@ from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.gateway.http.openai_api import parse_chat, parse_completion
 from meshd.coordinator.gateway.http.openapi import SPEC_BYTES
 from meshd.coordinator.gateway.http.responder import Responder
-from meshd.coordinator.gateway.http.routes import AUTHENTICATED, INFERENCE, Route
+from meshd.coordinator.gateway.http.routes import AUTHENTICATED, INFERENCE, Route, item_id
 from meshd.coordinator.gateway.http.stats import GatewayStats, StatsCollector
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ FleetView = Callable[[bytes], Awaitable[bytes]]
 UsageView = Callable[[str | None, str], Awaitable[dict[str, Any]]]
 KeysView = Callable[[], Awaitable[dict[str, Any]]]
 RequestsView = Callable[[dict[str, str]], Awaitable[dict[str, Any]]]
+# GET / DELETE /v1/responses/{id}: (method, id, the caller's tenant) -> the JSON answer
+ItemView = Callable[[str, str, str | None], Awaitable[dict[str, Any]]]
 
 
 class GatewayServer:
@@ -71,7 +73,8 @@ class GatewayServer:
                  keys: KeysView | None = None,
                  requests: RequestsView | None = None,
                  governance: Callable[[], dict[str, Any]] | None = None,
-                 count_tokens: Callable[[ApiRequest], dict[str, Any]] | None = None) -> None:
+                 count_tokens: Callable[[ApiRequest], dict[str, Any]] | None = None,
+                 response_item: ItemView | None = None) -> None:
         self.config = config
         self.handler = handler
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -86,6 +89,7 @@ class GatewayServer:
         self._requests_view = requests
         self._governance = governance
         self._count_tokens = count_tokens
+        self._response_item = response_item
         self._keys: dict[bytes, str] = {}  # sha256(key) -> tenant
         self.set_keys({})
         self.conns: set[HttpConnection] = set()
@@ -190,6 +194,11 @@ class GatewayServer:
                     raise errors.not_found("/v1/messages/count_tokens")
                 req = self._parse(p, Route.MESSAGES, rid, tenant, count_only=True)
                 responder.send(200, orjson.dumps(self._count_tokens(req)))
+            elif route is Route.RESPONSE_ITEM:
+                if self._response_item is None:
+                    raise errors.not_found(p.path.decode("latin-1"))
+                view = self._response_item(p.method.decode(), item_id(p.path), tenant)
+                conn.start_task(self._json_task(view, responder), responder)
             elif route is Route.MODELS:
                 responder.send(200, self._models_body())
             elif route is Route.HEALTH:

@@ -228,6 +228,7 @@ class ResponsesShape(DialectShape):
         self.req = req
         self.stream = ResponseStream(req, id=self.id, model=model, created_at=self.created)
         self.completion: Completion | None = None  # set at the end (the store keeps it)
+        self.final: dict[str, Any] | None = None  # the Response object, as the client got it
 
     def head(self, prompt_tokens: int) -> list[bytes]:
         return [sse(n, d) for n, d in self.stream.start()]
@@ -256,6 +257,8 @@ class ResponsesShape(DialectShape):
         end = self.stream.finish(c.finish, usage_of(usage))
         if meshd is not None and end:
             end[-1][1]["response"]["meshd"] = meshd
+        if end:
+            self.final = end[-1][1]["response"]
         return [sse(n, data) for n, data in (*out, *end)]
 
     def body(self, outputs: Sequence[ChoiceOutput], usage: dict[str, Any],
@@ -265,6 +268,7 @@ class ResponsesShape(DialectShape):
                                        created_at=self.created, usage=usage_of(usage))
         if meshd is not None:
             obj["meshd"] = meshd
+        self.final = obj
         return orjson.dumps(obj)
 
 

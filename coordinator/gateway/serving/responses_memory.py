@@ -8,7 +8,8 @@ answer the stored response's open tool calls). Each is written as a Responses bo
 kept is exactly what a client could have sent.
 
 Where: with `[gateway.records] dir` (what `meshd up` sets), one SQLite file there shared by
-every replica on the host, so a follow-up lands on any replica (written before the response's
+every replica on the host, so a follow-up (or `GET` / `DELETE /v1/responses/{id}`, which
+answer the stored Response object) lands on any replica (written before the response's
 last byte goes out, so a client that follows up at once finds it); without one, each replica's
 memory (`ResponseStore`) — then a follow-up must reach the same replica. Both bounded: at most
 `max_entries` responses, each expiring `ttl_s` after it was stored; the database is pruned on
@@ -75,6 +76,10 @@ class _Db:
                                     "AND expires > ?", (rid, tenant, now)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def delete(self, rid: str, tenant: str) -> None:
+        with self.lock:
+            self.conn.execute("DELETE FROM responses WHERE id = ? AND tenant = ?", (rid, tenant))
+
     def count(self) -> int:
         with self.lock:
             return int(self.conn.execute("SELECT count(*) FROM responses").fetchone()[0])
@@ -116,7 +121,8 @@ class ResponsesMemory:
         if not r.store or shape.completion is None:
             return
         conv = conversation_after(r.conversation, shape.completion)
-        body = orjson.dumps(responses_body_from_conversation(conv))
+        body = orjson.dumps({"conversation": responses_body_from_conversation(conv),
+                             "response": getattr(shape, "final", None)})
         tenant = req.tenant or ""
         self.stored += 1
         if self._db is not None:
@@ -126,17 +132,38 @@ class ResponsesMemory:
             assert self._mem is not None
             self._mem.put(shape.id, body, len(body), tenant=tenant)
 
-    async def _get(self, rid: str, tenant: str) -> Conversation | None:
+    async def _load(self, rid: str, tenant: str) -> dict[str, Any] | None:
         if self._db is not None:
             body = await asyncio.to_thread(self._db.get, rid, tenant, time.time())
         else:
             assert self._mem is not None
             got = self._mem.get(rid, tenant=tenant)
             body = got if isinstance(got, bytes) else None
-        if body is None:
+        return None if body is None else dict(orjson.loads(body))
+
+    async def _get(self, rid: str, tenant: str) -> Conversation | None:
+        stored = await self._load(rid, tenant)
+        if stored is None:
             return None
-        stored = parse_responses_request({"model": "stored", **orjson.loads(body)}, Limits())
-        return stored.conversation
+        return parse_responses_request({"model": "stored", **stored["conversation"]},
+                                       Limits()).conversation
+
+    async def item(self, method: str, rid: str, tenant: str | None) -> dict[str, Any]:
+        """GET /v1/responses/{id}: the stored Response; DELETE: forget it. 404 when the
+        tenant has none by that id (not stored, expired, another tenant's)."""
+        who = tenant or ""
+        stored = await self._load(rid, who)
+        if stored is None or stored.get("response") is None:
+            raise ApiError(404, f"Response with id {rid!r} not found.",
+                           err_type="not_found_error", code="response_not_found")
+        if method == "GET":
+            return dict(stored["response"])
+        if self._db is not None:
+            await asyncio.to_thread(self._db.delete, rid, who)
+        else:
+            assert self._mem is not None
+            self._mem.delete(rid, tenant=who)
+        return {"id": rid, "object": "response", "deleted": True}
 
     def describe(self) -> dict[str, Any]:
         where = "sqlite" if self._db is not None else "memory"

@@ -220,6 +220,14 @@ async def test_responses_stateless_stored_and_continued_by_previous_response_id(
     assert events[0] == "response.created" and events[-1] == "response.completed"
     assert "response.output_text.delta" in events
 
+    got = await client.responses.retrieve(second.id)  # stored, as the client got it
+    assert got.id == second.id and got.output_text == "It is sunny."
+    assert (await client.responses.delete(second.id)) is None
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(second.id)
+    with pytest.raises(openai.NotFoundError):  # forgotten: it cannot be continued either
+        await client.responses.create(model="scripted", input="x",
+                                      previous_response_id=second.id)
     with pytest.raises(openai.NotFoundError):
         await client.responses.create(model="scripted", input="x",
                                       previous_response_id="resp_missing")

@@ -74,3 +74,19 @@ async def test_a_response_not_stored_cannot_be_continued(tmp_path: Path) -> None
                                                            completion=Completion("a")))
     with pytest.raises(ApiError):
         await mem.resolve(make_request("x", prev="resp_x"))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+async def test_get_and_delete_answer_the_owner_only(tmp_path: Path, shared: bool) -> None:
+    mem = ResponsesMemory(tmp_path / "r.sqlite" if shared else None)
+    req = await mem.resolve(make_request("q", "acme"))
+    await mem.keep(req, SimpleNamespace(id="resp_1", completion=Completion("a"),
+                                        final={"id": "resp_1", "object": "response"}))
+    assert await mem.item("GET", "resp_1", "acme") == {"id": "resp_1", "object": "response"}
+    for method in ("GET", "DELETE"):
+        with pytest.raises(ApiError) as e:
+            await mem.item(method, "resp_1", "other")
+        assert e.value.status == 404
+    assert (await mem.item("DELETE", "resp_1", "acme"))["deleted"] is True
+    with pytest.raises(ApiError):
+        await mem.item("GET", "resp_1", "acme")
