@@ -179,6 +179,17 @@ def _unapplied(body: dict[str, Any]) -> None:
     _float(body, "min_p", 0.0, 0.0, 1.0)
     if _int(body, "min_tokens", 0, 0, _INT_LIMIT):
         raise invalid("'min_tokens' is not supported by this engine", param="min_tokens")
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise invalid("'response_format' other than {\"type\": \"text\"} is not supported by "
+                      "this engine: it does not constrain its output to JSON or a schema "
+                      "(serve the model with vLLM for structured output)",
+                      param="response_format")
+    for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar"):
+        if body.get(name) is not None:
+            raise invalid(f"'{name}' is not supported by this engine: it does not constrain "
+                          f"its output", param=name)
 
 
 def _sampling(body: dict[str, Any], chat: bool, max_tokens: int) -> SamplingParams:

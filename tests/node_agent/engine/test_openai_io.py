@@ -82,8 +82,17 @@ def test_text_parts_join_with_newlines_like_the_gateway() -> None:
     (make(frequency_penalty=-3), "frequency_penalty"),
     (make(n=129), "n"),
     (make(temperature=10**300), "temperature"),
+    # structured output: refused, never silently ignored (the engine does not constrain)
+    (make(response_format={"type": "json_object"}), "response_format"),
+    (make(response_format="json"), "response_format"),
+    (make(guided_json={"type": "object"}), "guided_json"),
+    (make(structured_outputs={"json": {}}), "structured_outputs"),
 ])
 def test_refused(body: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as ei:
         parse_request(body, False, INFO)
     assert ei.value.status == 400 and ei.value.param == param
+
+
+def test_plain_text_response_format_is_accepted() -> None:
+    assert parse_request(make(response_format={"type": "text"}), False, INFO).prompt
