@@ -175,20 +175,28 @@ def test_prefill_on_one_host_decode_on_another(tmp_path: Path) -> None:
             roles = wait("the gateway routing to both hosts' workers", routing, 180, logs)
             assert roles["decode"]["node_id"] != roles["prefill"]["node_id"]  # two nodes
 
-            out = ns_python(ns_a, f"""
+            # Each gateway replica refreshes its routing set on its own (every second): the
+            # one that answered above sees B's worker, the kernel may hand the request to the
+            # other. Fresh prompts until one is disaggregated (P on A, D on B).
+            pulled, out = 0.0, {}
+            for attempt in range(10):
+                out = ns_python(ns_a, f"""
 import json, urllib.request
-body = json.dumps({{"model": "meshd-tiny", "prompt": {PROMPT!r}, "max_tokens": 8,
-                    "temperature": 0}}).encode()
+body = json.dumps({{"model": "meshd-tiny", "prompt": {f"{attempt} {PROMPT}"!r},
+                    "max_tokens": 8, "temperature": 0}}).encode()
 req = urllib.request.Request("http://127.0.0.1:{GATEWAY_PORT}/v1/completions", body,
                              {{"content-type": "application/json"}})
 with urllib.request.urlopen(req, timeout=120) as r:
     print(r.read().decode())
 """, timeout=180)
-            assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["text"]
-
-            d_metrics = http_get(ns_b, f"http://{HOST_B}:{B_BASE_PORT}/metrics")
-            assert d_metrics["ok"], d_metrics
-            assert metric(d_metrics["body"], "meshd_engine_kv_transfer_pulls_total") >= 1
+                assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["text"]
+                d_metrics = http_get(ns_b, f"http://{HOST_B}:{B_BASE_PORT}/metrics")
+                assert d_metrics["ok"], d_metrics
+                pulled = metric(d_metrics["body"], "meshd_engine_kv_transfer_pulls_total")
+                if pulled >= 1:
+                    break
+                time.sleep(0.5)
+            assert pulled >= 1, "no request was decoded on host B with host A's KV"
             assert metric(d_metrics["body"], "meshd_engine_kv_transfer_pulled_bytes_total") > 0
             g_metrics = http_get(ns_a, f"http://127.0.0.1:{GATEWAY_PORT}/metrics")
             assert 'meshd_prefill_total{mode="disaggregated"}' in g_metrics["body"]
