@@ -9,6 +9,7 @@ gRPC's generic deserialization failure.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,6 +26,11 @@ from meshd.coordinator.roles import RoleAsk, RoleBook
 from meshd.coordinator.store import NodeRow, Store
 from meshd.coordinator.verify import Rejected, Verified, Verifier
 from meshd.proto.v1 import control_pb2 as pb
+
+log = logging.getLogger("meshd.coordinator")
+# An ask no agent has taken this long is dropped (an old agent, or one gone without leaving):
+# longer than the agent's drain deadline, so a slow drain is never cut short here.
+ROLE_ASK_MAX_AGE_S = 300.0
 
 
 class RequestError(Exception):
@@ -165,7 +171,7 @@ class ControlPlane:
                                f"worker {worker.worker_id} runs engine {worker.engine!r}; "
                                f"only embedded workers change roles at runtime yet")
         try:
-            ask = self.roles.ask(node.node_id, worker.worker_id, role)
+            ask = self.roles.ask(node.node_id, worker.worker_id, role, self.clock())
         except ValueError as e:
             raise RequestError("FAILED_PRECONDITION", "role_change_pending", str(e)) from None
         return pb.SetRoleReply(generation=ask.generation)
@@ -204,7 +210,12 @@ class ControlPlane:
     async def sweep(self) -> None:
         """Advance liveness, retire the nodes whose key was revoked (they leave: their
         claims are given up, and a heartbeat is refused), and persist what changed."""
-        self.table.tick(self.clock())
+        now = self.clock()
+        self.table.tick(now)
+        for node_id, ask in self.roles.expire(now, ROLE_ASK_MAX_AGE_S):
+            log.warning("role change %d of %s on %s: not taken by its agent in %.0fs; "
+                        "dropped (the worker is routed to again)", ask.generation,
+                        ask.worker_id, node_id, ROLE_ASK_MAX_AGE_S)
         revoked = await asyncio.to_thread(self._revoked)
         for n in list(self.table.nodes.values()):
             if n.public_key in revoked:

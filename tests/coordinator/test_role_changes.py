@@ -44,6 +44,9 @@ def test_the_role_book_keeps_asks_until_acknowledged() -> None:
     assert book.ask("n1", "n1-p0", "both").generation == 3  # generations never go back
     book.forget("n1")
     assert book.pending("n1") == []
+    old, new = book.ask("n2", "n2-p0", "both", now=10.0), book.ask("n2", "n2-d1", "both", 200.0)
+    assert book.expire(now=310.0, max_age_s=300.0) == [("n2", old)]  # never taken: dropped
+    assert book.pending("n2") == [new]
     book.check_integrity()
 
 
