@@ -12,7 +12,6 @@ event loop.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import secrets
 import sqlite3
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshd import enrollment
 from meshd.coordinator import sqlite
 from meshd.envelope import PUBLIC_KEY_BYTES
 
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL, label TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL, used_by BLOB
+    created_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL, used_by BLOB,
+    max_uses INTEGER NOT NULL DEFAULT 1, uses INTEGER NOT NULL DEFAULT 0, revoked_at REAL
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, capabilities TEXT NOT NULL,
@@ -47,6 +48,8 @@ CREATE TABLE IF NOT EXISTS nodes (
 # KeyRecord's fields, by name: a store migrated by ALTER TABLE has them in another order
 _KEY_COLS = ("public_key, node_id, label, role, state, source, added_at, revoked_at, "
              "pinned_host, pinned_attrs")
+_TOKEN_COLS = "token_id, label, created_at, expires_at, used_at, max_uses, uses, revoked_at"
+MAX_TOKEN_USES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,29 @@ class KeyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A join token as stored (never its secret). `max_uses` 1: one-time; more: an enrollment
+    token for that many keys (a worker group whose pods share one spec)."""
+
+    token_id: str
+    label: str
+    created_at: float
+    expires_at: float
+    used_at: float | None  # the last enrollment
+    max_uses: int
+    uses: int
+    revoked_at: float | None
+
+    def state(self, now: float) -> str:
+        """revoked | used | expired | active, in the order redemption checks them."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.uses >= self.max_uses:
+            return "used"
+        return "expired" if self.expires_at < now else "active"
+
+
+@dataclass(frozen=True, slots=True)
 class NodeRow:
     node_id: str
     public_key: bytes
@@ -80,7 +106,7 @@ class NodeRow:
 
 
 class TokenError(Exception):
-    """A join token was refused; `reason` is one of invalid, used, expired."""
+    """A join token was refused; `reason` is one of invalid, revoked, used, expired."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -98,6 +124,14 @@ class Store:
                 with contextlib.suppress(sqlite3.OperationalError):  # another process added it
                     self._db.execute(f"ALTER TABLE keys ADD COLUMN {col} TEXT NOT NULL "
                                      f"DEFAULT {default}")
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(join_tokens)")}
+        for col, decl in (("max_uses", "INTEGER NOT NULL DEFAULT 1"),
+                          ("uses", "INTEGER NOT NULL DEFAULT 0"), ("revoked_at", "REAL")):
+            if col not in cols:  # a store from before enrollment tokens: all one-time
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self._db.execute(f"ALTER TABLE join_tokens ADD COLUMN {col} {decl}")
+                if col == "uses":
+                    self._db.execute("UPDATE join_tokens SET uses=1 WHERE used_at IS NOT NULL")
 
     def close(self) -> None:
         with self._lock:
@@ -158,45 +192,77 @@ class Store:
 
     # -- join tokens ------------------------------------------------------------------------
 
-    def create_token(self, ttl_s: float, label: str = "") -> str:
-        """A one-time token `mjt_<id>.<secret>`; only a hash of the secret is stored."""
+    def create_token(self, ttl_s: float, label: str = "", uses: int = 1) -> str:
+        """A token `mjt_<id>.<secret>` that enrolls up to `uses` keys (1: one-time) before it
+        expires; only a hash of the secret is stored (`meshd/enrollment.py`)."""
+        if not 1 <= uses <= MAX_TOKEN_USES:
+            raise ValueError(f"uses must be in 1..{MAX_TOKEN_USES}, got {uses}")
         token_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(24)
         now = time.time()
         with self._tx() as db:
             db.execute("INSERT INTO join_tokens(token_id, secret_hash, label, created_at, "
-                       "expires_at) VALUES (?, ?, ?, ?, ?)",
-                       (token_id, _hash(secret), label, now, now + ttl_s))
+                       "expires_at, max_uses) VALUES (?, ?, ?, ?, ?, ?)",
+                       (token_id, enrollment.secret_hash(secret), label, now, now + ttl_s,
+                        uses))
         return f"mjt_{token_id}.{secret}"
 
     def redeem_token(self, token: str, public_key: bytes, node_id: str, now: float) -> KeyRecord:
-        """Consume `token` for `public_key` and trust the key, atomically; raises TokenError."""
-        token_id, _, secret = token.removeprefix("mjt_").partition(".")
+        """Count one use of `token` (the agent's proof for `public_key`, or a one-time token's
+        bare secret) and trust the key (source `token:<id>`, the record of that use),
+        atomically; raises TokenError."""
+        presented = enrollment.parse(token)
         with self._tx() as db:
-            row = db.execute("SELECT secret_hash, expires_at, used_at, label FROM join_tokens "
-                             "WHERE token_id=?", (token_id,)).fetchone()
-            if row is None or not secrets.compare_digest(row[0], _hash(secret)):
+            row = db.execute("SELECT secret_hash, expires_at, max_uses, uses, revoked_at, label "
+                             "FROM join_tokens WHERE token_id=?",
+                             (presented.token_id,)).fetchone()
+            if row is None or not enrollment.matches(row[0], public_key, presented):
                 raise TokenError("invalid", "join token is not valid")
-            if row[2] is not None:
-                raise TokenError("used", "join token was already used")
-            if row[1] < now:
+            expires_at, max_uses, uses, revoked_at, label = row[1:]
+            if max_uses > 1 and not presented.is_proof:
+                raise TokenError("invalid", "a join token of several uses is accepted only as "
+                                 "the agent's proof for its key, never bare (update the agent)")
+            token_id = presented.token_id
+            if revoked_at is not None:
+                raise TokenError("revoked", "join token was revoked")
+            if uses >= max_uses:
+                raise TokenError("used", "join token was already used" if max_uses == 1 else
+                                 f"join token was already used {uses} times, its limit")
+            if expires_at < now:
                 raise TokenError("expired", "join token expired")
-            db.execute("UPDATE join_tokens SET used_at=?, used_by=? WHERE token_id=?",
-                       (now, public_key, token_id))
+            db.execute("UPDATE join_tokens SET uses=uses+1, used_at=?, used_by=? "
+                       "WHERE token_id=?", (now, public_key, token_id))
             db.execute(
                 "INSERT INTO keys(public_key, node_id, label, role, state, source, added_at) "
                 "VALUES (?, ?, ?, 'agent', 'trusted', ?, ?)",
-                (public_key, node_id, row[3], f"token:{token_id}", now))
+                (public_key, node_id, label, f"token:{token_id}", now))
         rec = self.key(public_key)
         assert rec is not None
         return rec
 
-    def tokens(self) -> list[dict[str, Any]]:
+    def revoke_token(self, token_id: str, now: float | None = None) -> TokenRecord:
+        """Refuse every later enrollment with the token (by id, or the whole token); raises
+        KeyError when there is none. Keys it already enrolled stay trusted: `enrolled_by`."""
+        token_id = enrollment.parse(token_id).token_id
+        with self._tx() as db:
+            cur = db.execute("UPDATE join_tokens SET revoked_at=COALESCE(revoked_at, ?) "
+                             "WHERE token_id=?", (time.time() if now is None else now, token_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no join token with id {token_id!r}")
+        return next(t for t in self.tokens() if t.token_id == token_id)
+
+    def enrolled_by(self, token_id: str) -> list[KeyRecord]:
+        """The keys `token_id` enrolled, one per use, in enrollment order."""
         with self._lock:
-            rows = self._db.execute("SELECT token_id, label, created_at, expires_at, used_at "
-                                    "FROM join_tokens ORDER BY created_at").fetchall()
-        return [dict(zip(("token_id", "label", "created_at", "expires_at", "used_at"), r,
-                         strict=True)) for r in rows]
+            rows = self._db.execute(f"SELECT {_KEY_COLS} FROM keys WHERE source=? "
+                                    "ORDER BY added_at", (f"token:{token_id}",)).fetchall()
+        return [KeyRecord(*r) for r in rows]
+
+    def tokens(self) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_TOKEN_COLS} FROM join_tokens "
+                                    "ORDER BY created_at").fetchall()
+        return [TokenRecord(*r) for r in rows]
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -223,6 +289,3 @@ class Store:
             rows = self._db.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
         return [NodeRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows]
 
-
-def _hash(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()

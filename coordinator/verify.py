@@ -31,6 +31,7 @@ REASONS: dict[str, str] = {
     "revoked_key": "PERMISSION_DENIED",
     "not_admin": "PERMISSION_DENIED",
     "token_invalid": "PERMISSION_DENIED",
+    "token_revoked": "PERMISSION_DENIED",
     "token_used": "PERMISSION_DENIED",
     "token_expired": "PERMISSION_DENIED",
 }
@@ -121,7 +122,9 @@ class Verifier:
             if not join_token:
                 raise Rejected("unknown_key", f"key of node {node_id} is not in the trust "
                                "store; run `meshd trust add` or start the agent with a join token")
-            try:  # one-time and atomic: a replayed enrollment finds the token used
+            # atomic, one use of the token per key: a replayed enrollment finds its key
+            # trusted (and its nonce seen), a one-time token's second key finds it used
+            try:
                 rec = self.store.redeem_token(join_token, key, node_id, now)
             except TokenError as e:
                 raise Rejected(f"token_{e.reason}", str(e)) from None

@@ -62,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
     rset.add_argument("role", choices=("prefill", "decode", "both"))
     rset.add_argument("--coordinator", help="coordinator address host:port")
     rset.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
+    targets = sub.add_parser(
+        "targets", help="write the mesh's Prometheus scrape targets (file_sd JSON)",
+        description="Write the workers of the registry's alive and suspect nodes and the "
+        "gateway replicas' own metrics ports to a Prometheus file_sd file, replaced atomically "
+        "when it changes. Run on the coordinator host (it signs with admin.key).")
+    targets.add_argument("--out", required=True, metavar="FILE",
+                         help="the file_sd JSON file cluster/prometheus/prometheus.yml reads")
+    targets.add_argument("--interval", type=float, metavar="S",
+                         help="rewrite every S seconds until stopped (default: once)")
+    targets.add_argument("--coordinator", help="coordinator address host:port")
+    targets.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
+    targets.add_argument("--gateway", metavar="HOST:PORT",
+                         help="the gateway's OpenAI port, asked for its replicas (default: "
+                              "gateway.host:gateway.port; a host Prometheus reaches)")
+    targets.add_argument("--no-gateway", action="store_true",
+                         help="workers only (a mesh without gateway replicas)")
+
     plan = sub.add_parser("plan", help="the P/D planner on the mesh's last window "
                                        "(--apply: re-role workers)")
     plan.add_argument("--model", help="the model whose workers to plan (default: [workers])")
@@ -132,9 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     tsub.add_parser("list", help="list keys and join tokens")
     rev = tsub.add_parser("revoke", help="revoke a key by node id or public key")
     rev.add_argument("key")
-    tok = tsub.add_parser("token", help="create a one-time join token")
+    tok = tsub.add_parser("token", help="create a join token (one-time unless --uses)")
     tok.add_argument("--ttl", type=float, help="seconds until it expires")
     tok.add_argument("--label", default="")
+    tok.add_argument("--uses", type=int, default=1, metavar="N",
+                     help="keys it may enroll before it is used up (default 1: one-time; "
+                          "N for the pods of a worker group or a launcher's hosts)")
+    rtok = tsub.add_parser("revoke-token", help="refuse a join token's later enrollments")
+    rtok.add_argument("token_id", help="the token's id (`meshd trust list`) or the token")
+    rtok.add_argument("--keys", action="store_true",
+                      help="also revoke every key the token enrolled")
     return p
 
 

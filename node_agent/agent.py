@@ -1,6 +1,7 @@
 """The `meshd agent` daemon loop: register, heartbeat, re-attach, leave cleanly.
 
-- Registers with its signed capability report (enrolling with a join token the first time).
+- Registers with its signed capability report (enrolling with a join token the first time: it
+  sends the token's proof for its key, never the token, `meshd/enrollment.py`).
 - Heartbeats every interval the coordinator asks for, carrying host and worker load.
 - Coordinator unreachable (restart, network): retries with capped exponential backoff; the
   coordinator restores node records from its store, so heartbeats resume without operator
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import grpc
 
 from meshd import capabilities as caps
+from meshd import enrollment
 from meshd.config import AgentConfig
 from meshd.node_agent.client import ControlClient, ControlError
 from meshd.node_agent.identity import Identity
@@ -127,7 +129,9 @@ class Agent:
             ids = {w.worker_id for w in ready}
             report = dataclasses.replace(report, workers=ready, experts=tuple(
                 e for e in report.experts if e.worker_id in ids))
-        reply = await self.client.register(caps.to_pb(report), self.config.join_token)
+        # the token's proof for this key, never the token (meshd/enrollment.py)
+        token = enrollment.proof(self.config.join_token, self.identity.public_key)
+        reply = await self.client.register(caps.to_pb(report), token)
         self._registered_workers = report.workers
         self.interval_s = reply.heartbeat_interval_s or self.interval_s
         self.status.registered = True

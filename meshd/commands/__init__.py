@@ -72,7 +72,7 @@ def gateway_get(host: str, port: int, path: str, headers: Mapping[str, str] | No
 
 _MODULES = {"up": "up", "coordinator": "coordinator", "agent": "agent", "status": "status",
             "usage": "usage", "identity": "identity", "trust": "trust", "engine": "engine",
-            "receipt": "receipt", "role": "role", "plan": "plan"}
+            "receipt": "receipt", "role": "role", "plan": "plan", "targets": "targets"}
 
 
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:

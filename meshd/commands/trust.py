@@ -1,7 +1,9 @@
-"""`meshd trust add|list|revoke|token`: edit the coordinator's trust store directly.
+"""`meshd trust add|list|revoke|token|revoke-token`: edit the coordinator's trust store directly.
 
 File-system access to the coordinator's state dir is the operator credential; the running
 registry reads keys from the same SQLite file on every request, so changes apply at once.
+A token from `token --uses N` enrolls up to N keys (the pods of a KubeRay worker group, the
+hosts of a `ray up` cluster); `revoke-token ID [--keys]` stops it, and its keys with `--keys`.
 """
 
 from __future__ import annotations
@@ -77,7 +79,12 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
             ttl = args.ttl if args.ttl is not None else cfg.coordinator.join_token_ttl_s
             if ttl <= 0:
                 raise CommandError(f"--ttl must be > 0, got {ttl}")
-            print(store.create_token(ttl, args.label))
+            try:
+                print(store.create_token(ttl, args.label, args.uses))
+            except ValueError as e:
+                raise CommandError(f"--uses: {e}") from None
+        elif args.action == "revoke-token":
+            _revoke_token(store, args.token_id, args.keys)
         else:
             print(f"{'NODE ID':<20} {'ROLE':<6} {'STATE':<8} {'SOURCE':<18} {'ADDED':<19} "
                   f"{'HOST':<16} {'ATTRIBUTES':<20} LABEL")
@@ -88,10 +95,29 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
                       f"{k.label}")
             tokens = store.tokens()
             if tokens:
-                print(f"\n{'TOKEN ID':<14} {'EXPIRES':<19} {'USED':<19} LABEL")
+                now = time.time()
+                print(f"\n{'TOKEN ID':<14} {'STATE':<8} {'USES':<11} {'EXPIRES':<19} "
+                      f"{'LAST USED':<19} LABEL")
                 for t in tokens:
-                    print(f"{t['token_id']:<14} {_when(t['expires_at']):<19} "
-                          f"{_when(t['used_at']):<19} {t['label']}")
+                    print(f"{t.token_id:<14} {t.state(now):<8} {f'{t.uses}/{t.max_uses}':<11} "
+                          f"{_when(t.expires_at):<19} {_when(t.used_at):<19} {t.label}")
     finally:
         store.close()
     return 0
+
+
+def _revoke_token(store: Store, token_id: str, keys: bool) -> None:
+    """Stop a token's later enrollments; with `keys`, revoke the keys it enrolled too."""
+    try:
+        tok = store.revoke_token(token_id)
+    except KeyError as e:
+        raise CommandError(str(e.args[0])) from None
+    enrolled = store.enrolled_by(tok.token_id)
+    print(f"revoked token {tok.token_id} ({tok.uses} of {tok.max_uses} uses taken)")
+    for k in enrolled:
+        if keys and k.state == "trusted":
+            k = store.revoke_key(k.node_id)
+        print(f"  {'revoked' if k.state == 'revoked' else 'still trusted'}: {k.node_id} "
+              f"(enrolled {_when(k.added_at)})")
+    if enrolled and not keys:
+        print("the keys it enrolled stay trusted; add --keys to revoke them as well")
