@@ -112,11 +112,17 @@ def deploy(config: CoordinatorConfig, namespace: str = "meshd", timeout_s: float
            ) -> tuple[Any, dict[str, Any]]:
     """Create (or find) the registry actor and the fleet ledger (`ledger_actor.py`, persisting
     under the same state dir) and wait until both serve; returns (registry handle, info)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from meshd.coordinator import ledger_actor
     from meshd.scheduler.admission.ledger import LedgerConfig
 
+    # pinned to this node (the head): its store is this disk's, its port this host's, and
+    # an actor asking for no resources would otherwise be placed (and restarted) anywhere
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     handle = RegistryActor.options(
         name=REGISTRY_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=node,
     ).remote(dataclasses.asdict(config))
     ledger_actor.deploy(config.state_dir, LedgerConfig(), namespace, timeout_s)
     info = ray.get(handle.ready.remote(), timeout=timeout_s)

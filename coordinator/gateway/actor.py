@@ -209,8 +209,13 @@ def deploy(config: GatewayConfig, namespace: str = "meshd", timeout_s: float = 6
     if state is not None and not config.records.dir:
         config = dataclasses.replace(config, records=dataclasses.replace(
             config.records, dir=str(state / RECORDS_DIR)))
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on this node (the head): the OpenAI port clients are given, the shared state dir
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     handles = [GatewayActor.options(name=f"{PREFIX}{i}", namespace=namespace,
-                                    lifetime="detached", get_if_exists=True)
+                                    lifetime="detached", get_if_exists=True,
+                                    scheduling_strategy=node)
                .remote(dataclasses.asdict(config), namespace, i)
                for i in range(config.replicas)]
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)
