@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--sample", type=int, default=300, metavar="N",
                       help="synthetic requests each candidate is simulated on (default 300)")
     plan.add_argument("--apply", action="store_true", help="ask for the role changes")
+    plan.add_argument("--interval", type=float, metavar="S",
+                      help="plan every S seconds through the hysteresis until stopped")
+    plan.add_argument("--windows", type=int, metavar="N",
+                      help="with --interval: stop after N windows")
     plan.add_argument("--coordinator", help="coordinator address host:port")
     plan.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
     usage = sub.add_parser("usage", help="tenants' tokens, spend and limits, from the gateway",

@@ -190,6 +190,14 @@ def test_meshd_plan_reads_the_fleets_window_and_plans_the_workers(up: Up) -> Non
     assert out.startswith("window: ") and "requests over 600s" in out
     assert "<- plan" in out and "1P1D" in out and "2C" in out  # both candidates of 2 workers
     assert ("no change" in out) or ("changes: " in out and "--apply" in out)
+    # window after window through the hysteresis (2 windows: below confirm_windows = 3, so
+    # nothing comes into force and --apply changes nothing)
+    loop = up.meshd("plan", "--interval", "0.2", "--windows", "2", "--window", "600",
+                    "--sample", "40", "--ttft", "5", "--itl", "1", "--apply")
+    assert loop.returncode == 0, loop.stdout + loop.stderr
+    lines = loop.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("running " in line and "in force " in line
+                                   for line in lines), lines
 
 
 def _reference(up: Up, max_tokens: int) -> str:

@@ -8,6 +8,10 @@ figures (`GET /debug/workers` on the gateway: `cost`, what each replica measured
 workers' `/metrics`), which become the simulator's timing. It prints every candidate split the
 planner simulated and the one it picks for the SLO (`--ttft`, `--itl`), then the fewest role
 changes that reach it; `--apply` asks for them (`SetRole`: each worker is drained first).
+With `--interval S` it plans window after window through the planner's hysteresis (a new
+split must win by `min_gain` for `confirm_windows` windows in a row, and not within
+`cooldown_windows` of the last change), one line per window, applying what comes into force
+with `--apply`; a window while a role change is under way is skipped.
 """
 
 from __future__ import annotations
@@ -116,47 +120,125 @@ def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
         raise CommandError(f"{e}; run `meshd plan` on the coordinator host") from None
     address = args.coordinator or f"{cfg.coordinator.grpc_host}:{cfg.coordinator.grpc_port}"
     model = args.model or cfg.workers.model_name
-    try:
-        reply, _ = asyncio.run(_status_and_apply(address, ident, cfg.agent.rpc_timeout_s))
-    except ControlError as e:
-        raise CommandError(f"coordinator {address}: {e.code.name}: {e.detail}") from None
-    assert reply is not None
-    workers = workers_of(reply, model)
-    if not workers:
-        raise CommandError(f"no alive workers serve the model {model!r}")
     records = Path(cfg.gateway.records.dir or
                    Path(cfg.coordinator.state_dir) / RECORDS_DIR).expanduser()
-    reqs, hits = window_requests(records, model, time.time() - args.window)
-    if len(reqs) < 2:
-        raise CommandError(f"{len(reqs)} finished request(s) for {model!r} in the last "
-                           f"{args.window:g}s in {records}: nothing to plan from")
-    stats = WorkloadStats.from_requests(reqs, args.window, hits)
-    current = split_of(workers)
-    pcfg = PlannerConfig(len(workers), ttft_s=args.ttft, itl_s=args.itl,
-                         sample_requests=args.sample)
-    planner = Planner(pcfg, deployed=current)
-    costs = calibrated(cfg, model)
-    if costs:
-        planner.set_timing(timing_from_cost(median_cost(costs), pcfg.timing))
-    plan = planner.plan(stats)
-    timing = (f"calibrated from {len(costs)} worker(s)" if costs
-              else "the default model (no calibration yet)")
-    print(f"window: {len(reqs)} requests over {args.window:g}s "
-          f"({stats.arrival_rate_rps:.2f}/s, peak {stats.peak_rate_rps:.2f}/s), prefix hits "
-          f"{100 * hits:.0f}%; timing: {timing}")
-    print(table(plan, current))
-    moves = role_moves([(w, r) for _, w, r in workers], plan.split)
-    node_of = {w: n for n, w, _ in workers}
-    if not moves:
-        print(f"\nplan {plan.label} is what runs now: no change")
-        return 0
-    print(f"\nplan {plan.label} ({plan.reason}); changes: "
-          + ", ".join(f"{w} -> {r}" for w, r in moves))
-    if not args.apply:
-        print("(--apply asks for them; each worker is drained first)")
-        return 0
-    _, done = asyncio.run(_status_and_apply(address, ident, cfg.agent.rpc_timeout_s,
-                                            [(node_of[w], w, r) for w, r in moves]))
-    print("\n".join(done))
-    return 0 if all(" refused: " not in d for d in done) else 1
+    ctx = _Context(args, cfg, ident, address, model, records)
+    if args.interval is None:
+        return ctx.once()
+    rounds = 0
+    try:
+        while args.windows is None or rounds < args.windows:
+            print(ctx.round(), flush=True)
+            rounds += 1
+            if args.windows is None or rounds < args.windows:
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
+
+class _Context:
+    """One planning session: `once` (a window, a decision, its table) or `round` after round
+    through the planner's hysteresis (`--interval`), applying what it decides (`--apply`)."""
+
+    def __init__(self, args: argparse.Namespace, cfg: MeshConfig, ident: identity.Identity,
+                 address: str, model: str, records: Path) -> None:
+        self.args, self.cfg, self.ident, self.address = args, cfg, ident, address
+        self.model, self.records = model, records
+        self.planner: Planner | None = None
+
+    def _rpc(self, changes: list[tuple[str, str, str]] | None = None
+             ) -> tuple[pb.StatusReply | None, list[str]]:
+        try:
+            return asyncio.run(_status_and_apply(self.address, self.ident,
+                                                 self.cfg.agent.rpc_timeout_s, changes))
+        except ControlError as e:
+            raise CommandError(f"coordinator {self.address}: {e.code.name}: {e.detail}"
+                               ) from None
+
+    def _inputs(self) -> tuple[list[tuple[str, str, str]], WorkloadStats, float, int, bool]:
+        """(workers, window stats, prefix hits, requests, a role change under way)."""
+        reply, _ = self._rpc()
+        assert reply is not None
+        workers = workers_of(reply, self.model)
+        if not workers:
+            raise CommandError(f"no alive workers serve the model {self.model!r}")
+        busy = any(n.pending_roles for n in reply.nodes)
+        window = self.args.window
+        reqs, hits = window_requests(self.records, self.model, time.time() - window)
+        if len(reqs) < 2:
+            raise CommandError(f"{len(reqs)} finished request(s) for {self.model!r} in the "
+                               f"last {window:g}s in {self.records}: nothing to plan from")
+        return workers, WorkloadStats.from_requests(reqs, window, hits), hits, len(reqs), busy
+
+    def _planner(self, workers: list[tuple[str, str, str]]) -> Planner:
+        """The session's planner, made again when the number of workers changed."""
+        if self.planner is None or self.planner.config.total_workers != len(workers):
+            a = self.args
+            pcfg = PlannerConfig(len(workers), ttft_s=a.ttft, itl_s=a.itl,
+                                 sample_requests=a.sample)
+            self.planner = Planner(pcfg, deployed=split_of(workers))
+        costs = calibrated(self.cfg, self.model)
+        if costs:
+            self.planner.set_timing(timing_from_cost(median_cost(costs),
+                                                     self.planner.config.timing))
+        return self.planner
+
+    def _apply(self, workers: list[tuple[str, str, str]], moves: list[tuple[str, str]]
+               ) -> list[str]:
+        node_of = {w: n for n, w, _ in workers}
+        return self._rpc([(node_of[w], w, r) for w, r in moves])[1]
+
+    def once(self) -> int:
+        workers, stats, hits, n, _ = self._inputs()
+        planner = self._planner(workers)
+        plan = planner.plan(stats)
+        current = split_of(workers)
+        print(f"window: {n} requests over {self.args.window:g}s "
+              f"({stats.arrival_rate_rps:.2f}/s, peak {stats.peak_rate_rps:.2f}/s), prefix "
+              f"hits {100 * hits:.0f}%; timing: {self._timing_note()}")
+        print(table(plan, current))
+        moves = role_moves([(w, r) for _, w, r in workers], plan.split)
+        if not moves:
+            print(f"\nplan {plan.label} is what runs now: no change")
+            return 0
+        print(f"\nplan {plan.label} ({plan.reason}); changes: "
+              + ", ".join(f"{w} -> {r}" for w, r in moves))
+        if not self.args.apply:
+            print("(--apply asks for them; each worker is drained first)")
+            return 0
+        done = self._apply(workers, moves)
+        print("\n".join(done))
+        return 0 if all(" refused: " not in d for d in done) else 1
+
+    def round(self) -> str:
+        """One window through the hysteresis; the line `--interval` prints for it."""
+        stamp = time.strftime("%H:%M:%S")
+        try:
+            workers, stats, _, n, busy = self._inputs()
+        except CommandError as e:
+            return f"{stamp} skipped: {e}"
+        current = split_of(workers)
+        if busy:  # a change under way: its workers are out of the node table's count
+            return f"{stamp} a role change is under way; waiting"
+        planner = self._planner(workers)
+        plan = planner.observe(stats)
+        moves = role_moves([(w, r) for _, w, r in workers], plan.split)
+        head = (f"{stamp} {n} requests ({stats.arrival_rate_rps:.2f}/s): running "
+                f"{_label(current)}, in force {plan.label} ({plan.reason})")
+        if not moves:
+            return head
+        if not self.args.apply:
+            return head + "; would change " + ", ".join(f"{w} -> {r}" for w, r in moves)
+        return head + "; " + "; ".join(self._apply(workers, moves))
+
+    def _timing_note(self) -> str:
+        costs = calibrated(self.cfg, self.model)
+        return (f"calibrated from {len(costs)} worker(s)" if costs
+                else "the default model (no calibration yet)")
+
+
+def _label(split: tuple[int, int, int]) -> str:
+    from meshd.scheduler.planner import split_label
+
+    return split_label(split)
