@@ -7,7 +7,8 @@
 - GET /v1/models, GET /health, GET /fake/stats (counters as JSON).
 With `return_token_ids` (vLLM's extension, what the mesh path asks for) each stream chunk also
 carries the token ids of its text (`t<i> ` -> three ids); a completions request with an int
-`logprobs` (k) gets completions-form logprobs with k alternatives per token.
+`logprobs` (k) gets completions-form logprobs with k alternatives per token; with `--scores`
+a request with `meshd_confidence` gets one score per token (as meshd's engine answers).
 Test knobs, read from the request body (unknown fields that a gateway passes through):
 `fake_delay` (seconds between stream chunks), `fake_chunks` (override), `fake_status` (answer
 that HTTP status with an OpenAI error body). `FakeBackend.stats["aborted"]` counts streams whose
@@ -46,7 +47,8 @@ def _logprobs(token_ids: list[int], k: int) -> dict[str, Any]:
             "text_offset": list(range(len(names)))}
 
 
-def _completion(chat: bool, model: str, rid: str, ids: bool = False, k: int = 0) -> bytes:
+def _completion(chat: bool, model: str, rid: str, ids: bool = False, k: int = 0,
+                conf: bool = False) -> bytes:
     usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     if chat:
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
@@ -57,13 +59,15 @@ def _completion(chat: bool, model: str, rid: str, ids: bool = False, k: int = 0)
                   "text": "hello there !"}
     if ids:
         choice["token_ids"] = [104, 101, 108]
+    if conf:  # meshd's extension: the worker's own score of each token
+        choice["meshd_confidence"] = [0.9, 0.8, 0.85]
     return orjson.dumps({"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": 1700000000, "model": model, "choices": [choice],
                          "usage": usage})
 
 
 def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = False,
-           k: int = 0) -> bytes:
+           k: int = 0, conf: bool = False) -> bytes:
     token_ids = [116, 48 + i % 10, 32]
     if chat:
         choice: dict[str, Any] = {"index": 0, "delta": {"content": f"t{i} "},
@@ -74,6 +78,8 @@ def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = Fal
             choice["logprobs"] = _logprobs(token_ids, k)
     if ids:  # vLLM's `return_token_ids`: the ids behind this chunk's text
         choice["token_ids"] = token_ids
+    if conf:  # meshd's `meshd_confidence`: one score per token
+        choice["meshd_confidence"] = [0.9, 0.8, 0.85]
     return orjson.dumps({"id": rid, "object": "chat.completion.chunk" if chat
                          else "text_completion", "created": 1700000000, "model": model,
                          "choices": [choice]})
@@ -82,13 +88,16 @@ def _chunk(chat: bool, model: str, rid: str, i: int, last: bool, ids: bool = Fal
 class FakeBackend:
     """Server state shared by all connections (counters readable from other threads)."""
 
-    def __init__(self, chunks: int = 8, token_ids: bool = True, capacity: int = 0) -> None:
+    def __init__(self, chunks: int = 8, token_ids: bool = True, capacity: int = 0,
+                 scores: bool = False) -> None:
         """`token_ids=False`: a worker that ignores `return_token_ids` (older vLLM).
-        `capacity`: streams served at once (0: unlimited); the rest queue FIFO."""
+        `capacity`: streams served at once (0: unlimited); the rest queue FIFO.
+        `scores`: it answers `meshd_confidence` (as meshd's engine does; vLLM does not)."""
         if capacity < 0:
             raise ValueError(f"capacity: must be >= 0, got {capacity}")
         self.chunks = chunks
         self.token_ids = token_ids
+        self.scores = scores
         self.capacity = capacity
         self.queued = 0  # streams waiting for a slot now
         self._slots: asyncio.Semaphore | None = None  # made on the serving loop
@@ -96,7 +105,7 @@ class FakeBackend:
                                       "completed_streams": 0, "queued_peak": 0}
         self.last_body: dict[str, Any] = {}
         self.last_request_id = b""
-        self._cache: dict[tuple[bool, str, bool, int], bytes] = {}
+        self._cache: dict[tuple[bool, str, bool, int, bool], bytes] = {}
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -104,11 +113,12 @@ class FakeBackend:
         self.server = await loop.create_server(lambda: _Conn(self), host, port, backlog=2048)
         return int(self.server.sockets[0].getsockname()[1])
 
-    def body_for(self, chat: bool, model: str, ids: bool = False, k: int = 0) -> bytes:
-        key = (chat, model, ids, k)
+    def body_for(self, chat: bool, model: str, ids: bool = False, k: int = 0,
+                 conf: bool = False) -> bytes:
+        key = (chat, model, ids, k, conf)
         b = self._cache.get(key)
         if b is None:
-            b = self._cache[key] = _completion(chat, model, "cmpl-fake", ids, k)
+            b = self._cache[key] = _completion(chat, model, "cmpl-fake", ids, k, conf)
         return b
 
 
@@ -177,7 +187,7 @@ class _Conn(asyncio.Protocol):
             asyncio.get_running_loop().create_task(stream)
         else:
             body = be.body_for(chat, model, bool(req.get("return_token_ids")) and be.token_ids,
-                               _top_k(req))
+                               _top_k(req), be.scores and req.get("meshd_confidence") is True)
             t.write(_OK + _JSON_HEAD % (len(body), conn) + body)
 
     async def _limited(self, req: dict[str, Any], chat: bool, model: str, conn: bytes) -> None:
@@ -209,11 +219,12 @@ class _Conn(asyncio.Protocol):
         ids = bool(req.get("return_token_ids")) and be.token_ids
         delay = float(req.get("fake_delay", 0.0))
         k = _top_k(req)
+        conf = be.scores and req.get("meshd_confidence") is True
         be.stats["streams"] += 1
         self.streaming = True
         out = [_SSE_HEAD % conn]
         for i in range(n):
-            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1, ids, k)))
+            out.append(_frame(_chunk(chat, model, "cmpl-fake", i, i == n - 1, ids, k, conf)))
             if delay:
                 t.write(b"".join(out))
                 out.clear()
@@ -237,8 +248,8 @@ def _top_k(req: dict[str, Any]) -> int:
     return lp if type(lp) is int and lp > 0 else 0
 
 
-async def _main(port: int, chunks: int, capacity: int = 0) -> None:
-    be = FakeBackend(chunks, capacity=capacity)
+async def _main(port: int, chunks: int, capacity: int = 0, scores: bool = False) -> None:
+    be = FakeBackend(chunks, capacity=capacity, scores=scores)
     actual = await be.start(port=port)
     print(f"fake backend on 127.0.0.1:{actual}", flush=True)
     await asyncio.Event().wait()
@@ -249,7 +260,9 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--capacity", type=int, default=0, help="streams at once (0: unlimited)")
+    ap.add_argument("--scores", action="store_true",
+                    help="answer meshd_confidence (a meshd engine), not only logprobs (vLLM)")
     a = ap.parse_args()
     import uvloop
 
-    uvloop.run(_main(a.port, a.chunks, a.capacity))
+    uvloop.run(_main(a.port, a.chunks, a.capacity, a.scores))

@@ -9,7 +9,9 @@ replicas (`meshd-mesh-2`) and the same with a tenant policy checking every limit
 (`meshd-mesh-gov-2`, `GOVERNANCE` below; `--skip gov` leaves it out), with privacy routing on
 (`meshd-mesh-privacy-2`, `PRIVACY`; `--skip privacy`), with a signed receipt on every response
 (`meshd-mesh-receipts-2`, `RECEIPTS`; `--skip receipts`), with every choice scored for
-confidence (`meshd-mesh-confidence-2`, `CONFIDENCE`; `--skip confidence`), sglang-router
+confidence (`meshd-mesh-confidence-2` from top-5 logprobs, as over vLLM;
+`meshd-mesh-confidence-scored-2` from a second fake worker that scores its own tokens, as
+meshd's engine does; `CONFIDENCE`; `--skip confidence`), sglang-router
 (Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
 for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
 rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
@@ -225,11 +227,14 @@ def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
 _SKIP_KEYS = {"meshd-1": ("plain",), "meshd-2": ("plain",), "meshd-mesh-2": ("mesh", "mesh2"),
               "meshd-mesh-gov-2": ("mesh", "gov"), "meshd-mesh-privacy-2": ("mesh", "privacy"),
               "meshd-mesh-receipts-2": ("mesh", "receipts"),
-              "meshd-mesh-confidence-2": ("mesh", "confidence"), "sglang-router": ("sglang",),
+              "meshd-mesh-confidence-2": ("mesh", "confidence"),
+              "meshd-mesh-confidence-scored-2": ("mesh", "confidence"),
+              "sglang-router": ("sglang",),
               "litellm": ("litellm",)}
 
 
-def start_targets(backend: int, logs: Path, skip: set[str], only: set[str]) -> list[Target]:
+def start_targets(backend: int, logs: Path, skip: set[str], only: set[str],
+                  scoring: int = 0) -> list[Target]:
     """The targets to measure: all but `skip`'s, or only `only`'s (and always direct)."""
     chat = json.dumps(BODY).encode()
     targets = [Target("direct", backend)]
@@ -246,13 +251,15 @@ def start_targets(backend: int, logs: Path, skip: set[str], only: set[str]) -> l
         targets.append(t)
     # the full mesh path (tokenize + hash + route + lifecycle + reshape), plain and with
     # each governance and trust stage on: (name, skip key, config, extra args)
-    meshes = [("meshd-mesh-2", "mesh2", "", []),
-              ("meshd-mesh-gov-2", "gov", GOVERNANCE, ["--api-key", f"bench={KEY}"]),
-              ("meshd-mesh-privacy-2", "privacy", PRIVACY, []),
-              ("meshd-mesh-receipts-2", "receipts", RECEIPTS, []),
-              ("meshd-mesh-confidence-2", "confidence", CONFIDENCE, [])]
-    for name, key, conf, extra in meshes if "mesh" not in skip else ():
-        if key in skip:
+    # (`scoring`: a second fake worker that scores its own tokens, as meshd's engine does)
+    meshes = [("meshd-mesh-2", "mesh2", "", [], backend),
+              ("meshd-mesh-gov-2", "gov", GOVERNANCE, ["--api-key", f"bench={KEY}"], backend),
+              ("meshd-mesh-privacy-2", "privacy", PRIVACY, [], backend),
+              ("meshd-mesh-receipts-2", "receipts", RECEIPTS, [], backend),
+              ("meshd-mesh-confidence-2", "confidence", CONFIDENCE, [], backend),
+              ("meshd-mesh-confidence-scored-2", "confidence", CONFIDENCE, [], scoring)]
+    for name, key, conf, extra, worker in meshes if "mesh" not in skip else ():
+        if key in skip or not worker:
             continue
         t = Target(name, free_port())
         args = list(extra)
@@ -263,7 +270,7 @@ def start_targets(backend: int, logs: Path, skip: set[str], only: set[str]) -> l
         for i in range(2):
             t.procs.append(spawn([sys.executable, "-m", "meshd.coordinator.gateway", "--mesh",
                                   "--port", str(t.port), "--backend",
-                                  f"http://127.0.0.1:{backend}", *args],
+                                  f"http://127.0.0.1:{worker}", *args],
                                  logs / f"{name}-{i}.log"))
         targets.append(t)
     if "sglang" not in skip:
@@ -353,9 +360,13 @@ def main() -> None:
     bport = free_port()
     backend = spawn([sys.executable, str(ROOT / "benchmarks" / "fake_backend.py"), "--port",
                      str(bport), "--chunks", "8"], logs / "backend.log")
+    sport = free_port()  # the worker that scores its own tokens (meshd-mesh-confidence-scored)
+    scorer = spawn([sys.executable, str(ROOT / "benchmarks" / "fake_backend.py"), "--port",
+                    str(sport), "--chunks", "8", "--scores"], logs / "scorer.log")
+    wait_ready(sport, "/health", 15)
     wait_ready(bport, "/health", 15)
     targets = start_targets(bport, logs, set(filter(None, a.skip.split(","))),
-                            set(filter(None, a.only.split(","))))
+                            set(filter(None, a.only.split(","))), sport)
     live = [t for t in targets if t.error is None]
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     costs: dict[str, dict[str, Any] | None] = {}
@@ -379,12 +390,13 @@ def main() -> None:
         costs.update({t.name: weighted_cost(t, "receipts.cost_us", {"build": "build_us"})
                       for t in live if t.name == "meshd-mesh-receipts-2"})
         costs.update({t.name: confidence_cost(t) for t in live
-                      if t.name == "meshd-mesh-confidence-2"})
+                      if t.name.startswith("meshd-mesh-confidence")})
     finally:
         for t in targets:
             t.stop()
-        backend.terminate()
-        backend.wait(10)
+        for worker in (backend, scorer):
+            worker.terminate()
+            worker.wait(10)
     report(targets, cells, rss, costs, a, logs)
 
 

@@ -36,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    confidence: bool = False  # meshd: score each sampled token (exp(-entropy), raw logits)
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
@@ -93,6 +94,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     held_block_ids: tuple[int, ...] | None = None
     prompt_expert_counts: tuple[tuple[int, ...], ...] | None = None
+    confidence: tuple[float, ...] | None = None  # per new token, when sampling.confidence
 
     def top_experts(self, n: int) -> tuple[int, ...]:
         """Expert ids most used by the prompt, summed over layers (empty if not MoE)."""

@@ -30,7 +30,7 @@ from meshd.node_agent.engine.block_manager import BlockManager, NoFreeBlocksErro
 from meshd.node_agent.engine.config import EngineConfig
 from meshd.node_agent.engine.events import KVEvent
 from meshd.node_agent.engine.runner import Chunk, ModelRunner
-from meshd.node_agent.engine.sampler import logprobs_of, sample
+from meshd.node_agent.engine.sampler import confidence_of, logprobs_of, sample
 from meshd.node_agent.engine.scheduler import ScheduledSeq, Scheduler
 from meshd.node_agent.engine.sequence import Sequence
 from meshd.node_agent.engine.stopping import check_stop, take_text_delta
@@ -215,6 +215,7 @@ class Engine:
         first = seq.num_output == 0
         token = sample(logits, p, seq.generator or self._gen)
         lp = logprobs_of(logits, token, p.logprobs) if p.logprobs is not None else None
+        conf = (confidence_of(logits),) if p.confidence else None
         seq.token_ids.append(token)
         self.hasher.extend(seq.block_hashes, seq.token_ids)
         self._counters["generation"] += 1
@@ -233,12 +234,13 @@ class Engine:
             else:
                 self.scheduler.release(seq)
         out = self._output(seq, (token,), (lp,) if lp else None, seq.finish_reason is not None,
-                           held, expert_counts=first)
+                           held, expert_counts=first, confidence=conf)
         return out
 
     def _output(self, seq: Sequence, new: tuple[int, ...], lps: tuple[TokenLogprob, ...] | None,
                 finished: bool, held: tuple[int, ...] | None = None,
-                expert_counts: bool = False) -> RequestOutput:
+                expert_counts: bool = False,
+                confidence: tuple[float, ...] | None = None) -> RequestOutput:
         counts = None
         if expert_counts and seq.expert_counts is not None:
             counts = tuple(tuple(r) for r in seq.expert_counts.tolist())
@@ -247,7 +249,7 @@ class Engine:
             finished=finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             logprobs=lps, num_prompt_tokens=seq.num_prompt,
             num_cached_tokens=seq.num_cached_tokens, num_output_tokens=seq.num_output,
-            held_block_ids=held, prompt_expert_counts=counts)
+            held_block_ids=held, prompt_expert_counts=counts, confidence=confidence)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
         if not self.config.enable_prefix_caching:

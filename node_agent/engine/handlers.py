@@ -45,6 +45,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
     last: RequestOutput | None = None
     experts: dict[int, int] = field(default_factory=dict)  # top experts -> prompt tokens
     text_offset: int = 0
@@ -53,6 +54,7 @@ class Choice:
         self.text.append(out.text_delta)
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.logprobs or ())
+        self.confidence.extend(out.confidence or ())
         if out.prompt_expert_counts is not None:
             totals = [sum(col) for col in zip(*out.prompt_expert_counts, strict=True)]
             self.experts = {e: totals[e] for e in out.top_experts(top_experts)}
@@ -310,6 +312,8 @@ class _Ctx:
         ch["stop_reason"] = out.stop_reason if out.finished else None
         if self.req.return_token_ids:
             ch["token_ids"] = list(out.new_token_ids)
+        if self.req.sampling.confidence:
+            ch["meshd_confidence"] = list(out.confidence or ())
         return ch
 
     def response(self, choices: list[Choice], tok: Any) -> dict[str, Any]:
@@ -327,5 +331,7 @@ class _Ctx:
             if self.req.return_token_ids:
                 row["token_ids"] = c.token_ids
                 row["prompt_token_ids"] = list(self.req.prompt)
+            if self.req.sampling.confidence:
+                row["meshd_confidence"] = c.confidence
             rows.append(row)
         return {**self._head(False), "choices": rows, "usage": self.usage(choices)}

@@ -208,7 +208,8 @@ def _sampling(body: dict[str, Any], chat: bool, max_tokens: int) -> SamplingPara
             ignore_eos=_field(body, "ignore_eos", bool, False, "a boolean"),
             logprobs=_logprobs(body, chat),
             include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False,
-                                              "a boolean"))
+                                              "a boolean"),
+            confidence=_field(body, "meshd_confidence", bool, False, "a boolean"))
     except ValueError as e:
         raise invalid(str(e)) from None
 

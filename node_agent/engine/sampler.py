@@ -29,6 +29,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
 
+def confidence_of(logits: torch.Tensor) -> float:
+    """exp(-entropy) of the raw distribution over the whole vocabulary: 1 for a certain token,
+    1/k for a k-way tie (what the gateway estimates from top-k logprobs when a worker cannot
+    score its own tokens; exact here, where the logits are)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    h = -(lp.exp() * lp).sum()
+    return float(torch.exp(-h).item())
+
+
 def logprobs_of(logits: torch.Tensor, token_id: int, n: int) -> TokenLogprob:
     """The sampled token's logprob and the top `n` under the raw distribution."""
     lp = torch.log_softmax(logits, dim=-1)

@@ -85,6 +85,9 @@ class ChoiceSpec:
     # receipts: worker id -> (node id, attests?); set, the run records where its tokens came
     # from (`segments`, `prefilled_on`) and asks the workers that can to attest them
     provenance: Provenance | None = None
+    # confidence: does a worker score its own tokens? Then a meter-only request asks it for
+    # `meshd_confidence` (one float per token) instead of top-k logprobs
+    scores_itself: Callable[[str], bool] | None = None
     # tracing: the request's trace context; set, each worker call gets its own span id (in
     # its `traceparent`) and is recorded in `calls`
     trace: TraceContext | None = None
@@ -293,6 +296,11 @@ class ChoiceRun:
             body["max_tokens"] = remaining
         if params:
             body["kv_transfer_params"] = params
+        if (spec.meter is not None and not spec.client_logprobs
+                and spec.scores_itself is not None and spec.scores_itself(worker_id)):
+            body.pop("logprobs", None)
+            body.pop("return_tokens_as_token_ids", None)
+            body["meshd_confidence"] = True
         if spec.provenance is not None:
             node, attests = spec.provenance(worker_id)
             self.segments.append(Segment(worker_id, node, len(self.out.token_ids)))
@@ -374,6 +382,8 @@ class ChoiceRun:
                 self.out.logprobs.append(delta.logprobs)
             else:
                 delta.logprobs = None
+        elif delta.confidence is not None and self.spec.meter is not None:
+            self.spec.meter.extend(delta.confidence)
         if delta.finish_reason is not None:
             self.out.finish_reason = delta.finish_reason
             self.out.stop_reason = delta.stop_reason

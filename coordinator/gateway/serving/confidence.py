@@ -1,8 +1,10 @@
 """Confidence of a choice's tokens, from the workers' logprobs, and the streaming halt.
 
 Per generated token the worker reports the sampled token's logprob and its `top_logprobs`
-alternatives (completions form). The token's entropy is estimated over those alternatives plus
-one bucket for the probability mass they leave out:
+alternatives (completions form) — or, a worker that scores its own tokens (meshd's engine:
+`meshd_confidence`, exp(-entropy) over its whole vocabulary, exact), one float per token,
+which `ConfidenceMeter.extend` adds as they are. From logprobs, the token's entropy is
+estimated over the alternatives plus one bucket for the probability mass they leave out:
 
     H = -sum(p_i ln p_i) - r ln r,   r = max(0, 1 - sum(p_i))      (nats)
     confidence = exp(-H)                                           (1: certain; 1/k: k-way tie)
@@ -168,6 +170,39 @@ class ConfidenceMeter:
             if rest > 1e-12:
                 h -= rest * log(rest)
             c = exp(-h)
+            count += 1
+            total += c
+            if c < low:
+                low = c
+            if n == window:
+                wsum -= ring[pos]
+            else:
+                n += 1
+            ring[pos] = c
+            wsum += c
+            pos = pos + 1 if pos + 1 < window else 0
+        self._pos, self._n, self._window_sum, self.sum, self.min, self.count = (
+            pos, n, wsum, total, low, count)
+        if t0:
+            cost.cpu.stop(t0)  # type: ignore[union-attr]  # t0 is set only with a cost
+
+    def extend(self, scores: Any) -> None:
+        """The worker's own scores (`meshd_confidence`: exp(-entropy) over its whole
+        vocabulary, one per token): added as they are. A value that is not a number in [0, 1]
+        (a worker's bug) is not scored."""
+        if type(scores) is not list or not scores:
+            return
+        cost = self._cost
+        t0 = 0
+        if cost is not None:
+            cost.deltas += 1
+            t0 = cost.cpu.start()
+        ring, window = self._ring, self.window
+        pos, n, wsum, total, low, count = (self._pos, self._n, self._window_sum, self.sum,
+                                           self.min, self.count)
+        for c in scores:
+            if not (c.__class__ is float and 0.0 <= c <= 1.0):
+                continue
             count += 1
             total += c
             if c < low:

@@ -387,7 +387,8 @@ class MeshHandler:
             meter = None if halt is None else ConfidenceMeter(self.confidence.window, halt,
                                                               self.confidence_cost)
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
-                              classes, meter, client_logprobs, provenance, ctx)
+                              classes, meter, client_logprobs, provenance,
+                              self.pool.scores_itself if meter is not None else None, ctx)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs

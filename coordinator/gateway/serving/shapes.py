@@ -35,6 +35,7 @@ class Delta:
     finish_reason: str | None
     stop_reason: int | str | None = None
     note: str | None = None  # why the gateway ended the choice (a confidence halt)
+    confidence: list[Any] | None = None  # the worker's own scores, one per token (meshd)
 
 
 def parse_delta(choice: Mapping[str, Any]) -> Delta:
@@ -47,7 +48,7 @@ def parse_delta(choice: Mapping[str, Any]) -> Delta:
     if type(ids) is not list:
         ids = list(ids or ())
     return Delta(text, ids, choice.get("logprobs"), choice.get("finish_reason"),
-                 choice.get("stop_reason"))
+                 choice.get("stop_reason"), None, choice.get("meshd_confidence"))
 
 
 class SeamText:

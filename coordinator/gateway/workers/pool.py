@@ -58,6 +58,7 @@ class Entry:
     view: WorkerView | None = None  # built from facts + load; None: rebuild on next views()
     protocol: str = UNKNOWN  # protocol.MESH | PLAIN | UNKNOWN: does it return token ids?
     protocol_detail: str = "not probed yet"
+    scores: bool = False  # it scores its own tokens (`meshd_confidence`, protocol.py)
 
     @property
     def worker(self) -> Worker:
@@ -204,6 +205,11 @@ class WorkerPool:
             return "", False
         return e.node_id, e.worker.engine == "embedded"
 
+    def scores_itself(self, worker_id: str) -> bool:
+        """Does the worker score its own tokens (`meshd_confidence`)? Probed on join."""
+        e = self.entries.get(worker_id)
+        return e is not None and e.scores
+
     def node_attributes(self, model: str) -> list[Mapping[str, str]]:
         """The node attributes of every healthy worker serving `model` (privacy routing asks
         whether an eligible one exists before it routes)."""
@@ -233,7 +239,7 @@ class WorkerPool:
                 continue  # left while we asked
             e.protocol_detail = r.detail
             if r.protocol != UNKNOWN:
-                e.protocol, changed = r.protocol, True
+                e.protocol, e.scores, changed = r.protocol, r.scores, True
             if r.protocol == PLAIN:
                 log.warning("worker %s (%s): %s; the mesh path does not route to it",
                             e.worker.worker_id, e.worker.endpoint, r.detail)

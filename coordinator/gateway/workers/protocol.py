@@ -13,6 +13,11 @@ the answer:
              mesh-capable worker serves; `meshd status` shows why
     unknown  no answer (unreachable, 5xx, timeout): routed as before, asked again on the next
              membership refresh
+
+The same probe asks for `meshd_confidence` (meshd's extension: the worker scores each token it
+samples, exp(-entropy) over its whole vocabulary): a worker that answers with it (`scores`) is
+asked for those floats instead of top-k logprobs when only the gateway's confidence meter
+needs them (docs/trust.md); vLLM ignores the field.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ MESH, PLAIN, UNKNOWN = "mesh", "plain", "unknown"
 class ProbeResult(NamedTuple):
     protocol: str  # MESH | PLAIN | UNKNOWN
     detail: str  # why, in words an operator reads in `meshd status`
+    scores: bool = False  # it scores its own tokens (`meshd_confidence`)
 
 
 async def probe(pool: BackendPool, model: str, timeout_s: float = 5.0) -> ProbeResult:
     body = orjson.dumps({"model": model, "prompt": [0, 1], "max_tokens": 1, "temperature": 0,
-                         "return_token_ids": True})
+                         "return_token_ids": True, "meshd_confidence": True})
     try:
         r = await pool.request("POST", "/v1/completions", body, timeout=timeout_s)
     except BackendError as e:
@@ -44,11 +50,15 @@ async def probe(pool: BackendPool, model: str, timeout_s: float = 5.0) -> ProbeR
         return ProbeResult(PLAIN, f"refuses return_token_ids (HTTP {r.status}); proxied as "
                                   "plain OpenAI")
     try:
-        ids = orjson.loads(r.body)["choices"][0].get("token_ids")
+        choice = orjson.loads(r.body)["choices"][0]
+        ids = choice.get("token_ids")
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
         return ProbeResult(PLAIN, "answers completions in an unexpected shape; proxied as "
                                   "plain OpenAI")
     if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
-        return ProbeResult(MESH, "returns token ids")
+        conf = choice.get("meshd_confidence")
+        scores = isinstance(conf, list) and len(conf) == len(ids)
+        return ProbeResult(MESH, "returns token ids" + (", scores its tokens" if scores
+                                                         else ""), scores)
     return ProbeResult(PLAIN, "ignores return_token_ids (needs vLLM >= 0.10.2); proxied as "
                               "plain OpenAI")

@@ -116,3 +116,13 @@ def test_the_replica_cost_counts_choices_and_deltas_and_times_a_sample() -> None
     assert d["cost_us"]["deltas_per_choice"] == CpuSample.EVERY
     assert d["cost_us"]["choice"] == pytest.approx(d["cost_us"]["observe"] * CpuSample.EVERY,
                                                    abs=0.01 * CpuSample.EVERY)
+
+
+def test_a_workers_own_scores_are_added_as_they_are() -> None:
+    m = ConfidenceMeter(window=2, halt_below=0.5)
+    m.extend([0.9, 0.2, "bogus", 1.5, None, 0.1])  # not numbers in [0, 1]: not scored
+    assert m.count == 3 and m.sum == pytest.approx(1.2) and m.min == pytest.approx(0.1)
+    assert m.rolling == pytest.approx(0.15) and m.halted()
+    m.extend([])
+    m.extend("not a list")
+    assert m.count == 3

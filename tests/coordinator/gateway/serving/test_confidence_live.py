@@ -43,7 +43,8 @@ async def mesh(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         await rt.start()
         clients: list[openai.AsyncOpenAI] = []
         try:
-            yield {"url": f"http://127.0.0.1:{rt.config.port}", "b0": b0, "clients": clients}
+            yield {"url": f"http://127.0.0.1:{rt.config.port}", "b0": b0, "clients": clients,
+                   "rt": rt}
         finally:
             for c in clients:  # closed on this loop: no transport finalized on a dead one
                 await c.close()
@@ -66,6 +67,11 @@ async def test_confidence_is_reported_and_logprobs_stay_the_clients(
     conf = (out.usage.model_extra or {})["meshd"] if out.usage else {}
     assert conf["tokens_scored"] == 12 and conf["halted"] == 0
     assert 0.0 < conf["confidence_min"] <= conf["confidence_mean"] <= 1.0
+    # the engine scores its own tokens (exact, one float each: probed when it joined), so the
+    # meter asked it for those instead of top-k logprobs
+    rt = mesh["rt"]
+    assert rt.pool.scores_itself(mesh["b0"].worker.worker_id)
+    assert rt.handler.confidence_cost.describe()["deltas"] >= 1
     mine = await c.completions.create(model="meshd-tiny", prompt=PROMPT, max_tokens=4,
                                       temperature=0, logprobs=2)
     lp = mine.choices[0].logprobs

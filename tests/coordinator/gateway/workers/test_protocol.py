@@ -46,6 +46,21 @@ async def test_probe_tells_mesh_plain_and_unknown() -> None:
         be.server.close()
 
 
+async def test_probe_finds_the_workers_that_score_their_own_tokens() -> None:
+    scorer = load_fake_backend().FakeBackend(chunks=3, scores=True)
+    plain, p2 = await fake(True)
+    got = {}
+    for name, port in (("scores", await scorer.start()), ("logprobs", p2)):
+        pool = BackendPool("127.0.0.1", port, connect_timeout=1.0)
+        got[name] = await probe(pool, "fake", timeout_s=2.0)
+        await pool.close()
+    assert got["scores"] == (MESH, "returns token ids, scores its tokens", True)
+    assert got["logprobs"] == (MESH, "returns token ids", False)  # as vLLM answers
+    assert scorer.last_body["meshd_confidence"] is True
+    for be in (scorer, plain):
+        be.server.close()
+
+
 async def test_plain_worker_is_left_out_of_mesh_views() -> None:
     with_ids, p1 = await fake(True)
     without, p2 = await fake(False)
