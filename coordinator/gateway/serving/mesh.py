@@ -199,7 +199,7 @@ class MeshHandler:
                 and req.dialect is None):
             if receipt and req.receipt:  # asked for: say why not (a tenant default: none)
                 raise ApiError(400, "Receipts need the mesh path: this request is passed "
-                               "through as it is (tools, response_format, or a model only "
+                               "through as it is (response_format, or a model only "
                                "plain OpenAI workers serve), so the gateway does not see its "
                                "tokens.", code="receipt_unavailable")
             if trace is not None:

@@ -1,9 +1,10 @@
 """Requests the mesh path does not drive: the client's body goes to one worker as it is.
 
 Two cases: a model served only by plain OpenAI-compatible workers (engine "openai"), which
-take text prompts and know nothing of P/D; and chat with `tools` or `response_format`, which
-needs the worker's own chat endpoint. A worker that fails before the first byte is marked
-failed and the next one that serves the model is tried; after the first byte a failure ends
+take text prompts and know nothing of P/D; and chat with `response_format`, which needs the
+worker's own constrained decoding (chat with `tools` takes the mesh path: docs/api.md). A
+worker that fails before the first byte is marked failed and the next one that serves the
+model is tried; after the first byte a failure ends
 the stream with an error event (a pass-through response cannot be continued elsewhere).
 """
 
