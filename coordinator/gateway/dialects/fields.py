@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from meshd.api_errors import ApiError, invalid
-from meshd.coordinator.gateway.dialects.model import ToolChoice, ToolSpec
+from meshd.coordinator.gateway.dialects.model import Text, ToolChoice, ToolSpec
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 INT_MAX = 2**31 - 1
@@ -126,6 +126,27 @@ def cache_hint(obj: dict[str, Any], prefix: str) -> bool:
     if cc.get("ttl", "5m") not in ("5m", "1h"):
         raise invalid(f"'{param}.ttl' must be \"5m\" or \"1h\".", f"{param}.ttl")
     return True
+
+
+def text_parts(v: object, param: str, kinds: frozenset[str], media: frozenset[str],
+               wrong: str) -> tuple[Text, ...]:
+    """A content field: a string, or a non-empty list of text parts whose `type` is one of
+    `kinds` (media parts are unsupported; any other type is refused with `wrong`, formatted
+    with `p`, the part's path, and `kind`)."""
+    if type(v) is str:
+        return (Text(v),)
+    if type(v) is not list or not v:
+        raise invalid(f"'{param}' must be a string or a non-empty list of text parts.", param)
+    out = []
+    for j, part in enumerate(v):
+        p = f"{param}[{j}]"
+        kind = obj_at(part, p).get("type")
+        if kind in media:
+            raise unsupported(f"content part type {kind!r}", f"{p}.type")
+        if kind not in kinds:
+            raise invalid(wrong.format(p=p, kind=kind), f"{p}.type")
+        out.append(Text(str_at(part.get("text"), f"{p}.text"), cache_hint(part, p)))
+    return tuple(out)
 
 
 def list_at(v: object, param: str, *, non_empty: bool = False) -> list[Any]:

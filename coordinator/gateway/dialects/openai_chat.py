@@ -29,9 +29,9 @@ from meshd.coordinator.gateway.dialects.fields import (
     opt_str,
     schema_text,
     str_at,
+    text_parts,
     tool_name,
     unique_tools,
-    unsupported,
 )
 from meshd.coordinator.gateway.dialects.model import (
     Block,
@@ -59,24 +59,12 @@ FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
 _MODES: dict[str, ChoiceMode] = {"auto": "auto", "none": "none", "required": "required"}
 _MEDIA = frozenset({"image_url", "input_audio", "file", "image", "audio"})
 _EPHEMERAL = {"type": "ephemeral"}
+_TEXT = frozenset({"text"})
 
 
 def _parts(v: object, param: str) -> tuple[Text, ...]:
-    if type(v) is str:
-        return (Text(v),)
-    if type(v) is not list or not v:
-        raise invalid(f"'{param}' must be a string or a non-empty list of text parts.", param)
-    out = []
-    for j, part in enumerate(v):
-        p = f"{param}[{j}]"
-        kind = obj_at(part, p).get("type")
-        if kind in _MEDIA:
-            raise unsupported(f"content part type {kind!r}", f"{p}.type")
-        if kind != "text":
-            raise invalid(f"'{p}' must be a text part ({{\"type\": \"text\", \"text\": ...}}), "
-                          f"got type {kind!r}.", f"{p}.type")
-        out.append(Text(str_at(part.get("text"), f"{p}.text"), cache_hint(part, p)))
-    return tuple(out)
+    return text_parts(v, param, _TEXT, _MEDIA, "'{p}' must be a text part "
+                      "({{\"type\": \"text\", \"text\": ...}}), got type {kind!r}.")
 
 
 def _call(v: object, param: str) -> ToolCall:

@@ -41,9 +41,9 @@ from meshd.coordinator.gateway.dialects.fields import (
     refuse_unknown,
     schema_text,
     str_at,
+    text_parts,
     tool_name,
     unique_tools,
-    unsupported,
 )
 from meshd.coordinator.gateway.dialects.model import (
     ChoiceMode,
@@ -70,6 +70,7 @@ KNOWN = frozenset({"model", "input", "instructions", "previous_response_id",
                    "max_output_tokens", "temperature", "top_p", "stream", "store", "tools",
                    "tool_choice", "parallel_tool_calls", "text", "metadata", "user"})
 _MEDIA = frozenset({"input_image", "input_file", "input_audio"})
+_TEXT_KINDS = frozenset({"input_text", "output_text"})
 _MODES: dict[str, ChoiceMode] = {"auto": "auto", "none": "none", "required": "required"}
 _FORMATS = frozenset({"text", "json_object", "json_schema"})
 
@@ -94,21 +95,8 @@ class ResponsesRequest:
 
 
 def _texts(v: object, param: str) -> tuple[Text, ...]:
-    if type(v) is str:
-        return (Text(v),)
-    if type(v) is not list or not v:
-        raise invalid(f"'{param}' must be a string or a non-empty list of text parts.", param)
-    out = []
-    for j, part in enumerate(v):
-        p = f"{param}[{j}]"
-        kind = obj_at(part, p).get("type")
-        if kind in _MEDIA:
-            raise unsupported(f"content part type {kind!r}", f"{p}.type")
-        if kind not in ("input_text", "output_text"):
-            raise invalid(f"'{p}.type' must be \"input_text\" or \"output_text\", got {kind!r}.",
-                          f"{p}.type")
-        out.append(Text(str_at(part.get("text"), f"{p}.text"), cache_hint(part, p)))
-    return tuple(out)
+    return text_parts(v, param, _TEXT_KINDS, _MEDIA, "'{p}.type' must be \"input_text\" or "
+                      "\"output_text\", got {kind!r}.")
 
 
 def _reasoning(it: dict[str, Any], p: str) -> Reasoning | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -75,6 +75,34 @@ def usage_of(usage: dict[str, Any]) -> Usage:
     details = usage.get("prompt_tokens_details") or {}
     return Usage(int(usage["prompt_tokens"]), int(usage["completion_tokens"]),
                  int(details.get("cached_tokens") or 0))
+
+
+class EventStream(Protocol):
+    """What Anthropic's `MessageStream` and the Responses `ResponseStream` both take."""
+
+    def text(self, delta: str) -> list[Event]: ...
+
+    def reasoning(self, delta: str) -> list[Event]: ...
+
+    def tool_call_start(self, id: str, name: str) -> list[Event]: ...
+
+    def tool_args(self, delta: str) -> list[Event]: ...
+
+
+def dialect_events(stream: EventStream, p: ChoiceParse, events: list[StreamEvent]
+                   ) -> list[Event]:
+    """A choice's parsed events as the dialect stream's events (call ids: `p`'s)."""
+    out: list[Event] = []
+    for e in events:
+        if isinstance(e, ContentDelta):
+            out += stream.text(e.text)
+        elif isinstance(e, ReasoningDelta):
+            out += stream.reasoning(e.text)
+        elif isinstance(e, CallStart):
+            out += stream.tool_call_start(p.ids[e.index], e.name)
+        elif isinstance(e, ArgsDelta):
+            out += stream.tool_args(e.text)
+    return out
 
 
 class ChoiceParse:
@@ -170,32 +198,13 @@ class MessagesShape(DialectShape):
         return [sse(n, d) for n, d in (*events, *self.stream.ping())]
 
     def events(self, index: int, d: Delta) -> list[bytes]:
-        p, s = self.parses[0], self.stream
-        out: list[Event] = []
-        for e in p.feed(d.text):
-            if isinstance(e, ContentDelta):
-                out += s.text(e.text)
-            elif isinstance(e, ReasoningDelta):
-                out += s.reasoning(e.text)
-            elif isinstance(e, CallStart):
-                out += s.tool_call_start(p.ids[e.index], e.name)
-            elif isinstance(e, ArgsDelta):
-                out += s.tool_args(e.text)
-        return [sse(n, data) for n, data in out]
+        return [sse(n, data) for n, data in dialect_events(
+            self.stream, self.parses[0], self.parses[0].feed(d.text))]
 
     def tail(self, outputs: Sequence[ChoiceOutput], usage: dict[str, Any],
              meshd: dict[str, Any] | None) -> list[bytes]:
         p, s = self.parses[0], self.stream
-        out: list[Event] = []
-        for e in p.finish():
-            if isinstance(e, ContentDelta):
-                out += s.text(e.text)
-            elif isinstance(e, ReasoningDelta):
-                out += s.reasoning(e.text)
-            elif isinstance(e, CallStart):
-                out += s.tool_call_start(p.ids[e.index], e.name)
-            elif isinstance(e, ArgsDelta):
-                out += s.tool_args(e.text)
+        out = dialect_events(s, p, p.finish())
         c = p.completion(outputs[0])
         u = usage_of(usage)
         end = s.finish(c.finish, c.stop_sequence, u.completion_tokens)
@@ -233,26 +242,13 @@ class ResponsesShape(DialectShape):
     def head(self, prompt_tokens: int) -> list[bytes]:
         return [sse(n, d) for n, d in self.stream.start()]
 
-    def _write(self, events: list[StreamEvent]) -> list[Event]:
-        p, s = self.parses[0], self.stream
-        out: list[Event] = []
-        for e in events:
-            if isinstance(e, ContentDelta):
-                out += s.text(e.text)
-            elif isinstance(e, ReasoningDelta):
-                out += s.reasoning(e.text)
-            elif isinstance(e, CallStart):
-                out += s.tool_call_start(p.ids[e.index], e.name)
-            elif isinstance(e, ArgsDelta):
-                out += s.tool_args(e.text)
-        return out
-
     def events(self, index: int, d: Delta) -> list[bytes]:
-        return [sse(n, data) for n, data in self._write(self.parses[0].feed(d.text))]
+        return [sse(n, data) for n, data in dialect_events(self.stream, self.parses[0],
+                                                                 self.parses[0].feed(d.text))]
 
     def tail(self, outputs: Sequence[ChoiceOutput], usage: dict[str, Any],
              meshd: dict[str, Any] | None) -> list[bytes]:
-        out = self._write(self.parses[0].finish())
+        out = dialect_events(self.stream, self.parses[0], self.parses[0].finish())
         c = self.completion = self.parses[0].completion(outputs[0])
         end = self.stream.finish(c.finish, usage_of(usage))
         if meshd is not None and end:
