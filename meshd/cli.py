@@ -95,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
                       help="plan every S seconds through the hysteresis until stopped")
     plan.add_argument("--windows", type=int, metavar="N",
                       help="with --interval: stop after N windows")
+    plan.add_argument("--min-gain", type=float, default=0.10, metavar="F",
+                      help="with --interval: how much more goodput (relative) a new split must "
+                           "predict than the one in force (default 0.10)")
+    plan.add_argument("--confirm-windows", type=int, default=3, metavar="N",
+                      help="with --interval: windows in a row a new split must win (default 3)")
+    plan.add_argument("--cooldown-windows", type=int, default=5, metavar="N",
+                      help="with --interval: windows after a change that cannot confirm "
+                           "another (default 5)")
+    plan.add_argument("--gateway", metavar="HOST:PORT",
+                      help="the gateway whose worker calibration to plan with (default: "
+                           "gateway.host:gateway.port)")
     plan.add_argument("--coordinator", help="coordinator address host:port")
     plan.add_argument("--state-dir", help="coordinator state dir (holds admin.key)")
     usage = sub.add_parser("usage", help="tenants' tokens, spend and limits, from the gateway",

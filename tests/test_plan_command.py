@@ -3,10 +3,15 @@ and the running split from the node table."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from meshd.commands.plan import split_of, window_requests, workers_of
+import pytest
+
+from meshd.commands import CommandError, gateway_hostport
+from meshd.commands.plan import change_state, split_of, window_requests, workers_of
 from meshd.coordinator.gateway.records.record import RequestRecord
 from meshd.coordinator.gateway.records.store import RecordStore
 from meshd.proto.v1 import control_pb2 as pb
@@ -47,3 +52,48 @@ def test_the_running_split_is_read_from_the_alive_nodes() -> None:
     workers = workers_of(reply, "m")
     assert workers == [("n1", "n1-d1", "decode"), ("n1", "n1-p0", "prefill")]
     assert split_of(workers) == (1, 1, 0)
+
+
+def _node(workers: list[tuple[str, int]], pending: tuple[str, ...] = (), state: str = "alive"
+          ) -> pb.StatusReply:
+    """Node n1 with `workers` (id, role) of model m (an id ending in -x: of another model)."""
+    return pb.StatusReply(nodes=[pb.NodeStatus(
+        node_id="n1", state=state,
+        workers=[pb.WorkerInfo(worker_id=w, role=r, model="other" if w.endswith("-x") else "m")
+                 for w, r in workers],
+        pending_roles=[pb.RoleChange(worker_id=w, role=pb.WORKER_ROLE_BOTH) for w in pending])])
+
+
+def test_a_role_change_is_done_only_once_the_worker_is_back_in_its_new_role() -> None:
+    """What `--apply` waits for before it asks the next worker: the node back to as many
+    workers, one more in the asked role, the old one gone."""
+    P, D, B = pb.WORKER_ROLE_PREFILL, pb.WORKER_ROLE_DECODE, pb.WORKER_ROLE_BOTH
+    before = (2, 0)  # two workers of the model on n1, none in role both
+    ask = ("m", "n1", "n1-p0", "both", before)
+    assert change_state(_node([("n1-p0", P), ("n1-d1", D)], pending=("n1-p0",)), *ask) == \
+        "asked"  # not taken yet
+    assert change_state(_node([("n1-d1", D)]), *ask) == "asked"  # draining or restarting
+    assert change_state(_node([("n1-b0", B), ("n1-d1", D)]), *ask) == "done"
+    assert change_state(_node([("n1-p0", P), ("n1-d1", D)]), *ask) == "kept"  # did not drain
+    assert change_state(_node([("n1-d1", D)], state="dead"), *ask) == "gone"
+    assert change_state(pb.StatusReply(), *ask) == "gone"
+    # another model's worker on the node does not stand in for the one restarting
+    assert change_state(_node([("n1-d1", D), ("n1-x", B)]), *ask) == "asked"
+
+
+def test_gateway_addresses() -> None:
+    assert gateway_hostport("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert gateway_hostport("[::1]:9") == ("::1", 9)
+    for bad in ("8000", "host:", "host:http", ":80", "h:70000"):
+        with pytest.raises(CommandError, match="expected HOST:PORT"):
+            gateway_hostport(bad)
+
+
+def test_bad_planner_knobs_are_refused_before_anything_is_asked(tmp_path: Path) -> None:
+    for argv, why in ((["--confirm-windows", "0"], "confirm_windows: must be >= 1"),
+                      (["--min-gain", "-1"], "min_gain: must be >= 0"),
+                      (["--itl", "0"], "itl_s: must be > 0")):
+        proc = subprocess.run([sys.executable, "-m", "meshd", "plan", *argv, "--state-dir",
+                               str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -37,12 +37,12 @@ class Up:
     out: list[str]
     grpc_port: int = 0
 
-    def meshd(self, *argv: str) -> subprocess.CompletedProcess[str]:
+    def meshd(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """A `meshd` command against this mesh's coordinator (its admin key)."""
         env = {**os.environ, "MESHD_COORDINATOR_STATE_DIR": str(self.tmp / "coord")}
         return subprocess.run([sys.executable, "-m", "meshd", *argv, "--coordinator",
                                f"127.0.0.1:{self.grpc_port}"], env=env, capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=timeout)
 
     def workers(self) -> dict[str, tuple[str, int]]:
         """worker id -> (node id, role) as the coordinator sees them (`meshd status`)."""
@@ -388,6 +388,72 @@ def test_a_worker_changes_role_mid_stream_and_loses_nothing(up: Up) -> None:
     assert refused.returncode != 0 and "already has role both" in refused.stderr
     assert _rerole_and_wait(up, new, "decode") == decode  # the module's topology again
     _wait_pd_resumes(up, None)
+
+
+def test_the_planner_re_roles_the_workers_through_its_hysteresis(up: Up) -> None:
+    """Issue 13 §4 end to end: `meshd plan --interval --apply` on the live mesh under a
+    decode-heavy load, with an ITL SLO one decode worker cannot hold (2.5x the decode step the
+    gateway measured): the planner keeps the deployed 1P1D until 2C has won
+    `--confirm-windows` windows in a row, then re-roles the workers one at a time (each
+    drained, back in its new role before the next is asked), and keeps 2C through the
+    cooldown. Every request sent meanwhile is answered."""
+    import threading
+
+    cost = [w.get("cost", {}) for w in _debug_workers(up)]
+    decode_ms = next(c["decode_base_ms"] for c in cost if "decode_base_ms" in c)
+    itl = round(2.5 * decode_ms / 1000, 4)
+    client = up.client()
+    stop, answered, failed = threading.Event(), [], []
+
+    def load(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                r = client.completions.create(model="meshd-tiny", prompt=f"plan {k} {i} go",
+                                              max_tokens=24, temperature=0)
+                answered.append(r.usage.completion_tokens if r.usage else 0)
+            except Exception as e:  # counted: the assertion below names them
+                failed.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(4)  # a window of the load before the first plan
+        loop = up.meshd("plan", "--interval", "0.5", "--windows", "8", "--window", "20",
+                        "--sample", "60", "--ttft", "5", "--itl", str(itl),
+                        "--confirm-windows", "2", "--cooldown-windows", "8", "--apply",
+                        "--gateway", f"127.0.0.1:{up.port}", timeout=240)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    out = loop.stdout + loop.stderr
+    assert loop.returncode == 0, out
+    lines = loop.stdout.strip().splitlines()
+    adopted = [i for i, line in enumerate(lines) if "in force 2C (adopted 2C over 1P1D" in line]
+    assert adopted, f"ITL SLO {itl}s:\n{out}"
+    first = adopted[0]
+    assert first >= 1 and all("running 1P1D, in force 1P1D" in line
+                              for line in lines[:first]), out  # confirmed, not at once
+    moves = lines[first].split("; ")[1:]
+    assert len(moves) == 2 and all(" -> both in " in m for m in moves), out
+    assert all("running 2C, in force 2C" in line for line in lines[first + 1:]), out
+    assert not failed and len(answered) > 20, (failed[:3], len(answered))
+    roles = sorted(role for _, role in up.workers().values())
+    assert roles == ["WORKER_ROLE_BOTH", "WORKER_ROLE_BOTH"], roles
+    # the module's topology again, for the tests after this one
+    b = sorted(up.workers())
+    _rerole_and_wait(up, b[0], "prefill")
+    _rerole_and_wait(up, b[1], "decode")
+    _wait_pd_resumes(up, None)
+
+
+def _debug_workers(up: Up) -> list[dict[str, Any]]:
+    """GET /debug/workers: the workers as one gateway replica routes them."""
+    with urllib.request.urlopen(up.url + "/debug/workers", timeout=10) as r:
+        return list(json.loads(r.read())["workers"])
 
 
 def test_meshd_up_stops_cleanly(up: Up) -> None:

@@ -31,6 +31,15 @@ class GatewayReply(NamedTuple):
     why: str  # "" for a 2xx JSON answer; else what went wrong, with the gateway's message
 
 
+def gateway_hostport(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) as (host, port); CommandError naming what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommandError(f"gateway address {address!r}: expected HOST:PORT")
+    return host, int(port)
+
+
 def gateway_address(host: str, port: int) -> str:
     """Where a client reaches a gateway bound to `host` (a wildcard host: this machine)."""
     if host in ("", "0.0.0.0", "::"):

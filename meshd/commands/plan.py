@@ -7,11 +7,15 @@ coordinator's node table, signed with its admin key), and the workers' calibrate
 figures (`GET /debug/workers` on the gateway: `cost`, what each replica measured from the
 workers' `/metrics`), which become the simulator's timing. It prints every candidate split the
 planner simulated and the one it picks for the SLO (`--ttft`, `--itl`), then the fewest role
-changes that reach it; `--apply` asks for them (`SetRole`: each worker is drained first).
-With `--interval S` it plans window after window through the planner's hysteresis (a new
-split must win by `min_gain` for `confirm_windows` windows in a row, and not within
-`cooldown_windows` of the last change), one line per window, applying what comes into force
-with `--apply`; a window while a role change is under way is skipped.
+changes that reach it; `--apply` makes them one worker at a time (`SetRole`: the worker is
+drained, then restarted in its new role), each only once the one before is back in its new
+role, so the mesh keeps all its other workers serving throughout. With `--interval S` it plans
+window after window through the planner's hysteresis (a new split must win by `--min-gain`
+for `--confirm-windows` windows in a row, and not within `--cooldown-windows` of the last
+change), one line per window, applying what comes into force with `--apply`.
+
+The calibration comes from the gateway at `--gateway` (default gateway.host:gateway.port);
+when it cannot be read the plan says so and uses the simulator's default timing.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 from meshd import capabilities as caps
-from meshd.commands import CommandError, gateway_get
+from meshd.commands import CommandError, gateway_get, gateway_hostport
 from meshd.config import MeshConfig
 from meshd.coordinator.actors import ADMIN_KEY_FILE
 from meshd.node_agent import identity
@@ -35,6 +39,8 @@ from meshd.scheduler.sim.trace import TraceRequest
 from meshd.scheduler.workload_stats import WorkloadStats
 
 RECORDS_DIR = "records"  # under the coordinator's state dir (gateway/actor.py deploys it)
+ROLE_CHANGE_TIMEOUT_S = 300.0  # a worker's drain and restart (the coordinator's ask expiry)
+POLL_S = 0.5
 
 
 def window_requests(records_dir: Path, model: str, since: float
@@ -75,13 +81,15 @@ def split_of(workers: list[tuple[str, str, str]]) -> tuple[int, int, int]:
     return roles.count("prefill"), roles.count("decode"), roles.count("both")
 
 
-def calibrated(cfg: MeshConfig, model: str) -> list[dict[str, float]]:
-    """The gateway replica's measured cost figures for `model`'s workers (may be none)."""
-    g = cfg.gateway
-    reply = gateway_get(g.host, g.port, "/debug/workers", timeout_s=2.0)
+def calibrated(host: str, port: int, model: str) -> tuple[list[dict[str, float]], str]:
+    """The gateway replica's measured cost figures for `model`'s workers (may be none), and
+    why there are none when the gateway could not be read."""
+    reply = gateway_get(host, port, "/debug/workers", timeout_s=2.0)
     rows = reply.body.get("workers") if isinstance(reply.body, dict) else None
-    return [dict(r["cost"]) for r in rows or ()
-            if isinstance(r, dict) and r.get("model") == model and r.get("cost")]
+    if rows is None:
+        return [], f"gateway {reply.address}: {reply.why or 'no worker list'}"
+    return [dict(r["cost"]) for r in rows
+            if isinstance(r, dict) and r.get("model") == model and r.get("cost")], ""
 
 
 def table(plan: Plan, current: tuple[int, int, int]) -> str:
@@ -94,26 +102,50 @@ def table(plan: Plan, current: tuple[int, int, int]) -> str:
     return "\n".join(rows)
 
 
-async def _status_and_apply(address: str, ident: identity.Identity, timeout_s: float,
-                            changes: list[tuple[str, str, str]] | None = None
-                            ) -> tuple[pb.StatusReply | None, list[str]]:
+async def _status_or_ask(address: str, ident: identity.Identity, timeout_s: float,
+                         change: tuple[str, str, str] | None = None) -> pb.StatusReply | str:
+    """The coordinator's node table; with `change` (node, worker, role), ask for it: "" when
+    asked, else the refusal."""
     client = ControlClient(address, ident, timeout_s)
     try:
-        if changes is None:
-            return await client.status(), []
-        done = []
-        for node, worker, role in changes:
-            try:
-                await client.set_role(node, worker, caps.ROLES[role])
-                done.append(f"asked {worker} -> {role}")
-            except ControlError as e:
-                done.append(f"{worker} -> {role} refused: {e.detail}")
-        return None, done
+        if change is None:
+            return await client.status()
+        node, worker, role = change
+        try:
+            await client.set_role(node, worker, caps.ROLES[role])
+        except ControlError as e:
+            return e.detail
+        return ""
     finally:
         await client.close()
 
 
+def change_state(reply: pb.StatusReply, model: str, node: str, worker: str, role: str,
+                 before: tuple[int, int]) -> str:
+    """Where one asked role change stands in the node table, given the node's (workers of
+    `model`, of them in `role`) before the ask: "asked" (not taken yet, or the worker still
+    draining or restarting), "done" (the old worker gone and the node back to as many
+    workers, one more in `role`), "kept" (the old worker routed again in its old role: it
+    did not drain in time) or "gone" (its node is not alive)."""
+    n = next((n for n in reply.nodes if n.node_id == node), None)
+    if n is None or n.state != "alive":
+        return "gone"
+    if any(a.worker_id == worker for a in n.pending_roles):
+        return "asked"
+    mine = [w for w in n.workers if w.model == model]
+    if any(w.worker_id == worker for w in mine):
+        return "kept"
+    in_role = sum(1 for w in mine if caps.role_name(w.role) == role)
+    return "done" if len(mine) >= before[0] and in_role > before[1] else "asked"
+
+
 def run(args: argparse.Namespace, cfg: MeshConfig) -> int:
+    try:  # the planner's own checks of the SLO and the hysteresis, before anything is asked
+        PlannerConfig(1, ttft_s=args.ttft, itl_s=args.itl, sample_requests=args.sample,
+                      min_gain=args.min_gain, confirm_windows=args.confirm_windows,
+                      cooldown_windows=args.cooldown_windows)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     try:
         ident = identity.load(f"{cfg.coordinator.state_dir}/{ADMIN_KEY_FILE}")
     except identity.IdentityError as e:
@@ -146,20 +178,26 @@ class _Context:
         self.args, self.cfg, self.ident, self.address = args, cfg, ident, address
         self.model, self.records = model, records
         self.planner: Planner | None = None
+        g = cfg.gateway
+        self.gateway = gateway_hostport(args.gateway) if args.gateway else (g.host, g.port)
+        self.calibrated_from, self.why_uncalibrated = 0, ""
 
-    def _rpc(self, changes: list[tuple[str, str, str]] | None = None
-             ) -> tuple[pb.StatusReply | None, list[str]]:
+    def _rpc(self, change: tuple[str, str, str] | None = None) -> pb.StatusReply | str:
         try:
-            return asyncio.run(_status_and_apply(self.address, self.ident,
-                                                 self.cfg.agent.rpc_timeout_s, changes))
+            return asyncio.run(_status_or_ask(self.address, self.ident,
+                                              self.cfg.agent.rpc_timeout_s, change))
         except ControlError as e:
             raise CommandError(f"coordinator {self.address}: {e.code.name}: {e.detail}"
                                ) from None
 
+    def _status(self) -> pb.StatusReply:
+        reply = self._rpc()
+        assert not isinstance(reply, str)
+        return reply
+
     def _inputs(self) -> tuple[list[tuple[str, str, str]], WorkloadStats, float, int, bool]:
         """(workers, window stats, prefix hits, requests, a role change under way)."""
-        reply, _ = self._rpc()
-        assert reply is not None
+        reply = self._status()
         workers = workers_of(reply, self.model)
         if not workers:
             raise CommandError(f"no alive workers serve the model {self.model!r}")
@@ -176,18 +214,46 @@ class _Context:
         if self.planner is None or self.planner.config.total_workers != len(workers):
             a = self.args
             pcfg = PlannerConfig(len(workers), ttft_s=a.ttft, itl_s=a.itl,
-                                 sample_requests=a.sample)
+                                 sample_requests=a.sample, min_gain=a.min_gain,
+                                 confirm_windows=a.confirm_windows,
+                                 cooldown_windows=a.cooldown_windows)
             self.planner = Planner(pcfg, deployed=split_of(workers))
-        costs = calibrated(self.cfg, self.model)
+        costs, self.why_uncalibrated = calibrated(*self.gateway, self.model)
         if costs:
             self.planner.set_timing(timing_from_cost(median_cost(costs),
                                                      self.planner.config.timing))
+        self.calibrated_from = len(costs)
         return self.planner
 
     def _apply(self, workers: list[tuple[str, str, str]], moves: list[tuple[str, str]]
                ) -> list[str]:
+        """Make `moves` one worker at a time, each once the one before is back in its new
+        role (or has given up); stops at the first that does not complete."""
         node_of = {w: n for n, w, _ in workers}
-        return self._rpc([(node_of[w], w, r) for w, r in moves])[1]
+        done: list[str] = []
+        for worker, role in moves:
+            node = node_of[worker]
+            before = (sum(1 for n, _, _ in workers if n == node),
+                      sum(1 for n, _, r in workers if n == node and r == role))
+            refusal = self._rpc((node, worker, role))
+            if refusal:
+                done.append(f"{worker} -> {role} refused: {refusal}")
+                break
+            t0 = time.monotonic()
+            state = "asked"
+            while state == "asked" and time.monotonic() - t0 < ROLE_CHANGE_TIMEOUT_S:
+                time.sleep(POLL_S)
+                state = change_state(self._status(), self.model, node, worker, role, before)
+            took = time.monotonic() - t0
+            if state == "done":
+                done.append(f"{worker} -> {role} in {took:.0f}s")
+                continue
+            why = {"kept": "it did not drain in time and keeps its role",
+                   "gone": "its node left",
+                   "asked": f"not back within {ROLE_CHANGE_TIMEOUT_S:.0f}s"}[state]
+            done.append(f"{worker} -> {role} failed: {why}")
+            break
+        return done
 
     def once(self) -> int:
         workers, stats, hits, n, _ = self._inputs()
@@ -205,11 +271,11 @@ class _Context:
         print(f"\nplan {plan.label} ({plan.reason}); changes: "
               + ", ".join(f"{w} -> {r}" for w, r in moves))
         if not self.args.apply:
-            print("(--apply asks for them; each worker is drained first)")
+            print("(--apply makes them one worker at a time, each drained first)")
             return 0
         done = self._apply(workers, moves)
         print("\n".join(done))
-        return 0 if all(" refused: " not in d for d in done) else 1
+        return 0 if len(done) == len(moves) and all(" in " in d for d in done) else 1
 
     def round(self) -> str:
         """One window through the hysteresis; the line `--interval` prints for it."""
@@ -233,9 +299,11 @@ class _Context:
         return head + "; " + "; ".join(self._apply(workers, moves))
 
     def _timing_note(self) -> str:
-        costs = calibrated(self.cfg, self.model)
-        return (f"calibrated from {len(costs)} worker(s)" if costs
-                else "the default model (no calibration yet)")
+        if self.calibrated_from:
+            return f"calibrated from {self.calibrated_from} worker(s)"
+        if self.why_uncalibrated:
+            return f"the default model ({self.why_uncalibrated})"
+        return "the default model (no worker measured yet)"
 
 
 def _label(split: tuple[int, int, int]) -> str:
