@@ -166,10 +166,13 @@ class ControlPlane:
         if worker.role == role:
             raise RequestError("FAILED_PRECONDITION", "same_role",
                                f"worker {worker.worker_id} already has role {role}")
-        if worker.engine != "embedded":
+        if not (worker.engine == "embedded" or
+                (worker.engine == "vllm" and worker.kv_transfer_endpoint)):
             raise RequestError("UNIMPLEMENTED", "engine_cannot_rerole",
-                               f"worker {worker.worker_id} runs engine {worker.engine!r}; "
-                               f"only embedded workers change roles at runtime yet")
+                               f"worker {worker.worker_id} runs engine {worker.engine!r}"
+                               + (" without a KV connector" if worker.engine == "vllm" else "")
+                               + "; embedded workers and vLLM workers with a KV connector "
+                               "change roles at runtime")
         try:
             ask = self.roles.ask(node.node_id, worker.worker_id, role, self.clock())
         except ValueError as e:

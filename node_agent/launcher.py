@@ -42,10 +42,15 @@ def roles(cfg: WorkersConfig) -> list[str]:
 
 
 def respec(spec: WorkerSpec, role: str) -> WorkerSpec | None:
-    """An embedded worker's spec in another role, under the id that role gives its slot
-    (`<node>-p0` as decode is `<node>-d0`: a new worker to the gateways, with a fresh cache
-    view); None for workers of other engines (vLLM's KV role is fixed at launch here)."""
+    """A worker's spec in another role, under the id that role gives its slot (`<node>-p0` as
+    decode is `<node>-d0`: a new worker to the gateways, with a fresh cache view): an
+    embedded worker's `--role`, a vLLM worker's KV role (`vllm_launcher.respec`); None when
+    its engine cannot change roles."""
     w = spec.worker
+    if w.engine == "vllm":
+        from meshd.node_agent import vllm_launcher
+
+        return vllm_launcher.respec(spec, role)
     if w.engine != "embedded" or "--role" not in spec.argv:
         return None
     node, _, slot = w.worker_id.rpartition("-")

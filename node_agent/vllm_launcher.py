@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,7 +41,7 @@ from meshd.node_agent.supervisor import WorkerSpec
 
 log = logging.getLogger("meshd.agent.vllm")
 
-__all__ = ["VllmConfig", "WorkerPorts", "port_stride", "vllm_specs", "worker_ports"]
+__all__ = ["VllmConfig", "WorkerPorts", "port_stride", "respec", "vllm_specs", "worker_ports"]
 
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 MESHD_CONNECTOR = "MeshdConnector"
@@ -221,6 +222,31 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
                                 env=env,
                                 ready_timeout_s=cfg.ready_timeout_s))
     return specs
+
+
+def respec(spec: WorkerSpec, role: str) -> WorkerSpec | None:
+    """A vLLM worker's spec in another role (the supervisor restarts it with it, drained
+    first): its `--kv-transfer-config` with the role's `kv_role` and the new `engine_id`, under
+    the id that role gives its slot (`<node>-vllm-p0` as decode is `<node>-vllm-d0`); the
+    same GPUs, ports and everything else. The last `--kv-transfer-config` is the one vLLM
+    reads (an operator's `extra_args` may override meshd's). None for a worker without one
+    (no KV connector: it serves whole requests, in no P/D role)."""
+    w = spec.worker
+    argv = list(spec.argv)
+    at = [i for i, a in enumerate(argv) if a == "--kv-transfer-config" and i + 1 < len(argv)]
+    if w.engine != "vllm" or not at or role not in KV_ROLES:
+        return None
+    try:
+        kv = json.loads(argv[at[-1] + 1])
+    except ValueError:
+        return None
+    if not isinstance(kv, dict):
+        return None
+    node, _, slot = w.worker_id.rpartition("-")
+    new_id = f"{node}-{role[0]}{slot[1:]}"
+    kv["kv_role"], kv["engine_id"] = KV_ROLES[role], new_id
+    argv[at[-1] + 1] = _json(kv)
+    return replace(spec, worker=replace(w, worker_id=new_id, role=role), argv=tuple(argv))
 
 
 def _transfer_endpoint(cfg: VllmConfig, host: str, port: int) -> str:

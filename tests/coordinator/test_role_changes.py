@@ -60,7 +60,9 @@ def test_respec_gives_the_slot_its_new_role_and_id() -> None:
     assert new.argv == ("meshd", "engine", "serve", "--role", "decode", "--engine-id",
                         "node-d0", "--port", "8100")
     vllm = dataclasses.replace(spec, worker=make_worker("node-p0", "prefill", "vllm"))
-    assert respec(vllm, "decode") is None  # vLLM's KV role is fixed at launch
+    assert respec(vllm, "decode") is None  # a vLLM worker without a connector config
+    other = dataclasses.replace(spec, worker=make_worker("node-p0", "prefill", "sglang"))
+    assert respec(other, "decode") is None
 
 
 async def test_an_admin_asks_and_the_agent_is_told_until_it_acknowledges(
@@ -71,7 +73,9 @@ async def test_an_admin_asks_and_the_agent_is_told_until_it_acknowledges(
         run.store.add_key(admin.public_key, admin.node_id, role="admin")
         workers = (make_worker(f"{node.node_id}-p0", "prefill"),
                    make_worker(f"{node.node_id}-d1", "decode"),
-                   make_worker(f"{node.node_id}-v2", "decode", engine="vllm"))
+                   make_worker(f"{node.node_id}-v2", "decode", engine="vllm"),  # no connector
+                   dataclasses.replace(make_worker(f"{node.node_id}-vllm-d3", "decode", "vllm"),
+                                       kv_transfer_endpoint="tcp://127.0.0.1:8133"))
         taken: list[tuple[str, str]] = []
 
         def rerole(worker_id: str, role: str) -> bool:
@@ -111,6 +115,9 @@ async def test_an_admin_asks_and_the_agent_is_told_until_it_acknowledges(
                           "same_role")
             await refused(f"{node.node_id}-v2", pb.WORKER_ROLE_PREFILL,
                           grpc.StatusCode.UNIMPLEMENTED, "engine_cannot_rerole")
+            v3 = f"{node.node_id}-vllm-d3"  # a vLLM worker with a connector: its kv_role
+            assert (await client.set_role(node.node_id, v3, pb.WORKER_ROLE_BOTH)).generation
+            await wait_for(lambda: (v3, "both") in taken)
             await refused("nope", pb.WORKER_ROLE_BOTH, grpc.StatusCode.NOT_FOUND,
                           "no_such_worker")
             await refused(p0, pb.WORKER_ROLE_BOTH, grpc.StatusCode.NOT_FOUND, "no_such_node",
@@ -120,8 +127,8 @@ async def test_an_admin_asks_and_the_agent_is_told_until_it_acknowledges(
             await refused(p0, pb.WORKER_ROLE_BOTH, grpc.StatusCode.PERMISSION_DENIED,
                           "not_admin", who=ControlClient(run.address, node))
             await client.set_role(node.node_id, p0, pb.WORKER_ROLE_BOTH)
-            await wait_for(lambda: len(taken) == 2)
-            assert taken[1] == (p0, "both") and agent.role_generation == 2
+            await wait_for(lambda: len(taken) == 3)
+            assert taken[2] == (p0, "both") and agent.role_generation == 3
         finally:
             await client.close()
             stop.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
@@ -506,3 +507,30 @@ def test_model_chat_template_matches_transformers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="chat template: nope"):
         from meshd.node_agent.engine.tokenizer import ChatTemplate
         ChatTemplate("{{ raise_exception('nope') }}", {}).render(messages, True)
+
+
+def test_a_vllm_worker_changes_role_by_its_kv_role() -> None:
+    """`respec` (what the supervisor restarts a drained worker with): the slot's new id, the
+    role's kv_role and engine_id in the connector config, nothing else changed; the
+    operator's own (last) --kv-transfer-config is the one changed; None without one."""
+    from meshd.node_agent.launcher import respec
+
+    p, d = make_specs(prefill=1, decode=1)
+    new = respec(d, "both")
+    assert new is not None and new.worker.worker_id == "n1-vllm-b1"
+    assert new.worker.role == "both" and new.worker.endpoint == d.worker.endpoint
+    kv, old = flag_json(new, "--kv-transfer-config"), flag_json(d, "--kv-transfer-config")
+    assert kv == {**old, "kv_role": "kv_both", "engine_id": "n1-vllm-b1"}
+    changed = [i for i, (a, b) in enumerate(zip(new.argv, d.argv, strict=True)) if a != b]
+    assert changed == [list(d.argv).index("--kv-transfer-config") + 1]
+    assert new.env == d.env and new.health_url == d.health_url
+    back = respec(new, "decode")
+    assert back is not None and back.worker == d.worker and back.argv == d.argv
+    mine = json.dumps({"kv_connector": "X", "kv_role": "kv_producer"})
+    theirs = dataclasses.replace(p, argv=(*p.argv, "--kv-transfer-config", mine))
+    moved = respec(theirs, "decode")
+    assert moved is not None and json.loads(moved.argv[-1]) == {
+        "kv_connector": "X", "kv_role": "kv_consumer", "engine_id": "n1-vllm-d0"}
+    assert flag(moved, "--kv-transfer-config") == flag(p, "--kv-transfer-config")
+    (plain,) = make_specs(both=1, kv_connector="none")
+    assert respec(plain, "prefill") is None

@@ -19,8 +19,10 @@ worker (`vllm:external_prefix_cache_hits_total` and the connector's log) instead
 it; vLLM's KV events reached the gateway's `PrefixIndex` under the gateway's own block hashes;
 the gateway's worker pool read both workers' `/metrics`; the gateway tokenizes completions and
 chat prompts exactly as vLLM does (chat: the model's jinja template), and a chat request through
-the gateway answers like vLLM's own chat endpoint. The daemon is stopped and every process group
-is SIGKILLed in `finally`, whatever happened (~2 x 1.9 GB RSS while up).
+the gateway answers like vLLM's own chat endpoint, and Anthropic Messages and Responses give
+vLLM's own answer too; then the decode worker changes role at runtime (drained, restarted as
+`kv_both` under its slot's new id) and the mesh answers the same. The daemon is stopped and
+every process group is SIGKILLed in `finally`, whatever happened (~2 x 1.9 GB RSS while up).
 """
 
 from __future__ import annotations
@@ -419,6 +421,32 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
                 client.responses.create, model=MODEL, instructions=system, input=user,
                 max_output_tokens=MAX_TOKENS, temperature=0)
             assert resp.output_text == want
+
+            # --- a role change on vLLM (issue 13 §4): the decode worker is drained, then
+            # restarted as kv_both under its slot's new id; the mesh answers as before
+            b_id = d_id.replace("-vllm-d", "-vllm-b")
+            logs[b_id] = tmp_path / "agent" / "logs" / f"{b_id}.log"
+            t0 = time.monotonic()
+            assert sup.rerole(d_id, "both")
+
+            def routed_roles() -> dict[str, str]:
+                return {m.worker.worker_id: m.worker.role for m in plane.routable_workers()}
+
+            try:
+                await wait_until(lambda: routed_roles() == {p_id: "prefill", b_id: "both"},
+                                 READY_S, "the decode worker back as both", interval_s=1.0)
+                await wait_until(lambda: b_id in pool.entries and d_id not in pool.entries,
+                                 30, "the gateway routing the new worker")
+            except TimeoutError:
+                raise AssertionError(f"{routed_roles()}\n{tails()}") from None
+            timings["rerole_s"] = time.monotonic() - t0
+            kv = json.loads(sup.states[b_id].spec.argv[
+                list(sup.states[b_id].spec.argv).index("--kv-transfer-config") + 1])
+            assert (kv["kv_role"], kv["engine_id"]) == ("kv_both", b_id)
+            again = await asyncio.to_thread(client.chat.completions.create, model=MODEL,
+                                            messages=MESSAGES, max_tokens=MAX_TOKENS,
+                                            temperature=0)
+            assert again.choices[0].message.content == want
             print(f"timings: {timings}")
         finally:
             if rt is not None:
