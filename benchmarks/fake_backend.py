@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import deque
 from typing import Any, cast
 
 import httptools
@@ -104,6 +105,7 @@ class FakeBackend:
         self.stats: dict[str, int] = {"requests": 0, "streams": 0, "aborted": 0,
                                       "completed_streams": 0, "queued_peak": 0}
         self.last_body: dict[str, Any] = {}
+        self.recent: deque[dict[str, Any]] = deque(maxlen=8)  # the last bodies, oldest first
         self.last_request_id = b""
         self._cache: dict[tuple[bool, str, bool, int, bool], bytes] = {}
         self.server: asyncio.Server | None = None
@@ -174,6 +176,7 @@ class _Conn(asyncio.Protocol):
             return
         req = orjson.loads(b"".join(self.body))
         be.last_body = req
+        be.recent.append(req)
         chat = self.url.startswith(b"/v1/chat")
         model = str(req.get("model", "fake"))
         status = req.get("fake_status")

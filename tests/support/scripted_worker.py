@@ -5,11 +5,12 @@ worker behind the real gateway (as a static worker): it speaks the part of vLLM'
 mesh path uses (`POST /v1/completions` with a token-id prompt, `return_token_ids`, streaming,
 `stream_options.include_usage`, `max_tokens`, `stop`) and answers each request with the next
 scripted reply (a 1-token request, the gateway pool's protocol probe, gets one token and
-leaves the script alone, and is not kept in `prompts`). Token ids are the reply's encoding
-by the model's tokenizer (default: its UTF-8 bytes, as the gateway's byte tokenizer reads
-them), sent a few whole characters per chunk. Every other prompt it receives is kept
-(`prompts`, token ids), so a test can decode what the gateway's chat template made of a
-conversation.
+leaves the script alone, and is not kept in `prompts`). A `response_format` is refused (HTTP
+400, as meshd's embedded engine does) unless the worker is made with `constrains=True`.
+Token ids are the reply's encoding by the model's tokenizer (default: its UTF-8 bytes, as
+the gateway's byte tokenizer reads them), sent a few whole characters per chunk. Every other
+prompt it receives is kept (`prompts`, token ids), so a test can decode what the gateway's
+chat template made of a conversation.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ class ScriptedWorker:
     """`tokenizer`: the served model's (the gateway's for this model); default bytes."""
 
     def __init__(self, model: str = "scripted", chars_per_chunk: int = 3,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, constrains: bool = False) -> None:
+        """`constrains`: it takes a `response_format` (as vLLM does; the script is what it
+        "samples" under it), else it refuses one with a 400 (as meshd's embedded engine)."""
         self.model = model
+        self.constrains = constrains
         self.tok = tokenizer or ByteTokenizer()
         self.chars_per_chunk = chars_per_chunk
         self.replies: deque[str] = deque()
@@ -103,6 +107,10 @@ class ScriptedWorker:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         req = await request.json()
+        fmt = req.get("response_format")
+        if fmt is not None and fmt.get("type") != "text" and not self.constrains:
+            return web.json_response({"error": {"message": "response_format is not supported",
+                                                "type": "invalid_request_error"}}, status=400)
         prompt = req.get("prompt")
         ids = list(prompt) if isinstance(prompt, list) else []
         if req.get("max_tokens") != 1:  # the probe is not one of the requests a test sends

@@ -422,6 +422,27 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
                 max_output_tokens=MAX_TOKENS, temperature=0)
             assert resp.output_text == want
 
+            # --- structured output over vLLM (issue 14): the pool found that both workers
+            # enforce a response_format; through the gateway (under P/D the decode worker
+            # samples under it from the first token) the answer is vLLM's own, valid JSON
+            rows = {r["worker_id"]: r for r in rt.pool.routing_state()}
+            assert all("constrained decoding" in str(rows[w]["protocol_detail"])
+                       for w in (p_id, d_id)), rows
+            yes_no = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+                "type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+                "required": ["answer"], "additionalProperties": False}}}
+            vfmt = await asyncio.to_thread(http, "POST", p_url + "/v1/chat/completions", {
+                "model": MODEL, "messages": MESSAGES, "max_tokens": 40, "temperature": 0.0,
+                "response_format": yes_no}, token=token)
+            fmt_chat = await asyncio.to_thread(client.chat.completions.create, model=MODEL,
+                                               messages=MESSAGES, max_tokens=40, temperature=0,
+                                               response_format=yes_no)
+            got = fmt_chat.choices[0].message.content
+            assert got == vfmt["choices"][0]["message"]["content"], (got, vfmt)
+            if fmt_chat.choices[0].finish_reason == "stop":
+                assert json.loads(got or "")["answer"] in ("yes", "no")
+            print(f"structured output through the gateway: {got!r}")
+
             # --- a role change on vLLM (issue 13 §4): the decode worker is drained, then
             # restarted as kv_both under its slot's new id; the mesh answers as before
             b_id = d_id.replace("-vllm-d", "-vllm-b")

@@ -68,5 +68,15 @@ def parse_responses(obj: object, lim: Limits) -> tuple[ChatRequest, ResponsesReq
         include_usage=False,
         sampling=Sampling(1, (), None, r.temperature, r.top_p, r.max_output_tokens),
         logprobs=False, top_logprobs=None, user=r.user, tools=None, tool_choice=None,
-        response_format=r.response_format, extra=_NO_EXTRA, conversation=r.conversation)
+        response_format=chat_format(r.response_format), extra=_NO_EXTRA,
+        conversation=r.conversation)
     return body, r
+
+
+def chat_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A Responses `text.format` in chat's (and vLLM's) `response_format` shape: json_schema's
+    name, schema, strict and description move under `json_schema`."""
+    if fmt is None or fmt.get("type") != "json_schema":
+        return fmt
+    inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+    return {"type": "json_schema", "json_schema": inner}

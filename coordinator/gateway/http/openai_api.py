@@ -108,6 +108,26 @@ def _model(obj: dict[str, Any]) -> str:
     return m
 
 
+def _response_format(rf: object) -> None:
+    """`response_format` is {"type": "text"}, {"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"name": ..., "schema": {...}, ...}} (the workers that
+    enforce it check the schema itself)."""
+    if type(rf) is not dict:
+        raise invalid("'response_format' must be an object.", "response_format")
+    kind = rf.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise invalid("'response_format.type' must be one of text, json_object, json_schema.",
+                      "response_format.type")
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if type(js) is not dict or type(js.get("name")) is not str or not js["name"]:
+            raise invalid("'response_format.json_schema' must be an object with a 'name'.",
+                          "response_format.json_schema")
+        if "schema" in js and type(js["schema"]) is not dict:
+            raise invalid("'response_format.json_schema.schema' must be an object.",
+                          "response_format.json_schema.schema")
+
+
 def _stream(obj: dict[str, Any]) -> tuple[bool, bool]:
     stream = opt_bool(obj, "stream")
     so = obj.get("stream_options")
@@ -228,8 +248,8 @@ def parse_chat(obj: object, lim: Limits) -> ChatRequest:
         raise invalid("'tools' must be a list.", "tools")
     if tool_choice is not None and type(tool_choice) not in (str, dict):
         raise invalid("'tool_choice' must be a string or an object.", "tool_choice")
-    if rf is not None and type(rf) is not dict:
-        raise invalid("'response_format' must be an object.", "response_format")
+    if rf is not None:
+        _response_format(rf)
     sampling = _sampling(body, lim, True)
     _check_forwarded(body, lim, sampling.max_tokens)
     messages = tuple(_message(m, i) for i, m in enumerate(msgs))

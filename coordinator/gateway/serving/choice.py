@@ -91,6 +91,10 @@ class ChoiceSpec:
     # tracing: the request's trace context; set, each worker call gets its own span id (in
     # its `traceparent`) and is recorded in `calls`
     trace: TraceContext | None = None
+    # constrained decoding (`body` holds a response_format): which workers enforce it. Only
+    # they run the choice, and one that fails after tokens were produced is not continued on
+    # another: the grammar's state is on the worker that failed
+    constrains: Callable[[str], bool] | None = None
 
 
 class ChoiceRun:
@@ -129,6 +133,9 @@ class ChoiceRun:
         classes = self.spec.classes
         if classes is not None:  # prefill, decode, retries and continuations alike
             views = [w for w in views if node_class(w.attributes) in classes]
+        constrains = self.spec.constrains
+        if constrains is not None:
+            views = [w for w in views if constrains(w.worker_id)]
         excluded = self.excluded
         return [w for w in views if w.worker_id not in excluded] if excluded else views
 
@@ -258,6 +265,10 @@ class ChoiceRun:
             raise self._give_up(failure, detail) from None
         if self._failed(worker_id, failure, detail) is not Action.CONTINUE_DECODE:
             raise self._give_up(failure, detail) from None
+        if self.spec.constrains is not None and self.out.token_ids:
+            raise self._give_up(failure, f"{detail}; a choice under a response_format cannot "
+                                "continue on another worker once it has produced tokens "
+                                "(the format's state is on the worker that failed)") from None
         try:
             d = self._decide()
         except ApiError:  # every worker that could continue has failed this request

@@ -8,8 +8,10 @@ it started on every worker: the first choice to fail cancels its siblings (which
 worker connections) before the error goes out. Anthropic Messages, OpenAI Responses and chat
 with tools take the same path; their output is parsed and shaped by `dialect_shapes` (tool
 calls, reasoning, the dialect's events), and a Responses conversation is kept for
-`previous_response_id` (`responses_memory`). Models served only by plain OpenAI workers, and
-chat with `response_format`, go through `passthrough` instead.
+`previous_response_id` (`responses_memory`). A `response_format` (or Responses `text.format`)
+other than text takes the mesh path too, on the workers that enforce it while they sample
+(vLLM's structured outputs; the pool probes for it) and only on them. Models served only by
+plain OpenAI workers go through `passthrough` instead.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ _RESERVED = frozenset({"kv_transfer_params", "return_token_ids", "prompt", "mess
                        "stream", "stream_options", "n", "max_tokens", "max_completion_tokens",
                        "logprobs", "top_logprobs", "echo", "model",
                        "return_tokens_as_token_ids"})
+
+
+def constrained(body: Any) -> dict[str, Any] | None:
+    """The format the request's workers must enforce (its response_format), or None (text)."""
+    if isinstance(body, ChatRequest) and body.response_format is not None \
+            and body.response_format.get("type", "text") != "text":
+        return body.response_format
+    return None
 
 
 async def run_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -187,25 +197,24 @@ class MeshHandler:
                            f"workers, which meshd passes requests through to as they are; "
                            f"{req.endpoint.value} needs the mesh path (a vLLM or meshd "
                            f"worker).", param="model", code="dialect_unavailable")
-        if req.dialect is not None and isinstance(body, ChatRequest) and \
-                (body.response_format or {}).get("type", "text") != "text":
-            raise ApiError(400, "Structured output (text.format json_object / json_schema) "
-                           "needs constrained decoding by the workers, which the mesh path "
-                           "does not offer yet; ask for text, or use /v1/chat/completions "
-                           "with response_format on a plain OpenAI worker.",
-                           param="text.format", code="unsupported_format")
-        if self.pool.passthrough(body.model) or (
-                isinstance(body, ChatRequest) and body.response_format
-                and req.dialect is None):
+        if self.pool.passthrough(body.model):
             if receipt and req.receipt:  # asked for: say why not (a tenant default: none)
                 raise ApiError(400, "Receipts need the mesh path: this request is passed "
-                               "through as it is (response_format, or a model only "
-                               "plain OpenAI workers serve), so the gateway does not see its "
-                               "tokens.", code="receipt_unavailable")
+                               "through as it is (a model only plain OpenAI workers serve), "
+                               "so the gateway does not see its tokens.",
+                               code="receipt_unavailable")
             if trace is not None:
                 trace.passthrough = True
             await self._passthrough(req, responder, classes)
             return
+        fmt = constrained(body)
+        if fmt is not None and not self.pool.constrained_model(body.model):
+            param = "text.format" if req.endpoint is Endpoint.RESPONSES else "response_format"
+            raise ApiError(400, f"Structured output ({param} {fmt['type']}) "
+                           f"needs workers that enforce it while they sample (vLLM's structured "
+                           f"outputs); no worker of the model {body.model!r} does (meshd's "
+                           f"embedded engine does not). Ask for text.", param=param,
+                           code="unsupported_format")
         prompt = self.prompts.build(req, block_size)
         if trace is not None:
             trace.prompt_tokens = len(prompt.token_ids)
@@ -373,6 +382,9 @@ class MeshHandler:
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
+        fmt = constrained(body)
+        if fmt is not None:
+            worker_body["response_format"] = fmt
         client_logprobs = "logprobs" in worker_body
         if halt is not None and not client_logprobs:  # asked for the meter only
             worker_body["logprobs"] = self.confidence.top_logprobs
@@ -388,7 +400,8 @@ class MeshHandler:
                                                               self.confidence_cost)
             spec = ChoiceSpec(req.request_id, i, view, prompt, wb, max_tokens, s.stop, decode,
                               classes, meter, client_logprobs, provenance,
-                              self.pool.scores_itself if meter is not None else None, ctx)
+                              self.pool.scores_itself if meter is not None else None, ctx,
+                              self.pool.constrains if fmt is not None else None)
             runs.append(ChoiceRun(spec, self.source, self.router, self.deadlines,
                                   self.counters, self.clock, start, self.loop))
         return runs

@@ -59,6 +59,7 @@ class Entry:
     protocol: str = UNKNOWN  # protocol.MESH | PLAIN | UNKNOWN: does it return token ids?
     protocol_detail: str = "not probed yet"
     scores: bool = False  # it scores its own tokens (`meshd_confidence`, protocol.py)
+    constrains: bool = False  # it enforces a response_format while it samples (protocol.py)
 
     @property
     def worker(self) -> Worker:
@@ -210,6 +211,16 @@ class WorkerPool:
         e = self.entries.get(worker_id)
         return e is not None and e.scores
 
+    def constrains(self, worker_id: str) -> bool:
+        """Does the worker enforce a `response_format` while it samples? Probed on join."""
+        e = self.entries.get(worker_id)
+        return e is not None and e.constrains
+
+    def constrained_model(self, model: str) -> bool:
+        """Is any healthy worker of `model` one that enforces a `response_format`?"""
+        return any(e.constrains and e.healthy for e in self.entries.values()
+                   if e.worker.model == model)
+
     def node_attributes(self, model: str) -> list[Mapping[str, str]]:
         """The node attributes of every healthy worker serving `model` (privacy routing asks
         whether an eligible one exists before it routes)."""
@@ -239,7 +250,8 @@ class WorkerPool:
                 continue  # left while we asked
             e.protocol_detail = r.detail
             if r.protocol != UNKNOWN:
-                e.protocol, e.scores, changed = r.protocol, r.scores, True
+                e.protocol, e.scores, e.constrains = r.protocol, r.scores, r.constrains
+                changed = True
             if r.protocol == PLAIN:
                 log.warning("worker %s (%s): %s; the mesh path does not route to it",
                             e.worker.worker_id, e.worker.endpoint, r.detail)

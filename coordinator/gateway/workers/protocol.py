@@ -18,6 +18,11 @@ The same probe asks for `meshd_confidence` (meshd's extension: the worker scores
 samples, exp(-entropy) over its whole vocabulary): a worker that answers with it (`scores`) is
 asked for those floats instead of top-k logprobs when only the gateway's confidence meter
 needs them (docs/trust.md); vLLM ignores the field.
+
+A mesh worker is then asked for one token under `response_format: {"type": "json_object"}`:
+one that answers (`constrains`: vLLM, whose structured outputs enforce the format while it
+samples) is where the mesh path sends requests with a `response_format` (or a Responses
+`text.format`) other than text; one that refuses it (meshd's embedded engine) is not.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class ProbeResult(NamedTuple):
     protocol: str  # MESH | PLAIN | UNKNOWN
     detail: str  # why, in words an operator reads in `meshd status`
     scores: bool = False  # it scores its own tokens (`meshd_confidence`)
+    constrains: bool = False  # it enforces a `response_format` while it samples
 
 
 async def probe(pool: BackendPool, model: str, timeout_s: float = 5.0) -> ProbeResult:
@@ -58,7 +64,21 @@ async def probe(pool: BackendPool, model: str, timeout_s: float = 5.0) -> ProbeR
     if isinstance(ids, list) and ids and all(type(t) is int for t in ids):
         conf = choice.get("meshd_confidence")
         scores = isinstance(conf, list) and len(conf) == len(ids)
+        constrains = await _constrains(pool, model, timeout_s)
         return ProbeResult(MESH, "returns token ids" + (", scores its tokens" if scores
-                                                         else ""), scores)
+                                                         else "")
+                           + (", constrained decoding" if constrains else ""),
+                           scores, constrains)
     return ProbeResult(PLAIN, "ignores return_token_ids (needs vLLM >= 0.10.2); proxied as "
                               "plain OpenAI")
+
+
+async def _constrains(pool: BackendPool, model: str, timeout_s: float) -> bool:
+    """Does it answer a 1-token completion under `response_format: json_object`?"""
+    body = orjson.dumps({"model": model, "prompt": [0, 1], "max_tokens": 1, "temperature": 0,
+                         "return_token_ids": True, "response_format": {"type": "json_object"}})
+    try:
+        r = await pool.request("POST", "/v1/completions", body, timeout=timeout_s)
+    except BackendError:
+        return False
+    return 200 <= r.status < 300

@@ -234,7 +234,14 @@ async def test_responses_stateless_stored_and_continued_by_previous_response_id(
     with pytest.raises(openai.BadRequestError) as e:  # refused, never silently ignored
         await client.responses.create(model="scripted", input="x",
                                       text={"format": {"type": "json_object"}})
-    assert "text.format" in str(e.value)
+    assert "text.format" in str(e.value)  # no worker of the model enforces a format
+    assert e.value.body["code"] == "unsupported_format"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:
+        await mesh.openai().chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_object"})
+    assert e.value.body["code"] == "unsupported_format"  # type: ignore[index]
+    assert e.value.body["param"] == "response_format"  # type: ignore[index]
 
 
 async def test_reasoning_is_kept_apart_in_every_dialect(tmp_path: Path) -> None:
@@ -269,3 +276,70 @@ async def test_reasoning_is_kept_apart_in_every_dialect(tmp_path: Path) -> None:
     finally:
         await rt.stop(2)
         await worker.stop()
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}
+
+
+async def test_structured_output_takes_the_mesh_path_on_the_workers_that_enforce_it(
+        tmp_path: Path) -> None:
+    """A `response_format` (chat) or `text.format` (Responses) is tokenized, governed and
+    routed like any request, sent to the worker in chat's shape, and only to a worker that
+    enforces it (the pool's probe found which): the other worker of the model refuses one,
+    so a request routed there would fail. Bad formats are a clear 400."""
+    strict, plain = ScriptedWorker(constrains=True), ScriptedWorker()
+    for w in (strict, plain):
+        await w.start()
+    cfg = GatewayConfig(port=free_port(), static_workers=(strict.url, plain.url),
+                        records=RecordsConfig(dir=str(tmp_path / "records")))
+    rt = GatewayRuntime(cfg)
+    await rt.start()
+    try:
+        rows = {r["worker_id"]: r for r in rt.pool.routing_state()}
+        assert sum("constrained decoding" in str(r["protocol_detail"]) for r in rows.values()) \
+            == 1, rows
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{cfg.port}/v1", api_key="x",
+                                    max_retries=0)
+        chat_fmt = {"type": "json_schema",
+                    "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+        for i in range(4):
+            strict.replies.clear()  # (the last reply is kept for every request after it)
+            strict.script(f'{{"city": "Paris {i}"}}')
+            chat = await client.chat.completions.create(
+                model="scripted", messages=[{"role": "user", "content": f"where {i}?"}],
+                response_format=chat_fmt, max_tokens=40)  # type: ignore[arg-type]
+            assert json.loads(chat.choices[0].message.content or "") == {"city": f"Paris {i}"}
+        assert [b["response_format"] for b in strict.bodies] == [chat_fmt] * 4
+        assert all("response_format" not in b for b in plain.bodies)
+        # Responses: text.format in its own shape, sent in chat's, echoed in its own
+        strict.replies.clear()
+        strict.script('{"city": "Rome"}')
+        fmt = {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}
+        resp = await client.responses.create(model="scripted", input="where?",
+                                             text={"format": fmt})  # type: ignore[typeddict-item]
+        assert json.loads(resp.output_text) == {"city": "Rome"}
+        assert strict.bodies[-1]["response_format"] == chat_fmt
+        assert resp.text is not None and resp.text.format is not None
+        assert resp.text.format.type == "json_schema"
+        strict.replies.clear()
+        strict.script('{"a": 1}')
+        stream = await client.chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_object"}, stream=True, max_tokens=40)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert json.loads(text) == {"a": 1}
+        assert strict.bodies[-1]["response_format"] == {"type": "json_object"}
+        for bad, param in (({"type": "yaml"}, "response_format.type"),
+                           ({"type": "json_schema"}, "response_format.json_schema"),
+                           ({"type": "json_schema", "json_schema": {"name": "n", "schema": 1}},
+                            "response_format.json_schema.schema")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.chat.completions.create(
+                    model="scripted", messages=[{"role": "user", "content": "x"}],
+                    response_format=bad)  # type: ignore[arg-type]
+            assert e.value.body["param"] == param  # type: ignore[index]
+    finally:
+        await rt.stop(2)
+        for w in (strict, plain):
+            await w.stop()

@@ -54,9 +54,12 @@ async def test_probe_finds_the_workers_that_score_their_own_tokens() -> None:
         pool = BackendPool("127.0.0.1", port, connect_timeout=1.0)
         got[name] = await probe(pool, "fake", timeout_s=2.0)
         await pool.close()
-    assert got["scores"] == (MESH, "returns token ids, scores its tokens", True)
-    assert got["logprobs"] == (MESH, "returns token ids", False)  # as vLLM answers
-    assert scorer.last_body["meshd_confidence"] is True
+    # (the fake answers a response_format as vLLM does: it takes it)
+    assert got["scores"] == (MESH, "returns token ids, scores its tokens, constrained decoding",
+                             True, True)
+    assert got["logprobs"] == (MESH, "returns token ids, constrained decoding", False, True)
+    assert scorer.recent[0]["meshd_confidence"] is True
+    assert scorer.recent[1]["response_format"] == {"type": "json_object"}
     for be in (scorer, plain):
         be.server.close()
 
