@@ -177,6 +177,15 @@ SPEC: dict[str, Any] = {
             "delete": {**_get("Forget a stored response", "application/json",
                               {"type": "object", "required": ["id", "deleted"]}),
                        "parameters": [_ID], "security": [{"bearer": []}]}},
+        "/v1/responses/{id}/input_items": {"get": {
+            **_get("A stored response's input items, a page at a time (limit 1-100, default "
+                   "20; order desc (default) or asc; after an item id)", "application/json",
+                   {"type": "object", "required": ["object", "data", "has_more"]}),
+            "parameters": [_ID, *({"name": n, "in": "query", "required": False,
+                                   "schema": {"type": t}}
+                                  for n, t in (("limit", "integer"), ("order", "string"),
+                                               ("after", "string")))],
+            "security": [{"bearer": []}]}},
         "/v1/models": {"get": {
             **_get("List models", "application/json", {"type": "object"}),
             "security": [{"bearer": []}]}},

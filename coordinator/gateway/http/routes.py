@@ -15,7 +15,7 @@ class Route(enum.Enum):
     MESSAGES = "messages"  # Anthropic Messages
     COUNT_TOKENS = "count_tokens"  # Anthropic's /v1/messages/count_tokens
     RESPONSES = "responses"  # OpenAI Responses
-    RESPONSE_ITEM = "response_item"  # GET / DELETE /v1/responses/{id}
+    RESPONSE_ITEM = "response_item"  # GET / DELETE /v1/responses/{id}, GET .../input_items
     MODELS = "models"
     HEALTH = "health"
     METRICS = "metrics"
@@ -50,21 +50,32 @@ ROUTES: dict[bytes, dict[bytes, Route]] = {
 ITEMS: dict[bytes, dict[bytes, Route]] = {
     b"/v1/responses/": {b"GET": Route.RESPONSE_ITEM, b"DELETE": Route.RESPONSE_ITEM},
 }
-_ITEM_ID = re.compile(rb"[A-Za-z0-9_\-]{1,128}")
+# an item's id, then optionally one of its sub-resources (GET only)
+_ITEM_ID = re.compile(rb"([A-Za-z0-9_\-]{1,128})(/input_items)?")
+_SUB_METHODS = {b"GET": Route.RESPONSE_ITEM}
 
 
 def route_of_item(path: bytes) -> dict[bytes, Route] | None:
-    """The methods of a path with an id (`/v1/responses/resp_...`), None if it is not one."""
+    """The methods of a path with an id (`/v1/responses/resp_...`, or its `/input_items`),
+    None if it is not one."""
     for prefix, methods in ITEMS.items():
-        if path.startswith(prefix) and _ITEM_ID.fullmatch(path[len(prefix):]):
-            return methods
+        if path.startswith(prefix):
+            m = _ITEM_ID.fullmatch(path[len(prefix):])
+            if m is not None:
+                return methods if m.group(2) is None else _SUB_METHODS
     return None
 
 
-def item_id(path: bytes) -> str:
-    """The id of an item path (the query string dropped)."""
+def item_id(path: bytes) -> tuple[str, str]:
+    """The id of an item path and its sub-resource ("" for the item itself; the query string
+    dropped)."""
     path = path.split(b"?", 1)[0]
-    return path.rsplit(b"/", 1)[1].decode("ascii")
+    for prefix in ITEMS:
+        if path.startswith(prefix):
+            m = _ITEM_ID.fullmatch(path[len(prefix):])
+            if m is not None:
+                return m.group(1).decode("ascii"), (m.group(2) or b"/").decode("ascii")[1:]
+    return path.rsplit(b"/", 1)[1].decode("ascii"), ""
 
 
 # Routes that need `Authorization: Bearer` when API keys are configured.
@@ -79,5 +90,6 @@ def served() -> set[tuple[str, str]]:
     """{(method, path)} in lower-case method form as OpenAPI writes it (an item path as
     `{prefix}{id}`)."""
     out = {(m.decode().lower(), p.decode()) for p, ms in ROUTES.items() for m in ms}
-    return out | {(m.decode().lower(), p.decode() + "{id}") for p, ms in ITEMS.items()
-                  for m in ms}
+    out |= {(m.decode().lower(), p.decode() + "{id}") for p, ms in ITEMS.items() for m in ms}
+    return out | {(m.decode().lower(), p.decode() + "{id}/input_items") for p in ITEMS
+                  for m in _SUB_METHODS}

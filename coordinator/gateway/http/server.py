@@ -51,8 +51,9 @@ FleetView = Callable[[bytes], Awaitable[bytes]]
 UsageView = Callable[[str | None, str], Awaitable[dict[str, Any]]]
 KeysView = Callable[[], Awaitable[dict[str, Any]]]
 RequestsView = Callable[[dict[str, str]], Awaitable[dict[str, Any]]]
-# GET / DELETE /v1/responses/{id}: (method, id, the caller's tenant) -> the JSON answer
-ItemView = Callable[[str, str, str | None], Awaitable[dict[str, Any]]]
+# GET / DELETE /v1/responses/{id} and GET .../input_items: (method, id, the caller's tenant,
+# the sub-resource or "", the query string) -> the JSON answer
+ItemView = Callable[[str, str, str | None, str, str], Awaitable[dict[str, Any]]]
 
 
 class GatewayServer:
@@ -197,7 +198,9 @@ class GatewayServer:
             elif route is Route.RESPONSE_ITEM:
                 if self._response_item is None:
                     raise errors.not_found(p.path.decode("latin-1"))
-                view = self._response_item(p.method.decode(), item_id(p.path), tenant)
+                ident, part = item_id(p.path)
+                view = self._response_item(p.method.decode(), ident, tenant, part,
+                                           p.path.partition(b"?")[2].decode("latin-1"))
                 conn.start_task(self._json_task(view, responder), responder)
             elif route is Route.MODELS:
                 responder.send(200, self._models_body())

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -122,6 +123,7 @@ class ResponsesMemory:
             return
         conv = conversation_after(r.conversation, shape.completion)
         body = orjson.dumps({"conversation": responses_body_from_conversation(conv),
+                             "input": responses_body_from_conversation(r.conversation)["input"],
                              "response": getattr(shape, "final", None)})
         tenant = req.tenant or ""
         self.stored += 1
@@ -148,14 +150,18 @@ class ResponsesMemory:
         return parse_responses_request({"model": "stored", **stored["conversation"]},
                                        Limits()).conversation
 
-    async def item(self, method: str, rid: str, tenant: str | None) -> dict[str, Any]:
-        """GET /v1/responses/{id}: the stored Response; DELETE: forget it. 404 when the
+    async def item(self, method: str, rid: str, tenant: str | None, part: str = "",
+                   query: str = "") -> dict[str, Any]:
+        """GET /v1/responses/{id}: the stored Response; DELETE: forget it; GET
+        .../input_items: its input items, a page at a time (`input_items`). 404 when the
         tenant has none by that id (not stored, expired, another tenant's)."""
         who = tenant or ""
         stored = await self._load(rid, who)
         if stored is None or stored.get("response") is None:
             raise ApiError(404, f"Response with id {rid!r} not found.",
                            err_type="not_found_error", code="response_not_found")
+        if part == "input_items":
+            return input_items(rid, list(stored.get("input") or ()), query)
         if method == "GET":
             return dict(stored["response"])
         if self._db is not None:
@@ -169,3 +175,39 @@ class ResponsesMemory:
         where = "sqlite" if self._db is not None else "memory"
         return {"backend": where, "stored": self.stored, "resolved": self.resolved,
                 "missed": self.missed, "ttl_s": self.ttl_s}
+
+
+def input_items(rid: str, items: list[dict[str, Any]], query: str) -> dict[str, Any]:
+    """A page of a stored response's input items (everything its model was given: the
+    conversation of `previous_response_id` included), as OpenAI lists them: `limit` (1-100,
+    default 20), `order` (`desc`, the default, newest first, or `asc`), `after` (an item id:
+    the page starts past it). Each item gets an id from its position (`<response id>_in<i>`);
+    meshd's own storage hints (`cache_control`) are left out."""
+    q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(q) - {"limit", "order", "after", "include"})
+    if unknown:
+        raise ApiError(400, f"Unknown query parameter {unknown[0]!r}; input_items takes "
+                       f"limit, order, after and include.", param=unknown[0])
+    raw_limit = q.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise ApiError(400, f"'limit' must be an integer from 1 to 100, got {raw_limit!r}.",
+                       param="limit")
+    order = q.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"'order' must be asc or desc, got {order!r}.", param="order")
+    listed = [{"id": f"{rid}_in{i}", **{k: v for k, v in item.items() if k != "cache_control"}}
+              for i, item in enumerate(items)]
+    if order == "desc":
+        listed.reverse()
+    after = q.get("after")
+    if after:
+        at = next((i for i, it in enumerate(listed) if it["id"] == after), None)
+        if at is None:
+            raise ApiError(400, f"'after' names no input item of {rid!r}: {after!r}.",
+                           param="after")
+        listed = listed[at + 1:]
+    page = listed[:int(raw_limit)]
+    return {"object": "list", "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(listed) > len(page)}

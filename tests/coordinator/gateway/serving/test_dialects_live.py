@@ -222,6 +222,22 @@ async def test_responses_stateless_stored_and_continued_by_previous_response_id(
 
     got = await client.responses.retrieve(second.id)  # stored, as the client got it
     assert got.id == second.id and got.output_text == "It is sunny."
+    # its input items: everything the model was given, the first response's turns included
+    items = await client.responses.input_items.list(second.id, order="asc")
+    kinds = [(i.type, getattr(i, "role", None)) for i in items.data]
+    assert kinds == [("message", "user"), ("function_call", None),
+                     ("function_call_output", None)], kinds
+    assert items.data[2].output == "sunny"  # type: ignore[union-attr]
+    newest = await client.responses.input_items.list(second.id, limit=1)  # desc: newest first
+    assert [i.id for i in newest.data] == [items.data[-1].id] and newest.has_more
+    rest = await client.responses.input_items.list(second.id, limit=5, after=newest.data[0].id)
+    assert [i.id for i in rest.data] == [i.id for i in reversed(items.data[:-1])]
+    assert not rest.has_more
+    for bad in ({"limit": 0}, {"order": "up"}, {"after": "nope"}):
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.input_items.list(second.id, **bad)  # type: ignore[arg-type]
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.input_items.list("resp_missing")
     assert (await client.responses.delete(second.id)) is None
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(second.id)
