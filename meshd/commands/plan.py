@@ -41,6 +41,7 @@ from meshd.scheduler.workload_stats import WorkloadStats
 RECORDS_DIR = "records"  # under the coordinator's state dir (gateway/actor.py deploys it)
 ROLE_CHANGE_TIMEOUT_S = 300.0  # a worker's drain and restart (the coordinator's ask expiry)
 POLL_S = 0.5
+CALIBRATION_ASKS = 4  # answers pooled per window (any replica may answer each)
 
 
 def window_requests(records_dir: Path, model: str, since: float
@@ -81,15 +82,26 @@ def split_of(workers: list[tuple[str, str, str]]) -> tuple[int, int, int]:
     return roles.count("prefill"), roles.count("decode"), roles.count("both")
 
 
-def calibrated(host: str, port: int, model: str) -> tuple[list[dict[str, float]], str]:
-    """The gateway replica's measured cost figures for `model`'s workers (may be none), and
-    why there are none when the gateway could not be read."""
-    reply = gateway_get(host, port, "/debug/workers", timeout_s=2.0)
-    rows = reply.body.get("workers") if isinstance(reply.body, dict) else None
-    if rows is None:
-        return [], f"gateway {reply.address}: {reply.why or 'no worker list'}"
-    return [dict(r["cost"]) for r in rows
-            if isinstance(r, dict) and r.get("model") == model and r.get("cost")], ""
+def calibrated(host: str, port: int, model: str, asks: int = CALIBRATION_ASKS
+               ) -> tuple[list[dict[str, float]], str]:
+    """The measured cost figures for `model`'s workers (may be none), and why there are none
+    when the gateway could not be read. The gateway's replicas share its port and each
+    measures the workers itself, so it is asked `asks` times (each a new connection, which
+    the kernel hands to any replica) and every answer's figures are kept: their median is
+    then the fleet's, not one replica's (which made the plan swing from window to window)."""
+    out: list[dict[str, float]] = []
+    why = ""
+    for _ in range(asks):
+        reply = gateway_get(host, port, "/debug/workers", timeout_s=2.0)
+        rows = reply.body.get("workers") if isinstance(reply.body, dict) else None
+        if rows is None:
+            why = f"gateway {reply.address}: {reply.why or 'no worker list'}"
+            if reply.status == 0:
+                break  # not there: asking again only waits
+            continue
+        out += [dict(r["cost"]) for r in rows
+                if isinstance(r, dict) and r.get("model") == model and r.get("cost")]
+    return out, "" if out else why
 
 
 def table(plan: Plan, current: tuple[int, int, int]) -> str:
@@ -300,7 +312,8 @@ class _Context:
 
     def _timing_note(self) -> str:
         if self.calibrated_from:
-            return f"calibrated from {self.calibrated_from} worker(s)"
+            return (f"calibrated from the workers' step times ({self.calibrated_from} figures "
+                    f"from the gateway's replicas)")
         if self.why_uncalibrated:
             return f"the default model ({self.why_uncalibrated})"
         return "the default model (no worker measured yet)"

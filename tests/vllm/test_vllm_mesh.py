@@ -442,6 +442,36 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             if fmt_chat.choices[0].finish_reason == "stop":
                 assert json.loads(got or "")["answer"] in ("yes", "no")
             print(f"structured output through the gateway: {got!r}")
+            # an enforced tool choice (a named tool): sampled under the tool's parameters
+            # schema; the call is what vLLM samples itself under that schema on the same
+            # prompt (the gateway's template render, tools included)
+            params = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                      "required": ["city"], "additionalProperties": False}
+            tools = [{"type": "function", "function": {"name": "pick_city",
+                                                       "parameters": params}}]
+            named = {"type": "function", "function": {"name": "pick_city"}}
+            gtool = await asyncio.to_thread(client.chat.completions.create, model=MODEL,
+                                            messages=MESSAGES, max_tokens=40, temperature=0,
+                                            tools=tools, tool_choice=named)
+            tool_ids = list(rt.handler.prompts.build(api_request(
+                {"model": MODEL, "messages": MESSAGES, "tools": tools}), BLOCK).token_ids)
+            vtool = await asyncio.to_thread(http, "POST", p_url + "/v1/completions", {
+                "model": MODEL, "prompt": tool_ids, "max_tokens": 40, "temperature": 0.0,
+                "response_format": {"type": "json_schema", "json_schema": {
+                    "name": "pick_city", "schema": params}}}, token=token)
+            print(f"enforced tool choice through the gateway: {gtool.choices[0]}; vLLM under "
+                  f"the schema: {vtool['choices'][0]['text']!r}")
+            vtext = vtool["choices"][0]["text"]
+            assert vtext.startswith("{") and '"city"' in vtext  # sampled under the schema
+            first = gtool.choices[0]
+            if first.finish_reason == "tool_calls":
+                (gcall,) = first.message.tool_calls or []
+                assert gcall.function.name == "pick_city"
+                assert json.loads(gcall.function.arguments) == json.loads(vtext)
+            else:  # the random weights can pad JSON with whitespace past max_tokens (as
+                # under vLLM's own chat): cut short, it comes back as the text vLLM sampled
+                assert first.finish_reason == "length" and not first.message.tool_calls
+                assert first.message.content == vtext
 
             # --- a role change on vLLM (issue 13 §4): the decode worker is drained, then
             # restarted as kv_both under its slot's new id; the mesh answers as before

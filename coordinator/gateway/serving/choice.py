@@ -120,6 +120,8 @@ class ChoiceRun:
         self.segments: list[Segment] = []  # decode streams, when a receipt is wanted
         self.prefilled_on: tuple[str, str] | None = None  # (worker, node) of a remote prefill
         self.calls: list[Call] = []  # worker calls, when traced
+        # prefix-cache hits of a remote prefill (P's count); None: D prefilled itself
+        self.prefill_cached: int | None = None
 
     @property
     def view(self) -> RequestView:
@@ -226,7 +228,14 @@ class ChoiceRun:
                     decision = decision._replace(
                         decode=self.router.decode_for(expert_view, self._candidates()))
         params = data.get("kv_transfer_params")
-        return (params if isinstance(params, dict) else None), decision
+        if not isinstance(params, dict):
+            return None, decision
+        # The prompt's prefix-cache hits are P's: D counts every token it was sent as cached
+        usage = data.get("usage")
+        details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+        hits = details.get("cached_tokens") if isinstance(details, dict) else None
+        self.prefill_cached = hits if type(hits) is int and hits >= 0 else 0
+        return params, decision
 
     async def _decode(self, worker_id: str, params: dict[str, Any] | None, emit: Emit) -> None:
         self.lc.advance(Phase.TRANSFER if params else Phase.DECODE, self.clock(), worker_id)
@@ -359,7 +368,9 @@ class ChoiceRun:
             usage = chunk.get("usage")
             if usage and first:
                 details = usage.get("prompt_tokens_details") or {}
-                self.out.cached_tokens = int(details.get("cached_tokens") or 0)
+                self.out.cached_tokens = (int(details.get("cached_tokens") or 0)
+                                          if self.prefill_cached is None
+                                          else self.prefill_cached)
             for raw in chunk.get("choices") or ():
                 delta = parse_delta(raw)
                 if delta.text and not delta.token_ids:  # never forward what we cannot count

@@ -64,6 +64,8 @@ from meshd.coordinator.gateway.serving.shapes import (
     usage,
 )
 from meshd.coordinator.gateway.serving.worker_source import PoolSource
+from meshd.coordinator.gateway.tools import ToolParser
+from meshd.coordinator.gateway.tools.forced import ForcedParser, forced_format
 from meshd.coordinator.gateway.tracing.trace import RequestTrace
 from meshd.coordinator.gateway.tracing.tracer import Tracer
 from meshd.coordinator.gateway.workers.pool import WorkerPool
@@ -250,10 +252,12 @@ class MeshHandler:
                            max_tokens=max_tokens or 16, cache_hint_tokens=cache_hint)
         start = self.clock()
         halt = self._halt_below(req)
+        forced = self._forced(body)
+        fmt = forced[0] if forced is not None else constrained(body)
         runs = self._runs(req, view, prompt_ids, start, max_tokens, classes, halt, receipt,
-                          trace)
+                          trace, fmt)
         timing = self.metrics.request(start)
-        shaper = self._shape(req)
+        shaper = self._shape(req, ForcedParser(forced[1]) if forced is not None else None)
         headers = adm.headers if adm is not None else b""
         if trace is not None:
             trace.runs = runs
@@ -302,14 +306,28 @@ class MeshHandler:
             await self.responses.keep(req, shape)
         return keep
 
-    def _shape(self, req: ApiRequest) -> Shaper | DialectShape:
+    def _forced(self, body: Any) -> tuple[dict[str, Any], str | None] | None:
+        """The format that enforces the request's tool choice (a named tool, or `required`)
+        and the forced tool's name, where the model's workers enforce formats; else None
+        (the choice is then only rendered by the template: docs/api.md)."""
+        conv = body.conversation if isinstance(body, ChatRequest) else None
+        if conv is None or conv.tool_choice is None or conv.tool_choice.mode in ("auto",
+                                                                                 "none"):
+            return None
+        forced = forced_format(conv.tools, conv.tool_choice, conv.parallel_tool_calls)
+        return forced if forced is not None and self.pool.constrained_model(body.model) \
+            else None
+
+    def _shape(self, req: ApiRequest, forced: ToolParser | None = None
+               ) -> Shaper | DialectShape:
         """How the response is written: the dialect's shape, chat's with an output parser when
-        there are tools to parse (or a reasoning parser), else the plain `Shaper`."""
+        there are tools to parse (or a reasoning parser; `forced`: the parser of an enforced
+        tool choice), else the plain `Shaper`."""
         body = req.body
         conv = body.conversation if isinstance(body, ChatRequest) else None
         tools = conv is not None and bool(conv.tools) and (
             conv.tool_choice is None or conv.tool_choice.mode != "none")
-        parser = self.parsers.for_request(body.model, tools)
+        parser = forced or self.parsers.for_request(body.model, tools)
         if req.endpoint is Endpoint.MESSAGES:
             return MessagesShape(parser or self.parsers.plain(), body.model, req.request_id)
         if req.endpoint is Endpoint.RESPONSES:
@@ -378,11 +396,13 @@ class MeshHandler:
               start: float, max_tokens: int | None,
               classes: frozenset[str] | None = None,
               halt: float | None = None, receipt: bool = False,
-              trace: RequestTrace | None = None) -> list[ChoiceRun]:
+              trace: RequestTrace | None = None,
+              fmt: dict[str, Any] | None = None) -> list[ChoiceRun]:
+        """`fmt`: the format the workers enforce (a response_format, or an enforced tool
+        choice's)."""
         body = req.body
         s = body.sampling
         worker_body = self._worker_body(req)
-        fmt = constrained(body)
         if fmt is not None:
             worker_body["response_format"] = fmt
         client_logprobs = "logprobs" in worker_body

@@ -90,6 +90,17 @@ async def test_disaggregated_equals_colocated_token_for_token(mesh: list[EngineP
                    for m in handler.metrics.registry.collect() for s in m.samples}
         assert samples[("meshd_kv_transfer_bytes", "")] > 0  # summed from the decode worker
         assert samples[("meshd_prefill_total", "disaggregated")] == 2
+        # a disaggregated request's prefix-cache hits are P's (none for a prompt new to it),
+        # not the blocks D was sent, which D counts as cached; the second time, a hit
+        fresh = "a prompt no other request of this module sends " * 4
+        hits = []
+        for _ in range(2):
+            r = await client.completions.create(model="meshd-tiny", prompt=fresh,
+                                                max_tokens=2, temperature=0)
+            assert r.usage is not None and r.usage.prompt_tokens_details is not None
+            hits.append(r.usage.prompt_tokens_details.cached_tokens)
+        assert handler.counters.disaggregated >= 3  # the first was
+        assert hits[0] == 0 and hits[1] > 0, hits
     async with gateway([e.worker for e in mesh], min_uncached_tokens=1 << 30) as (url, handler):
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         local = [await client.completions.create(model="meshd-tiny", prompt=p, max_tokens=12,

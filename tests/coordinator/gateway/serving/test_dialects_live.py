@@ -359,3 +359,63 @@ async def test_structured_output_takes_the_mesh_path_on_the_workers_that_enforce
         await rt.stop(2)
         for w in (strict, plain):
             await w.stop()
+
+
+async def test_an_enforced_tool_choice_is_sampled_under_a_schema(tmp_path: Path) -> None:
+    """A named tool (OpenAI) or `any` (Anthropic), on a model whose worker enforces formats:
+    the worker samples under the tool's parameters schema (or an array of calls) and the
+    calls are read from that JSON; without such a worker the choice is only rendered by the
+    template (not enforced), as documented."""
+    strict = ScriptedWorker(constrains=True)
+    await strict.start()
+    cfg = GatewayConfig(port=free_port(), static_workers=(strict.url,),
+                        records=RecordsConfig(dir=str(tmp_path / "records")))
+    rt = GatewayRuntime(cfg)
+    await rt.start()
+    try:
+        url = f"http://127.0.0.1:{cfg.port}"
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        strict.script('{"city": "Paris"}')
+        chat = await client.chat.completions.create(
+            model="scripted", messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[OPENAI_WEATHER],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=60)
+        choice = chat.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls or []
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+        fmt = strict.bodies[-1]["response_format"]
+        assert fmt == {"type": "json_schema", "json_schema": {
+            "name": "get_weather", "schema": WEATHER["input_schema"]}}
+        assert "get_weather" in strict.prompt_text()  # the template still renders the tools
+        strict.replies.clear()
+        strict.script('[{"name": "get_weather", "arguments": {"city": "Rome"}}]')
+        a = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+        msg = await a.messages.create(
+            model="scripted", max_tokens=60, tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice={"type": "any"},
+            messages=[{"role": "user", "content": "Weather in Rome?"}])
+        assert msg.stop_reason == "tool_use"
+        (use,) = msg.content
+        assert use.type == "tool_use" and use.input == {"city": "Rome"}
+        schema = strict.bodies[-1]["response_format"]["json_schema"]["schema"]
+        assert schema["type"] == "array" and schema["minItems"] == 1
+    finally:
+        await rt.stop(2)
+        await strict.stop()
+
+
+async def test_a_tool_choice_is_not_enforced_where_no_worker_enforces_formats(
+        mesh: Mesh) -> None:
+    """The scripted worker here refuses formats (as meshd's embedded engine): a named tool
+    choice is rendered by the template and the model's own call markup parsed, no format
+    sent (a request with one would be refused there)."""
+    mesh.worker.script(CALL)
+    chat = await mesh.openai().chat.completions.create(
+        model="scripted", messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[OPENAI_WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=200)
+    assert chat.choices[0].message.tool_calls
+    assert "response_format" not in mesh.worker.bodies[-1]
