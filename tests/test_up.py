@@ -146,7 +146,7 @@ def test_meshd_up_serves_the_openai_api(up: Up) -> None:
 
 
 def test_meshd_up_serves_anthropic_messages_and_openai_responses(up: Up) -> None:
-    """Issue 14 as `meshd up` deploys it, with the official SDKs' sync clients: Messages
+    """Issue 14 as `meshd up` deploys it, with the official SDKs' sync and async clients: Messages
     (body and stream), Responses (body, stream, and a follow-up by previous_response_id,
     which must find the stored conversation on whichever replica it lands: the store is the
     records dir's, shared by both)."""
@@ -173,6 +173,28 @@ def test_meshd_up_serves_anthropic_messages_and_openai_responses(up: Up) -> None
                                                       max_output_tokens=3, stream=True)]
     assert events[0] == "response.created"
     assert events[-1] in ("response.completed", "response.incomplete")
+
+    # the async clients, streaming too
+    import asyncio
+
+    import openai
+
+    async def async_clients() -> tuple[Any, list[str]]:
+        aa = anthropic.AsyncAnthropic(base_url=up.url, api_key="x", max_retries=0, timeout=60)
+        ao = openai.AsyncOpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0,
+                                timeout=60)
+        got = await aa.messages.create(model="meshd-tiny", max_tokens=3,
+                                       messages=[{"role": "user", "content": "async " * 8}])
+        kinds = [e.type async for e in await ao.responses.create(
+            model="meshd-tiny", input="async " * 5, max_output_tokens=3, stream=True)]
+        await aa.close()
+        await ao.close()
+        return got, kinds
+
+    got, kinds = asyncio.run(async_clients())
+    assert got.type == "message" and 1 <= got.usage.output_tokens <= 3
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed",
+                                                            "response.incomplete")
 
 
 def test_meshd_plan_reads_the_fleets_window_and_plans_the_workers(up: Up) -> None:
