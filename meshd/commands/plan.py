@@ -138,7 +138,9 @@ def change_state(reply: pb.StatusReply, model: str, node: str, worker: str, role
     `model`, of them in `role`) before the ask: "asked" (not taken yet, or the worker still
     draining or restarting), "done" (the old worker gone and the node back to as many
     workers, one more in `role`), "kept" (the old worker routed again in its old role: it
-    did not drain in time) or "gone" (its node is not alive)."""
+    did not drain in time, or its agent dropped the ask) or "gone" (its node is not alive).
+    The agent takes the worker out of its report before it acknowledges the ask, so a worker
+    listed with no ask pending is one that kept its role."""
     n = next((n for n in reply.nodes if n.node_id == node), None)
     if n is None or n.state != "alive":
         return "gone"
@@ -260,7 +262,8 @@ class _Context:
             if state == "done":
                 done.append(f"{worker} -> {role} in {took:.0f}s")
                 continue
-            why = {"kept": "it did not drain in time and keeps its role",
+            why = {"kept": "it keeps its role (it did not drain in time, or its agent could "
+                           "not change it: see the agent's log)",
                    "gone": "its node left",
                    "asked": f"not back within {ROLE_CHANGE_TIMEOUT_S:.0f}s"}[state]
             done.append(f"{worker} -> {role} failed: {why}")

@@ -235,6 +235,7 @@ class ChoiceRun:
         details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
         hits = details.get("cached_tokens") if isinstance(details, dict) else None
         self.prefill_cached = hits if type(hits) is int and hits >= 0 else 0
+        self.out.cached_tokens = self.prefill_cached  # (also if D fails before its usage)
         return params, decision
 
     async def _decode(self, worker_id: str, params: dict[str, Any] | None, emit: Emit) -> None:

@@ -363,7 +363,9 @@ async def test_choices_failing_together_leave_no_unretrieved_error() -> None:
     gc.collect()
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
-    assert not seen
+    # (only this test's: the collection may also finalize an earlier test's leftovers, such
+    # as an SDK client's task whose loop has closed)
+    assert not [c for c in seen if isinstance(c.get("exception"), ApiError)], seen
 
 
 @pytest.mark.parametrize("fault", [("error_event", 4), ("die", 6)])
