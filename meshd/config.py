@@ -138,14 +138,15 @@ class AgentConfig:
     reconnect_max_backoff_s: float = 10.0
     # "process": workers are the agent's child processes; "ray": they run under a Ray actor
     # pinned to the agent's Ray node (joins `ray.address`, "auto" when empty), so they show on
-    # the Ray dashboard
-    supervise: str = "process"
+    # the Ray dashboard; "auto": "ray" when the agent runs in a process on Ray already (`meshd
+    # up`), else "process"
+    supervise: str = "auto"
 
     def __post_init__(self) -> None:
         _check(":" in self.coordinator, "agent.coordinator",
                f"must be host:port, got {self.coordinator!r}")
-        _check(self.supervise in ("process", "ray"), "agent.supervise",
-               f"must be 'process' or 'ray', got {self.supervise!r}")
+        _check(self.supervise in ("auto", "process", "ray"), "agent.supervise",
+               f"must be 'auto', 'process' or 'ray', got {self.supervise!r}")
         _check(self.rpc_timeout_s > 0, "agent.rpc_timeout_s",
                f"must be > 0, got {self.rpc_timeout_s}")
         _check(self.reconnect_max_backoff_s > 0, "agent.reconnect_max_backoff_s",

@@ -13,6 +13,7 @@ The report carries the node's `[agent] attributes` and the embedded workers' exp
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,15 +65,25 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
 def make_supervisor(cfg: MeshConfig, ident: Identity,
                     gpus: Sequence[Gpu] | None = None, ray_node_id: str = ""
                     ) -> WorkerSupervisor:
-    """Child processes of the agent, or (`agent.supervise = "ray"`) a Ray actor on
-    `ray_node_id` running the same supervisor."""
+    """Child processes of the agent, or (`agent.supervise` "ray", or "auto" in a process on
+    Ray) a Ray actor on `ray_node_id` running the same supervisor; either changes roles."""
     state = Path(cfg.agent.state_dir).expanduser()
     specs = worker_specs(cfg, ident.node_id, gpus)
-    if cfg.agent.supervise == "ray":
+    if supervise_mode(cfg) == "ray":
         from meshd.node_agent.ray_host import RaySupervisor
 
-        return RaySupervisor(specs, state / "logs", ray_node_id)
+        return RaySupervisor(specs, state / "logs", ray_node_id, respec=respec)
     return Supervisor(specs, state / "logs", respec=respec)
+
+
+def supervise_mode(cfg: MeshConfig) -> str:
+    """`agent.supervise`, with "auto" resolved: "ray" when this process is on Ray already
+    (`meshd up`, or an agent in a Ray job), else "process" (a plain `meshd agent`)."""
+    mode = cfg.agent.supervise
+    if mode != "auto":
+        return mode
+    ray = sys.modules.get("ray")  # not imported: certainly not initialized (and not paid for)
+    return "ray" if ray is not None and ray.is_initialized() else "process"
 
 
 def join_ray(cfg: MeshConfig) -> tuple[str, bool]:
@@ -101,7 +112,7 @@ async def run(cfg: MeshConfig, ident: Identity, stop: asyncio.Event,
               on_supervisor: Callable[[WorkerSupervisor], None] | None = None) -> None:
     """Serve until `stop` is set (raises AgentRefused if the coordinator refuses this node,
     ray_host.HostError if `supervise = "ray"` cannot run)."""
-    ray_node_id, joined = join_ray(cfg) if cfg.agent.supervise == "ray" else ("", False)
+    ray_node_id, joined = join_ray(cfg) if supervise_mode(cfg) == "ray" else ("", False)
     try:
         sup = make_supervisor(cfg, ident, ray_node_id=ray_node_id)
         if on_supervisor:

@@ -1,4 +1,5 @@
-"""Workers hosted by a Ray actor pinned to the agent's Ray node (`agent.supervise = "ray"`).
+"""Workers hosted by a Ray actor pinned to the agent's Ray node (`agent.supervise = "ray"`, or
+`"auto"` in a process on Ray, as under `meshd up`).
 
 The agent joins the Ray cluster (the same one the coordinator runs on) and creates one
 `WorkerHost` actor per host, pinned with a hard `NodeAffinitySchedulingStrategy` to the agent's
@@ -10,7 +11,10 @@ listing its workers (id, role, model, endpoint; Ray reads it once, when the acto
 
 `RaySupervisor` is the agent-side handle, with `Supervisor`'s interface: its `ready_workers()`
 is a cache refreshed from the actor every `refresh_s` (the agent reads it from its event loop,
-which must not block on Ray), so a worker shows as ready at most `refresh_s` late.
+which must not block on Ray), so a worker shows as ready at most `refresh_s` late. `rerole`
+changes a worker's role as `Supervisor.rerole` does (the actor's supervisor drains and
+restarts it; the worker leaves `ready_workers` here at once), and a host actor that died is
+made again, with the specs its workers ran (their roles included), on the next refresh.
 
 Environment: the workers get the agent's, as with `supervise = "process"`. Ray sets
 `OMP_NUM_THREADS=1` in an actor's process when it is unset (an actor with no CPUs), which the
@@ -19,7 +23,8 @@ actor puts the agent's value back, or removes it, before it starts any worker
 (`AGENT_ENV`).
 
 Lifetime: the actor belongs to the agent's Ray job; `stop()` stops the workers, then kills the
-actor. If the agent dies without `stop()`, Ray kills the actor, and its workers get SIGTERM
+actor. If the actor dies alone, its workers get SIGTERM from the kernel too, and the agent
+makes it again. If the agent dies without `stop()`, Ray kills the actor, and its workers get SIGTERM
 from the kernel (the supervisor sets PR_SET_PDEATHSIG on them; their own children, such as
 vLLM's engine core, are stopped by them).
 """
@@ -27,6 +32,7 @@ vLLM's engine core, are stopped by them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.capabilities import Worker
-from meshd.node_agent.supervisor import Supervisor, WorkerSpec
+from meshd.node_agent.supervisor import Respec, Supervisor, WorkerSpec
 
 log = logging.getLogger("meshd.agent.ray_host")
 
@@ -51,13 +57,20 @@ class WorkerHost:
     """The actor body: a `Supervisor` in a Ray worker process on the agent's node."""
 
     def __init__(self, specs: Sequence[WorkerSpec], log_dir: str,
-                 agent_env: Mapping[str, str | None] | None = None) -> None:
+                 agent_env: Mapping[str, str | None] | None = None,
+                 reroles: bool = False) -> None:
+        """`reroles`: its workers can change roles (`launcher.respec`)."""
         for name, value in (agent_env or {}).items():  # None: unset in the agent
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        self._sup = Supervisor(specs, log_dir)
+        respec: Respec | None = None
+        if reroles:
+            from meshd.node_agent import launcher
+
+            respec = launcher.respec
+        self._sup = Supervisor(specs, log_dir, respec=respec)
         self._workers = tuple(s.worker for s in specs)
 
     def __repr__(self) -> str:
@@ -77,6 +90,10 @@ class WorkerHost:
 
     def describe(self) -> list[dict[str, Any]]:
         return self._sup.describe()
+
+    async def rerole(self, worker_id: str, role: str) -> bool:
+        """Start a role change (async: the supervisor's drain task runs on this loop)."""
+        return self._sup.rerole(worker_id, role)
 
     async def stop(self, grace_s: float) -> None:
         await self._sup.stop(grace_s)
@@ -98,7 +115,9 @@ class RaySupervisor:
     """`Supervisor`'s interface over a `WorkerHost` actor on Ray node `node_id`."""
 
     def __init__(self, specs: Sequence[WorkerSpec], log_dir: str | Path, node_id: str,
-                 refresh_s: float = 1.0, start_timeout_s: float = START_TIMEOUT_S) -> None:
+                 refresh_s: float = 1.0, start_timeout_s: float = START_TIMEOUT_S,
+                 respec: Respec | None = None) -> None:
+        """`respec`: how a worker's spec looks in another role (None: no role changes)."""
         if not node_id:
             raise ValueError("node_id: the agent's Ray node id is required")
         self.specs = list(specs)
@@ -112,9 +131,33 @@ class RaySupervisor:
         self._describe: list[dict[str, Any]] = []
         self._actor: Any = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._respec = respec
+        # workers asked to change role: id -> whether the actor has stopped reporting it
+        # (until then they are left out of `ready_workers` here too)
+        self._draining: dict[str, bool] = {}
+        self.recreated = 0  # host actors made again after one died
 
     def ready_workers(self) -> tuple[Worker, ...]:
         return self._ready
+
+    def rerole(self, worker_id: str, role: str) -> bool:
+        """Start changing a worker's role (the agent calls it; see `Supervisor.rerole`): the
+        actor drains and restarts it. False when it cannot be (no respec, unknown or
+        already changing worker, the same role, an engine that cannot)."""
+        if self._respec is None or self._actor is None or worker_id in self._draining:
+            return False
+        at = next((i for i, s in enumerate(self.specs) if s.worker.worker_id == worker_id),
+                  None)
+        if at is None or self.specs[at].worker.role == role:
+            return False
+        new = self._respec(self.specs[at], role)
+        if new is None:
+            return False
+        self._actor.rerole.remote(worker_id, role)  # the outcome shows in ready_workers
+        self.specs[at] = new  # what a host made again runs
+        self._draining[worker_id] = False
+        self._ready = tuple(w for w in self._ready if w.worker_id != worker_id)
+        return True
 
     def all_ready(self) -> bool:
         return len(self._ready) == len(self.specs)
@@ -125,16 +168,21 @@ class RaySupervisor:
     async def start(self) -> None:
         """Create the actor on our node and start the workers; HostError naming the node
         if it cannot be placed (an unknown or dead node id) within `start_timeout_s`."""
+        if not self.specs:
+            return
+        await self._create()
+        self._refresh_task = asyncio.create_task(self._refresh())
+
+    async def _create(self) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        if not self.specs:
-            return
         host = ray.remote(num_cpus=0, max_restarts=0)(WorkerHost)
         self._actor = host.options(
             name=self.name,
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
-        ).remote(self.specs, self.log_dir, {n: os.environ.get(n) for n in AGENT_ENV})
+        ).remote(self.specs, self.log_dir, {n: os.environ.get(n) for n in AGENT_ENV},
+                 self._respec is not None)
         try:
             self.where = await asyncio.wait_for(self._actor.start.remote(),
                                                 self.start_timeout_s)
@@ -147,22 +195,49 @@ class RaySupervisor:
         log.info("workers hosted by Ray actor %s on node %s (pid %s)", self.name,
                  self.where.get("node_id"), self.where.get("pid"))
         await self._pull()
-        self._refresh_task = asyncio.create_task(self._refresh())
 
     async def _pull(self) -> None:
-        self._ready = await asyncio.wait_for(self._actor.ready_workers.remote(), CALL_TIMEOUT_S)
+        ready = await asyncio.wait_for(self._actor.ready_workers.remote(), CALL_TIMEOUT_S)
         self._describe = await asyncio.wait_for(self._actor.describe.remote(), CALL_TIMEOUT_S)
+        ids = {w.worker_id for w in ready}
+        for wid, gone in list(self._draining.items()):
+            if wid not in ids:
+                self._draining[wid] = True  # the actor took it out: it drains there
+            elif gone:
+                del self._draining[wid]  # back under its old id: it kept its role
+        self._ready = tuple(w for w in ready if w.worker_id not in self._draining)
 
     async def _refresh(self) -> None:
+        import ray
+
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self._pull()
-            except Exception as exc:  # the actor died or is slow: report no ready workers
+            except ray.exceptions.ActorDiedError as exc:  # a crash, Ray's memory monitor
+                log.warning("worker host actor %s died (%s); making it again", self.name,
+                            type(exc).__name__)
+                self._ready, self._draining = (), {}
+                await self._recreate()
+            except Exception as exc:  # slow: report no ready workers until it answers
                 if self._ready:
                     log.warning("worker host actor %s: %s; reporting no ready workers",
                                 self.name, exc)
                 self._ready = ()
+
+    async def _recreate(self) -> None:
+        """A dead host made again with the specs its workers run now (its workers died with
+        it: the kernel sent them SIGTERM), once; a failure is retried on the next refresh."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(self._actor)
+        try:
+            await self._create()
+        except HostError as exc:
+            log.warning("%s; retrying", exc)
+            return
+        self.recreated += 1
 
     async def wait_ready(self, timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()

@@ -52,6 +52,7 @@ async def test_an_unknown_node_is_a_clear_error(ray_session: Any, tmp_path: Path
 
 def test_supervise_mode_is_validated() -> None:
     assert AgentConfig(supervise="ray").supervise == "ray"
+    assert AgentConfig().supervise == "auto"  # ray in a process on Ray (meshd up), else process
     with pytest.raises(ConfigError, match=r"agent\.supervise"):
         AgentConfig(supervise="systemd")
 
@@ -110,8 +111,59 @@ async def test_workers_die_with_a_killed_actor(ray_session: Any, tmp_path: Path)
         ray.kill(ray.get_actor(actor_name(node_id)))
         await wait_for(lambda: not pid_alive(pid), 15)
         await wait_for(lambda: sup.ready_workers() == (), 10)  # the refresh notices
+        # ... and makes the host again: the worker is back, a new process
+        await wait_for(lambda: sup.recreated == 1 and bool(sup.ready_workers()), 60)
+        await wait_for(lambda: bool(sup.describe()) and bool(sup.describe()[0]["pid"]), 10)
+        assert sup.describe()[0]["pid"] != pid and pid_alive(sup.describe()[0]["pid"])
     finally:
         await sup.stop(grace_s=1)
+
+
+ROLE_SERVER = """
+import http.server, sys
+port = int(sys.argv[1])
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"vllm:num_requests_running 0\\n" if self.path == "/metrics" else b"ok"
+        self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+async def test_a_ray_hosted_worker_changes_role(ray_session: Any, tmp_path: Path) -> None:
+    """`rerole` on the agent side: the worker leaves `ready_workers` at once, the actor's
+    supervisor drains it (its /metrics show nothing running) and restarts it in the new role
+    under the slot's new id (`launcher.respec`); a host made again would run that spec."""
+    import sys
+
+    import ray
+
+    from meshd.capabilities import Worker
+    from meshd.node_agent.launcher import respec
+    from meshd.node_agent.supervisor import WorkerSpec
+
+    port = free_port()
+    (tmp_path / "role_srv.py").write_text(ROLE_SERVER)
+    spec = WorkerSpec(Worker("n1-b0", f"http://127.0.0.1:{port}", "both", "tiny"),
+                      (sys.executable, str(tmp_path / "role_srv.py"), str(port), "--role",
+                       "both"), f"http://127.0.0.1:{port}/health", health_interval_s=0.2,
+                      drain_timeout_s=20)
+    node_id = ray.get_runtime_context().get_node_id()
+    sup = RaySupervisor([spec], tmp_path / "logs", node_id, refresh_s=0.2, respec=respec)
+    await sup.start()
+    try:
+        assert await sup.wait_ready(30)
+        assert not sup.rerole("n1-b0", "both") and not sup.rerole("nope", "decode")
+        assert sup.rerole("n1-b0", "decode")
+        assert sup.ready_workers() == ()  # out of the report at once
+        assert not sup.rerole("n1-b0", "prefill")  # a change under way already
+        await wait_for(lambda: [(w.worker_id, w.role) for w in sup.ready_workers()]
+                       == [("n1-d0", "decode")], 60)
+        assert [(s.worker.worker_id, s.argv[-1]) for s in sup.specs] == [("n1-d0", "decode")]
+    finally:
+        await sup.stop(grace_s=2)
 
 
 def test_the_host_actor_repr_lists_its_workers() -> None:
@@ -164,3 +216,12 @@ async def test_workers_get_the_agents_omp_threads_not_rays(
         assert shown == "meshd workers: w0 both tiny " + sup.specs[0].worker.endpoint
     finally:
         await sup.stop(grace_s=5)
+
+
+def test_auto_supervises_under_ray_in_a_process_on_ray(ray_session: Any) -> None:
+    from meshd.config import MeshConfig
+    from meshd.node_agent.daemon import supervise_mode
+
+    assert supervise_mode(MeshConfig()) == "ray"  # this process is on the test's Ray
+    for mode in ("process", "ray"):
+        assert supervise_mode(MeshConfig(agent=AgentConfig(supervise=mode))) == mode
