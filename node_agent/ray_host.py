@@ -132,9 +132,9 @@ class RaySupervisor:
         self._actor: Any = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._respec = respec
-        # workers asked to change role: id -> whether the actor has stopped reporting it
-        # (until then they are left out of `ready_workers` here too)
-        self._draining: dict[str, bool] = {}
+        # workers asked to change role: id -> [the actor has stopped reporting it, the spec
+        # it had, the actor's answer (None once read)]; left out of `ready_workers` meanwhile
+        self._draining: dict[str, list[Any]] = {}
         self.recreated = 0  # host actors made again after one died
 
     def ready_workers(self) -> tuple[Worker, ...]:
@@ -153,9 +153,9 @@ class RaySupervisor:
         new = self._respec(self.specs[at], role)
         if new is None:
             return False
-        self._actor.rerole.remote(worker_id, role)  # the outcome shows in ready_workers
+        answer = self._actor.rerole.remote(worker_id, role)  # read by the next refresh
+        self._draining[worker_id] = [False, self.specs[at], answer, at]
         self.specs[at] = new  # what a host made again runs
-        self._draining[worker_id] = False
         self._ready = tuple(w for w in self._ready if w.worker_id != worker_id)
         return True
 
@@ -200,12 +200,27 @@ class RaySupervisor:
         ready = await asyncio.wait_for(self._actor.ready_workers.remote(), CALL_TIMEOUT_S)
         self._describe = await asyncio.wait_for(self._actor.describe.remote(), CALL_TIMEOUT_S)
         ids = {w.worker_id for w in ready}
-        for wid, gone in list(self._draining.items()):
+        for wid, entry in list(self._draining.items()):
+            gone, old, answer, at = entry
+            if answer is not None:
+                entry[2] = None
+                try:
+                    started = await asyncio.wait_for(answer, CALL_TIMEOUT_S)
+                except Exception:  # (the actor died: a host made again runs self.specs)
+                    started = True
+                if not started:  # the actor's supervisor refused: nothing changes
+                    self._keep(wid, old, at)
+                    continue
             if wid not in ids:
-                self._draining[wid] = True  # the actor took it out: it drains there
+                entry[0] = True  # the actor took it out: it drains there
             elif gone:
-                del self._draining[wid]  # back under its old id: it kept its role
+                self._keep(wid, old, at)  # back under its old id: it did not drain in time
         self._ready = tuple(w for w in ready if w.worker_id not in self._draining)
+
+    def _keep(self, worker_id: str, old: WorkerSpec, at: int) -> None:
+        """A role change that did not happen: the worker keeps `old`, its spec before."""
+        del self._draining[worker_id]
+        self.specs[at] = old
 
     async def _refresh(self) -> None:
         import ray

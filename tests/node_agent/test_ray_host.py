@@ -121,10 +121,11 @@ async def test_workers_die_with_a_killed_actor(ray_session: Any, tmp_path: Path)
 
 ROLE_SERVER = """
 import http.server, sys
-port = int(sys.argv[1])
+port, running = int(sys.argv[1]), sys.argv[2].encode()
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b"vllm:num_requests_running 0\\n" if self.path == "/metrics" else b"ok"
+        metrics = self.path == "/metrics"
+        body = b"vllm:num_requests_running " + running + b"\\n" if metrics else b"ok"
         self.send_response(200 if self.path in ("/health", "/metrics") else 404)
         self.end_headers(); self.wfile.write(body)
     def log_message(self, *a): pass
@@ -132,24 +133,51 @@ http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
+def role_worker(tmp: Path, running: int, drain_timeout_s: float) -> Any:
+    """Worker "n1-b0" (role both) whose /metrics show `running` requests."""
+    import sys
+
+    from meshd.capabilities import Worker
+    from meshd.node_agent.supervisor import WorkerSpec
+
+    port = free_port()
+    (tmp / "role_srv.py").write_text(ROLE_SERVER)
+    return WorkerSpec(Worker("n1-b0", f"http://127.0.0.1:{port}", "both", "tiny"),
+                      (sys.executable, str(tmp / "role_srv.py"), str(port), str(running),
+                       "--role", "both"), f"http://127.0.0.1:{port}/health",
+                      health_interval_s=0.2, drain_timeout_s=drain_timeout_s)
+
+
+async def test_a_busy_ray_hosted_worker_keeps_its_role(ray_session: Any,
+                                                       tmp_path: Path) -> None:
+    """One that does not drain in time is served again under its old id and spec."""
+    import ray
+
+    from meshd.node_agent.launcher import respec
+
+    spec = role_worker(tmp_path, running=1, drain_timeout_s=2)
+    node_id = ray.get_runtime_context().get_node_id()
+    sup = RaySupervisor([spec], tmp_path / "logs", node_id, refresh_s=0.2, respec=respec)
+    await sup.start()
+    try:
+        assert await sup.wait_ready(30)
+        assert sup.rerole("n1-b0", "decode") and sup.ready_workers() == ()
+        await wait_for(lambda: [w.worker_id for w in sup.ready_workers()] == ["n1-b0"], 40)
+        assert sup.specs == [spec]  # a host made again would run it in its old role
+        assert sup.rerole("n1-b0", "decode")  # and it may be asked again
+    finally:
+        await sup.stop(grace_s=2)
+
+
 async def test_a_ray_hosted_worker_changes_role(ray_session: Any, tmp_path: Path) -> None:
     """`rerole` on the agent side: the worker leaves `ready_workers` at once, the actor's
     supervisor drains it (its /metrics show nothing running) and restarts it in the new role
     under the slot's new id (`launcher.respec`); a host made again would run that spec."""
-    import sys
-
     import ray
 
-    from meshd.capabilities import Worker
     from meshd.node_agent.launcher import respec
-    from meshd.node_agent.supervisor import WorkerSpec
 
-    port = free_port()
-    (tmp_path / "role_srv.py").write_text(ROLE_SERVER)
-    spec = WorkerSpec(Worker("n1-b0", f"http://127.0.0.1:{port}", "both", "tiny"),
-                      (sys.executable, str(tmp_path / "role_srv.py"), str(port), "--role",
-                       "both"), f"http://127.0.0.1:{port}/health", health_interval_s=0.2,
-                      drain_timeout_s=20)
+    spec = role_worker(tmp_path, running=0, drain_timeout_s=20)
     node_id = ray.get_runtime_context().get_node_id()
     sup = RaySupervisor([spec], tmp_path / "logs", node_id, refresh_s=0.2, respec=respec)
     await sup.start()
