@@ -65,11 +65,13 @@ def worker_specs(cfg: MeshConfig, node_id: str, gpus: Sequence[Gpu] | None = Non
 def make_supervisor(cfg: MeshConfig, ident: Identity,
                     gpus: Sequence[Gpu] | None = None, ray_node_id: str = ""
                     ) -> WorkerSupervisor:
-    """Child processes of the agent, or (`agent.supervise` "ray", or "auto" in a process on
-    Ray) a Ray actor on `ray_node_id` running the same supervisor; either changes roles."""
+    """Child processes of the agent, or (`agent.supervise` "ray", or "auto" given the
+    `ray_node_id` that `run` found for it: `supervise_mode`) a Ray actor on `ray_node_id`
+    running the same supervisor; either changes roles."""
     state = Path(cfg.agent.state_dir).expanduser()
     specs = worker_specs(cfg, ident.node_id, gpus)
-    if supervise_mode(cfg) == "ray":
+    mode = cfg.agent.supervise
+    if mode == "ray" or (mode == "auto" and ray_node_id):  # `run` resolved auto: on Ray
         from meshd.node_agent.ray_host import RaySupervisor
 
         return RaySupervisor(specs, state / "logs", ray_node_id, respec=respec)
