@@ -101,7 +101,8 @@ class LoopBreaker:
     def signature(self, token_ids: Sequence[int]) -> int:
         """Signature of a prompt or completion: a hash of its last `tail_tokens` token ids.
         Integer-tuple hashes do not depend on PYTHONHASHSEED."""
-        return hash(tuple(token_ids[-self._tail:]))
+        tail = self._tail
+        return hash(tuple(token_ids) if len(token_ids) <= tail else tuple(token_ids[-tail:]))
 
     def check(self, key: str, prompt_sig: int, prompt_len: int,
               now: float | None = None) -> Verdict | None:

@@ -38,7 +38,7 @@ from meshd.coordinator.gateway.http.errors import ApiError
 from meshd.coordinator.ledger_actor import LedgerClient
 from meshd.scheduler.admission.fair import FairQueue
 from meshd.scheduler.admission.leases import LeaseBook, LeaseConfig, LocalMeter, PoolTicket
-from meshd.scheduler.admission.loops import LoopBreaker
+from meshd.scheduler.admission.loops import LoopBreaker, Verdict
 from meshd.scheduler.admission.prices import CompletionEstimate, PriceTable
 
 log = logging.getLogger("meshd.gateway.governance")
@@ -90,6 +90,7 @@ class Governor:
         self.fair: FairQueue[tuple[asyncio.Future[None], str, float]] = FairQueue(
             config.fair, clock)
         self.loops = LoopBreaker(config.loops, clock)
+        self._loops_on, self._fair_on = config.loops.enabled, bool(config.fair.max_active)
         self.estimates = CompletionEstimate(config.estimate)
         self.metrics = GovernanceMetrics(self)
         self.outstanding = 0  # admitted, not yet settled
@@ -157,10 +158,12 @@ class Governor:
         # breaker slows the request, the leases do not cover it, or it must queue.
         loop_key = ""
         now = self.clock()
-        if prompt_ids is not None and self.loops.config.enabled:
+        if prompt_ids is not None and self._loops_on:
             user = body.user
             loop_key = f"{tenant}/{user}" if user else tenant
-            slow = self._check_loop(plan, model, loop_key, prompt_ids, now)
+            loops = self.loops
+            verdict = loops.check(loop_key, loops.signature(prompt_ids), prompt, now)
+            slow = 0.0 if verdict is None else self._on_loop(plan, model, loop_key, verdict)
             if slow:
                 waited = True
                 await asyncio.sleep(slow)
@@ -184,7 +187,7 @@ class Governor:
             adm.headers = (head % bound.rate_values(wall) if source == "max_tokens" else
                            head % (source.encode(), completion, *bound.rate_values(wall)))
         self.outstanding += 1
-        if self.config.fair.max_active:
+        if self._fair_on:
             cost = self.fair.service(prompt, completion)
             if self.fair.try_enter(tenant, plan.priority, plan.weight, cost):
                 adm.fair_cost = cost
@@ -201,13 +204,10 @@ class Governor:
             self.admit_cpu.stop(t0)
         return adm
 
-    def _check_loop(self, plan: TenantPlan, model: str, key: str, prompt_ids: Sequence[int],
-                    now: float) -> float:
-        """Seconds to slow the request down (0: none); raises when the action is refuse."""
+    def _on_loop(self, plan: TenantPlan, model: str, key: str, verdict: Verdict) -> float:
+        """A loop rule tripped: seconds to slow the request down (0: none); raises when the
+        action is refuse."""
         loops = self.loops
-        verdict = loops.check(key, loops.signature(prompt_ids), len(prompt_ids), now)
-        if verdict is None:
-            return 0.0
         action = plan.loop_action
         self.metrics.loop(plan.tenant, verdict.rule, action)
         if verdict.count == loops.config.max_repeats:  # once per streak, not per request
@@ -369,10 +369,13 @@ class Governor:
             tenants.setdefault(t, {})[outcome] = v
         k = self.keeper
         return {"tenants": tenants, "outstanding": self.outstanding,
-                # net of the clock's own cost (`clock`, in each of admit and settle)
+                # net of the clock's own cost as read in place (`clock`: in admit, in
+                # settle; `clock_floor`: read hot)
                 "cost_us": {"admit": self.admit_cpu.net_mean_us(),
                             "settle": self.settle_cpu.net_mean_us(),
-                            "clock": round(CpuSample.clock_ns() / 1000, 2),
+                            "clock": {"admit": self.admit_cpu.clock_us(),
+                                      "settle": self.settle_cpu.clock_us()},
+                            "clock_floor": round(CpuSample.clock_ns() / 1000, 2),
                             "samples": self.admit_cpu.samples, "every": CpuSample.EVERY},
                 "reserved_units": self.book.inflight(),
                 "fair": {"max_active": self.config.fair.max_active, "active": self.fair.active,

@@ -26,20 +26,33 @@ _WAIT = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 class CpuSample:
     """The CPU time of a code path, read on one call in `EVERY`: the thread's CPU clock, so a
-    wait or a preemption in between is not counted; reading it is a system call (~0.6 us,
-    part of each sample: `clock_us()`), hence the sampling. `start` returns 0 on a call not
-    sampled."""
+    wait or a preemption in between is not counted; reading it is a system call (~0.6 us hot,
+    2-3 us cold: part of each sample), hence the sampling. `start` returns 0 on a call not
+    sampled.
+
+    What the clock itself costs is measured where the samples are taken: halfway between two
+    samples, `start` reads the clock twice back to back (a sample of nothing, in place: the
+    same cold caches). `net_mean_us` subtracts the mean of those, a lower bound of the clock's
+    share of a real sample (its second read follows the first at once, so it is warmer), or
+    the hot floor `clock_ns()` before any was taken."""
 
     EVERY = 16
-    __slots__ = ("calls", "ns", "samples")
+    __slots__ = ("calls", "ns", "null_ns", "nulls", "samples")
     _clock_ns: ClassVar[int | None] = None  # measured once, on the first net_mean_us()
 
     def __init__(self) -> None:
-        self.calls = self.ns = self.samples = 0
+        self.calls = self.ns = self.samples = self.nulls = self.null_ns = 0
 
     def start(self) -> int:
         self.calls += 1
-        return thread_time_ns() if self.calls % self.EVERY == 0 else 0
+        phase = self.calls % self.EVERY
+        if phase == 0:
+            return thread_time_ns()
+        if phase == self.EVERY >> 1:  # a sample of nothing, in place
+            t0 = thread_time_ns()
+            self.null_ns += thread_time_ns() - t0
+            self.nulls += 1
+        return 0
 
     def stop(self, t0: int) -> None:
         self.ns += thread_time_ns() - t0
@@ -49,16 +62,21 @@ class CpuSample:
         """The mean sample, the clock's own cost included."""
         return round(self.ns / self.samples / 1000, 2) if self.samples else None
 
+    def clock_us(self) -> float:
+        """What a sample of nothing reads: in place, else the hot floor."""
+        ns = self.null_ns / self.nulls if self.nulls else self.clock_ns()
+        return round(ns / 1000, 2)
+
     def net_mean_us(self) -> float | None:
         """The mean sample less what a sample of nothing reads (the clock's own cost)."""
         if not self.samples:
             return None
-        return round(max(0.0, self.ns / self.samples - self.clock_ns()) / 1000, 2)
+        null = self.null_ns / self.nulls if self.nulls else self.clock_ns()
+        return round(max(0.0, self.ns / self.samples - null) / 1000, 2)
 
     @classmethod
     def clock_ns(cls) -> int:
-        """What a sample of nothing reads: the median of 201 back-to-back clock reads, hot
-        (a floor: a cold read costs more)."""
+        """The hot floor of a sample of nothing: the median of 201 back-to-back clock reads."""
         if cls._clock_ns is None:
             reads = []
             for _ in range(201):

@@ -109,3 +109,14 @@ def test_the_clocks_own_cost_is_taken_out_of_the_mean() -> None:
     assert c.mean_us() is None and c.net_mean_us() is None
     c.ns, c.samples = 3 * 5000 + 3 * CpuSample.clock_ns(), 3
     assert c.net_mean_us() == 5.0 and 0 < CpuSample.clock_ns() < 100_000
+    assert c.clock_us() == round(CpuSample.clock_ns() / 1000, 2)  # none read in place yet
+
+
+def test_the_clocks_cost_is_read_in_place_between_samples() -> None:
+    c = CpuSample()
+    starts = [c.start() for _ in range(2 * CpuSample.EVERY)]
+    # one real sample and one sample of nothing per EVERY calls, half a period apart
+    assert [i for i, t in enumerate(starts, 1) if t] == [CpuSample.EVERY, 2 * CpuSample.EVERY]
+    assert c.nulls == 2 and c.null_ns >= 0
+    c.ns, c.samples, c.null_ns = 2 * 9000, 2, 2 * 3000  # what in-place nulls read wins
+    assert c.clock_us() == 3.0 and c.net_mean_us() == 6.0
