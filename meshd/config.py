@@ -270,6 +270,10 @@ class VllmConfig:
     kv_connector_extra: dict[str, str] = field(default_factory=dict)  # merged into extra config
     kv_load_failure_policy: str = "recompute"  # recompute | fail
     kv_events: bool = True
+    # meshd's confidence scorer in each worker's API server (node_agent/vllm_scorer.py): the
+    # gateway's meter then adds a float per token instead of scoring top-k logprobs itself.
+    # auto: with kv_connector = "meshd" (meshd is installed in vLLM's environment then) | on | off
+    score_confidence: str = "auto"
     hash_seed: str = "0"  # PYTHONHASHSEED; must equal the gateway's `hash_seed`
     enable_expert_parallel: bool = False
     enable_eplb: bool = False
@@ -279,6 +283,13 @@ class VllmConfig:
     extra_args: tuple[str, ...] = ()  # appended verbatim, after meshd's flags
     env: dict[str, str] = field(default_factory=dict)  # added to every worker's environment
     ready_timeout_s: float = 900.0
+
+    @property
+    def scores(self) -> bool:
+        """Whether the workers run meshd's confidence scorer (`score_confidence`)."""
+        if self.score_confidence == "auto":
+            return self.kv_connector == "meshd"
+        return self.score_confidence == "on"
 
     def __post_init__(self) -> None:
         def check(cond: bool, name: str, msg: str) -> None:
@@ -311,6 +322,8 @@ class VllmConfig:
               f"must be one of {', '.join(VLLM_TRANSPORTS)}, got {self.kv_transfer!r}")
         check(self.device == "cuda" or self.kv_transfer not in GPU_TRANSPORTS, "kv_transfer",
               f"{self.kv_transfer!r} moves CUDA KV; with device='cpu' use 'tcp' or 'shm'")
+        check(self.score_confidence in ("auto", "on", "off"), "score_confidence",
+              f"must be 'auto', 'on' or 'off', got {self.score_confidence!r}")
         check(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy",
               f"must be 'recompute' or 'fail', got {self.kv_load_failure_policy!r}")
         check(self.hash_seed.isdigit() and int(self.hash_seed) <= 4294967295, "hash_seed",

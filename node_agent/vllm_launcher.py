@@ -11,6 +11,9 @@ venv) pinned to its GPUs with `CUDA_VISIBLE_DEVICES`, started with the flags mes
   cuda_ipc or auto worker also sees the agent's other GPUs, after its own, to map their KV);
 - `--kv-events-config`: ZMQ PUB and replay ROUTER bound on all interfaces (`tcp://*:port`, so
   vLLM binds rather than connects), reported to the coordinator as `tcp://<host>:port`;
+- `--middleware meshd.node_agent.vllm_scorer.ConfidenceScorer` (`score_confidence`: by default
+  with meshd's connector, which has meshd installed in vLLM's environment already): the worker
+  scores its own tokens for the gateway's confidence meter;
 - `--prefix-caching-hash-algo sha256_cbor` and `PYTHONHASHSEED=<hash_seed>` (shared with the
   gateway) so block hashes are reproducible across processes and hosts;
 - `--block-size`, `--gpu-memory-utilization`, `--tensor-parallel-size`, the MoE flags, and the
@@ -46,6 +49,8 @@ __all__ = ["VllmConfig", "WorkerPorts", "port_stride", "respec", "vllm_specs", "
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 MESHD_CONNECTOR = "MeshdConnector"
 MESHD_CONNECTOR_MODULE = "meshd.kv_transfer.vllm_connector"
+# meshd's confidence scorer, an ASGI middleware in the worker's API server (vllm_scorer.py)
+SCORER_MIDDLEWARE = "meshd.node_agent.vllm_scorer.ConfidenceScorer"
 KV_EVENTS_TOPIC = "kv-events"
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 CONNECTORS = VLLM_CONNECTORS
@@ -207,6 +212,8 @@ def vllm_specs(cfg: VllmConfig, node_id: str, host: str, gpus: Sequence[Gpu], *,
             argv += ["--kv-transfer-config", _json(kv)]
         if cfg.kv_events:
             argv += ["--kv-events-config", _json(kv_events_config(ports.events, ports.replay))]
+        if cfg.scores:
+            argv += ["--middleware", SCORER_MIDDLEWARE]
         argv += [*moe_args(cfg), *cfg.extra_args]
         worker = Worker(
             worker_id=worker_id, endpoint=f"http://{host}:{ports.http}", role=role,

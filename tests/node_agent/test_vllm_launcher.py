@@ -77,7 +77,9 @@ def test_full_argv_env_and_worker_record() -> None:
         "vllm", "serve", "meta-llama/Llama-3.1-8B", "--served-model-name", "llama8b",
         "--host", HOST, "--port", "8200", "--block-size", "16", "--gpu-memory-utilization", "0.9",
         "--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor",
-        "--kv-transfer-config", kv, "--kv-events-config", events, "--max-model-len", "8192")
+        "--kv-transfer-config", kv, "--kv-events-config", events,
+        "--middleware", "meshd.node_agent.vllm_scorer.ConfidenceScorer",
+        "--max-model-len", "8192")
     assert json.loads(events or "") == {
         "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:8201",
         "replay_endpoint": "tcp://*:8202", "topic": "kv-events"}
@@ -174,6 +176,24 @@ def test_port_blocks_leave_room_for_every_tp_rank(tp: int, n_gpus: int, bases: l
     assert last_kv_rank[0] < bases[1]
 
 
+@pytest.mark.parametrize(("kw", "scored"), [
+    ({}, True),  # auto, with meshd's connector: meshd is importable in vLLM's environment
+    ({"kv_connector": "nixl"}, False), ({"kv_connector": "none"}, False),
+    ({"kv_connector": "none", "score_confidence": "on"}, True),
+    ({"score_confidence": "off"}, False),
+])
+def test_the_confidence_scorer_is_added_where_meshd_is_installed(kw: dict[str, Any],
+                                                                 scored: bool) -> None:
+    (s,) = make_specs(both=1, **kw)
+    assert (flag(s, "--middleware") == "meshd.node_agent.vllm_scorer.ConfidenceScorer") is scored
+    assert ("--middleware" in s.argv) is scored
+
+
+def test_a_bad_scorer_mode_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"vllm\.score_confidence"):
+        make_specs(both=1, score_confidence="yes")
+
+
 @pytest.mark.parametrize(("kw", "expected"), [
     ({}, []),
     ({"enable_expert_parallel": True}, ["--enable-expert-parallel"]),
@@ -220,6 +240,7 @@ def test_no_connector_no_events_cpu_device() -> None:
     (s,) = make_specs(0, both=1, kv_connector="none", kv_events=False, device="cpu",
                       python="/opt/vllm/bin/python", block_size=32)
     assert "--kv-transfer-config" not in s.argv and "--kv-events-config" not in s.argv
+    assert "--middleware" not in s.argv
     assert "CUDA_VISIBLE_DEVICES" not in s.env
     assert (s.worker.gpu_indices, s.worker.kv_events_endpoint, s.worker.kv_transfer_endpoint) == (
         (), "", "")

@@ -343,7 +343,11 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             # Completions tokenization: the gateway's PromptBuilder == vLLM's.
             assert ref_choice["prompt_token_ids"] == ids
 
-            # --- confidence from vLLM's logprobs (asked for the meter only) -------------------
+            # --- confidence scored by the workers (meshd's scorer in vLLM's API server) --------
+            # The probe found both workers scoring their own tokens, so the meter asks D for
+            # `meshd_confidence` floats instead of top-k logprobs.
+            assert pool.scores_itself(p_id) and pool.scores_itself(d_id), [
+                e.protocol_detail for e in pool.entries.values()]
             scored = await asyncio.to_thread(
                 client.completions.create, model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS,
                 temperature=0, extra_headers={"x-meshd-halt-below": "0"})
@@ -352,6 +356,24 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             conf = (scored.usage.model_extra or {})["meshd"]
             assert conf["tokens_scored"] == scored.usage.completion_tokens
             assert 0.0 < conf["confidence_min"] <= conf["confidence_mean"] <= 1.0
+            # The same scores as the gateway's own estimate from vLLM's top-5 logprobs (the
+            # whole request on P: the same tokens, the prompt's KV computed there, not pulled)
+            from meshd.confidence import token_confidence
+
+            lp = (await asyncio.to_thread(http, "POST", p_url + "/v1/completions", {
+                "model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                "logprobs": 5}, token=token))["choices"][0]["logprobs"]
+            own = [token_confidence(s, t, k) for s, t, k in zip(
+                lp["token_logprobs"], lp["top_logprobs"], lp["tokens"], strict=True)]
+            assert len(own) == conf["tokens_scored"]
+            assert conf["confidence_mean"] == pytest.approx(sum(own) / len(own), abs=0.02)
+            assert conf["confidence_min"] == pytest.approx(min(own), abs=0.02)
+            raw = await asyncio.to_thread(http, "POST", d_url + "/v1/completions", {
+                "model": MODEL, "prompt": ids, "max_tokens": 2, "temperature": 0.0,
+                "return_token_ids": True, "meshd_confidence": True}, token=token)
+            choice = raw["choices"][0]
+            assert choice["logprobs"] is None and len(choice["meshd_confidence"]) == len(
+                choice["token_ids"]) == 2  # what the meter is sent: a float per token
 
             # --- a receipt over vLLM workers (a new prompt: P/D again): signed by the gateway,
             # P named, D's segment unattested (vLLM cannot sign; the gateway does not ask) ---

@@ -19,7 +19,7 @@ did not ask for logprobs, so the client's own answer is unchanged. Pure: no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,34 +50,6 @@ class ConfidenceConfig:
 def check_threshold(value: float, where: str) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{where}: must be in [0, 1), got {value!r}")
-
-
-def token_confidence(sampled: float | None, top: Mapping[str, float] | None,
-                     token: str | None = None) -> float | None:
-    """exp(-entropy) of one position (None without any logprob). `token`: the sampled
-    token's name, counted once whether or not the alternatives list it."""
-    if not top:
-        return None if sampled is None else _confidence((sampled,))
-    if sampled is not None and (token is None or token not in top):
-        return _confidence((*top.values(), sampled))  # sampled outside the alternatives
-    return _confidence(top.values())
-
-
-def _confidence(logprobs: Iterable[float]) -> float:
-    """p ln p is p * logprob: one exp per alternative, one log for the rest of the mass.
-    A value that is not a number below or at 0 (NaN, a bogus positive) is skipped."""
-    h = mass = 0.0
-    for lp in logprobs:
-        if lp < 0.0:
-            p = math.exp(lp)
-            mass += p
-            h -= p * lp
-        elif lp == 0.0:
-            mass += 1.0
-    rest = 1.0 - mass
-    if rest > 1e-12:
-        h -= rest * math.log(rest)
-    return math.exp(-h)
 
 
 class ConfidenceCost:

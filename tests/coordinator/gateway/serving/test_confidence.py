@@ -7,13 +7,13 @@ import math
 
 import pytest
 
+from meshd.confidence import token_confidence
 from meshd.coordinator.gateway.governance.metrics import CpuSample
 from meshd.coordinator.gateway.serving.confidence import (
     ConfidenceConfig,
     ConfidenceCost,
     ConfidenceMeter,
     summary,
-    token_confidence,
 )
 
 
