@@ -19,10 +19,13 @@ worker (`vllm:external_prefix_cache_hits_total` and the connector's log) instead
 it; vLLM's KV events reached the gateway's `PrefixIndex` under the gateway's own block hashes;
 the gateway's worker pool read both workers' `/metrics`; the gateway tokenizes completions and
 chat prompts exactly as vLLM does (chat: the model's jinja template), and a chat request through
-the gateway answers like vLLM's own chat endpoint, and Anthropic Messages and Responses give
-vLLM's own answer too; then the decode worker changes role at runtime (drained, restarted as
-`kv_both` under its slot's new id) and the mesh answers the same. The daemon is stopped and
-every process group is SIGKILLed in `finally`, whatever happened (~2 x 1.9 GB RSS while up).
+the gateway answers like vLLM's own chat endpoint; the workers score their tokens for the
+gateway's confidence meter (meshd's scorer in vLLM's API server: the gateway's own estimate
+from top-5 logprobs) and a stream halted for low confidence is aborted on D; Anthropic
+Messages and Responses give vLLM's own answer too; then the decode worker changes role at
+runtime (drained, restarted as `kv_both` under its slot's new id) and the mesh answers the same.
+The daemon is stopped and every process group is SIGKILLed in `finally`, whatever happened
+(~2 x 1.9 GB RSS while up).
 """
 
 from __future__ import annotations
@@ -374,6 +377,30 @@ async def test_agent_gateway_and_vllm_workers(tmp_path: Path) -> None:
             choice = raw["choices"][0]
             assert choice["logprobs"] is None and len(choice["meshd_confidence"]) == len(
                 choice["token_ids"]) == 2  # what the meter is sent: a float per token
+            # A stream halted for low confidence (the random model's tokens are far below 0.99)
+            # ends with its reason, and D stops decoding it at once (its client, the gateway,
+            # left): nothing is left running, and D produced a window's worth of tokens, not
+            # the 400 asked (vLLM 0.32 counts no aborted request in request_success_total).
+            def produced(text: str) -> float:
+                return metric(text, "vllm:generation_tokens_total")
+
+            tokens0 = produced(await asyncio.to_thread(http, "GET", d_url + "/metrics"))
+            stream = await asyncio.to_thread(lambda: list(client.completions.create(
+                model=MODEL, prompt="Halt: " + PROMPT, max_tokens=400, temperature=0,
+                stream=True, extra_headers={"x-meshd-halt-below": "0.99"})))
+            ends = [c.choices[0] for c in stream if c.choices and c.choices[0].finish_reason]
+            assert [c.finish_reason for c in ends] == ["low_confidence"], ends
+            deadline = time.monotonic() + 10.0
+            while True:
+                text = await asyncio.to_thread(http, "GET", d_url + "/metrics")
+                idle = metric(text, "vllm:num_requests_running") == 0
+                if idle or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert idle, "D kept decoding the halted request"
+            await asyncio.sleep(1.0)
+            made = produced(await asyncio.to_thread(http, "GET", d_url + "/metrics")) - tokens0
+            assert 16 <= made < 100, made
 
             # --- a receipt over vLLM workers (a new prompt: P/D again): signed by the gateway,
             # P named, D's segment unattested (vLLM cannot sign; the gateway does not ask) ---
