@@ -11,9 +11,10 @@ replicas (`meshd-mesh-2`) and the same with a tenant policy checking every limit
 (`meshd-mesh-receipts-2`, `RECEIPTS`; `--skip receipts`), with every choice scored for
 confidence (`meshd-mesh-confidence-2` from top-5 logprobs, as over vLLM;
 `meshd-mesh-confidence-scored-2` from a second fake worker that scores its own tokens, as
-meshd's engine and vLLM with meshd's scorer (node_agent/vllm_scorer.py) do; `CONFIDENCE`; `--skip confidence`), sglang-router
-(Rust), the LiteLLM proxy. Load: `wrk` (C, one thread, keep-alive, a Lua script for the POST)
-for non-streaming and streaming chat at concurrency 1 and 64, each cell `--duration` seconds,
+meshd's engine and vLLM with meshd's scorer (node_agent/vllm_scorer.py) do; `CONFIDENCE`;
+`--skip confidence`), sglang-router (Rust), the LiteLLM proxy. Load: `wrk` (C, one thread,
+keep-alive, a Lua script for the POST) for non-streaming and streaming chat at concurrency 1
+and 64, each cell `--duration` seconds,
 rounds interleaved (round 1 runs every target once before round 2 starts). Reported per cell
 (median over rounds): requests/s, p50/p99 latency, CPU time per request of the proxy
 processes (utime+stime deltas from /proc/PID/stat, whole process tree), peak RSS per process

@@ -221,19 +221,23 @@ class Hysteresis:
         best = max(fresh.candidates, key=lambda c: self.smoothed[c.split])
         have = self.smoothed.get(cur.split, 0.0)
         top = self.smoothed[best.split]
-        gain = top / have - 1 if have > 0 else math.inf
+        pct = f"+{100 * (top / have - 1):.0f}%" if have > 0 else "from no goodput"
         label = best.label
         now_best, now_cur = best.goodput, self._fresh(fresh, cur.split)
         if best.split == cur.split or not top > have * (1 + self.min_gain):
             self.streak = 0
-            why = ("still best" if best.split == cur.split else
-                   f"best {label} +{100 * gain:.0f}% < min gain {100 * self.min_gain:.0f}%")
+            if best.split == cur.split:
+                why = "still best"
+            elif top <= 0:  # nothing meets the SLO: no split gains on another
+                why = f"no split has goodput (best {label}: 0)"
+            else:
+                why = f"best {label} {pct} < min gain {100 * self.min_gain:.0f}%"
         elif now_best < now_cur:
             self.streak = 0
-            why = f"{label} leads smoothed (+{100 * gain:.0f}%) but trails in this window"
+            why = f"{label} leads smoothed ({pct}) but trails in this window"
         elif self.since_change <= self.cooldown_windows:
             self.streak = 0
-            why = (f"{label} +{100 * gain:.0f}% but in cooldown "
+            why = (f"{label} {pct} but in cooldown "
                    f"({self.cooldown_windows - self.since_change + 1} windows left)")
         else:
             self.streak += 1
@@ -241,10 +245,10 @@ class Hysteresis:
                 self.changes += 1
                 self.streak, self.since_change = 0, 0
                 self.in_force = Plan(*best.split, best.goodput, fresh.candidates,
-                                     f"adopted {label} over {cur.label}: +{100 * gain:.0f}% "
+                                     f"adopted {label} over {cur.label}: {pct} "
                                      f"(smoothed) for {self.confirm_windows} windows")
                 return self.in_force
-            why = f"{label} +{100 * gain:.0f}% ({self.streak}/{self.confirm_windows} windows)"
+            why = f"{label} {pct} ({self.streak}/{self.confirm_windows} windows)"
         return cur._replace(predicted_goodput=now_cur, candidates=fresh.candidates,
                             reason=f"kept {cur.label}: {why}")
 

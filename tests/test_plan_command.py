@@ -28,17 +28,20 @@ def test_the_window_is_every_replicas_records_of_the_model(tmp_path: Path) -> No
     for replica, recs in enumerate([
             [make_record("a", now - 10, 100, 50, 8), make_record("old", now - 900, 10, 0, 1)],
             [make_record("b", now - 5, 300, 0, 0), make_record("x", now - 4, 9, 0, 9, "other"),
-             make_record("f", now - 3, 9, 0, 9, outcome="error")]]):
+             make_record("f", now - 3, 9, 0, 9, outcome="error"),
+             make_record("ahead", now + 30, 9, 0, 9)]]):
         store = RecordStore(tmp_path / f"gateway-{replica}.db")
         for r in recs:
             store.add(r)
         store.flush()
         store.close()
-    reqs, hits = window_requests(tmp_path, "m", now - 60)
+    reqs, hits = window_requests(tmp_path, "m", now - 60, now)
     assert [(r.request_id, r.input_tokens, r.output_tokens) for r in reqs] == [
         ("a", 100, 8), ("b", 300, 1)]  # sorted by start; an empty output counts one token
     assert hits == 50 / 400
     assert window_requests(tmp_path / "none", "m", 0) == ([], 0.0)
+    # a record dated ahead of now (a replica's clock) is out of the window; without a bound, in
+    assert "ahead" in {r.request_id for r in window_requests(tmp_path, "m", now - 60)[0]}
 
 
 def test_the_running_split_is_read_from_the_alive_nodes() -> None:

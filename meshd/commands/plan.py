@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -44,10 +45,12 @@ POLL_S = 0.5
 CALIBRATION_ASKS = 4  # answers pooled per window (any replica may answer each)
 
 
-def window_requests(records_dir: Path, model: str, since: float
+def window_requests(records_dir: Path, model: str, since: float, until: float = math.inf
                     ) -> tuple[list[TraceRequest], float]:
-    """The finished requests for `model` that started at or after `since`, from every replica's
-    record file (read-only), as a trace; and their prefix-cache hit ratio."""
+    """The finished requests for `model` that started in [`since`, `until`], from every
+    replica's record file (read-only), as a trace; and their prefix-cache hit ratio. `until`
+    keeps out records dated after now (a replica whose clock runs ahead), which would crowd the
+    window."""
     out: list[TraceRequest] = []
     prompt = cached = 0
     for path in sorted(records_dir.glob("gateway-*.db")):
@@ -58,7 +61,8 @@ def window_requests(records_dir: Path, model: str, since: float
         try:
             rows = db.execute("SELECT request_id, started_at, prompt_tokens, cached_tokens, "
                               "completion_tokens FROM records WHERE model = ? AND "
-                              "started_at >= ? AND outcome = 'ok'", (model, since)).fetchall()
+                              "started_at >= ? AND started_at <= ? AND outcome = 'ok'",
+                              (model, since, until)).fetchall()
         except sqlite3.Error:  # a file being created: no table yet
             rows = []
         finally:
@@ -217,7 +221,8 @@ class _Context:
             raise CommandError(f"no alive workers serve the model {self.model!r}")
         busy = any(n.pending_roles for n in reply.nodes)
         window = self.args.window
-        reqs, hits = window_requests(self.records, self.model, time.time() - window)
+        now = time.time()
+        reqs, hits = window_requests(self.records, self.model, now - window, now)
         if len(reqs) < 2:
             raise CommandError(f"{len(reqs)} finished request(s) for {self.model!r} in the "
                                f"last {window:g}s in {self.records}: nothing to plan from")

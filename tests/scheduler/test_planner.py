@@ -173,6 +173,18 @@ def test_seeded_deployment_has_no_cooldown_and_trailing_challenger_waits() -> No
     assert kept.split == A and "trails in this window" in kept.reason
 
 
+def test_reasons_say_when_there_is_no_goodput() -> None:
+    h = make_hysteresis(confirm=2, cooldown=0)
+    h.seed(B)
+    kept = h.step(make_plan({A: 0.0, B: 0.0}))  # nothing meets the SLO: no gain to speak of
+    assert kept.split == B and "no split has goodput" in kept.reason and "inf" not in kept.reason
+    rising = h.step(make_plan({A: 5.0, B: 0.0}))  # A from nothing: counted, said in words
+    assert rising.split == B and "from no goodput (1/2 windows)" in rising.reason
+    adopted = h.step(make_plan({A: 5.0, B: 0.0}))
+    assert adopted.split == A and "from no goodput" in adopted.reason
+    assert "inf" not in rising.reason + adopted.reason
+
+
 def test_deployed_must_match_total() -> None:
     with pytest.raises(ValueError, match="deployed"):
         Planner(PlannerConfig(total_workers=4), deployed=(1, 1, 1))
