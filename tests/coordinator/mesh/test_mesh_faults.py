@@ -16,6 +16,7 @@ import pytest
 from support.mesh import EngineProc, engines, gateway, start_engine, wait_ready
 
 from meshd.coordinator.gateway.config import Deadlines
+from meshd.coordinator.gateway.serving.mesh import MeshHandler
 
 PROMPT = "Disaggregated serving must survive failures of any single piece. " * 4
 FAST = Deadlines(total_s=30, prefill_s=2.0, first_token_s=5.0, inter_token_s=2.0)
@@ -211,11 +212,27 @@ def generated(e: EngineProc) -> int:
                if line.startswith("vllm:generation_tokens"))
 
 
-async def wait_idle(e: EngineProc, timeout_s: float) -> float:
-    """Seconds until the engine runs and queues nothing (fails past `timeout_s`)."""
+def engine_state(e: EngineProc) -> dict[str, float]:
+    """The engine's request gauges and counters, for a failure message."""
+    with urllib.request.urlopen(e.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "meshd_engine_aborts",
+             "meshd_engine_requests", "vllm:generation_tokens")
+    return {line.split(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(names)}
+
+
+async def wait_idle(e: EngineProc, timeout_s: float, handler: MeshHandler | None = None
+                    ) -> float:
+    """Seconds until the engine runs and queues nothing (fails past `timeout_s`). Polls from a
+    thread: the gateway under test shares this event loop, so a blocking poll would stall it."""
     t0 = time.monotonic()
-    while queued(e):
-        assert time.monotonic() - t0 < timeout_s, f"{e.worker.worker_id} still busy"
+    while await asyncio.to_thread(queued, e):
+        if time.monotonic() - t0 >= timeout_s:
+            gw = "" if handler is None else f"; the gateway has {handler.inflight} in flight"
+            state = await asyncio.to_thread(engine_state, e)
+            raise AssertionError(f"{e.worker.worker_id} still busy after {timeout_s:g}s: "
+                                 f"{state}{gw}")
         await asyncio.sleep(0.05)
     return time.monotonic() - t0
 
@@ -228,7 +245,7 @@ async def test_a_request_end_ends_every_choice_on_every_worker(tmp_path: Path, e
     deadlines = Deadlines(total_s=2.0, prefill_s=2.0, first_token_s=2.0, inter_token_s=2.0) \
         if end == "deadline" else FAST
     with engines([("p0", "prefill"), ("d0", "decode")], tmp_path) as (p0, d0):
-        async with gateway([p0.worker, d0.worker], deadlines) as (url, _):
+        async with gateway([p0.worker, d0.worker], deadlines) as (url, handler):
             body = {"model": "meshd-tiny", "prompt": PROMPT, "max_tokens": 1500, "n": 16,
                     "temperature": 0.7, "seed": 2**63 - 8, "stream": True}
             async with aiohttp.ClientSession() as http:
@@ -249,7 +266,7 @@ async def test_a_request_end_ends_every_choice_on_every_worker(tmp_path: Path, e
             # the choices were stopped on the worker, not run to their 1500 tokens: it goes
             # idle having produced well under half of the 16 x 1500 (~20 s of work here; the
             # time bound is loose: 16 aborts took 3.03 s once on two busy cores)
-            await wait_idle(d0, timeout_s=10.0)
+            await wait_idle(d0, timeout_s=10.0, handler=handler)
             await asyncio.sleep(0.5)
             assert generated(d0) < 16 * 1500 // 2, generated(d0)
             t0 = time.monotonic()

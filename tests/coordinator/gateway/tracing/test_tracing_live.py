@@ -182,6 +182,9 @@ async def test_every_request_leaves_a_record(mesh: dict[str, Any]) -> None:
     assert hour["requests"] >= 1 and hour["completion_tokens"] >= 3
     status, bad = await get_json(mesh, "/debug/requests?limit=many")
     assert status == 400 and bad["error"]["code"] == "invalid_query"
+    status, bad = await get_json(mesh, "/debug/requests?outcom=error")  # misspelt filter
+    assert status == 400 and bad["error"]["param"] == "outcom"
+    assert "outcome" in bad["error"]["message"]
 
 
 
