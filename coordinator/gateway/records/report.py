@@ -34,10 +34,10 @@ def _number(query: dict[str, str], name: str, default: float) -> float:
 
 
 def records_report(store: RecordStore, query: dict[str, str]) -> dict[str, Any]:
-    unknown = sorted(k for k in query if k not in KNOWN)
-    if unknown:  # a misspelt filter would otherwise answer unfiltered records
-        raise ApiError(400, f"Unknown query parameter {unknown[0][:40]!r}; known: "
-                       f"{', '.join(KNOWN)}.", param=unknown[0][:40], code="invalid_query")
+    unknown = next((k[:40] for k in query if k not in KNOWN), None)
+    if unknown is not None:  # a misspelt filter would otherwise answer unfiltered records
+        raise ApiError(400, f"Unknown query parameter {unknown!r}; known: {', '.join(KNOWN)}.",
+                       param=unknown, code="invalid_query")
     out: dict[str, Any] = {"object": "meshd.requests", "store": str(store.path),
                            "stats": store.stats()}
     if query.get("request_id"):

@@ -32,12 +32,20 @@ def reference(e: EngineProc, max_tokens: int, prompt: str = PROMPT) -> str:
         return str(json.loads(r.read())["choices"][0]["text"])
 
 
-def running(e: EngineProc) -> int:
+def engine_metrics(e: EngineProc) -> dict[str, float]:
+    """The engine's /metrics samples by name (labels dropped, a name's samples summed)."""
     with urllib.request.urlopen(e.url + "/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("vllm:num_requests_running"):
-                return int(float(line.rsplit(" ", 1)[1]))
-    return 0
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def running(e: EngineProc) -> int:
+    return int(engine_metrics(e).get("vllm:num_requests_running", 0))
 
 
 def clean(*es: EngineProc, timeout_s: float = 6.0) -> None:
@@ -198,28 +206,21 @@ async def test_client_disconnect_aborts_work_and_frees_blocks(tmp_path: Path) ->
 
 def queued(e: EngineProc) -> int:
     """Requests the engine runs or queues now."""
-    with urllib.request.urlopen(e.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
+    m = engine_metrics(e)
+    return int(m.get("vllm:num_requests_running", 0) + m.get("vllm:num_requests_waiting", 0))
 
 
 def generated(e: EngineProc) -> int:
     """Tokens the engine has generated since it started."""
-    with urllib.request.urlopen(e.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith("vllm:generation_tokens"))
+    return int(sum(v for k, v in engine_metrics(e).items()
+                   if k.startswith("vllm:generation_tokens")))
 
 
 def engine_state(e: EngineProc) -> dict[str, float]:
     """The engine's request gauges and counters, for a failure message."""
-    with urllib.request.urlopen(e.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
     names = ("vllm:num_requests_running", "vllm:num_requests_waiting", "meshd_engine_aborts",
-             "meshd_engine_requests", "vllm:generation_tokens")
-    return {line.split(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(names)}
+             "vllm:num_preemptions", "vllm:generation_tokens", "meshd_engine_kv_blocks_free")
+    return {k: v for k, v in engine_metrics(e).items() if k.startswith(names)}
 
 
 async def wait_idle(e: EngineProc, timeout_s: float, handler: MeshHandler | None = None
